@@ -1,0 +1,35 @@
+"""Chooses between the compiled core and the pure-Python reference.
+
+The compiled modules are the product; the reference exists to define behaviour and to
+serve as the tests' oracle.  It is used only when ``FASTSOCK_PURE_PYTHON=1`` is set: a
+missing or broken compiled module is an ImportError, never a silent slowdown.
+"""
+
+import os
+
+__all__ = ["IMPLEMENTATION", "Framer", "RingQueue"]
+
+_SWITCH = "FASTSOCK_PURE_PYTHON"
+_choice = os.environ.get(_SWITCH, "")
+if _choice not in ("", "0", "1"):
+    raise ImportError(
+        f"{_SWITCH} must be 1 (pure-Python reference) or 0/unset (compiled), not {_choice!r}"
+    )
+
+if _choice == "1":
+    from ._reference.framing import Framer
+    from ._reference.ring import RingQueue
+
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from ._framing import Framer
+        from ._ring import RingQueue
+    except ImportError as exc:
+        raise ImportError(
+            "fastsock's compiled extension modules are missing or do not load "
+            f"({exc}). Install fastsock with `pip install .` (it compiles them), or set "
+            f"{_SWITCH}=1 to run the slow pure-Python reference implementation."
+        ) from exc
+
+    IMPLEMENTATION = "compiled"

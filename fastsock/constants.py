@@ -1,0 +1,67 @@
+"""Every tunable of fastsock, in one place, each with the reason for its default.
+
+The compiled modules read these at import time through their Python callers; nothing
+here is re-read after import, so change them by passing explicit arguments instead.
+"""
+
+# -- Framing -----------------------------------------------------------------------------
+
+MAX_LINE_LENGTH = 64 * 1024
+"""Longest line (delimiter excluded) a line framer accepts: far above any log or telemetry
+record, small enough that 1,000 connections each holding a partial line cost 64 MiB."""
+
+MAX_FRAME_SIZE = 1024 * 1024
+"""Largest length-prefixed payload accepted, checked at the header before any allocation:
+a hostile 4 GiB prefix must cost nothing."""
+
+LINE_DELIMITER = b"\n"
+"""Default line delimiter: newline-delimited JSON, logs and most line protocols."""
+
+LENGTH_PREFIX_SIZE = 4
+"""Bytes of the big-endian length header in front of each length-prefixed frame."""
+
+RECV_SIZE = 256 * 1024
+"""Bytes asked of each recv() by the compiled loop: large enough to amortise the syscall
+over hundreds of small messages, small enough to stay in L2 while it is framed."""
+
+FRAMER_INITIAL_BUFFER = 64 * 1024
+"""Initial size of a framer's reassembly buffer; it grows only for larger frames."""
+
+# -- Ring-buffer queue -------------------------------------------------------------------
+
+RING_MAX_MESSAGES = 65_536
+"""Messages a ring holds before producers wait: about a second of a fast sensor feed, and
+the slot index stays cheap."""
+
+RING_MAX_BYTES = 64 * 1024 * 1024
+"""Payload bytes a ring holds before producers wait: bounds peak memory under a stalled
+consumer, while leaving room for 64 full-size frames."""
+
+RING_RESUME_FRACTION = 0.5
+"""A paused producer resumes when the ring drains to this fraction of both bounds, so it
+does not flap between paused and running on every message."""
+
+RING_WAIT_SLICE = 0.05
+"""Seconds a blocked wait sleeps with the GIL released before it checks for signals:
+Ctrl-C is seen within this delay."""
+
+GET_MANY_DEFAULT = 4096
+"""Messages get_many() returns at most by default: one call amortises the lock and the
+wake-up over thousands of messages without building huge lists."""
+
+# -- Servers -----------------------------------------------------------------------------
+
+ACCEPT_BACKOFF_INITIAL = 0.01
+"""Seconds accept() pauses after EMFILE/ENFILE: long enough not to spin, short enough that
+a recovering server accepts again almost at once."""
+
+ACCEPT_BACKOFF_MAX = 1.0
+"""Longest pause between accept() retries while file descriptors stay exhausted."""
+
+THREAD_POOL_IDLE_TIMEOUT = 60.0
+"""Seconds an idle pooled handler thread lives before it exits, so a burst does not leave
+its threads behind forever."""
+
+ERROR_LOG_INTERVAL = 10.0
+"""Seconds between two log records of the same kind of recurring error (EMFILE, framing
+errors), so a hostile peer cannot flood the log."""

@@ -1,0 +1,38 @@
+"""Builds fastsock's Cython extension modules.
+
+Every ``fastsock/*.pyx`` becomes one extension module.  ``FASTSOCK_DEBUG=1`` at build time
+turns on Cython's bounds and wrap-around checks and the C-level ``FASTSOCK_DEBUG`` macro,
+which enables the expensive internal consistency checks.
+"""
+
+import os
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+DEBUG = os.environ.get("FASTSOCK_DEBUG") == "1"
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "cdivision": not DEBUG,
+    "initializedcheck": DEBUG,
+    "embedsignature": True,
+}
+macros = [("FASTSOCK_DEBUG", "1")] if DEBUG else [("NDEBUG", "1")]
+extra_compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+extensions = [
+    Extension(
+        f"fastsock.{pyx.stem}",
+        [str(pyx.relative_to(HERE))],
+        define_macros=macros,
+        extra_compile_args=extra_compile_args,
+    )
+    for pyx in sorted((HERE / "fastsock").glob("*.pyx"))
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, quiet=True))
