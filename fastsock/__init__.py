@@ -1,4 +1,30 @@
-"""fastsock (bootstrap init: the compiled core is being built)."""
+"""fastsock: the stdlib's socketserver, drop-in, with a compiled GIL-free receive core.
 
+    import fastsock as socketserver      # existing servers and handlers run unchanged
+
+    import fastsock                      # the fast path: frame connections into a ring
+    ring = fastsock.RingQueue()
+    server = fastsock.ThreadingTCPServer(addr, fastsock.receiver(ring, framing="lines"))
+    ...
+    for line in ring.get_many(): ...
+
+``__all__`` holds exactly the stdlib module's names, so ``from fastsock import *`` brings
+what ``from socketserver import *`` does; the fast-path names are imported explicitly.
+``IMPLEMENTATION`` is "compiled", or "python" when ``FASTSOCK_PURE_PYTHON=1`` selected
+the pure-Python reference.
+"""
+
+from ._impl import IMPLEMENTATION, Framer, RingQueue
+from .errors import (
+    DatagramTruncatedError,
+    FrameTooLargeError,
+    FramingError,
+    LineTooLongError,
+    QueueClosed,
+)
+from .receiver import ReceiveHandler, receiver
 from .server import *  # noqa: F403
-from .server import __all__  # noqa: F401
+from .server import __all__
+from .stats import ReceiveStats, RingStats
+
+__version__ = "0.1.0"

@@ -7,7 +7,7 @@ missing or broken compiled module is an ImportError, never a silent slowdown.
 
 import os
 
-__all__ = ["IMPLEMENTATION", "Framer", "RingQueue"]
+__all__ = ["IMPLEMENTATION", "Framer", "ReceiveCounters", "RingQueue", "StreamReceiver"]
 
 _SWITCH = "FASTSOCK_PURE_PYTHON"
 _choice = os.environ.get(_SWITCH, "")
@@ -18,12 +18,14 @@ if _choice not in ("", "0", "1"):
 
 if _choice == "1":
     from ._reference.framing import Framer
+    from ._reference.receiver import ReceiveCounters, StreamReceiver
     from ._reference.ring import RingQueue
 
     IMPLEMENTATION = "python"
 else:
     try:
         from ._framing import Framer
+        from ._recvloop import ReceiveCounters, StreamReceiver
         from ._ring import RingQueue
     except ImportError as exc:
         raise ImportError(

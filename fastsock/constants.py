@@ -65,3 +65,17 @@ its threads behind forever."""
 ERROR_LOG_INTERVAL = 10.0
 """Seconds between two log records of the same kind of recurring error (EMFILE, framing
 errors), so a hostile peer cannot flood the log."""
+
+# -- Receive loop ------------------------------------------------------------------------
+
+SPANS_PER_PUBLISH = 1024
+"""Messages the receive loop hands to the ring in one locked publish: amortises the lock and
+the consumer wake-up over many small messages, and bounds the loop's span array to 16 KiB."""
+
+RECEIVE_CHECK_INTERVAL = 0.05
+"""Seconds between the receive loop's checks, with the GIL, for signals (Ctrl-C), a stop
+request and the idle timeout; it wakes this often only while its peer is silent."""
+
+RECENT_PEERS = 4096
+"""Closed connections whose client address a server still remembers, so a consumer can
+name the sender of messages that were queued just before their connection closed."""

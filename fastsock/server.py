@@ -24,6 +24,7 @@ from time import monotonic
 from . import constants
 from ._ratelimit import RateLimitedLogger
 from .errors import DatagramTruncatedError
+from .stats import ReceiveStats
 
 __all__ = [
     "BaseServer",
@@ -73,6 +74,9 @@ class BaseServer:
     """
 
     timeout = None
+
+    # Set by the compiled receive path (fastsock.receiver) when it first serves.
+    _receive_registry = None
 
     def __init__(self, server_address, RequestHandlerClass):
         """Constructor.  May be extended, do not override."""
@@ -273,6 +277,28 @@ class BaseServer:
     def __exit__(self, *args):
         self.server_close()
 
+    def stats(self):
+        """fastsock: the counters of this server's compiled receive loops.
+
+        All zero until a ``fastsock.receiver`` handler has served a connection.
+        """
+        registry = self._receive_registry
+        return ReceiveStats.zero() if registry is None else registry.stats()
+
+    def connection_address(self, connection_id):
+        """fastsock: the client address behind a message's ``source_id``.
+
+        Known while the connection is open and for a while after it closed
+        (``constants.RECENT_PEERS`` connections); None otherwise.
+        """
+        registry = self._receive_registry
+        return None if registry is None else registry.peer(connection_id)
+
+    def _stop_receivers(self):
+        registry = self._receive_registry
+        if registry is not None:
+            registry.stop_all()
+
 
 def _drain(sock):
     try:
@@ -357,8 +383,13 @@ class TCPServer(BaseServer):
         self.socket.listen(self.request_queue_size)
 
     def server_close(self):
-        """Called to clean-up the server.  May be overridden."""
+        """Called to clean-up the server.  May be overridden.
+
+        fastsock also stops its compiled receive loops, so that ``block_on_close`` does
+        not wait for peers that never hang up.
+        """
         self.socket.close()
+        self._stop_receivers()
 
     def fileno(self):
         """Return socket file number.  Interface required by selector."""

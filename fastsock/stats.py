@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-__all__ = ["RingStats"]
+__all__ = ["ReceiveStats", "RingStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +24,40 @@ class RingStats:
     producer_deaths: int
     messages_queued: int
     bytes_queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveStats:
+    """Counters of a server's compiled receive loops, read at one instant.
+
+    Every byte received is in a delivered message, in the framing overhead (delimiters,
+    length prefixes), or in ``bytes_discarded``; every framed message is in
+    ``messages_received`` (published to the ring) or ``messages_dropped`` (the ring was
+    closed under it).
+    """
+
+    connections_opened: int
+    connections_closed: int
+    bytes_received: int
+    messages_received: int
+    messages_dropped: int
+    bytes_discarded: int
+    lines_too_long: int
+    frames_too_large: int
+    resets: int
+    idle_timeouts: int
+    pauses: int
+    paused_seconds: float
+
+    @classmethod
+    def zero(cls) -> "ReceiveStats":
+        """The counters of a server that has not received yet."""
+        return cls(*(0 for _ in cls.__slots__))
+
+    @property
+    def connections_active(self) -> int:
+        return self.connections_opened - self.connections_closed
+
+    @property
+    def framing_errors(self) -> int:
+        return self.lines_too_long + self.frames_too_large

@@ -1,0 +1,122 @@
+"""Compiled stream framer: splits the bytes received on one connection into messages.
+
+``fastsock._reference.framing.Framer`` is its pure-Python twin, with the same API and the
+same behaviour byte for byte.
+"""
+
+from typing import Literal
+
+from _typeshed import ReadableBuffer
+
+class Framer:
+    """Splits the bytes of one stream into complete messages.
+
+    Framings:
+
+    - ``"raw"``: each non-empty ``feed()`` is one message, exactly as received.
+    - ``"lines"``: a message ends at ``delimiter``, kept at its end only with
+      ``keep_delimiter``.  A delimiter split across feeds is found all the same, and an empty
+      line is the message ``b""``.
+    - ``"length"``: a 4-byte big-endian unsigned length, then that many bytes of payload; the
+      message is the payload alone, and length 0 is the message ``b""``.
+
+    The limits bound the memory any peer can make a framer hold.  A line longer than
+    ``max_line`` bytes (delimiter excluded) raises ``LineTooLongError`` as soon as
+    ``max_line + len(delimiter)`` of its bytes are buffered without a delimiter, without
+    waiting for one.  A length prefix above ``max_frame`` raises ``FrameTooLargeError`` as
+    soon as its 4 bytes are in, before anything is allocated for the payload.  The error's
+    ``messages`` holds the complete messages framed from the same feed before the violation,
+    and its ``discarded`` the bytes thrown away: the offending message's buffered bytes and
+    the rest of the feed.  The framer is then failed: every later ``feed()`` raises a plain
+    ``FramingError`` and discards its bytes, and the connection should be closed.
+
+    Every byte fed is accounted for: ``bytes_in`` equals the payload bytes of the messages
+    returned, plus the delimiters or length prefixes stripped from them, plus
+    ``bytes_discarded``, plus ``pending``.
+
+    Scanning is linear: no byte is scanned twice, however the stream is split into feeds.
+    Feeds larger than 64 KiB are framed without the GIL.  A framer serves one connection, fed
+    by one thread at a time: a ``feed()`` or ``eof()`` that overlaps a running ``feed()``
+    raises ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        framing: Literal["raw", "lines", "length"] = "lines",
+        *,
+        delimiter: ReadableBuffer = b"\n",
+        keep_delimiter: bool = False,
+        max_line: int = 65536,
+        max_frame: int = 1048576,
+    ) -> None:
+        """Create a framer for one stream.
+
+        ``framing`` is ``"raw"``, ``"lines"`` (the default) or ``"length"``.  ``delimiter``
+        (default ``b"\\n"``, any non-empty bytes-like, e.g. ``b"\\r\\n"``) and
+        ``keep_delimiter`` (default ``False``) apply to ``"lines"``.  ``max_line`` (default
+        64 KiB, ``MAX_LINE_LENGTH``) bounds a line without its delimiter; ``max_frame``
+        (default 1 MiB, ``MAX_FRAME_SIZE``) bounds a length-prefixed payload.  Both limits
+        must be between 1 and 2**32 - 1, the largest length a prefix can announce.
+
+        Raises ``ValueError`` for an unknown framing, an empty delimiter or a limit out of
+        range, and ``TypeError`` for a delimiter that is not bytes-like or a limit that is
+        not an integer.
+        """
+
+    def feed(self, data: ReadableBuffer) -> list[bytes]:
+        """Frame the next bytes of the stream and return the messages they complete, in order.
+
+        ``data`` is any C-contiguous bytes-like object (``bytes``, ``bytearray``,
+        ``memoryview``...); it is copied, never kept.  An empty ``data`` returns ``[]``.
+
+        Raises ``LineTooLongError`` or ``FrameTooLargeError`` on a limit violation, and a
+        plain ``FramingError`` once the framer has failed (see the class documentation);
+        ``TypeError`` if ``data`` is not bytes-like, ``BufferError`` if it is not contiguous.
+        """
+
+    def eof(self) -> int:
+        """End the stream: discard the incomplete message and return its size in bytes.
+
+        Returns 0 if the stream ended between messages.  The framer may be fed again after,
+        as a new stream; a failed framer stays failed.
+        """
+
+    @property
+    def framing(self) -> Literal["raw", "lines", "length"]:
+        """The framing given at creation."""
+
+    @property
+    def delimiter(self) -> bytes:
+        """The line delimiter, as bytes (default ``b"\\n"``)."""
+
+    @property
+    def keep_delimiter(self) -> bool:
+        """Whether lines keep their delimiter at their end (default ``False``)."""
+
+    @property
+    def max_line(self) -> int:
+        """The longest line accepted, in bytes, delimiter excluded (default 65536)."""
+
+    @property
+    def max_frame(self) -> int:
+        """The largest length-prefixed payload accepted, in bytes (default 1048576)."""
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of an incomplete message, its delimiter or prefix included."""
+
+    @property
+    def failed(self) -> bool:
+        """Whether a limit violation has failed the framer for good."""
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes fed since creation, including those discarded."""
+
+    @property
+    def messages_out(self) -> int:
+        """Messages returned since creation, including those carried by errors."""
+
+    @property
+    def bytes_discarded(self) -> int:
+        """Bytes thrown away since creation, by limit violations, a failed framer or eof()."""

@@ -1,0 +1,69 @@
+"""The compiled receive loop behind ``fastsock.receiver``.
+
+Most users never touch it: ``fastsock.receiver(ring, ...)`` builds the request handler that
+drives one ``StreamReceiver`` per connection.  It is public to the package so that other
+front ends (the forking and prefork servers, the CLI) drive the same loop.
+"""
+
+from fastsock._framing import Framer
+from fastsock._ring import RingQueue
+from fastsock.stats import ReceiveStats
+
+class ReceiveCounters:
+    """The always-on counters of a server's receive loops.
+
+    They live in an anonymous shared mapping and are updated with relaxed atomic adds, so
+    every loop of a server, in any thread or forked child, adds to the same numbers.
+    """
+
+    def __init__(self) -> None: ...
+    def snapshot(self) -> ReceiveStats:
+        """Every counter, read at one instant (each one whole; not a single transaction)."""
+
+class StreamReceiver:
+    """Receives one stream connection into its framer and publishes the messages to a ring.
+
+    ``fd`` must be a connected, blocking stream socket; the receiver sets its SO_RCVTIMEO
+    to ``check_interval`` so that a silent peer does not keep it from seeing ``stop()``,
+    signals and ``idle_timeout``.  Messages are published with ``source_id``.  When the
+    ring is full the loop stops reading until the ring drains to its resume mark, so the
+    kernel's TCP window pushes back on the peer: nothing is dropped.
+    """
+
+    source_id: int
+    last_errno: int
+    """The errno of the recv() failure behind an "os_error" or "reset" end."""
+
+    def __init__(
+        self,
+        fd: int,
+        framer: Framer,
+        ring: RingQueue,
+        counters: ReceiveCounters,
+        source_id: int = 0,
+        *,
+        recv_size: int = ...,
+        idle_timeout: float | None = None,
+        check_interval: float = ...,
+        spans_per_publish: int = ...,
+    ) -> None:
+        """``recv_size`` defaults to ``constants.RECV_SIZE``, ``check_interval`` to
+        ``constants.RECEIVE_CHECK_INTERVAL``, ``spans_per_publish`` to
+        ``constants.SPANS_PER_PUBLISH``."""
+
+    def run(self) -> str:
+        """Receive with the GIL released until the connection ends; return how it ended.
+
+        One of "eof", "stopped", "reset", "idle_timeout", "line_too_long",
+        "frame_too_large", "ring_closed", "no_memory", "os_error".  A signal handler's
+        exception (KeyboardInterrupt) propagates within one check interval; ``run()`` may
+        then be called again and resumes where it stopped.
+        """
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return "stopped" within one check interval; any thread may call."""
+
+    def close(self) -> None:
+        """Count what the connection leaves behind: the partial message in the framer and
+        any framed messages not published (``bytes_discarded``, ``messages_dropped``).
+        Idempotent; the socket itself belongs to the caller."""

@@ -1,0 +1,309 @@
+"""Compiled receive loop; fastsock/_recvloop.pyi documents it.
+
+A StreamReceiver runs with the GIL released and takes it back only every check interval
+while its peer is silent, or when it must report an end, so many connections receive in
+parallel with a Python consumer.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport (
+    EAGAIN,
+    ECONNABORTED,
+    ECONNRESET,
+    EINTR,
+    ENOTCONN,
+    ETIMEDOUT,
+    errno,
+)
+from libc.stdint cimport uint32_t, uint64_t
+from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+
+from fastsock._framing cimport (
+    FRAMER_FRAME_TOO_LARGE,
+    FRAMER_LINE_TOO_LONG,
+    FRAMER_OK,
+    FRAMER_SPANS_FULL,
+)
+
+import os
+
+from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
+from fastsock.stats import ReceiveStats
+
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ssize_t recv(int fd, void* buffer, size_t length, int flags)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
+    int SOL_SOCKET
+    int SO_RCVTIMEO
+
+
+cdef extern from "<sys/time.h>" nogil:
+    cdef struct timeval:
+        long tv_sec
+        long tv_usec
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef int clockid_t
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(clockid_t clock, timespec* now)
+    clockid_t CLOCK_MONOTONIC
+
+
+cdef extern from *:
+    """
+    /* Relaxed atomics: every loop of a server adds to the same counters, and readers
+       need each value whole, not an order between them. */
+    static inline void fastsock_counter_add(uint64_t *counter, uint64_t amount) {
+        __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
+    }
+    static inline uint64_t fastsock_counter_load(const uint64_t *counter) {
+        return __atomic_load_n(counter, __ATOMIC_RELAXED);
+    }
+    """
+    void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
+    uint64_t fastsock_counter_load(const uint64_t* counter) noexcept nogil
+
+
+END_NAMES = {
+    END_EOF: "eof",
+    END_STOPPED: "stopped",
+    END_RESET: "reset",
+    END_IDLE_TIMEOUT: "idle_timeout",
+    END_LINE_TOO_LONG: "line_too_long",
+    END_FRAME_TOO_LARGE: "frame_too_large",
+    END_RING_CLOSED: "ring_closed",
+    END_NO_MEMORY: "no_memory",
+    END_OS_ERROR: "os_error",
+}
+
+
+cdef inline uint64_t monotonic_ns() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+
+
+cdef inline uint64_t seconds_to_ns(double seconds) noexcept nogil:
+    return <uint64_t>(seconds * 1e9)
+
+
+cdef int set_receive_timeout(int fd, double seconds) except -1:
+    # A blocking recv() that returns every so often while the peer is silent: the loop then
+    # sees stop requests, signals and idle timeouts without a poll() per recv().
+    cdef int flags = fcntl(fd, F_GETFL)
+    cdef timeval interval
+    if flags < 0:
+        raise OSError(errno, os.strerror(errno))
+    if flags & O_NONBLOCK:
+        raise ValueError("the socket must be blocking: call settimeout(None) first")
+    interval.tv_sec = <long>seconds
+    interval.tv_usec = <long>((seconds - interval.tv_sec) * 1e6)
+    if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &interval, sizeof(interval)) != 0:
+        raise OSError(errno, os.strerror(errno))
+    return 0
+
+
+cdef class ReceiveCounters:
+
+    def __cinit__(self):
+        cdef void* mapping = mmap(NULL, COUNTER_SLOTS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                                  MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        if mapping == MAP_FAILED:
+            raise OSError(errno, os.strerror(errno))
+        self.values = <uint64_t*>mapping
+
+    def __dealloc__(self):
+        if self.values != NULL:
+            munmap(self.values, COUNTER_SLOTS * sizeof(uint64_t))
+
+    cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil:
+        fastsock_counter_add(&self.values[<int>counter], amount)
+
+    def snapshot(self):
+        cdef uint64_t[COUNTER_SLOTS] values
+        cdef int slot
+        for slot in range(<int>COUNTER_SLOTS):
+            values[slot] = fastsock_counter_load(&self.values[slot])
+        return ReceiveStats(
+            connections_opened=values[<int>COUNT_CONNECTIONS_OPENED],
+            connections_closed=values[<int>COUNT_CONNECTIONS_CLOSED],
+            bytes_received=values[<int>COUNT_BYTES_RECEIVED],
+            messages_received=values[<int>COUNT_MESSAGES_RECEIVED],
+            messages_dropped=values[<int>COUNT_MESSAGES_DROPPED],
+            bytes_discarded=values[<int>COUNT_BYTES_DISCARDED],
+            lines_too_long=values[<int>COUNT_LINES_TOO_LONG],
+            frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
+            resets=values[<int>COUNT_RESETS],
+            idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
+            pauses=values[<int>COUNT_PAUSES],
+            paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
+        )
+
+
+cdef class StreamReceiver:
+
+    def __cinit__(self, int fd, Framer framer not None, RingQueue ring not None,
+                  ReceiveCounters counters not None, uint32_t source_id=0, *,
+                  Py_ssize_t recv_size=RECV_SIZE, idle_timeout=None,
+                  double check_interval=RECEIVE_CHECK_INTERVAL,
+                  Py_ssize_t spans_per_publish=SPANS_PER_PUBLISH):
+        if fd < 0:
+            raise ValueError(f"fd must be an open file descriptor, not {fd}")
+        if recv_size < 1 or spans_per_publish < 1 or not check_interval > 0:
+            raise ValueError("recv_size, spans_per_publish and check_interval must be positive")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        set_receive_timeout(fd, check_interval)
+        self.spans = <MessageSpan*>PyMem_RawMalloc(spans_per_publish * sizeof(MessageSpan))
+        if self.spans == NULL:
+            raise MemoryError()
+        self.fd = fd
+        self.framer = framer
+        self.ring = ring
+        self.counters = counters
+        self.source_id = source_id
+        self.recv_size = recv_size
+        self.max_spans = spans_per_publish
+        self.check_interval_ns = seconds_to_ns(check_interval)
+        self.idle_timeout_ns = 0 if idle_timeout is None else seconds_to_ns(idle_timeout)
+        self.status = FRAMER_OK
+        counters.add(COUNT_CONNECTIONS_OPENED, 1)
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.spans)
+
+    def run(self):
+        """Receive until the connection ends; return the name of the end."""
+        cdef StreamEnd end
+        if self.closed:
+            raise ValueError("the receiver is closed")
+        self.last_data_ns = monotonic_ns()
+        while True:
+            with nogil:
+                end = self.pump()
+            if end != END_CHECK_IN:
+                return END_NAMES[end]
+            PyErr_CheckSignals()
+
+    def stop(self):
+        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        self.stop_requested = 1
+
+    def close(self):
+        """Account for what the connection leaves behind; idempotent."""
+        cdef Py_ssize_t index
+        cdef uint64_t unpublished_bytes = 0
+        if self.closed:
+            return
+        self.closed = True
+        for index in range(self.published, self.nspans):
+            unpublished_bytes += self.spans[index].length
+        self.counters.add(COUNT_MESSAGES_DROPPED, self.nspans - self.published)
+        self.counters.add(COUNT_BYTES_DISCARDED,
+                          unpublished_bytes + self.framer.discard_pending())
+        self.published = self.nspans = 0
+        self.counters.add(COUNT_CONNECTIONS_CLOSED, 1)
+
+    cdef StreamEnd pump(self) noexcept nogil:
+        cdef uint64_t check_at = monotonic_ns() + self.check_interval_ns
+        cdef uint64_t now
+        cdef ssize_t received
+        cdef int error
+        cdef StreamEnd end = self.deliver()
+        while end == END_RECEIVING:
+            if self.stop_requested:
+                return END_STOPPED
+            if self.framer.reserve(self.recv_size) != 0:
+                return END_NO_MEMORY
+            received = recv(self.fd, self.framer.write_pointer(), self.framer.write_space(), 0)
+            if received > 0:
+                self.counters.add(COUNT_BYTES_RECEIVED, received)
+                self.frame(received)
+                end = self.deliver()
+                now = monotonic_ns()
+                self.last_data_ns = now
+                if now >= check_at and end == END_RECEIVING:
+                    return END_CHECK_IN
+                continue
+            if received == 0:
+                return END_EOF
+            error = errno
+            if error == EINTR:
+                return END_CHECK_IN
+            if error == EAGAIN or error == EWOULDBLOCK:
+                # SO_RCVTIMEO expired: the peer was silent for a check interval.
+                now = monotonic_ns()
+                if self.idle_timeout_ns and now - self.last_data_ns >= self.idle_timeout_ns:
+                    self.counters.add(COUNT_IDLE_TIMEOUTS, 1)
+                    return END_IDLE_TIMEOUT
+                return END_CHECK_IN
+            self.last_errno = error
+            if (error == ECONNRESET or error == ETIMEDOUT or error == ECONNABORTED
+                    or error == ENOTCONN):
+                self.counters.add(COUNT_RESETS, 1)
+                return END_RESET
+            return END_OS_ERROR
+        return end
+
+    cdef void frame(self, Py_ssize_t received) noexcept nogil:
+        self.published = 0
+        self.status = self.framer.commit(received, self.spans, self.max_spans, &self.nspans)
+
+    cdef StreamEnd deliver(self) noexcept nogil:
+        cdef StreamEnd end
+        while True:
+            end = self.publish_pending()
+            if end != END_RECEIVING:
+                return end
+            self.framer.consume()
+            if self.status == FRAMER_SPANS_FULL:
+                self.frame(0)
+                continue
+            if self.status == FRAMER_LINE_TOO_LONG:
+                self.counters.add(COUNT_LINES_TOO_LONG, 1)
+                return END_LINE_TOO_LONG
+            if self.status == FRAMER_FRAME_TOO_LARGE:
+                self.counters.add(COUNT_FRAMES_TOO_LARGE, 1)
+                return END_FRAME_TOO_LARGE
+            return END_RECEIVING
+
+    cdef StreamEnd publish_pending(self) noexcept nogil:
+        cdef Py_ssize_t published
+        cdef int resumed
+        cdef uint64_t paused_at
+        while self.published < self.nspans:
+            published = self.ring.put_spans(
+                self.framer.base(), self.spans + self.published, self.nspans - self.published,
+                self.source_id)
+            if published < 0:
+                return END_RING_CLOSED
+            if published > 0:
+                self.counters.add(COUNT_MESSAGES_RECEIVED, published)
+                self.published += published
+                self.paused = False
+                continue
+            # Full: stop reading, so the kernel's window pushes back on the peer.
+            if not self.paused:
+                self.paused = True
+                self.counters.add(COUNT_PAUSES, 1)
+            paused_at = monotonic_ns()
+            resumed = self.ring.wait_resume(self.check_interval_ns / 1e9)
+            self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - paused_at)
+            if resumed < 0:
+                return END_RING_CLOSED
+            if self.stop_requested:
+                return END_STOPPED
+            if resumed == 0:
+                return END_CHECK_IN
+        return END_RECEIVING

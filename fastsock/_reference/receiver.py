@@ -1,0 +1,168 @@
+"""Pure-Python reference of the compiled receive loop (fastsock/_recvloop.pyx).
+
+Same constructor, methods and counters; it frames with whichever Framer and publishes to
+whichever RingQueue it is given.
+"""
+
+import dataclasses
+import errno
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+
+from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
+from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
+from fastsock.stats import ReceiveStats
+
+__all__ = ["ReceiveCounters", "StreamReceiver"]
+
+
+class ReceiveCounters:
+    """The counters of a server's receive loops (thread-safe, not shared across fork)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {field.name: 0 for field in dataclasses.fields(ReceiveStats)}
+
+    def add(self, name, amount):
+        with self._lock:
+            self._values[name] += amount
+
+    def snapshot(self):
+        with self._lock:
+            values = dict(self._values)
+        values["paused_seconds"] /= 1e9
+        return ReceiveStats(**values)
+
+
+class StreamReceiver:
+    """Receives one connection, frames it and publishes the messages to a ring."""
+
+    def __init__(
+        self,
+        fd,
+        framer,
+        ring,
+        counters,
+        source_id=0,
+        *,
+        recv_size=RECV_SIZE,
+        idle_timeout=None,
+        check_interval=RECEIVE_CHECK_INTERVAL,
+        spans_per_publish=SPANS_PER_PUBLISH,
+    ):
+        if fd < 0:
+            raise ValueError(f"fd must be an open file descriptor, not {fd}")
+        if recv_size < 1 or spans_per_publish < 1 or not check_interval > 0:
+            raise ValueError("recv_size, spans_per_publish and check_interval must be positive")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        if not os.get_blocking(fd):
+            raise ValueError("the socket must be blocking: call settimeout(None) first")
+        view = socket.socket(fileno=fd)
+        try:
+            seconds = int(check_interval)
+            microseconds = int((check_interval - seconds) * 1e6)
+            view.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, microseconds)
+            )
+        finally:
+            view.detach()
+        self._fd = fd
+        self._framer = framer
+        self._ring = ring
+        self._counters = counters
+        self.source_id = source_id
+        self._recv_size = recv_size
+        self._idle_timeout = idle_timeout
+        self._check_interval = check_interval
+        self._unpublished = []
+        self._stop_requested = False
+        self._closed = False
+        self._paused = False
+        self.last_errno = 0
+        counters.add("connections_opened", 1)
+
+    def run(self):
+        """Receive until the connection ends; return the name of the end."""
+        if self._closed:
+            raise ValueError("the receiver is closed")
+        last_data = time.monotonic()
+        while True:
+            end = self._publish()
+            if end is not None:
+                return end
+            if self._stop_requested:
+                return "stopped"
+            try:
+                data = os.read(self._fd, self._recv_size)
+            except BlockingIOError:
+                if self._idle_timeout and time.monotonic() - last_data >= self._idle_timeout:
+                    self._counters.add("idle_timeouts", 1)
+                    return "idle_timeout"
+                continue
+            except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
+                self.last_errno = exc.errno
+                self._counters.add("resets", 1)
+                return "reset"
+            except OSError as exc:
+                self.last_errno = exc.errno
+                if exc.errno == errno.ENOTCONN:
+                    self._counters.add("resets", 1)
+                    return "reset"
+                return "os_error"
+            if not data:
+                return "eof"
+            last_data = time.monotonic()
+            self._counters.add("bytes_received", len(data))
+            try:
+                self._unpublished.extend(self._framer.feed(data))
+            except LineTooLongError as exc:
+                return self._fail(exc, "lines_too_long", "line_too_long")
+            except FrameTooLargeError as exc:
+                return self._fail(exc, "frames_too_large", "frame_too_large")
+
+    def _fail(self, error, counter, end):
+        self._unpublished.extend(error.messages)
+        self._counters.add(counter, 1)
+        self._counters.add("bytes_discarded", error.discarded)
+        return self._publish() or end
+
+    def _publish(self):
+        while self._unpublished:
+            try:
+                self._ring.put_nowait(self._unpublished[0], source_id=self.source_id)
+            except QueueClosed:
+                return "ring_closed"
+            except queue.Full:
+                if not self._paused:
+                    self._paused = True
+                    self._counters.add("pauses", 1)
+                paused_at = time.monotonic_ns()
+                time.sleep(min(self._check_interval, 0.005))
+                self._counters.add("paused_seconds", time.monotonic_ns() - paused_at)
+                if self._stop_requested:
+                    return "stopped"
+                continue
+            self._paused = False
+            del self._unpublished[0]
+            self._counters.add("messages_received", 1)
+        return None
+
+    def stop(self):
+        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        self._stop_requested = True
+
+    def close(self):
+        """Account for what the connection leaves behind; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._counters.add("messages_dropped", len(self._unpublished))
+        discarded = sum(map(len, self._unpublished)) + self._framer.eof()
+        self._counters.add("bytes_discarded", discarded)
+        self._unpublished.clear()
+        self._counters.add("connections_closed", 1)

@@ -1,0 +1,125 @@
+# The bounded ring-buffer queue: its shared-memory layout and the C-level producer API that
+# the compiled receive loop calls without the GIL.
+#
+# One anonymous MAP_SHARED mapping holds a RingHeader followed by the record area, so a
+# forked process shares the queue through its copy of the RingQueue object.
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from fastsock._span cimport MessageSpan
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+
+
+cpdef enum:
+    # Longest source blob: the size of a sockaddr_storage, so any sender address fits.
+    MAX_SOURCE_LEN = 128
+
+
+cdef struct RecordHeader:
+    # Starts every record; the source blob and then the payload follow it, and the record is
+    # padded to a multiple of 8 bytes.  Records may straddle the end of the record area.
+    uint32_t length
+    uint32_t source_id
+    uint16_t source_len
+
+
+cdef struct RingState:
+    # Everything a put or a get changes.  head and tail are offsets into the record area;
+    # queued messages and bytes are the differences of the put and got counters.
+    uint64_t head
+    uint64_t tail
+    uint64_t put_messages
+    uint64_t put_bytes
+    uint64_t got_messages
+    uint64_t got_bytes
+
+
+cdef struct RingCounters:
+    uint64_t dropped_messages
+    uint64_t dropped_bytes
+    uint64_t full_events
+    uint64_t paused_ns
+    uint64_t producer_deaths
+
+
+cdef struct RingHeader:
+    # Robust and process-shared: a holder killed at any instant hands it on with EOWNERDEAD.
+    pthread_mutex_t lock
+    # Futex words: data_seq moves when messages are published or the ring closes, space_seq
+    # when records are freed or the ring closes.
+    uint32_t data_seq
+    uint32_t space_seq
+    # Sleepers: getters on data_seq; blocked puts and wait_resume() callers on space_seq.
+    # A sleeper counts itself in under the lock, before it unlocks, so a waker that sees
+    # zero may skip the syscall, and resume waiters are woken only at the resume mark.  A
+    # sleeper killed in its sleep leaves its count behind: spare wake-ups, nothing worse.
+    uint32_t data_waiters
+    uint32_t space_waiters
+    uint32_t resume_waiters
+    uint32_t closed
+    # Index of the committed entry of state.  An operation writes the other entry and then
+    # flips this index: that single store publishes it, so a process killed mid-operation
+    # leaves the previous, complete state in force and its half-written record unreachable.
+    uint32_t current
+    RingState state[2]
+    RingCounters counters
+
+
+cdef class Batch:
+    # One malloc'd block: int64 offsets[count + 1], uint32 source_ids[count], then payloads.
+    cdef char* block
+    cdef char* payloads
+    cdef readonly Py_ssize_t nbytes
+    cdef Py_ssize_t count
+
+
+cdef class RingQueue:
+    cdef RingHeader* header
+    cdef char* records
+    cdef size_t mapping_size
+    # Bytes in the record area: enough for max_messages records of the largest overhead
+    # carrying max_bytes of payload, so both bounds are always reachable.
+    cdef uint64_t capacity
+    cdef readonly Py_ssize_t max_messages
+    cdef readonly Py_ssize_t max_bytes
+    cdef uint64_t resume_messages
+    cdef uint64_t resume_bytes
+
+    # C-level producer API.  None of these raises or needs the GIL.
+    # Publishes spans in order until one does not fit (a span longer than max_bytes never
+    # does): returns how many were published, or -1 if the ring is closed.
+    cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
+                              uint32_t source_id) noexcept nogil
+    # Returns 1 when published, 0 when full, -1 when closed; source_len <= MAX_SOURCE_LEN.
+    cdef Py_ssize_t put_record(self, const char* data, Py_ssize_t n, uint32_t source_id,
+                               const char* source, Py_ssize_t source_len) noexcept nogil
+    # Sleeps until the ring drains to the resume mark (1), the timeout passes (0) or the ring
+    # closes (-1); the time spent is added to paused_seconds.
+    cdef int wait_resume(self, double timeout) noexcept nogil
+    cdef void count_dropped(self, Py_ssize_t messages, Py_ssize_t nbytes) noexcept nogil
+
+    # Shared by both APIs.  fits, below_resume_mark and append work on a copy of the
+    # committed state; publish and release commit that copy, unlock, then wake the
+    # consumers (publish) or the producers (release).
+    cdef bint fits(self, const RingState* state, Py_ssize_t length) noexcept nogil
+    cdef bint below_resume_mark(self, const RingState* state) noexcept nogil
+    cdef void append(self, RingState* state, const char* data, Py_ssize_t length,
+                     uint32_t source_id, const char* source, Py_ssize_t source_len) noexcept nogil
+    cdef void publish(self, const RingState* state, Py_ssize_t published) noexcept nogil
+    cdef void release(self, const RingState* state) noexcept nogil
+
+    # Python-side helpers.  lock_for_* lock the ring and return once the wait is over, with
+    # the lock held; sleep expects it held and keeps it; put_locked, take and fill_batch
+    # expect it held and release it.  When they raise, the lock is released.
+    cdef int check_message(self, Py_ssize_t length, Py_ssize_t source_len) except -1
+    cdef int lock_for_data(self, double deadline) except -1
+    cdef int lock_for_space(self, Py_ssize_t length, double deadline) except -1
+    cdef int sleep(self, uint32_t* word, uint32_t* sleepers, double deadline) except -1
+    cdef void put_locked(self, const Py_buffer* payload, uint32_t source_id,
+                         const Py_buffer* source) noexcept
+    cdef list take(self, Py_ssize_t max_items, bint with_source)
+    cdef int fill_batch(self, Batch batch, Py_ssize_t max_items, uint64_t max_payload) except -1

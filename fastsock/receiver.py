@@ -1,0 +1,205 @@
+"""The fast path for stream servers: a request handler that hands its connection to the
+compiled receive loop, which frames what arrives into a RingQueue without the GIL."""
+
+import itertools
+import os
+import threading
+from collections import OrderedDict
+
+from . import constants
+from ._impl import Framer, ReceiveCounters, RingQueue, StreamReceiver
+from .errors import FrameTooLargeError, LineTooLongError
+from .server import BaseRequestHandler
+
+__all__ = ["ReceiveHandler", "ReceiveRegistry", "receiver", "receive_registry"]
+
+
+class ReceiveRegistry:
+    """A server's compiled receive loops: their shared counters, connection ids and peers.
+
+    Created before any fork, its counters live in shared memory, so forked children add to
+    the same numbers the parent reads.
+    """
+
+    def __init__(self):
+        self.counters = ReceiveCounters()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._receivers = {}
+        self._peers = OrderedDict()
+
+    def open(self, make_receiver, client_address):
+        """Register a new connection: make_receiver(connection_id) builds its receiver."""
+        with self._lock:
+            connection_id = next(self._ids) & 0xFFFFFFFF
+            receiver = make_receiver(connection_id)
+            self._receivers[connection_id] = receiver
+            self._peers[connection_id] = client_address
+            self._peers.move_to_end(connection_id)
+            while len(self._peers) > constants.RECENT_PEERS + len(self._receivers):
+                self._peers.popitem(last=False)
+        return receiver
+
+    def close(self, receiver):
+        receiver.close()
+        with self._lock:
+            self._receivers.pop(receiver.source_id, None)
+
+    def stop_all(self):
+        """Ask every running loop to return within one check interval."""
+        with self._lock:
+            receivers = list(self._receivers.values())
+        for running in receivers:
+            running.stop()
+
+    def peer(self, connection_id):
+        """The client address of a connection, open or among the recently closed."""
+        with self._lock:
+            return self._peers.get(connection_id)
+
+    def stats(self):
+        return self.counters.snapshot()
+
+
+_registry_lock = threading.Lock()
+
+
+def receive_registry(server):
+    """The server's ReceiveRegistry, created on first use."""
+    registry = vars(server).get("_receive_registry")
+    if registry is None:
+        with _registry_lock:
+            registry = vars(server).get("_receive_registry")
+            if registry is None:
+                registry = server._receive_registry = ReceiveRegistry()
+    return registry
+
+
+class ReceiveHandler(BaseRequestHandler):
+    """Receives a stream connection with the compiled loop and frames it into ``queue``.
+
+    Configure it with ``receiver(queue, ...)`` or by subclassing and setting the class
+    attributes below.  The handler returns when the peer closes the connection, breaks it,
+    stays silent for ``idle_timeout`` seconds, or when the server is closed.  A line or
+    frame over its limit raises ``LineTooLongError`` / ``FrameTooLargeError`` from
+    ``handle()``, so the server reports it through ``handle_error`` and closes only that
+    connection; the messages before it were delivered.
+    """
+
+    queue = None
+    framing = "raw"
+    delimiter = constants.LINE_DELIMITER
+    keep_delimiter = False
+    max_line = constants.MAX_LINE_LENGTH
+    max_frame = constants.MAX_FRAME_SIZE
+    recv_size = constants.RECV_SIZE
+    idle_timeout = None
+
+    def setup(self):
+        _check_fits(
+            self.queue, self.framing, self.delimiter, self.max_line, self.max_frame, self.recv_size
+        )
+        framer = Framer(
+            self.framing,
+            delimiter=self.delimiter,
+            keep_delimiter=self.keep_delimiter,
+            max_line=self.max_line,
+            max_frame=self.max_frame,
+        )
+        self.request.settimeout(None)
+        self.registry = receive_registry(self.server)
+        self.receiver = self.registry.open(
+            lambda connection_id: StreamReceiver(
+                self.request.fileno(),
+                framer,
+                self.queue,
+                self.registry.counters,
+                connection_id,
+                recv_size=self.recv_size,
+                idle_timeout=self.idle_timeout,
+            ),
+            self.client_address,
+        )
+        self.connection_id = self.receiver.source_id
+
+    def handle(self):
+        self.end = self.receiver.run()
+        if self.end == "line_too_long":
+            self.registry.close(self.receiver)
+            raise LineTooLongError(
+                f"{self.client_address!r} sent a line longer than max_line={self.max_line} "
+                "bytes; the connection was closed"
+            )
+        if self.end == "frame_too_large":
+            self.registry.close(self.receiver)
+            raise FrameTooLargeError(
+                f"{self.client_address!r} announced a frame larger than "
+                f"max_frame={self.max_frame} bytes; the connection was closed"
+            )
+        if self.end == "no_memory":
+            raise MemoryError(f"no memory to receive from {self.client_address!r}")
+        if self.end == "os_error":
+            error = self.receiver.last_errno
+            raise OSError(error, f"receiving from {self.client_address!r}: {os.strerror(error)}")
+
+    def finish(self):
+        self.registry.close(self.receiver)
+
+
+def _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size):
+    if not isinstance(queue, RingQueue):
+        raise TypeError(f"ReceiveHandler.queue must be a fastsock.RingQueue, not {queue!r}")
+    largest = {
+        "raw": recv_size,
+        "lines": max_line + len(delimiter),
+        "length": max_frame,
+    }.get(framing, 0)
+    if largest > queue.max_bytes:
+        raise ValueError(
+            f"a {framing!r} message may reach {largest} bytes, more than the queue's "
+            f"max_bytes={queue.max_bytes}: raise max_bytes or lower the limit"
+        )
+
+
+def receiver(
+    queue,
+    *,
+    framing="raw",
+    delimiter=constants.LINE_DELIMITER,
+    keep_delimiter=False,
+    max_line=constants.MAX_LINE_LENGTH,
+    max_frame=constants.MAX_FRAME_SIZE,
+    recv_size=constants.RECV_SIZE,
+    idle_timeout=None,
+):
+    """A ReceiveHandler class that frames every connection into ``queue``.
+
+    Pass it to any stream server as its RequestHandlerClass.  The options are checked
+    here, so a bad one fails before the server starts.
+    """
+    _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size)
+    Framer(
+        framing,
+        delimiter=delimiter,
+        keep_delimiter=keep_delimiter,
+        max_line=max_line,
+        max_frame=max_frame,
+    )
+    if not isinstance(recv_size, int) or recv_size < 1:
+        raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+    return type(
+        "ReceiveHandler",
+        (ReceiveHandler,),
+        {
+            "queue": queue,
+            "framing": framing,
+            "delimiter": delimiter,
+            "keep_delimiter": keep_delimiter,
+            "max_line": max_line,
+            "max_frame": max_frame,
+            "recv_size": recv_size,
+            "idle_timeout": idle_timeout,
+        },
+    )
