@@ -46,7 +46,8 @@ if hasattr(socket, "AF_UNIX"):
         "ThreadingUnixStreamServer",
         "ThreadingUnixDatagramServer",
     ]
-    if hasattr(os, "fork"):
+    # fastsock defines these two on every version, but lists them where the stdlib does.
+    if hasattr(os, "fork") and sys.version_info >= (3, 12):
         __all__ += ["ForkingUnixStreamServer", "ForkingUnixDatagramServer"]
 
 _log = RateLimitedLogger(logging.getLogger("fastsock"), constants.ERROR_LOG_INTERVAL)
@@ -89,6 +90,9 @@ class BaseServer:
         self.__wakeup_sender = None
         self.__accept_paused_until = 0.0
         self.__accept_backoff = 0.0
+        prepare = getattr(RequestHandlerClass, "fastsock_prepare_server", None)
+        if prepare is not None:
+            prepare(self)
 
     def server_activate(self):
         """Called by constructor to activate the server.  May be overridden."""
@@ -476,6 +480,8 @@ if hasattr(os, "fork"):
         max_children = 40
         # If true, server_close() waits until all child processes complete.
         block_on_close = True
+        # fastsock: request processes that a signal ended (a crash, or kill -9).
+        killed_children = 0
 
         def collect_children(self, *, blocking=False):
             """Internal routine to wait for children that have exited."""
@@ -486,7 +492,9 @@ if hasattr(os, "fork"):
             # server did not spawn: used only while over max_children.
             while len(self.active_children) >= self.max_children:
                 try:
-                    pid, _ = os.waitpid(-1, 0)
+                    pid, status = os.waitpid(-1, 0)
+                    if pid in self.active_children and os.WIFSIGNALED(status):
+                        self._note_killed_child(pid, status)
                     self.active_children.discard(pid)
                 except ChildProcessError:
                     self.active_children.clear()
@@ -496,13 +504,25 @@ if hasattr(os, "fork"):
             flags = 0 if blocking else os.WNOHANG
             for pid in self.active_children.copy():
                 try:
-                    pid, _ = os.waitpid(pid, flags)
+                    pid, status = os.waitpid(pid, flags)
                     # pid is 0 for a child still running: discard() ignores it.
                     self.active_children.discard(pid)
+                    if pid and os.WIFSIGNALED(status):
+                        self._note_killed_child(pid, status)
                 except ChildProcessError:
                     self.active_children.discard(pid)
                 except OSError:
                     pass
+
+        def _note_killed_child(self, pid, status):
+            self.killed_children += 1
+            _log.warning(
+                "child-killed",
+                "%s: request process %d was killed by signal %d",
+                type(self).__name__,
+                pid,
+                os.WTERMSIG(status),
+            )
 
         def handle_timeout(self):
             """Wait for zombies after self.timeout seconds of inactivity.

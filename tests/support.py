@@ -1,0 +1,125 @@
+"""Helpers shared by the test modules: bounded clients, a background serve_forever(), and
+a look at this process's file descriptors and children.
+
+Every blocking call here is bounded by NETWORK_TIMEOUT, so that a broken server makes a
+test fail instead of hanging it.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+NETWORK_TIMEOUT = 10.0
+"""Seconds any single network wait may take: far above what loopback ever needs."""
+
+LOCALHOST = "127.0.0.1"
+
+
+def connect(address, family=socket.AF_INET):
+    """A stream client connected to `address`, with NETWORK_TIMEOUT on every operation."""
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.settimeout(NETWORK_TIMEOUT)
+    try:
+        client.connect(address)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def datagram_client(family=socket.AF_INET, bind_to=None):
+    """A datagram client with NETWORK_TIMEOUT, bound to `bind_to` if given.
+
+    Unix datagram clients must be bound to a path to receive replies; inet clients left
+    unbound are bound by the kernel, to the wildcard address, at their first sendto().
+    """
+    client = socket.socket(family, socket.SOCK_DGRAM)
+    client.settimeout(NETWORK_TIMEOUT)
+    if bind_to is not None:
+        client.bind(bind_to)
+    return client
+
+
+def recv_until_eof(sock):
+    """Everything the peer sends until it shuts its side down."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def recv_line(sock):
+    """One b"\\n"-terminated line, read a byte at a time so nothing after it is consumed."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise EOFError(f"connection closed after {bytes(line)!r}")
+        line += byte
+    return bytes(line)
+
+
+def start_thread(target, *args, **kwargs):
+    """Start `target` in a daemon thread, so that a hung call cannot keep pytest alive."""
+    thread = threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+def call_bounded(function, *args, **kwargs):
+    """Call `function` in a thread and return its result (or raise its exception); fail if
+    it is still running after NETWORK_TIMEOUT."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args, **kwargs)
+        except BaseException as exc:  # noqa: B036 - handed back to the caller as is
+            outcome["error"] = exc
+
+    start_thread(run).join(NETWORK_TIMEOUT)
+    assert outcome, f"{function.__qualname__}() still blocked after {NETWORK_TIMEOUT} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@contextlib.contextmanager
+def serving(server, poll_interval=0.05):
+    """Run server.serve_forever() in a thread for the duration of the block, then shut it
+    down (bounded) and close the server."""
+    loop = start_thread(server.serve_forever, poll_interval=poll_interval)
+    try:
+        yield server
+    finally:
+        start_thread(server.shutdown).join(NETWORK_TIMEOUT)
+        loop.join(NETWORK_TIMEOUT)
+        server.server_close()
+    assert not loop.is_alive(), "serve_forever() did not return after shutdown()"
+
+
+def open_fd_count():
+    """How many file descriptors this process holds open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def child_pids():
+    """Pids of this process's direct children, running or zombie, whichever thread forked
+    them (Linux lists children per thread)."""
+    pids = set()
+    for children in Path("/proc/self/task").glob("*/children"):
+        with contextlib.suppress(FileNotFoundError):  # the thread exited meanwhile
+            pids.update(int(pid) for pid in children.read_text().split())
+    return pids
+
+
+def kill_and_reap(pids):
+    """Kill and reap the given child processes."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
