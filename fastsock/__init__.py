@@ -22,6 +22,7 @@ from .errors import (
     LineTooLongError,
     QueueClosed,
 )
+from .prefork import PreforkServer
 from .receiver import ReceiveHandler, receiver
 from .server import *  # noqa: F403
 from .server import __all__

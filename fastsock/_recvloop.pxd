@@ -41,9 +41,12 @@ cdef enum StreamEnd:
 
 
 cdef class ReceiveCounters:
-    cdef uint64_t* values  # COUNTER_SLOTS words in an anonymous shared mapping
+    # COUNTER_SLOTS counters, then the server-wide stop word and the last connection id given
+    # out, in an anonymous shared mapping.
+    cdef uint64_t* values
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil
+    cdef bint stopping(self) noexcept nogil
 
 
 cdef class StreamReceiver:

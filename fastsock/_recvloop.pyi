@@ -20,6 +20,16 @@ class ReceiveCounters:
     def snapshot(self) -> ReceiveStats:
         """Every counter, read at one instant (each one whole; not a single transaction)."""
 
+    def request_stop(self) -> None:
+        """Make every loop counting here return "stopped" within one check interval, in
+        this process and in every forked one.  Permanent."""
+
+    @property
+    def stop_requested(self) -> bool: ...
+    def next_connection_id(self) -> int:
+        """A connection id unique among every process sharing these counters, starting at
+        1 and wrapping at 2**32."""
+
 class StreamReceiver:
     """Receives one stream connection into its framer and publishes the messages to a ring.
 

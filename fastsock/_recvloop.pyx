@@ -70,9 +70,23 @@ cdef extern from *:
     static inline uint64_t fastsock_counter_load(const uint64_t *counter) {
         return __atomic_load_n(counter, __ATOMIC_RELAXED);
     }
+    static inline uint64_t fastsock_atomic_increment(uint64_t *counter) {
+        return __atomic_add_fetch(counter, 1, __ATOMIC_RELAXED);
+    }
+    static inline void fastsock_counter_store(uint64_t *counter, uint64_t value) {
+        __atomic_store_n(counter, value, __ATOMIC_RELAXED);
+    }
     """
     void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
     uint64_t fastsock_counter_load(const uint64_t* counter) noexcept nogil
+    void fastsock_counter_store(uint64_t* counter, uint64_t value) noexcept nogil
+    uint64_t fastsock_atomic_increment(uint64_t* counter) noexcept nogil
+
+
+cdef enum:
+    STOP_WORD = COUNTER_SLOTS
+    LAST_CONNECTION_ID_WORD
+    MAPPED_WORDS
 
 
 END_NAMES = {
@@ -117,7 +131,7 @@ cdef int set_receive_timeout(int fd, double seconds) except -1:
 cdef class ReceiveCounters:
 
     def __cinit__(self):
-        cdef void* mapping = mmap(NULL, COUNTER_SLOTS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+        cdef void* mapping = mmap(NULL, MAPPED_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
             raise OSError(errno, os.strerror(errno))
@@ -125,10 +139,26 @@ cdef class ReceiveCounters:
 
     def __dealloc__(self):
         if self.values != NULL:
-            munmap(self.values, COUNTER_SLOTS * sizeof(uint64_t))
+            munmap(self.values, MAPPED_WORDS * sizeof(uint64_t))
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil:
         fastsock_counter_add(&self.values[<int>counter], amount)
+
+    cdef bint stopping(self) noexcept nogil:
+        return fastsock_counter_load(&self.values[<int>STOP_WORD]) != 0
+
+    def request_stop(self):
+        """Stop every loop counting here, in this process and in forked ones."""
+        fastsock_counter_store(&self.values[<int>STOP_WORD], 1)
+
+    @property
+    def stop_requested(self):
+        return bool(self.stopping())
+
+    def next_connection_id(self):
+        """A connection id unique among every process sharing these counters (wraps at 2**32)."""
+        cdef uint64_t* last = &self.values[<int>LAST_CONNECTION_ID_WORD]
+        return <uint32_t>(fastsock_atomic_increment(last))
 
     def snapshot(self):
         cdef uint64_t[COUNTER_SLOTS] values
@@ -222,7 +252,7 @@ cdef class StreamReceiver:
         cdef int error
         cdef StreamEnd end = self.deliver()
         while end == END_RECEIVING:
-            if self.stop_requested:
+            if self.stop_requested or self.counters.stopping():
                 return END_STOPPED
             if self.framer.reserve(self.recv_size) != 0:
                 return END_NO_MEMORY
@@ -302,7 +332,7 @@ cdef class StreamReceiver:
             self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - paused_at)
             if resumed < 0:
                 return END_RING_CLOSED
-            if self.stop_requested:
+            if self.stop_requested or self.counters.stopping():
                 return END_STOPPED
             if resumed == 0:
                 return END_CHECK_IN

@@ -79,3 +79,7 @@ request and the idle timeout; it wakes this often only while its peer is silent.
 RECENT_PEERS = 4096
 """Closed connections whose client address a server still remembers, so a consumer can
 name the sender of messages that were queued just before their connection closed."""
+
+SHUTDOWN_DRAIN_TIMEOUT = 5.0
+"""Seconds a closing prefork server gives its workers to publish what they received and
+exit before it kills them: long enough to drain a full ring's worth of framing work."""

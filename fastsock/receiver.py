@@ -1,7 +1,6 @@
 """The fast path for stream servers: a request handler that hands its connection to the
 compiled receive loop, which frames what arrives into a RingQueue without the GIL."""
 
-import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -23,7 +22,6 @@ class ReceiveRegistry:
 
     def __init__(self):
         self.counters = ReceiveCounters()
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._receivers = {}
         self._peers = OrderedDict()
@@ -31,7 +29,7 @@ class ReceiveRegistry:
     def open(self, make_receiver, client_address):
         """Register a new connection: make_receiver(connection_id) builds its receiver."""
         with self._lock:
-            connection_id = next(self._ids) & 0xFFFFFFFF
+            connection_id = self.counters.next_connection_id()
             receiver = make_receiver(connection_id)
             self._receivers[connection_id] = receiver
             self._peers[connection_id] = client_address
@@ -46,11 +44,8 @@ class ReceiveRegistry:
             self._receivers.pop(receiver.source_id, None)
 
     def stop_all(self):
-        """Ask every running loop to return within one check interval."""
-        with self._lock:
-            receivers = list(self._receivers.values())
-        for running in receivers:
-            running.stop()
+        """Ask every loop of the server, in any process, to return within a check interval."""
+        self.counters.request_stop()
 
     def peer(self, connection_id):
         """The client address of a connection, open or among the recently closed."""
@@ -94,6 +89,14 @@ class ReceiveHandler(BaseRequestHandler):
     max_frame = constants.MAX_FRAME_SIZE
     recv_size = constants.RECV_SIZE
     idle_timeout = None
+
+    @classmethod
+    def fastsock_prepare_server(cls, server):
+        """Called by the server's constructor: the counters must exist before any fork."""
+        _check_fits(
+            cls.queue, cls.framing, cls.delimiter, cls.max_line, cls.max_frame, cls.recv_size
+        )
+        receive_registry(server)
 
     def setup(self):
         _check_fits(

@@ -26,6 +26,18 @@ class ReceiveCounters:
     def __init__(self):
         self._lock = threading.Lock()
         self._values = {field.name: 0 for field in dataclasses.fields(ReceiveStats)}
+        self.stop_requested = False
+        self._last_connection_id = 0
+
+    def next_connection_id(self):
+        """A connection id unique among the loops counting here (wraps at 2**32)."""
+        with self._lock:
+            self._last_connection_id += 1
+            return self._last_connection_id & 0xFFFFFFFF
+
+    def request_stop(self):
+        """Stop every loop counting here (in this process: the reference is not shared)."""
+        self.stop_requested = True
 
     def add(self, name, amount):
         with self._lock:
@@ -95,7 +107,7 @@ class StreamReceiver:
             end = self._publish()
             if end is not None:
                 return end
-            if self._stop_requested:
+            if self._stop_requested or self._counters.stop_requested:
                 return "stopped"
             try:
                 data = os.read(self._fd, self._recv_size)
@@ -144,7 +156,7 @@ class StreamReceiver:
                 paused_at = time.monotonic_ns()
                 time.sleep(min(self._check_interval, 0.005))
                 self._counters.add("paused_seconds", time.monotonic_ns() - paused_at)
-                if self._stop_requested:
+                if self._stop_requested or self._counters.stop_requested:
                     return "stopped"
                 continue
             self._paused = False
