@@ -1,0 +1,114 @@
+"""Compiled load generator and C-level sinks: the measuring instruments of fastsock's benchmarks.
+
+Every function runs its whole socket loop in C with the GIL released, so other Python
+threads (a server under test, say) run meanwhile, and each is bounded in time by its
+``max_seconds``.  Descriptors are borrowed: none is closed (except the connections that
+``sink_stream`` accepts itself) and none has its blocking mode changed for good.  System
+call failures raise the stdlib's OSError subclass for their errno (``ConnectionResetError``,
+``BrokenPipeError``, ``TimeoutError``, plain ``OSError`` for ``EBADF``...); bad arguments
+raise ``TypeError`` or ``ValueError`` before any byte moves.  A call cannot be interrupted
+by Ctrl-C: the signal is handled when it returns, at most ``max_seconds`` later.
+"""
+
+from collections.abc import Sequence
+from os import PathLike
+
+from _typeshed import ReadableBuffer
+
+_Destination = tuple[str, int] | tuple[str, int, int, int] | str | bytes | PathLike[str]
+
+def send_stream(
+    fds: Sequence[int], block: ReadableBuffer, total_bytes: int, max_seconds: float
+) -> tuple[int, float]:
+    """Write ``block`` over and over to connected stream sockets, then shut their write side.
+
+    ``total_bytes``, rounded down to whole blocks, is shared out as evenly as whole blocks
+    allow: each connection gets ``total // len(block) // len(fds)`` blocks, and the first
+    ones one block more for the remainder.  Sending stops early once ``max_seconds`` have
+    passed, but each connection first completes the block it has started (waiting up to 5
+    more seconds for its peer to make room, else ``TimeoutError``), so exactly
+    ``bytes_sent // len(block)`` whole blocks are sent in all.  Build ``block`` from whole
+    messages (64-byte lines, length-prefixed frames...): messages sent are then blocks sent
+    times messages per block.
+
+    Each connection gets ``shutdown(SHUT_WR)`` as soon as its share is written, and all of
+    them on any error too, so the receiver always sees EOF.  The sockets are written
+    without blocking (MSG_DONTWAIT) under edge-triggered epoll, from a 256 KiB (or larger)
+    buffer of repeated blocks, so one send() moves up to 256 KiB.
+
+    Returns ``(bytes_sent, seconds)``: the bytes written over all connections, and the time
+    from the first write to the last shutdown.
+
+    Raises ValueError for an empty ``fds`` or ``block``, a descriptor given twice or one that
+    is not a stream socket, a negative ``total_bytes`` or a ``max_seconds`` that is not a
+    finite number > 0.
+    """
+
+def sink_stream(
+    listen_fd: int, connections: int, count_byte: int = -1, max_seconds: float = 60.0
+) -> tuple[int, int, float]:
+    """Accept ``connections`` connections on a listening socket and read them all to EOF.
+
+    The baseline "C epoll sink that only counts": one thread, level-triggered epoll and
+    256 KiB recv() calls.  Besides the bytes it counts the occurrences of ``count_byte``
+    (``ord("\\n")`` counts lines) with a memchr() loop; -1 counts nothing.
+
+    Returns ``(bytes, count, seconds)`` once every connection has reached EOF, or when
+    ``max_seconds`` have passed: compare ``bytes`` with what was sent to tell a complete
+    transfer from a timed-out one.  ``seconds`` runs from the first byte received to the
+    last EOF (to the last byte after a timeout), 0.0 if nothing arrived.  The accepted
+    connections are closed before it returns; the listening socket is left open and in its
+    original blocking mode.
+
+    Raises ValueError if ``listen_fd`` is not a listening stream socket, ``connections`` is
+    below 1 or ``count_byte`` is outside -1..255.
+    """
+
+def send_datagrams(
+    fd: int,
+    payload: ReadableBuffer,
+    count: int,
+    max_seconds: float,
+    batch: int = 64,
+    destination: _Destination | None = None,
+    sequence: bool = False,
+) -> tuple[int, float]:
+    """Send ``count`` copies of ``payload`` as datagrams, ``batch`` per sendmmsg() call.
+
+    Without ``destination`` the socket must be connected; with it, every datagram goes to
+    that address, given as the socket module takes it for the socket's family: ``(host,
+    port)`` or ``(host, port, flowinfo, scope_id)`` for AF_INET and AF_INET6 (``host`` is
+    resolved once, before sending), a path for AF_UNIX (a leading NUL byte names an abstract
+    address).  With ``sequence=True`` the first 8 bytes of each datagram are replaced by its
+    index, 0 to ``count - 1``, big-endian, so that a receiver can account for every loss and
+    reordering; the payload must then be at least 8 bytes long.
+
+    Sending never blocks: when the kernel has no room (EAGAIN, ENOBUFS) it waits for room in
+    poll() and, if that cannot tell, pauses 20 microseconds to 1 millisecond, so a slow
+    receiver throttles it without a spinning CPU.  It stops after ``count`` datagrams or
+    ``max_seconds``, whichever comes first.
+
+    Returns ``(sent, seconds)``: the datagrams the kernel accepted (for UDP, accepted is not
+    delivered: a full receive buffer drops them) and the time the sending took.
+
+    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024, a
+    negative ``count``, a bad ``destination`` and a too-short numbered payload; socket.gaierror
+    if ``host`` does not resolve.
+    """
+
+def sink_datagrams(
+    fd: int, expected: int, max_seconds: float, batch: int = 64, idle_seconds: float = 0.5
+) -> tuple[int, int, float]:
+    """Receive datagrams with recvmmsg(), ``batch`` per call, and count them.
+
+    Stops once ``expected`` datagrams have arrived (it never reads past them), when
+    ``max_seconds`` have passed, or when nothing has arrived for ``idle_seconds`` after the
+    first datagram: a sender that lost some is not waited for until the deadline.
+
+    Returns ``(datagrams, bytes, seconds)``: ``bytes`` counts every datagram's full length,
+    even one longer than the 64 KiB receive slot, and ``seconds`` runs from the first
+    datagram to the last.
+
+    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024 and
+    a negative ``expected``.
+    """

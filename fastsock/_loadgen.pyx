@@ -1,0 +1,681 @@
+"""Compiled load generator and C-level sinks; fastsock/_loadgen.pyi documents them.
+
+Each function checks its arguments with the GIL, runs its whole socket loop in C without it,
+and turns the errno value the loop hands back into the stdlib's OSError subclass.  The loops
+never touch the descriptors' file status flags where a per-call MSG_DONTWAIT does the job,
+so the caller's sockets keep whatever blocking mode they had.
+"""
+
+from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, ENOBUFS, ETIMEDOUT, errno
+from libc.math cimport ceil
+from libc.string cimport memchr, memcpy, memset
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.unistd cimport close
+
+import math
+import operator
+import os
+import socket
+
+
+cdef enum:
+    MAX_EVENTS = 64
+    # sendmmsg() and recvmmsg() take at most UIO_MAXIOV messages per call.
+    MAX_BATCH = 1024
+    # Large enough for the largest UDP payload, so only Unix datagrams can be truncated,
+    # and then MSG_TRUNC still reports their full length.
+    DATAGRAM_SLOT = 65536
+
+# Bytes one send() may move: large enough that a syscall carries thousands of small messages.
+cdef Py_ssize_t PATTERN_BYTES = 256 * 1024
+# Bytes one recv() of the stream sink may fill: as much as fastsock's own loop asks for, and
+# small enough to stay in L2 (1 MiB reads measured slower on loopback than 256 KiB ones).
+cdef size_t SINK_BUFFER_BYTES = 256 * 1024
+# Seconds a stream sender still waits, after max_seconds, for its peers to take the rest of a
+# started block: long enough for any live reader, short enough that a dead one cannot hang it.
+cdef double FINISH_GRACE_SECONDS = 5.0
+# A datagram sender that meets EAGAIN first waits in poll() for room, up to this long: enough
+# for a reader to wake up, short enough to keep an eye on the deadline.
+cdef int ROOM_WAIT_MS = 10
+# poll() cannot wait for room where the socket looks writable while the send still fails (an
+# unconnected Unix socket whose destination is full; ENOBUFS), so repeated failures pause,
+# doubling from the first to the longest pause, rather than spin.
+cdef long FIRST_PAUSE_NS = 20 * 1000
+cdef long LONGEST_PAUSE_NS = 1000 * 1000
+
+
+cdef double monotonic() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef int milliseconds_until(double deadline, double now) noexcept nogil:
+    if deadline <= now:
+        return 0
+    return <int>min(ceil((deadline - now) * 1000.0), 3600.0 * 1000.0)
+
+
+cdef int wait_for(int fd, short events, int timeout_ms) noexcept nogil:
+    cdef pollfd watched
+    watched.fd = fd
+    watched.events = events
+    watched.revents = 0
+    if poll(&watched, 1, timeout_ms) < 0 and errno != EINTR:
+        return errno
+    return 0
+
+
+cdef int raise_errno(int code) except -1:
+    # OSError's constructor picks the subclass (ConnectionResetError, TimeoutError, ...).
+    raise OSError(code, os.strerror(code))
+
+
+cdef int checked_fd(object fd, str name) except -1:
+    fd = operator.index(fd)
+    if not 0 <= fd <= 2**31 - 1:
+        raise ValueError(f"{name} must be a file descriptor (an int >= 0), not {fd}")
+    return fd
+
+
+cdef double checked_seconds(object seconds, str name) except -1.0:
+    seconds = float(seconds)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, not {seconds}")
+    return seconds
+
+
+cdef object checked_count(object count, str name):
+    count = operator.index(count)
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, not {count}")
+    return count
+
+
+cdef Py_ssize_t checked_batch(object batch) except -1:
+    batch = operator.index(batch)
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be between 1 and {MAX_BATCH}, not {batch}")
+    return batch
+
+
+cdef int socket_option(int fd, int option) except? -1:
+    cdef int value = 0
+    cdef socklen_t length = sizeof(value)
+    if getsockopt(fd, SOL_SOCKET, option, &value, &length) < 0:
+        raise_errno(errno)
+    return value
+
+
+cdef int require_socket_type(int fd, int expected, str name) except -1:
+    if socket_option(fd, SO_TYPE) != expected:
+        kind = "stream" if expected == SOCK_STREAM else "datagram"
+        raise ValueError(f"{name} {fd} is not a {kind} socket")
+    return 0
+
+
+# -- send_stream ---------------------------------------------------------------------------
+
+cdef struct Outgoing:
+    int fd
+    bint open
+    unsigned long long quota
+    unsigned long long sent
+
+
+cdef struct StreamPump:
+    int epfd
+    Outgoing* connections
+    Py_ssize_t count
+    Py_ssize_t remaining
+    # Whole blocks repeated over twice `unit` bytes, so a send() starting at any offset
+    # within a unit can still move a full unit.
+    const char* pattern
+    Py_ssize_t unit
+    unsigned long long block
+    double deadline
+    bint stopping
+
+
+cdef int finish_connection(StreamPump* pump, Outgoing* connection) noexcept nogil:
+    connection.open = False
+    pump.remaining -= 1
+    epoll_ctl(pump.epfd, EPOLL_CTL_DEL, connection.fd, NULL)
+    if shutdown(connection.fd, SHUT_WR) < 0:
+        return errno
+    return 0
+
+
+cdef int send_until_blocked(StreamPump* pump, Outgoing* connection) noexcept nogil:
+    # Edge-triggered: keep writing until the kernel says EAGAIN, the quota is met, or (before
+    # the stop) the deadline passes, after which the stop phase writes to every connection.
+    cdef unsigned long long offset, length
+    cdef ssize_t written
+    while connection.sent < connection.quota:
+        if not pump.stopping and monotonic() >= pump.deadline:
+            return 0
+        offset = connection.sent % <unsigned long long>pump.unit
+        length = min(<unsigned long long>pump.unit, connection.quota - connection.sent)
+        written = send(connection.fd, pump.pattern + offset, length, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if written < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            return errno
+        connection.sent += written
+    return finish_connection(pump, connection)
+
+
+cdef int stop_at_block_boundary(StreamPump* pump) noexcept nogil:
+    # The receiver counts whole messages, so each connection completes the block it started.
+    cdef Outgoing* connection
+    cdef Py_ssize_t i
+    cdef int code
+    pump.stopping = True
+    for i in range(pump.count):
+        connection = &pump.connections[i]
+        if connection.open:
+            connection.quota = connection.sent + (
+                pump.block - connection.sent % pump.block) % pump.block
+            code = send_until_blocked(pump, connection)
+            if code != 0:
+                return code
+    return 0
+
+
+cdef int pump_streams(StreamPump* pump) noexcept nogil:
+    cdef epoll_event event
+    cdef epoll_event events[MAX_EVENTS]
+    cdef double now, wait_until
+    cdef Py_ssize_t i
+    cdef int ready, code
+    for i in range(pump.count):
+        event.events = EPOLLOUT | EPOLLET
+        event.data.u64 = i
+        if epoll_ctl(pump.epfd, EPOLL_CTL_ADD, pump.connections[i].fd, &event) < 0:
+            return errno
+        if pump.connections[i].quota == 0:
+            code = finish_connection(pump, &pump.connections[i])
+            if code != 0:
+                return code
+    while pump.remaining > 0:
+        now = monotonic()
+        if not pump.stopping and now >= pump.deadline:
+            code = stop_at_block_boundary(pump)
+            if code != 0:
+                return code
+            continue
+        wait_until = pump.deadline + FINISH_GRACE_SECONDS if pump.stopping else pump.deadline
+        if now >= wait_until:
+            return ETIMEDOUT
+        ready = epoll_wait(pump.epfd, events, MAX_EVENTS, milliseconds_until(wait_until, now))
+        if ready < 0 and errno != EINTR:
+            return errno
+        for i in range(max(ready, 0)):
+            if pump.connections[events[i].data.u64].open:
+                code = send_until_blocked(pump, &pump.connections[events[i].data.u64])
+                if code != 0:
+                    return code
+    return 0
+
+
+def send_stream(fds, block, total_bytes, max_seconds):
+    cdef list descriptors = [checked_fd(fd, "fds") for fd in fds]
+    cdef bytes data = bytes(memoryview(block))
+    cdef unsigned long long total, blocks, share
+    cdef Py_ssize_t count = len(descriptors), repeats, i
+    cdef double seconds, started, elapsed
+    cdef char* pattern = NULL
+    cdef StreamPump pump
+    cdef int code = 0
+    if count == 0:
+        raise ValueError("fds must hold at least one connected stream socket")
+    if len(set(descriptors)) != count:
+        raise ValueError("fds must not hold the same descriptor twice")
+    if not data:
+        raise ValueError("block must not be empty")
+    total = checked_count(total_bytes, "total_bytes")
+    seconds = checked_seconds(max_seconds, "max_seconds")
+    for fd in descriptors:
+        require_socket_type(fd, SOCK_STREAM, "fd")
+
+    repeats = max(1, PATTERN_BYTES // len(data))
+    pump.unit = repeats * len(data)
+    pump.block = len(data)
+    pump.count = count
+    pump.remaining = 0
+    pump.stopping = False
+    pump.epfd = -1
+    pump.connections = <Outgoing*>PyMem_RawCalloc(count, sizeof(Outgoing))
+    pattern = <char*>PyMem_RawMalloc(2 * pump.unit)
+    try:
+        if pump.connections == NULL or pattern == NULL:
+            raise MemoryError()
+        for i in range(2 * repeats):
+            memcpy(pattern + i * len(data), <const char*>data, len(data))
+        pump.pattern = pattern
+        # Whole blocks only, shared as evenly as blocks allow, so the total is exact.
+        blocks = total // pump.block
+        for i in range(count):
+            share = blocks // count + (1 if <unsigned long long>i < blocks % count else 0)
+            pump.connections[i].fd = descriptors[i]
+            pump.connections[i].quota = share * pump.block
+            pump.connections[i].open = True
+        pump.remaining = count
+        pump.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if pump.epfd < 0:
+            raise_errno(errno)
+        with nogil:
+            started = monotonic()
+            pump.deadline = started + seconds
+            code = pump_streams(&pump)
+            elapsed = monotonic() - started
+        if code != 0:
+            raise_errno(code)
+        return sum([pump.connections[i].sent for i in range(count)]), elapsed
+    finally:
+        if pump.connections != NULL:
+            # After a failure, the peers still see EOF instead of waiting for more.
+            for i in range(count):
+                if pump.connections[i].open:
+                    shutdown(pump.connections[i].fd, SHUT_WR)
+        if pump.epfd >= 0:
+            close(pump.epfd)
+        PyMem_RawFree(pattern)
+        PyMem_RawFree(pump.connections)
+
+
+# -- sink_stream ---------------------------------------------------------------------------
+
+cdef struct StreamSink:
+    int epfd
+    int listen_fd
+    # Accepted descriptors in accept order, -1 once closed at EOF.
+    int* connections
+    Py_ssize_t expected
+    Py_ssize_t accepted
+    Py_ssize_t open
+    char* buffer
+    int count_byte
+    double deadline
+    unsigned long long received
+    unsigned long long matches
+    double first_byte
+    # The last byte or EOF: the end of the transfer, or of what arrived before the deadline.
+    double last_event
+
+
+cdef unsigned long long count_occurrences(const char* data, size_t length,
+                                          int byte) noexcept nogil:
+    cdef const char* position = data
+    cdef const char* end = data + length
+    cdef unsigned long long found = 0
+    while position < end:
+        position = <const char*>memchr(position, byte, end - position)
+        if position == NULL:
+            break
+        found += 1
+        position += 1
+    return found
+
+
+cdef int accept_pending(StreamSink* sink) noexcept nogil:
+    cdef epoll_event event
+    cdef int fd
+    while sink.accepted < sink.expected:
+        fd = accept4(sink.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if errno == EINTR or errno == ECONNABORTED:
+                continue
+            if errno == EAGAIN:
+                return 0
+            return errno
+        sink.connections[sink.accepted] = fd
+        event.events = EPOLLIN
+        event.data.u64 = sink.accepted
+        sink.accepted += 1
+        sink.open += 1
+        if epoll_ctl(sink.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+            return errno
+    epoll_ctl(sink.epfd, EPOLL_CTL_DEL, sink.listen_fd, NULL)
+    return 0
+
+
+cdef int drain_connection(StreamSink* sink, Py_ssize_t index) noexcept nogil:
+    cdef int fd = sink.connections[index]
+    cdef ssize_t received
+    cdef double now
+    while True:
+        received = recv(fd, sink.buffer, SINK_BUFFER_BYTES, 0)
+        if received > 0:
+            now = monotonic()
+            if sink.received == 0:
+                sink.first_byte = now
+            sink.received += received
+            sink.last_event = now
+            if sink.count_byte >= 0:
+                sink.matches += count_occurrences(sink.buffer, received, sink.count_byte)
+            # A short read drained the socket: level-triggered epoll reports it again later,
+            # which saves the recv() that would only say EAGAIN.
+            if <size_t>received < SINK_BUFFER_BYTES or now >= sink.deadline:
+                return 0
+        elif received == 0:
+            close(fd)
+            sink.connections[index] = -1
+            sink.open -= 1
+            sink.last_event = monotonic()
+            return 0
+        elif errno == EAGAIN:
+            return 0
+        elif errno != EINTR:
+            return errno
+
+
+cdef int drain_streams(StreamSink* sink) noexcept nogil:
+    cdef epoll_event event
+    cdef epoll_event events[MAX_EVENTS]
+    cdef Py_ssize_t index
+    cdef double now
+    cdef int ready, i, code
+    # The listener's events carry index `expected`, past every connection's.
+    event.events = EPOLLIN
+    event.data.u64 = sink.expected
+    if epoll_ctl(sink.epfd, EPOLL_CTL_ADD, sink.listen_fd, &event) < 0:
+        return errno
+    while sink.accepted < sink.expected or sink.open > 0:
+        now = monotonic()
+        if now >= sink.deadline:
+            return 0
+        ready = epoll_wait(sink.epfd, events, MAX_EVENTS, milliseconds_until(sink.deadline, now))
+        if ready < 0 and errno != EINTR:
+            return errno
+        for i in range(max(ready, 0)):
+            index = events[i].data.u64
+            if index == sink.expected:
+                code = accept_pending(sink)
+            elif sink.connections[index] >= 0:
+                code = drain_connection(sink, index)
+            else:
+                code = 0
+            if code != 0:
+                return code
+    return 0
+
+
+def sink_stream(listen_fd, connections, count_byte=-1, max_seconds=60.0):
+    cdef StreamSink sink
+    cdef double seconds
+    cdef int code = 0, flags
+    cdef Py_ssize_t i
+    sink.listen_fd = checked_fd(listen_fd, "listen_fd")
+    sink.expected = operator.index(connections)
+    if sink.expected < 1:
+        raise ValueError(f"connections must be at least 1, not {sink.expected}")
+    sink.count_byte = operator.index(count_byte)
+    if not -1 <= sink.count_byte <= 255:
+        raise ValueError(f"count_byte must be a byte value 0-255, or -1, not {count_byte}")
+    seconds = checked_seconds(max_seconds, "max_seconds")
+    require_socket_type(sink.listen_fd, SOCK_STREAM, "listen_fd")
+    if not socket_option(sink.listen_fd, SO_ACCEPTCONN):
+        raise ValueError(f"listen_fd {sink.listen_fd} is not a listening socket")
+
+    flags = fcntl(sink.listen_fd, F_GETFL)
+    if flags < 0:
+        raise_errno(errno)
+    sink.accepted = sink.open = 0
+    sink.received = sink.matches = 0
+    sink.first_byte = sink.last_event = 0.0
+    sink.epfd = -1
+    sink.connections = <int*>PyMem_RawMalloc(sink.expected * sizeof(int))
+    sink.buffer = <char*>PyMem_RawMalloc(SINK_BUFFER_BYTES)
+    try:
+        if sink.connections == NULL or sink.buffer == NULL:
+            raise MemoryError()
+        # accept() must not block when a connection vanishes between epoll and accept.
+        if fcntl(sink.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+            raise_errno(errno)
+        sink.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if sink.epfd < 0:
+            raise_errno(errno)
+        with nogil:
+            sink.deadline = monotonic() + seconds
+            code = drain_streams(&sink)
+        if code != 0:
+            raise_errno(code)
+        elapsed = sink.last_event - sink.first_byte if sink.received else 0.0
+        return sink.received, sink.matches, elapsed
+    finally:
+        fcntl(sink.listen_fd, F_SETFL, flags)
+        if sink.connections != NULL:
+            for i in range(sink.accepted):
+                if sink.connections[i] >= 0:
+                    close(sink.connections[i])
+        if sink.epfd >= 0:
+            close(sink.epfd)
+        PyMem_RawFree(sink.buffer)
+        PyMem_RawFree(sink.connections)
+
+
+# -- send_datagrams ------------------------------------------------------------------------
+
+cdef inline void store_big_endian_64(char* target, unsigned long long value) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        target[7 - i] = <char>(value & 0xFF)
+        value >>= 8
+
+
+cdef int send_batches(int fd, mmsghdr* messages, char* slots, Py_ssize_t payload_length,
+                      bint sequence, unsigned long long count, unsigned int batch,
+                      double deadline, unsigned long long* sent) noexcept nogil:
+    cdef unsigned int wanted, i
+    cdef double now
+    cdef int done, code
+    cdef timespec pause
+    pause.tv_sec = 0
+    pause.tv_nsec = 0
+    while sent[0] < count:
+        now = monotonic()
+        if now >= deadline:
+            return 0
+        wanted = <unsigned int>min(<unsigned long long>batch, count - sent[0])
+        if sequence:
+            for i in range(wanted):
+                store_big_endian_64(slots + i * payload_length, sent[0] + i)
+        done = sendmmsg(fd, messages, wanted, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if done >= 0:
+            sent[0] += done
+            pause.tv_nsec = 0
+        elif (errno == EAGAIN or errno == ENOBUFS) and pause.tv_nsec:
+            nanosleep(&pause, NULL)
+            pause.tv_nsec = min(2 * pause.tv_nsec, LONGEST_PAUSE_NS)
+        elif errno == EAGAIN or errno == ENOBUFS:
+            if errno == EAGAIN:
+                code = wait_for(fd, POLLOUT, min(milliseconds_until(deadline, now), ROOM_WAIT_MS))
+                if code != 0:
+                    return code
+            pause.tv_nsec = FIRST_PAUSE_NS
+        elif errno != EINTR:
+            return errno
+    return 0
+
+
+cdef socklen_t fill_destination(int family, object destination,
+                                sockaddr_storage* storage) except 0:
+    # The destination as the C sockaddr of the socket's family, and its length.
+    cdef sockaddr_in* inet = <sockaddr_in*>storage
+    cdef sockaddr_in6* inet6 = <sockaddr_in6*>storage
+    cdef sockaddr_un* unix = <sockaddr_un*>storage
+    cdef bytes path, numeric
+    cdef socklen_t path_offset = <socklen_t>(<char*>unix.sun_path - <char*>unix)
+    memset(storage, 0, sizeof(sockaddr_storage))
+    if family == AF_UNIX:
+        path = os.fsencode(destination)
+        # A leading NUL names an abstract address, which has no terminating NUL.
+        if not path or len(path) > <Py_ssize_t>sizeof(unix.sun_path) - (0 if path[0] == 0 else 1):
+            raise ValueError(f"destination {destination!r} is not a valid Unix socket path")
+        unix.sun_family = AF_UNIX
+        memcpy(unix.sun_path, <const char*>path, len(path))
+        return path_offset + len(path) + (0 if path[0] == 0 else 1)
+    if family not in (AF_INET, AF_INET6):
+        raise ValueError(f"destination: unsupported address family {family}")
+    if not isinstance(destination, tuple) or len(destination) < 2:
+        raise ValueError(f"destination must be a (host, port) tuple, not {destination!r}")
+    port = operator.index(destination[1])
+    if not 0 < port <= 65535:
+        raise ValueError(f"destination port must be between 1 and 65535, not {port}")
+    resolved = socket.getaddrinfo(destination[0], port, family, socket.SOCK_DGRAM)[0][4]
+    numeric = resolved[0].encode("ascii")
+    if family == AF_INET:
+        inet.sin_family = AF_INET
+        inet.sin_port = htons(port)
+        inet_pton(AF_INET, numeric, &inet.sin_addr)
+        return sizeof(sockaddr_in)
+    inet6.sin6_family = AF_INET6
+    inet6.sin6_port = htons(port)
+    inet6.sin6_flowinfo = htonl(destination[2] if len(destination) > 2 else resolved[2])
+    inet6.sin6_scope_id = destination[3] if len(destination) > 3 else resolved[3]
+    inet_pton(AF_INET6, numeric, &inet6.sin6_addr)
+    return sizeof(sockaddr_in6)
+
+
+def send_datagrams(fd, payload, count, max_seconds, batch=64, destination=None,
+                   sequence=False):
+    cdef int sock = checked_fd(fd, "fd")
+    cdef bytes data = bytes(memoryview(payload))
+    cdef unsigned long long total = checked_count(count, "count")
+    cdef unsigned int per_call = checked_batch(batch)
+    cdef bint numbered = bool(sequence)
+    cdef Py_ssize_t length = len(data), i
+    cdef sockaddr_storage address
+    cdef socklen_t address_length = 0
+    cdef mmsghdr* messages = NULL
+    cdef iovec* vectors = NULL
+    cdef char* slots = NULL
+    cdef unsigned long long sent = 0
+    cdef double seconds = checked_seconds(max_seconds, "max_seconds")
+    cdef double started, elapsed
+    cdef int code
+    if numbered and length < 8:
+        raise ValueError("a sequence-numbered payload must be at least 8 bytes long")
+    require_socket_type(sock, SOCK_DGRAM, "fd")
+    if destination is not None:
+        address_length = fill_destination(socket_option(sock, SO_DOMAIN), destination,
+                                          &address)
+
+    messages = <mmsghdr*>PyMem_RawCalloc(per_call, sizeof(mmsghdr))
+    vectors = <iovec*>PyMem_RawCalloc(per_call, sizeof(iovec))
+    # Numbered datagrams each need their own copy; the others all point at one.
+    slots = <char*>PyMem_RawMalloc(max(length, 1) * (per_call if numbered else 1))
+    try:
+        if messages == NULL or vectors == NULL or slots == NULL:
+            raise MemoryError()
+        for i in range(per_call):
+            vectors[i].iov_base = slots + (i * length if numbered else 0)
+            vectors[i].iov_len = length
+            memcpy(vectors[i].iov_base, <const char*>data, length)
+            messages[i].msg_hdr.msg_iov = &vectors[i]
+            messages[i].msg_hdr.msg_iovlen = 1
+            if address_length:
+                messages[i].msg_hdr.msg_name = &address
+                messages[i].msg_hdr.msg_namelen = address_length
+        with nogil:
+            started = monotonic()
+            code = send_batches(sock, messages, slots, length, numbered, total, per_call,
+                                started + seconds, &sent)
+            elapsed = monotonic() - started
+        if code != 0:
+            raise_errno(code)
+        return sent, elapsed
+    finally:
+        PyMem_RawFree(slots)
+        PyMem_RawFree(vectors)
+        PyMem_RawFree(messages)
+
+
+# -- sink_datagrams ------------------------------------------------------------------------
+
+cdef struct DatagramSink:
+    int fd
+    mmsghdr* messages
+    unsigned long long expected
+    unsigned int batch
+    double deadline
+    double idle
+    unsigned long long received
+    unsigned long long received_bytes
+    double first
+    double last
+
+
+cdef int receive_batches(DatagramSink* sink) noexcept nogil:
+    cdef double now, wait_until
+    cdef int done, i, code
+    while sink.received < sink.expected:
+        now = monotonic()
+        wait_until = sink.deadline
+        if sink.received:
+            wait_until = min(wait_until, sink.last + sink.idle)
+        if now >= wait_until:
+            return 0
+        # Never more than expected: what follows stays queued for the next reader.
+        done = recvmmsg(sink.fd, sink.messages,
+                        <unsigned int>min(<unsigned long long>sink.batch,
+                                          sink.expected - sink.received),
+                        MSG_DONTWAIT | MSG_TRUNC, NULL)
+        if done > 0:
+            now = monotonic()
+            if sink.received == 0:
+                sink.first = now
+            sink.last = now
+            sink.received += done
+            for i in range(done):
+                sink.received_bytes += sink.messages[i].msg_len
+        elif done < 0 and errno == EAGAIN:
+            code = wait_for(sink.fd, POLLIN, milliseconds_until(wait_until, now))
+            if code != 0:
+                return code
+        elif done < 0 and errno != EINTR:
+            return errno
+    return 0
+
+
+def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5):
+    cdef DatagramSink sink
+    cdef iovec* vectors = NULL
+    cdef char* slots = NULL
+    cdef unsigned int i
+    cdef int code
+    sink.fd = checked_fd(fd, "fd")
+    sink.expected = checked_count(expected, "expected")
+    sink.batch = checked_batch(batch)
+    sink.deadline = checked_seconds(max_seconds, "max_seconds")
+    sink.idle = checked_seconds(idle_seconds, "idle_seconds")
+    require_socket_type(sink.fd, SOCK_DGRAM, "fd")
+    sink.received = sink.received_bytes = 0
+    sink.first = sink.last = 0.0
+
+    sink.messages = <mmsghdr*>PyMem_RawCalloc(sink.batch, sizeof(mmsghdr))
+    vectors = <iovec*>PyMem_RawCalloc(sink.batch, sizeof(iovec))
+    slots = <char*>PyMem_RawMalloc(<size_t>sink.batch * DATAGRAM_SLOT)
+    try:
+        if sink.messages == NULL or vectors == NULL or slots == NULL:
+            raise MemoryError()
+        for i in range(sink.batch):
+            vectors[i].iov_base = slots + <size_t>i * DATAGRAM_SLOT
+            vectors[i].iov_len = DATAGRAM_SLOT
+            sink.messages[i].msg_hdr.msg_iov = &vectors[i]
+            sink.messages[i].msg_hdr.msg_iovlen = 1
+        with nogil:
+            sink.deadline += monotonic()
+            code = receive_batches(&sink)
+        if code != 0:
+            raise_errno(code)
+        return sink.received, sink.received_bytes, sink.last - sink.first
+    finally:
+        PyMem_RawFree(slots)
+        PyMem_RawFree(vectors)
+        PyMem_RawFree(sink.messages)
