@@ -15,6 +15,7 @@ the pure-Python reference.
 """
 
 from ._impl import IMPLEMENTATION, Framer, RingQueue
+from .addresses import address_from_sockaddr
 from .errors import (
     DatagramTruncatedError,
     FrameTooLargeError,
@@ -26,6 +27,6 @@ from .prefork import PreforkServer
 from .receiver import ReceiveHandler, receiver
 from .server import *  # noqa: F403
 from .server import __all__
-from .stats import ReceiveStats, RingStats
+from .stats import DatagramStats, ReceiveStats, RingStats
 
 __version__ = "0.1.0"

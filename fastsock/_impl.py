@@ -7,7 +7,15 @@ missing or broken compiled module is an ImportError, never a silent slowdown.
 
 import os
 
-__all__ = ["IMPLEMENTATION", "Framer", "ReceiveCounters", "RingQueue", "StreamReceiver"]
+__all__ = [
+    "IMPLEMENTATION",
+    "DatagramCounters",
+    "DatagramReceiver",
+    "Framer",
+    "ReceiveCounters",
+    "RingQueue",
+    "StreamReceiver",
+]
 
 _SWITCH = "FASTSOCK_PURE_PYTHON"
 _choice = os.environ.get(_SWITCH, "")
@@ -17,6 +25,7 @@ if _choice not in ("", "0", "1"):
     )
 
 if _choice == "1":
+    from ._reference.dgramloop import DatagramCounters, DatagramReceiver
     from ._reference.framing import Framer
     from ._reference.receiver import ReceiveCounters, StreamReceiver
     from ._reference.ring import RingQueue
@@ -24,6 +33,7 @@ if _choice == "1":
     IMPLEMENTATION = "python"
 else:
     try:
+        from ._dgramloop import DatagramCounters, DatagramReceiver
         from ._framing import Framer
         from ._recvloop import ReceiveCounters, StreamReceiver
         from ._ring import RingQueue

@@ -83,3 +83,13 @@ name the sender of messages that were queued just before their connection closed
 SHUTDOWN_DRAIN_TIMEOUT = 5.0
 """Seconds a closing prefork server gives its workers to publish what they received and
 exit before it kills them: long enough to drain a full ring's worth of framing work."""
+
+# -- Datagram loop -----------------------------------------------------------------------
+
+DATAGRAM_MAX_SIZE = 65535
+"""Bytes of buffer per datagram: the largest UDP payload over IPv4 (65,507) and IPv6
+(65,527) fits, so only Unix datagrams can be longer, and those are counted as truncated."""
+
+DATAGRAM_BATCH = 64
+"""Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
+buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""

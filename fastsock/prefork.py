@@ -24,14 +24,16 @@ _log = logging.getLogger("fastsock")
 
 
 class PreforkServer:
-    """``workers`` forked copies of a stream server sharing one listening port.
+    """``workers`` forked copies of a server sharing one port.
 
     With ``SO_REUSEPORT`` (Linux) every worker but the first binds a socket of its own to
     the port and the kernel spreads new connections over them; elsewhere, or with
     ``reuse_port=False``, every worker accepts on the one inherited listening socket.  The
     request handler is usually ``fastsock.receiver(ring, ...)``: its ring and counters live
     in shared memory created before the fork, so ``stats()`` and the ring cover every
-    worker.  ``start()`` forks, so call it before this process starts any thread.
+    worker.  ``server_class=fastsock.UDPServer`` gives each worker a compiled datagram loop
+    on its own SO_REUSEPORT socket.  ``start()`` forks, so call it before this process
+    starts any thread.
     """
 
     def __init__(
@@ -177,7 +179,8 @@ def _listening_socket_like(inherited, address, backlog):
     try:
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         own.bind(address)
-        own.listen(backlog)
+        if own.type == socket.SOCK_STREAM:
+            own.listen(backlog)
     except BaseException:
         own.close()
         raise

@@ -1,16 +1,32 @@
-"""The fast path for stream servers: a request handler that hands its connection to the
-compiled receive loop, which frames what arrives into a RingQueue without the GIL."""
+"""The compiled fast path: a request handler that hands each stream connection to the
+compiled receive loop, which frames what arrives into a RingQueue without the GIL; on a
+datagram server, the compiled datagram loop takes over the server's socket."""
 
+import functools
 import os
+import socket
 import threading
 from collections import OrderedDict
 
 from . import constants
-from ._impl import Framer, ReceiveCounters, RingQueue, StreamReceiver
+from ._impl import (
+    DatagramCounters,
+    DatagramReceiver,
+    Framer,
+    ReceiveCounters,
+    RingQueue,
+    StreamReceiver,
+)
 from .errors import FrameTooLargeError, LineTooLongError
 from .server import BaseRequestHandler
 
-__all__ = ["ReceiveHandler", "ReceiveRegistry", "receiver", "receive_registry"]
+__all__ = [
+    "DatagramRegistry",
+    "ReceiveHandler",
+    "ReceiveRegistry",
+    "receive_registry",
+    "receiver",
+]
 
 
 class ReceiveRegistry:
@@ -56,6 +72,50 @@ class ReceiveRegistry:
         return self.counters.snapshot()
 
 
+class DatagramRegistry:
+    """A datagram server's compiled loop: its shared counters and the loop now running."""
+
+    def __init__(self):
+        self.counters = DatagramCounters()
+        self.running = None
+
+    def stop_all(self):
+        running = self.running
+        if running is not None:
+            running.stop()
+
+    def peer(self, connection_id):
+        """Datagrams carry their sender in the message's source, not a connection id."""
+        return None
+
+    def stats(self):
+        return self.counters.snapshot()
+
+
+def _serve_datagrams(server, handler, registry, poll_interval):
+    # poll_interval is not needed: shutdown() interrupts the loop directly.
+    server.socket.setblocking(True)
+    receiver = DatagramReceiver(
+        server.socket.fileno(),
+        handler.queue,
+        registry.counters,
+        max_datagram=handler.max_datagram,
+        batch=handler.datagram_batch,
+        receive_buffer=handler.receive_buffer,
+    )
+    registry.running = receiver
+    try:
+        with server._interruptible_by_shutdown(receiver.stop):
+            end = receiver.run()
+    finally:
+        registry.running = None
+    if end == "no_memory":
+        raise MemoryError("no memory for the datagram receive loop")
+    if end == "os_error":
+        error = receiver.last_errno
+        raise OSError(error, f"receiving datagrams: {os.strerror(error)}")
+
+
 _registry_lock = threading.Lock()
 
 
@@ -89,16 +149,29 @@ class ReceiveHandler(BaseRequestHandler):
     max_frame = constants.MAX_FRAME_SIZE
     recv_size = constants.RECV_SIZE
     idle_timeout = None
+    max_datagram = constants.DATAGRAM_MAX_SIZE
+    datagram_batch = constants.DATAGRAM_BATCH
+    receive_buffer = None
 
     @classmethod
     def fastsock_prepare_server(cls, server):
         """Called by the server's constructor: the counters must exist before any fork."""
+        if server.socket_type == socket.SOCK_DGRAM:
+            _check_message_size(cls.queue, "datagram", cls.max_datagram)
+            registry = server._receive_registry = DatagramRegistry()
+            server._compiled_serve = functools.partial(_serve_datagrams, server, cls, registry)
+            return
         _check_fits(
             cls.queue, cls.framing, cls.delimiter, cls.max_line, cls.max_frame, cls.recv_size
         )
         receive_registry(server)
 
     def setup(self):
+        if self.server.socket_type == socket.SOCK_DGRAM:
+            raise TypeError(
+                "the compiled datagram path receives in serve_forever(); "
+                "handle_request() has no datagram to give it"
+            )
         _check_fits(
             self.queue, self.framing, self.delimiter, self.max_line, self.max_frame, self.recv_size
         )
@@ -150,16 +223,20 @@ class ReceiveHandler(BaseRequestHandler):
 
 
 def _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size):
-    if not isinstance(queue, RingQueue):
-        raise TypeError(f"ReceiveHandler.queue must be a fastsock.RingQueue, not {queue!r}")
     largest = {
         "raw": recv_size,
         "lines": max_line + len(delimiter),
         "length": max_frame,
     }.get(framing, 0)
+    _check_message_size(queue, repr(framing), largest)
+
+
+def _check_message_size(queue, kind, largest):
+    if not isinstance(queue, RingQueue):
+        raise TypeError(f"ReceiveHandler.queue must be a fastsock.RingQueue, not {queue!r}")
     if largest > queue.max_bytes:
         raise ValueError(
-            f"a {framing!r} message may reach {largest} bytes, more than the queue's "
+            f"a {kind} message may reach {largest} bytes, more than the queue's "
             f"max_bytes={queue.max_bytes}: raise max_bytes or lower the limit"
         )
 
@@ -174,11 +251,18 @@ def receiver(
     max_frame=constants.MAX_FRAME_SIZE,
     recv_size=constants.RECV_SIZE,
     idle_timeout=None,
+    max_datagram=constants.DATAGRAM_MAX_SIZE,
+    datagram_batch=constants.DATAGRAM_BATCH,
+    receive_buffer=None,
 ):
-    """A ReceiveHandler class that frames every connection into ``queue``.
+    """A ReceiveHandler class that receives into ``queue``.
 
-    Pass it to any stream server as its RequestHandlerClass.  The options are checked
-    here, so a bad one fails before the server starts.
+    Pass it to any server as its RequestHandlerClass.  On a stream server every
+    connection is framed (``framing`` and the options up to ``idle_timeout``); on a
+    datagram server ``serve_forever()`` runs the compiled datagram loop on the server's
+    socket, each datagram one message with its sender as the message's source (the
+    options from ``max_datagram``).  The options are checked here, so a bad one fails
+    before the server starts.
     """
     _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size)
     Framer(
@@ -204,5 +288,8 @@ def receiver(
             "max_frame": max_frame,
             "recv_size": recv_size,
             "idle_timeout": idle_timeout,
+            "max_datagram": max_datagram,
+            "datagram_batch": datagram_batch,
+            "receive_buffer": receive_buffer,
         },
     )

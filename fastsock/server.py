@@ -9,6 +9,7 @@ what the stdlib needs subclassing for (see ``TCPServer``, ``UDPServer`` and
 ``ThreadingMixIn``).
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -78,6 +79,8 @@ class BaseServer:
 
     # Set by the compiled receive path (fastsock.receiver) when it first serves.
     _receive_registry = None
+    # Set by the compiled datagram path: serve_forever runs it instead of the select loop.
+    _compiled_serve = None
 
     def __init__(self, server_address, RequestHandlerClass):
         """Constructor.  May be extended, do not override."""
@@ -88,6 +91,7 @@ class BaseServer:
         self.__serving_thread = None
         self.__wakeup_lock = threading.RLock()
         self.__wakeup_sender = None
+        self.__interrupt_compiled_loop = None
         self.__accept_paused_until = 0.0
         self.__accept_backoff = 0.0
         prepare = getattr(RequestHandlerClass, "fastsock_prepare_server", None)
@@ -112,6 +116,9 @@ class BaseServer:
         with self.__wakeup_lock:
             self.__wakeup_sender = wakeup_sender
         try:
+            if self._compiled_serve is not None:
+                self._compiled_serve(poll_interval)
+                return
             with _ServerSelector() as selector:
                 selector.register(wakeup_receiver, selectors.EVENT_READ)
                 accepting = False
@@ -160,6 +167,8 @@ class BaseServer:
         # Reentrant lock: a signal handler may call shutdown() while this same thread is
         # closing the wake-up pair in serve_forever's finally block.
         with self.__wakeup_lock:
+            if self.__interrupt_compiled_loop is not None:
+                self.__interrupt_compiled_loop()
             if self.__wakeup_sender is not None:
                 try:
                     self.__wakeup_sender.send(b"\0")
@@ -168,6 +177,19 @@ class BaseServer:
 
     def _shutdown_requested(self):
         return self.__shutdown_request
+
+    @contextlib.contextmanager
+    def _interruptible_by_shutdown(self, interrupt):
+        """While the block runs, shutdown() calls interrupt() to end a compiled loop."""
+        with self.__wakeup_lock:
+            self.__interrupt_compiled_loop = interrupt
+            if self.__shutdown_request:
+                interrupt()
+        try:
+            yield
+        finally:
+            with self.__wakeup_lock:
+                self.__interrupt_compiled_loop = None
 
     def service_actions(self):
         """Called by the serve_forever() loop.

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-__all__ = ["ReceiveStats", "RingStats"]
+__all__ = ["DatagramStats", "ReceiveStats", "RingStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +61,33 @@ class ReceiveStats:
     @property
     def framing_errors(self) -> int:
         return self.lines_too_long + self.frames_too_large
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramStats:
+    """Counters of a server's datagram receive loops, read at one instant.
+
+    Every datagram that reached the socket is delivered (``datagrams_received``, whose
+    payloads total ``bytes_received``) or dropped: refused by a full (or closed) ring
+    (``dropped_queue_full``), longer than the receive buffer (``truncated``, never delivered
+    cut), or dropped by the kernel before the loop could read it (``kernel_drops``, read
+    back from the kernel's own counter).  ``receive_calls`` counts the system calls that
+    returned datagrams.
+    """
+
+    datagrams_received: int
+    bytes_received: int
+    dropped_queue_full: int
+    dropped_queue_full_bytes: int
+    truncated: int
+    kernel_drops: int
+    receive_calls: int
+
+    @classmethod
+    def zero(cls) -> "DatagramStats":
+        """The counters of a server that has not received yet."""
+        return cls(*(0 for _ in cls.__slots__))
+
+    @property
+    def datagrams_dropped(self) -> int:
+        return self.dropped_queue_full + self.truncated + self.kernel_drops

@@ -146,14 +146,19 @@ def test_accept_pauses_instead_of_spinning_when_file_descriptors_run_out(module,
         for _ in range(16):
             clients.append(socket.create_connection((HOST, port), timeout=GENEROUS))
         time.sleep(0.3)
-        child.stdin.write("measure\n")
-        child.stdin.flush()
-        cpu, wall = map(float, child.stdout.readline().split())
+
+        def busy_fraction():
+            child.stdin.write("measure\n")
+            child.stdin.flush()
+            cpu, wall = map(float, child.stdout.readline().split())
+            return cpu / wall
+
         if module == "socketserver":
-            # The control: the stdlib spins on the pending connections it cannot accept.
-            assert cpu > 0.5 * wall
+            # The control: the stdlib spins on the pending connections it cannot accept
+            # (measured up to three times: a loaded machine may starve one window).
+            assert any(busy_fraction() > 0.5 for _ in range(3))
             return
-        assert cpu < 0.25 * wall
+        assert busy_fraction() < 0.25
         for client in clients[:10]:
             client.close()
         del clients[:10]

@@ -1,0 +1,93 @@
+# The compiled datagram receive loop: one DatagramReceiver drains one UDP or Unix datagram
+# socket, a batch of datagrams per recvmmsg() call, without the GIL, and publishes each
+# datagram as one ring record whose source is the sender's raw sockaddr.  DatagramCounters
+# are shared by every loop of a server (and, being in shared memory, by its forked children).
+
+from libc.stdint cimport uint32_t, uint64_t
+from posix.uio cimport iovec
+
+from fastsock._ring cimport RingQueue
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+
+    struct sockaddr_storage:
+        pass
+
+    struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+
+cdef enum DatagramCounter:
+    COUNT_DATAGRAMS_RECEIVED
+    COUNT_BYTES_RECEIVED
+    COUNT_DROPPED_QUEUE_FULL
+    COUNT_DROPPED_QUEUE_FULL_BYTES
+    COUNT_TRUNCATED
+    COUNT_KERNEL_DROPS
+    COUNT_RECEIVE_CALLS
+    DATAGRAM_COUNTER_SLOTS
+
+
+cdef enum DatagramEnd:
+    END_RECEIVING       # not an end: the loop goes on
+    END_CHECK_IN        # a check interval passed: the caller checks signals, then resumes
+    END_STOPPED         # stop() was called
+    END_RING_CLOSED     # the ring was closed: the rest of the batch is dropped and counted
+    END_NO_MEMORY       # the kernel could not allocate for the receive (ENOMEM)
+    END_OS_ERROR        # any other receive failure: see last_errno
+
+
+cdef enum:
+    # Ancillary data room per datagram: the SO_RXQ_OVFL drop count needs 16 bytes; the rest
+    # leaves space for timestamps a user may have enabled, which the kernel puts before it.
+    CONTROL_WORDS = 8
+
+
+cdef struct DatagramSlot:
+    # One per datagram of a batch, besides its mmsghdr (recvmmsg wants those contiguous) and
+    # its max_datagram bytes of payload.
+    sockaddr_storage sender
+    iovec payload
+    uint64_t control[CONTROL_WORDS]
+
+
+cdef class DatagramCounters:
+    cdef uint64_t* values  # DATAGRAM_COUNTER_SLOTS words in an anonymous shared mapping
+
+    cdef void add(self, DatagramCounter counter, uint64_t amount) noexcept nogil
+
+
+cdef class DatagramReceiver:
+    cdef int fd
+    cdef RingQueue ring
+    cdef DatagramCounters counters
+    cdef unsigned int batch
+    cdef uint64_t check_interval_ns
+    cdef volatile int stop_requested
+    cdef readonly int last_errno
+    cdef bint running
+    # The socket's kernel drop counter as last seen, in a datagram's SO_RXQ_OVFL data or
+    # read with SO_MEMINFO.  It is 32 bits wide and wraps, so only its moves forward count.
+    cdef uint32_t drops_seen
+
+    cdef mmsghdr* messages
+    cdef DatagramSlot* slots
+    cdef char* payloads
+
+    cdef DatagramEnd pump(self) noexcept nogil
+    cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil
+    cdef DatagramEnd check_in(self) noexcept nogil
+    cdef void observe_drops(self, uint32_t drops) noexcept nogil
+    cdef void rearm(self, unsigned int index) noexcept nogil

@@ -1,0 +1,412 @@
+"""Compiled datagram receive loop; fastsock/_dgramloop.pyi documents it.
+
+A DatagramReceiver runs with the GIL released and takes it back only every check interval,
+or when it must report an end, so it receives in parallel with a Python consumer.  A
+datagram the ring cannot take is dropped and counted at once: waiting would only move the
+loss into the kernel's receive queue, where nobody sees it.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport EAGAIN, EINTR, ENOMEM, errno
+from libc.stdint cimport INT32_MAX, uint32_t, uint64_t
+from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+
+from fastsock._ring cimport MAX_SOURCE_LEN
+
+import operator
+import os
+
+from fastsock.constants import DATAGRAM_BATCH, DATAGRAM_MAX_SIZE, RECEIVE_CHECK_INTERVAL
+from fastsock.stats import DatagramStats
+
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
+    int SOL_SOCKET
+    int SO_TYPE
+    int SO_RCVBUF
+    int SO_RCVTIMEO
+    int SOCK_DGRAM
+    int MSG_TRUNC
+
+
+cdef extern from "<sys/time.h>" nogil:
+    cdef struct timeval:
+        long tv_sec
+        long tv_usec
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef int clockid_t
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(clockid_t clock, timespec* now)
+    clockid_t CLOCK_MONOTONIC
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #ifdef __linux__
+    #include <linux/sock_diag.h>
+    #endif
+
+    /* Relaxed atomics: every loop of a server adds to the same counters, and readers
+       need each value whole, not an order between them. */
+    static inline void fastsock_dgram_counter_add(uint64_t *counter, uint64_t amount) {
+        __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
+    }
+    static inline uint64_t fastsock_dgram_counter_load(const uint64_t *counter) {
+        return __atomic_load_n(counter, __ATOMIC_RELAXED);
+    }
+
+    /* MSG_WAITFORONE comes with recvmmsg() and struct mmsghdr wherever they exist.  Where
+       they do not, a batch is one recvmsg() into the first slot.  FASTSOCK_NO_RECVMMSG
+       builds that fallback on Linux too, so that it is tested. */
+    #ifndef MSG_WAITFORONE
+    struct mmsghdr {
+        struct msghdr msg_hdr;
+        unsigned int msg_len;
+    };
+    #endif
+
+    static int fastsock_receive_datagrams(int fd, struct mmsghdr *messages,
+                                          unsigned int count) {
+    #if defined(MSG_WAITFORONE) && !defined(FASTSOCK_NO_RECVMMSG)
+        /* Wait (up to SO_RCVTIMEO) for the first datagram only, then take what is queued. */
+        return recvmmsg(fd, messages, count, MSG_WAITFORONE, NULL);
+    #else
+        ssize_t received = recvmsg(fd, &messages[0].msg_hdr, 0);
+        (void)count;
+        if (received < 0)
+            return -1;
+        messages[0].msg_len = (unsigned int)received;
+        return 1;
+    #endif
+    }
+
+    /* Asks the kernel to attach its drop counter to every datagram queued from now on;
+       0 on success or where it cannot (not Linux). */
+    static int fastsock_report_drops(int fd) {
+    #ifdef SO_RXQ_OVFL
+        int on = 1;
+        return setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &on, sizeof(on));
+    #else
+        (void)fd;
+        return 0;
+    #endif
+    }
+
+    /* The socket's drop counter now: 1 if read, 0 where the kernel cannot tell. */
+    static int fastsock_read_drops(int fd, uint32_t *drops) {
+    #if defined(__linux__) && defined(SO_MEMINFO)
+        uint32_t meminfo[SK_MEMINFO_VARS];
+        socklen_t length = sizeof(meminfo);
+        if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, meminfo, &length) != 0
+                || length < (SK_MEMINFO_DROPS + 1) * sizeof(uint32_t))
+            return 0;
+        *drops = meminfo[SK_MEMINFO_DROPS];
+        return 1;
+    #else
+        (void)fd;
+        (void)drops;
+        return 0;
+    #endif
+    }
+
+    /* The drop counter the kernel attached to a received datagram: 1 if it did.  It
+       attaches none while the counter is zero. */
+    static int fastsock_attached_drops(struct msghdr *header, uint32_t *drops) {
+    #ifdef SO_RXQ_OVFL
+        struct cmsghdr *control;
+        for (control = CMSG_FIRSTHDR(header); control != NULL;
+                control = CMSG_NXTHDR(header, control)) {
+            if (control->cmsg_level == SOL_SOCKET && control->cmsg_type == SO_RXQ_OVFL
+                    && control->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+                memcpy(drops, CMSG_DATA(control), sizeof(uint32_t));
+                return 1;
+            }
+        }
+    #else
+        (void)header;
+        (void)drops;
+    #endif
+        return 0;
+    }
+    """
+    void fastsock_dgram_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
+    uint64_t fastsock_dgram_counter_load(const uint64_t* counter) noexcept nogil
+    int fastsock_receive_datagrams(int fd, mmsghdr* messages, unsigned int count) noexcept nogil
+    int fastsock_report_drops(int fd) noexcept nogil
+    int fastsock_read_drops(int fd, uint32_t* drops) noexcept nogil
+    int fastsock_attached_drops(msghdr* header, uint32_t* drops) noexcept nogil
+
+
+# recvmmsg() takes at most UIO_MAXIOV datagrams per call.
+cdef unsigned int MAX_BATCH = 1024
+cdef int MAX_RECEIVE_BUFFER = 2**31 - 1
+# A day: far beyond any useful check interval, well within timeval and uint64 nanoseconds.
+cdef double MAX_CHECK_INTERVAL = 86400.0
+
+END_NAMES = {
+    END_STOPPED: "stopped",
+    END_RING_CLOSED: "ring_closed",
+    END_NO_MEMORY: "no_memory",
+    END_OS_ERROR: "os_error",
+}
+
+
+cdef inline uint64_t monotonic_ns() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+
+
+cdef int raise_errno() except -1:
+    cdef int code = errno
+    raise OSError(code, os.strerror(code))
+
+
+cdef int socket_option(int fd, int name) except? -1:
+    cdef int value = 0
+    cdef socklen_t length = sizeof(value)
+    if getsockopt(fd, SOL_SOCKET, name, &value, &length) != 0:
+        raise_errno()
+    return value
+
+
+cdef int set_socket_option(int fd, int name, const void* value, socklen_t length) except -1:
+    if setsockopt(fd, SOL_SOCKET, name, value, length) != 0:
+        raise_errno()
+    return 0
+
+
+cdef int require_blocking_datagram_socket(int fd) except -1:
+    cdef int flags = fcntl(fd, F_GETFL)
+    if flags < 0:
+        raise_errno()
+    if socket_option(fd, SO_TYPE) != SOCK_DGRAM:
+        raise ValueError(f"fd {fd} is not a datagram socket")
+    if flags & O_NONBLOCK:
+        raise ValueError("the socket must be blocking: call settimeout(None) first")
+    return 0
+
+
+cdef class DatagramCounters:
+
+    def __cinit__(self):
+        cdef void* mapping = mmap(NULL, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t),
+                                  PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        if mapping == MAP_FAILED:
+            raise_errno()
+        self.values = <uint64_t*>mapping
+
+    def __dealloc__(self):
+        if self.values != NULL:
+            munmap(self.values, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t))
+
+    cdef void add(self, DatagramCounter counter, uint64_t amount) noexcept nogil:
+        fastsock_dgram_counter_add(&self.values[<int>counter], amount)
+
+    def snapshot(self):
+        cdef uint64_t[DATAGRAM_COUNTER_SLOTS] values
+        cdef int slot
+        for slot in range(<int>DATAGRAM_COUNTER_SLOTS):
+            values[slot] = fastsock_dgram_counter_load(&self.values[slot])
+        return DatagramStats(
+            datagrams_received=values[<int>COUNT_DATAGRAMS_RECEIVED],
+            bytes_received=values[<int>COUNT_BYTES_RECEIVED],
+            dropped_queue_full=values[<int>COUNT_DROPPED_QUEUE_FULL],
+            dropped_queue_full_bytes=values[<int>COUNT_DROPPED_QUEUE_FULL_BYTES],
+            truncated=values[<int>COUNT_TRUNCATED],
+            kernel_drops=values[<int>COUNT_KERNEL_DROPS],
+            receive_calls=values[<int>COUNT_RECEIVE_CALLS],
+        )
+
+
+cdef class DatagramReceiver:
+
+    def __cinit__(self, int fd, RingQueue ring not None, DatagramCounters counters not None, *,
+                  Py_ssize_t max_datagram=DATAGRAM_MAX_SIZE, Py_ssize_t batch=DATAGRAM_BATCH,
+                  double check_interval=RECEIVE_CHECK_INTERVAL, receive_buffer=None):
+        cdef timeval interval
+        cdef int requested_buffer = 0
+        cdef unsigned int index
+        if fd < 0:
+            raise ValueError(f"fd must be an open file descriptor, not {fd}")
+        if not 1 <= max_datagram <= ring.max_bytes:
+            raise ValueError(f"max_datagram must be between 1 and the ring's max_bytes "
+                             f"({ring.max_bytes}), not {max_datagram}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be between 1 and {MAX_BATCH}, not {batch}")
+        if not 0 < check_interval <= MAX_CHECK_INTERVAL:
+            raise ValueError(f"check_interval must be > 0 and <= {MAX_CHECK_INTERVAL} seconds, "
+                             f"not {check_interval}")
+        if receive_buffer is not None:
+            receive_buffer = operator.index(receive_buffer)
+            if not 1 <= receive_buffer <= MAX_RECEIVE_BUFFER:
+                raise ValueError(f"receive_buffer must be between 1 and {MAX_RECEIVE_BUFFER} "
+                                 f"or None, not {receive_buffer}")
+            requested_buffer = receive_buffer
+        require_blocking_datagram_socket(fd)
+
+        self.messages = <mmsghdr*>PyMem_RawCalloc(batch, sizeof(mmsghdr))
+        self.slots = <DatagramSlot*>PyMem_RawCalloc(batch, sizeof(DatagramSlot))
+        self.payloads = <char*>PyMem_RawMalloc(<size_t>batch * <size_t>max_datagram)
+        if self.messages == NULL or self.slots == NULL or self.payloads == NULL:
+            raise MemoryError()
+        for index in range(<unsigned int>batch):
+            self.slots[index].payload.iov_base = self.payloads + <size_t>index * max_datagram
+            self.slots[index].payload.iov_len = max_datagram
+            self.messages[index].msg_hdr.msg_name = &self.slots[index].sender
+            self.messages[index].msg_hdr.msg_iov = &self.slots[index].payload
+            self.messages[index].msg_hdr.msg_iovlen = 1
+            self.messages[index].msg_hdr.msg_control = self.slots[index].control
+            self.rearm(index)
+
+        if requested_buffer:
+            set_socket_option(fd, SO_RCVBUF, &requested_buffer, sizeof(requested_buffer))
+        # A blocking receive that returns every check interval while the socket is silent:
+        # the loop then sees stop requests and signals without a poll() per call.
+        interval.tv_sec = <long>check_interval
+        interval.tv_usec = <long>((check_interval - interval.tv_sec) * 1e6)
+        set_socket_option(fd, SO_RCVTIMEO, &interval, sizeof(interval))
+        if fastsock_report_drops(fd) != 0:
+            raise_errno()
+        # Drops before this receiver existed are not its to count.
+        fastsock_read_drops(fd, &self.drops_seen)
+
+        self.fd = fd
+        self.ring = ring
+        self.counters = counters
+        self.batch = <unsigned int>batch
+        self.check_interval_ns = <uint64_t>(check_interval * 1e9)
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.payloads)
+        PyMem_RawFree(self.slots)
+        PyMem_RawFree(self.messages)
+
+    @property
+    def receive_buffer(self):
+        return socket_option(self.fd, SO_RCVBUF)
+
+    def run(self):
+        """Receive until stopped or failed; return the name of the end."""
+        cdef DatagramEnd end
+        if self.running:
+            raise RuntimeError("run() is already running in another thread")
+        self.running = True
+        try:
+            while True:
+                if self.ring.closed:
+                    return END_NAMES[END_RING_CLOSED]
+                with nogil:
+                    end = self.pump()
+                if end != END_CHECK_IN:
+                    return END_NAMES[end]
+                PyErr_CheckSignals()
+        finally:
+            self.running = False
+
+    def stop(self):
+        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        self.stop_requested = 1
+
+    cdef DatagramEnd pump(self) noexcept nogil:
+        cdef uint64_t check_at = monotonic_ns() + self.check_interval_ns
+        cdef int received
+        cdef int error
+        cdef DatagramEnd end
+        while not self.stop_requested:
+            received = fastsock_receive_datagrams(self.fd, self.messages, self.batch)
+            if received < 0:
+                error = errno
+                if error == EAGAIN or error == EWOULDBLOCK or error == EINTR:
+                    # SO_RCVTIMEO expired (the socket was silent for a check interval) or a
+                    # signal arrived: either way the caller takes its turn.
+                    return self.check_in()
+                self.last_errno = error
+                return END_NO_MEMORY if error == ENOMEM else END_OS_ERROR
+            self.counters.add(COUNT_RECEIVE_CALLS, 1)
+            end = self.deliver(<unsigned int>received)
+            if end != END_RECEIVING:
+                return end
+            if monotonic_ns() >= check_at:
+                return self.check_in()
+        return END_STOPPED
+
+    cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil:
+        cdef unsigned int index
+        cdef msghdr* header
+        cdef Py_ssize_t length
+        cdef Py_ssize_t published = 1
+        cdef uint32_t drops
+        cdef uint64_t delivered = 0
+        cdef uint64_t delivered_bytes = 0
+        cdef uint64_t refused = 0
+        cdef uint64_t refused_bytes = 0
+        cdef uint64_t truncated = 0
+        for index in range(received):
+            header = &self.messages[index].msg_hdr
+            length = self.messages[index].msg_len
+            if fastsock_attached_drops(header, &drops):
+                self.observe_drops(drops)
+            if header.msg_flags & MSG_TRUNC:
+                truncated += 1
+            else:
+                # Once the ring is closed, the rest of the batch is refused without asking.
+                if published >= 0:
+                    published = self.ring.put_record(
+                        <const char*>header.msg_iov.iov_base, length, 0,
+                        <const char*>header.msg_name,
+                        min(<Py_ssize_t>header.msg_namelen, <Py_ssize_t>MAX_SOURCE_LEN))
+                if published > 0:
+                    delivered += 1
+                    delivered_bytes += length
+                else:
+                    refused += 1
+                    refused_bytes += length
+                    if published == 0:
+                        self.ring.count_dropped(1, length)
+            self.rearm(index)
+        if delivered:
+            self.counters.add(COUNT_DATAGRAMS_RECEIVED, delivered)
+            self.counters.add(COUNT_BYTES_RECEIVED, delivered_bytes)
+        if refused:
+            self.counters.add(COUNT_DROPPED_QUEUE_FULL, refused)
+            self.counters.add(COUNT_DROPPED_QUEUE_FULL_BYTES, refused_bytes)
+        if truncated:
+            self.counters.add(COUNT_TRUNCATED, truncated)
+        return END_RING_CLOSED if published < 0 else END_RECEIVING
+
+    cdef DatagramEnd check_in(self) noexcept nogil:
+        # The counter read now also covers drops after the last datagram received, which
+        # no datagram will report until another one is queued.
+        cdef uint32_t drops
+        if fastsock_read_drops(self.fd, &drops):
+            self.observe_drops(drops)
+        return END_CHECK_IN
+
+    cdef void observe_drops(self, uint32_t drops) noexcept nogil:
+        # A value behind the last one seen is stale (a datagram queued before a later read
+        # of the counter), not a wrap: the counter never gains 2**31 between two looks.
+        cdef uint32_t advance = drops - self.drops_seen
+        if 0 < advance <= INT32_MAX:
+            self.drops_seen = drops
+            self.counters.add(COUNT_KERNEL_DROPS, advance)
+
+    cdef void rearm(self, unsigned int index) noexcept nogil:
+        # The kernel overwrites these lengths with what it filled in.
+        self.messages[index].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        self.messages[index].msg_hdr.msg_controllen = sizeof(self.slots[index].control)

@@ -1,0 +1,201 @@
+"""Pure-Python reference of the compiled datagram receive loop (fastsock/_dgramloop.pyx).
+
+Same constructor, methods, ends and counters; it receives one datagram per recvmsg() call
+and publishes to whichever RingQueue it is given, with ``offer()``.  Sender addresses go to
+the ring as the raw sockaddr the kernel reported, rebuilt from the socket module's address.
+"""
+
+import dataclasses
+import errno
+import operator
+import os
+import socket
+import struct
+import threading
+
+from fastsock.addresses import sockaddr_from_address
+from fastsock.constants import DATAGRAM_BATCH, DATAGRAM_MAX_SIZE, RECEIVE_CHECK_INTERVAL
+from fastsock.errors import QueueClosed
+from fastsock.stats import DatagramStats
+
+__all__ = ["DatagramCounters", "DatagramReceiver"]
+
+# Linux's values (asm-generic/socket.h, linux/sock_diag.h); the socket module lacks them.
+SO_RXQ_OVFL = 40
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+_DROPS = struct.Struct("=I")
+# The compiled loop's 64 bytes of ancillary room: timestamps a user enabled come first.
+_CONTROL_BYTES = 64
+_MAX_BATCH = 1024
+_MAX_RECEIVE_BUFFER = 2**31 - 1
+_MAX_CHECK_INTERVAL = 86400.0
+
+
+class DatagramCounters:
+    """The counters of a server's datagram loops (thread-safe, not shared across fork)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {field.name: 0 for field in dataclasses.fields(DatagramStats)}
+
+    def add(self, name, amount):
+        with self._lock:
+            self._values[name] += amount
+
+    def snapshot(self):
+        with self._lock:
+            return DatagramStats(**self._values)
+
+
+class DatagramReceiver:
+    """Receives one datagram socket and publishes each datagram to a ring."""
+
+    def __init__(
+        self,
+        fd,
+        ring,
+        counters,
+        *,
+        max_datagram=DATAGRAM_MAX_SIZE,
+        batch=DATAGRAM_BATCH,
+        check_interval=RECEIVE_CHECK_INTERVAL,
+        receive_buffer=None,
+    ):
+        fd = operator.index(fd)
+        if fd < 0:
+            raise ValueError(f"fd must be an open file descriptor, not {fd}")
+        max_datagram = operator.index(max_datagram)
+        if not 1 <= max_datagram <= ring.max_bytes:
+            raise ValueError(
+                f"max_datagram must be between 1 and the ring's max_bytes "
+                f"({ring.max_bytes}), not {max_datagram}"
+            )
+        batch = operator.index(batch)
+        if not 1 <= batch <= _MAX_BATCH:
+            raise ValueError(f"batch must be between 1 and {_MAX_BATCH}, not {batch}")
+        check_interval = float(check_interval)
+        if not 0 < check_interval <= _MAX_CHECK_INTERVAL:
+            raise ValueError(
+                f"check_interval must be > 0 and <= {_MAX_CHECK_INTERVAL} seconds, "
+                f"not {check_interval}"
+            )
+        if receive_buffer is not None:
+            receive_buffer = operator.index(receive_buffer)
+            if not 1 <= receive_buffer <= _MAX_RECEIVE_BUFFER:
+                raise ValueError(
+                    f"receive_buffer must be between 1 and {_MAX_RECEIVE_BUFFER} or None, "
+                    f"not {receive_buffer}"
+                )
+        blocking = os.get_blocking(fd)
+        with _borrowed(fd) as view:
+            if view.type != socket.SOCK_DGRAM:
+                raise ValueError(f"fd {fd} is not a datagram socket")
+            if not blocking:
+                raise ValueError("the socket must be blocking: call settimeout(None) first")
+            if receive_buffer is not None:
+                view.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            seconds = int(check_interval)
+            microseconds = int((check_interval - seconds) * 1e6)
+            view.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, microseconds)
+            )
+            view.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+            # Drops before this receiver existed are not its to count.
+            self._drops_seen = _read_drops(view) or 0
+        self._fd = fd
+        self._ring = ring
+        self._counters = counters
+        self._max_datagram = max_datagram
+        self._stop_requested = False
+        self._running = False
+        self.last_errno = 0
+
+    @property
+    def receive_buffer(self):
+        with _borrowed(self._fd) as view:
+            return view.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    def run(self):
+        """Receive until stopped or failed; return the name of the end."""
+        if self._running:
+            raise RuntimeError("run() is already running in another thread")
+        self._running = True
+        try:
+            with _borrowed(self._fd) as view:
+                return self._receive(view)
+        finally:
+            self._running = False
+
+    def stop(self):
+        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        self._stop_requested = True
+
+    def _receive(self, view):
+        while True:
+            if self._ring.closed:
+                return "ring_closed"
+            if self._stop_requested:
+                return "stopped"
+            try:
+                data, ancillary, flags, address = view.recvmsg(self._max_datagram, _CONTROL_BYTES)
+            except BlockingIOError:
+                # SO_RCVTIMEO expired: the counter read now also covers drops after the last
+                # datagram received, which no datagram will report until another one comes.
+                self._observe_drops(_read_drops(view))
+                continue
+            except OSError as exc:
+                self.last_errno = exc.errno
+                return "no_memory" if exc.errno == errno.ENOMEM else "os_error"
+            self._counters.add("receive_calls", 1)
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL:
+                    self._observe_drops(_DROPS.unpack(value[: _DROPS.size])[0])
+            if flags & socket.MSG_TRUNC:
+                self._counters.add("truncated", 1)
+                continue
+            source = sockaddr_from_address(address, view.family) or None
+            try:
+                published = self._ring.offer(data, source=source)
+            except QueueClosed:
+                published = False
+            if published:
+                self._counters.add("datagrams_received", 1)
+                self._counters.add("bytes_received", len(data))
+            else:
+                self._counters.add("dropped_queue_full", 1)
+                self._counters.add("dropped_queue_full_bytes", len(data))
+
+    def _observe_drops(self, drops):
+        # The kernel's counter is 32 bits wide and wraps; a value behind the last one seen is
+        # stale (queued before a later read of the counter), not a wrap.
+        if drops is None:
+            return
+        advance = (drops - self._drops_seen) & 0xFFFF_FFFF
+        if 0 < advance < 0x8000_0000:
+            self._drops_seen = drops
+            self._counters.add("kernel_drops", advance)
+
+
+class _borrowed:
+    """A socket object over a descriptor the caller owns, detached (not closed) on exit."""
+
+    def __init__(self, fd):
+        self._view = socket.socket(fileno=fd)
+
+    def __enter__(self):
+        return self._view
+
+    def __exit__(self, *exc_info):
+        self._view.detach()
+
+
+def _read_drops(view):
+    """The socket's kernel drop counter now, or None where the kernel cannot tell."""
+    try:
+        meminfo = view.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+    except OSError:
+        return None
+    if len(meminfo) < 4 * (SK_MEMINFO_DROPS + 1):
+        return None
+    return _DROPS.unpack_from(meminfo, 4 * SK_MEMINFO_DROPS)[0]
