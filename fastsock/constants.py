@@ -62,6 +62,10 @@ THREAD_POOL_IDLE_TIMEOUT = 60.0
 """Seconds an idle pooled handler thread lives before it exits, so a burst does not leave
 its threads behind forever."""
 
+UNIX_SOCKET_MODE = 0o600
+"""Permissions of the compiled path's Unix socket files: only the server's user may send to
+an ingest endpoint unless the server is told otherwise (``socket_mode=``)."""
+
 ERROR_LOG_INTERVAL = 10.0
 """Seconds between two log records of the same kind of recurring error (EMFILE, framing
 errors), so a hostile peer cannot flood the log."""

@@ -155,7 +155,12 @@ class ReceiveHandler(BaseRequestHandler):
 
     @classmethod
     def fastsock_prepare_server(cls, server):
-        """Called by the server's constructor: the counters must exist before any fork."""
+        """Called by the server's constructor: the counters must exist before any fork, and
+        a Unix socket file of the compiled path is private unless the server says
+        otherwise."""
+        if server.address_family == getattr(socket, "AF_UNIX", None):
+            if server.socket_mode is None:
+                server.socket_mode = constants.UNIX_SOCKET_MODE
         if server.socket_type == socket.SOCK_DGRAM:
             _check_message_size(cls.queue, "datagram", cls.max_datagram)
             registry = server._receive_registry = DatagramRegistry()

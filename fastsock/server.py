@@ -16,6 +16,7 @@ import os
 import queue
 import selectors
 import socket
+import stat
 import sys
 import threading
 import traceback
@@ -326,6 +327,46 @@ class BaseServer:
             registry.stop_all()
 
 
+# The umask is process-wide: binds that change it take turns.
+_umask_lock = threading.Lock()
+
+
+def _bind_unix(sock, path, mode):
+    """Bind a Unix socket, replacing a stale socket file but never a live one or another
+    kind of file, and with the file created at ``mode`` from the start."""
+    if isinstance(path, str) and path and not path.startswith("\0"):
+        _remove_stale_socket_file(path, sock.type)
+    if mode is None:
+        sock.bind(path)
+        return
+    with _umask_lock:
+        previous = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(previous)
+
+
+def _remove_stale_socket_file(path, socket_type):
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(status.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, f"{path!r} exists and is not a socket: refusing to replace it"
+        )
+    with socket.socket(socket.AF_UNIX, socket_type) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+        except OSError:
+            return
+    raise OSError(errno.EADDRINUSE, f"a live server is bound to {path!r}")
+
+
 def _drain(sock):
     try:
         while sock.recv(4096):
@@ -354,6 +395,10 @@ class TCPServer(BaseServer):
 
     allow_reuse_port = False
 
+    # fastsock, Unix sockets only: permission bits of the socket file, applied with no
+    # moment where they are wider; None keeps the stdlib's (0777 less the umask).
+    socket_mode = None
+
     def __init__(
         self,
         server_address,
@@ -363,10 +408,11 @@ class TCPServer(BaseServer):
         address_family=None,
         dual_stack=None,
         backlog=None,
+        socket_mode=None,
     ):
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        self._apply_socket_options(address_family, dual_stack, backlog)
+        self._apply_socket_options(address_family, dual_stack, backlog, socket_mode)
         self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
             try:
@@ -376,7 +422,7 @@ class TCPServer(BaseServer):
                 self.server_close()
                 raise
 
-    def _apply_socket_options(self, address_family, dual_stack, backlog):
+    def _apply_socket_options(self, address_family, dual_stack, backlog, socket_mode):
         if address_family is not None:
             self.address_family = address_family
         elif dual_stack is not None:
@@ -390,6 +436,12 @@ class TCPServer(BaseServer):
             if not isinstance(backlog, int) or backlog < 1:
                 raise ValueError(f"backlog must be a positive int, not {backlog!r}")
             self.request_queue_size = backlog
+        if socket_mode is not None:
+            if self.address_family != getattr(socket, "AF_UNIX", None):
+                raise ValueError("socket_mode applies only to Unix socket servers")
+            if not isinstance(socket_mode, int) or not 0 <= socket_mode <= 0o777:
+                raise ValueError(f"socket_mode must be permission bits, not {socket_mode!r}")
+            self.socket_mode = socket_mode
 
     def server_bind(self):
         """Called by constructor to bind the socket.  May be overridden."""
@@ -401,7 +453,10 @@ class TCPServer(BaseServer):
             self.socket.setsockopt(
                 socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self._dual_stack else 1
             )
-        self.socket.bind(self.server_address)
+        if self.address_family == getattr(socket, "AF_UNIX", None):
+            _bind_unix(self.socket, self.server_address, self.socket_mode)
+        else:
+            self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
 
     def server_activate(self):
