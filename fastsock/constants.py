@@ -4,6 +4,8 @@ The compiled modules read these at import time through their Python callers; not
 here is re-read after import, so change them by passing explicit arguments instead.
 """
 
+import resource
+
 # -- Framing -----------------------------------------------------------------------------
 
 MAX_LINE_LENGTH = 64 * 1024
@@ -87,6 +89,30 @@ name the sender of messages that were queued just before their connection closed
 SHUTDOWN_DRAIN_TIMEOUT = 5.0
 """Seconds a closing prefork server gives its workers to publish what they received and
 exit before it kills them: long enough to drain a full ring's worth of framing work."""
+
+IDLE_TIMEOUT = 300.0
+"""Seconds a compiled-path connection may stay silent before it is closed: long enough for
+any live sender's keep-alive, short enough that squatters cannot hold slots for hours."""
+
+COMPILED_BACKLOG = 511
+"""Listen backlog of compiled-path stream servers (the stdlib's 5 drops bursts of
+connects): nginx's and Redis's default, and within Linux's usual somaxconn."""
+
+MAX_CONNECTIONS_CAP = 1024
+"""Connections one process receives at most by default: bounds the framers' memory (a
+partial message each) and keeps file descriptors for everything else."""
+
+FD_RESERVE = 32
+"""File descriptors kept free of connections for logs, files and the server itself."""
+
+
+def default_max_connections():
+    """min(MAX_CONNECTIONS_CAP, the file-descriptor limit - FD_RESERVE), at least 1."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CAP
+    return max(1, min(MAX_CONNECTIONS_CAP, soft_limit - FD_RESERVE))
+
 
 # -- Datagram loop -----------------------------------------------------------------------
 

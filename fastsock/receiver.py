@@ -2,7 +2,9 @@
 compiled receive loop, which frames what arrives into a RingQueue without the GIL; on a
 datagram server, the compiled datagram loop takes over the server's socket."""
 
+import dataclasses
 import functools
+import logging
 import os
 import socket
 import threading
@@ -17,8 +19,11 @@ from ._impl import (
     RingQueue,
     StreamReceiver,
 )
+from ._ratelimit import RateLimitedLogger
 from .errors import FrameTooLargeError, LineTooLongError
 from .server import BaseRequestHandler
+
+_log = RateLimitedLogger(logging.getLogger("fastsock"), constants.ERROR_LOG_INTERVAL)
 
 __all__ = [
     "DatagramRegistry",
@@ -38,13 +43,21 @@ class ReceiveRegistry:
 
     def __init__(self):
         self.counters = ReceiveCounters()
+        self.connections_refused = 0
         self._lock = threading.Lock()
         self._receivers = {}
         self._peers = OrderedDict()
 
-    def open(self, make_receiver, client_address):
-        """Register a new connection: make_receiver(connection_id) builds its receiver."""
+    def open(self, make_receiver, client_address, max_connections):
+        """Register a new connection: make_receiver(connection_id) builds its receiver.
+
+        None when this process already receives ``max_connections`` connections: the
+        refusal is counted in ``connections_refused``.
+        """
         with self._lock:
+            if len(self._receivers) >= max_connections:
+                self.connections_refused += 1
+                return None
             connection_id = self.counters.next_connection_id()
             receiver = make_receiver(connection_id)
             self._receivers[connection_id] = receiver
@@ -69,7 +82,9 @@ class ReceiveRegistry:
             return self._peers.get(connection_id)
 
     def stats(self):
-        return self.counters.snapshot()
+        return dataclasses.replace(
+            self.counters.snapshot(), connections_refused=self.connections_refused
+        )
 
 
 class DatagramRegistry:
@@ -148,7 +163,8 @@ class ReceiveHandler(BaseRequestHandler):
     max_line = constants.MAX_LINE_LENGTH
     max_frame = constants.MAX_FRAME_SIZE
     recv_size = constants.RECV_SIZE
-    idle_timeout = None
+    idle_timeout = constants.IDLE_TIMEOUT
+    max_connections = None
     max_datagram = constants.DATAGRAM_MAX_SIZE
     datagram_batch = constants.DATAGRAM_BATCH
     receive_buffer = None
@@ -169,6 +185,8 @@ class ReceiveHandler(BaseRequestHandler):
         _check_fits(
             cls.queue, cls.framing, cls.delimiter, cls.max_line, cls.max_frame, cls.recv_size
         )
+        if "request_queue_size" not in vars(server) and server.request_queue_size == 5:
+            server.request_queue_size = constants.COMPILED_BACKLOG
         receive_registry(server)
 
     def setup(self):
@@ -189,6 +207,7 @@ class ReceiveHandler(BaseRequestHandler):
         )
         self.request.settimeout(None)
         self.registry = receive_registry(self.server)
+        max_connections = self.max_connections or constants.default_max_connections()
         self.receiver = self.registry.open(
             lambda connection_id: StreamReceiver(
                 self.request.fileno(),
@@ -200,22 +219,33 @@ class ReceiveHandler(BaseRequestHandler):
                 idle_timeout=self.idle_timeout,
             ),
             self.client_address,
+            max_connections,
         )
+        if self.receiver is None:
+            _log.warning(
+                "too-many-connections",
+                "refused %s: already receiving max_connections=%d connections",
+                _escaped(self.client_address),
+                max_connections,
+            )
+            self.connection_id = None
+            return
         self.connection_id = self.receiver.source_id
 
     def handle(self):
+        if self.receiver is None:
+            self.end = "refused"
+            return
         self.end = self.receiver.run()
         if self.end == "line_too_long":
-            self.registry.close(self.receiver)
-            raise LineTooLongError(
-                f"{self.client_address!r} sent a line longer than max_line={self.max_line} "
-                "bytes; the connection was closed"
+            self._reject(
+                LineTooLongError,
+                f"sent a line longer than max_line={self.max_line} bytes",
             )
         if self.end == "frame_too_large":
-            self.registry.close(self.receiver)
-            raise FrameTooLargeError(
-                f"{self.client_address!r} announced a frame larger than "
-                f"max_frame={self.max_frame} bytes; the connection was closed"
+            self._reject(
+                FrameTooLargeError,
+                f"announced a frame larger than max_frame={self.max_frame} bytes",
             )
         if self.end == "no_memory":
             raise MemoryError(f"no memory to receive from {self.client_address!r}")
@@ -223,8 +253,21 @@ class ReceiveHandler(BaseRequestHandler):
             error = self.receiver.last_errno
             raise OSError(error, f"receiving from {self.client_address!r}: {os.strerror(error)}")
 
-    def finish(self):
+    def _reject(self, error_class, what):
         self.registry.close(self.receiver)
+        message = f"{_escaped(self.client_address)} {what}; the connection was closed"
+        _log.warning("protocol-error", "%s", message)
+        raise error_class(message)
+
+    def finish(self):
+        if self.receiver is not None:
+            self.registry.close(self.receiver)
+
+
+def _escaped(value, limit=80):
+    """A peer-controlled value made safe and short for a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size):
@@ -255,7 +298,8 @@ def receiver(
     max_line=constants.MAX_LINE_LENGTH,
     max_frame=constants.MAX_FRAME_SIZE,
     recv_size=constants.RECV_SIZE,
-    idle_timeout=None,
+    idle_timeout=constants.IDLE_TIMEOUT,
+    max_connections=None,
     max_datagram=constants.DATAGRAM_MAX_SIZE,
     datagram_batch=constants.DATAGRAM_BATCH,
     receive_buffer=None,
@@ -281,6 +325,10 @@ def receiver(
         raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+    if max_connections is not None and (
+        not isinstance(max_connections, int) or max_connections < 1
+    ):
+        raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
     return type(
         "ReceiveHandler",
         (ReceiveHandler,),
@@ -293,6 +341,7 @@ def receiver(
             "max_frame": max_frame,
             "recv_size": recv_size,
             "idle_timeout": idle_timeout,
+            "max_connections": max_connections,
             "max_datagram": max_datagram,
             "datagram_batch": datagram_batch,
             "receive_buffer": receive_buffer,

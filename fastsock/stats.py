@@ -48,6 +48,7 @@ class ReceiveStats:
     idle_timeouts: int
     pauses: int
     paused_seconds: float
+    connections_refused: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":

@@ -383,9 +383,9 @@ def test_shutdown_is_prompt_while_the_thread_pool_is_saturated():
 def test_max_threads_is_validated(bad):
     server = _pool_server(max_threads=bad)
     with server, socket.create_connection(server.server_address):
-        server.handle_error = lambda request, address: None
-        with pytest.raises(ValueError, match="max_threads"):
-            server.process_request(*server.get_request())
+        request, client_address = server.get_request()
+        with request, pytest.raises(ValueError, match="max_threads"):
+            server.process_request(request, client_address)
 
 
 class _RecordDatagram(fastsock.DatagramRequestHandler):

@@ -1,0 +1,110 @@
+"""The compiled path's secure defaults: limits on unless turned off, bad peers refused,
+counted and logged."""
+
+import logging
+import resource
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import fastsock
+from fastsock import constants
+
+GENEROUS = 10.0
+HOST = "127.0.0.1"
+
+
+def _serve(server):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_compiled_path_defaults():
+    handler = fastsock.receiver(fastsock.RingQueue())
+    assert handler.idle_timeout == constants.IDLE_TIMEOUT == 300
+    assert handler.max_line == 64 * 1024 and handler.max_frame == 1024 * 1024
+    with fastsock.ThreadingTCPServer((HOST, 0), handler) as server:
+        assert server.request_queue_size == constants.COMPILED_BACKLOG == 511
+    with fastsock.ThreadingTCPServer((HOST, 0), handler, backlog=50) as server:
+        assert server.request_queue_size == 50
+    with fastsock.ThreadingTCPServer((HOST, 0), fastsock.StreamRequestHandler) as server:
+        assert server.request_queue_size == 5, "the drop-in classes keep the stdlib's default"
+
+
+def test_default_max_connections_follows_the_descriptor_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+        assert constants.default_max_connections() == 100 - constants.FD_RESERVE
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 100_000), hard))
+        assert constants.default_max_connections() == min(
+            constants.MAX_CONNECTIONS_CAP, min(hard, 100_000) - constants.FD_RESERVE
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_connections_over_max_connections_are_refused_counted_and_logged(caplog):
+    ring = fastsock.RingQueue()
+    handler = fastsock.receiver(ring, framing="lines", max_connections=3)
+    with fastsock.ThreadingTCPServer((HOST, 0), handler) as server:
+        thread = _serve(server)
+        kept = [socket.create_connection(server.server_address) for _ in range(3)]
+        for client in kept:
+            client.sendall(b"in\n")
+        assert [ring.get(timeout=GENEROUS) for _ in range(3)] == [b"in"] * 3
+        with caplog.at_level(logging.WARNING, logger="fastsock"):
+            with socket.create_connection(server.server_address) as extra:
+                extra.settimeout(GENEROUS)
+                assert extra.recv(1) == b"", "the extra connection is closed at once"
+        assert server.stats().connections_refused == 1
+        assert "max_connections=3" in caplog.text
+        kept[0].close()
+        deadline = time.monotonic() + GENEROUS
+        while server.stats().connections_active > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with socket.create_connection(server.server_address) as again:
+            again.sendall(b"room again\n")
+            assert ring.get(timeout=GENEROUS) == b"room again"
+        for client in kept[1:]:
+            client.close()
+        server.shutdown()
+        thread.join(GENEROUS)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5])
+def test_max_connections_is_validated(bad):
+    with pytest.raises(ValueError, match="max_connections"):
+        fastsock.receiver(fastsock.RingQueue(), max_connections=bad)
+
+
+def test_protocol_errors_are_logged_escaped_and_rate_limited(caplog, monkeypatch):
+    # Start from a fresh interval: earlier tests may have logged protocol errors.
+    limiter = sys.modules["fastsock.receiver"]._log
+    monkeypatch.setattr(limiter, "_next_allowed", {})
+    ring = fastsock.RingQueue()
+
+    class Quiet(fastsock.ThreadingTCPServer):
+        def handle_error(self, request, client_address):
+            pass
+
+    handler = fastsock.receiver(ring, framing="length", max_frame=100)
+    with Quiet((HOST, 0), handler) as server, caplog.at_level(logging.WARNING, "fastsock"):
+        thread = _serve(server)
+        for _ in range(5):
+            with socket.create_connection(server.server_address) as client:
+                client.settimeout(GENEROUS)
+                client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                assert client.recv(1) == b""
+        deadline = time.monotonic() + GENEROUS
+        while server.stats().frames_too_large < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.shutdown()
+        thread.join(GENEROUS)
+    records = [r for r in caplog.records if "max_frame=100" in r.getMessage()]
+    assert len(records) == 1, "five errors inside the interval make one record"
+    assert server.stats().frames_too_large == 5
