@@ -111,15 +111,23 @@ class BaseServer:
         """
         self.__is_shut_down.clear()
         self.__serving_thread = threading.get_ident()
+        try:
+            if self._compiled_serve is not None:
+                self._compiled_serve(poll_interval)
+            else:
+                self.__serve_selected(poll_interval)
+        finally:
+            self.__serving_thread = None
+            self.__shutdown_request = False
+            self.__is_shut_down.set()
+
+    def __serve_selected(self, poll_interval):
         wakeup_receiver, wakeup_sender = socket.socketpair()
         wakeup_receiver.setblocking(False)
         wakeup_sender.setblocking(False)
         with self.__wakeup_lock:
             self.__wakeup_sender = wakeup_sender
         try:
-            if self._compiled_serve is not None:
-                self._compiled_serve(poll_interval)
-                return
             with _ServerSelector() as selector:
                 selector.register(wakeup_receiver, selectors.EVENT_READ)
                 accepting = False
@@ -147,9 +155,6 @@ class BaseServer:
                 self.__wakeup_sender = None
                 wakeup_sender.close()
                 wakeup_receiver.close()
-            self.__serving_thread = None
-            self.__shutdown_request = False
-            self.__is_shut_down.set()
 
     def shutdown(self):
         """Stop the serve_forever loop and wait until it has stopped.
