@@ -1,0 +1,658 @@
+"""``fastsock bench``: receive rates of fastsock against the stdlib, asyncio and C sinks.
+
+Each run starts two processes, pinned to different CPUs when there are two: a server process
+(``fastsock._bench_server``) that runs one server under test and counts every message its
+consumer takes, and a load generator (``fastsock._bench_load``) that sends one workload
+with the compiled generator of ``fastsock._loadgen``.  This module holds the catalog of
+workloads and servers, drives the runs and summarizes them; ``fastsock._bench_report``
+prints the table and writes the JSON and the plot.  ``bench/README.md`` explains every row
+and column, ``docs/benchmark-json.md`` the JSON.
+"""
+
+import json
+import os
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import fastsock
+
+HOST = "127.0.0.1"
+LINE_BYTES = 64
+FRAME_BYTES = 128
+"""Bytes of a length-prefixed frame on the wire: the 4-byte prefix and 124 bytes of payload."""
+BULK_BLOCK_BYTES = 64 * 1024
+MESSAGES_PER_BLOCK = 256
+"""Messages in each block the stream generator writes (it sends whole blocks only)."""
+BACKLOG = 1024
+"""Listen backlog of every stream server, so that churn and idle connections measure the
+receive path and not SYN retries on the stdlib's backlog of 5."""
+DATAGRAM_CAP = 50_000_000
+"""Most datagrams one run may send; in practice the run's --seconds ends it first."""
+STREAM_STALL_SECONDS = 5.0
+"""Seconds without progress after which a stream run reports what it counted as lost."""
+DATAGRAM_SETTLE_SECONDS = 0.3
+"""Seconds without progress after which a datagram run's losses are taken as final."""
+RUN_OVERHEAD_SECONDS = 0.1
+ROW_OVERHEAD_SECONDS = 0.1
+"""Measured on a 2-core machine: a generator process's start and a run's end, per run; a
+server process's start and end, per row (the estimate printed before the runs)."""
+CHILD_EXIT_SECONDS = 2.0
+"""How long a child that has reported may take to exit by itself before it is killed."""
+WARMUP_SECONDS = 0.3
+"""Longest warm-up run: enough to fault in the ring and start every thread of the row's
+server process, which then serves the measured runs."""
+DEFAULT_WORKLOADS = ["lines-1", "udp-64"]
+DEFAULT_SECONDS = 1.0
+DEFAULT_RUNS = 3
+DEFAULT_WARMUPS = 1
+DEFAULT_BYTES = 2 * 1024**3
+DEFAULT_CHURN_CONNECTIONS = 20_000
+DEFAULT_IDLE_CONNECTIONS = 1000
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    transport: str
+    """"tcp", "unix" (stream), "udp" or "unixgram" (datagram)."""
+    pattern: str
+    """"bulk", "lines", "frames", "datagrams", "churn" or "idle"."""
+    unit_bytes: int
+    """Bytes on the wire per counted unit: a message, or one byte for bulk."""
+    connections: int
+    """Stream connections at once; churn and idle take theirs from the options."""
+    summary: str
+
+    @property
+    def datagram(self):
+        return self.transport in ("udp", "unixgram")
+
+    @property
+    def unit(self):
+        return "byte" if self.pattern == "bulk" else "message"
+
+    @property
+    def framing(self):
+        """The framing fastsock.receiver needs for this stream workload."""
+        return {"bulk": "raw", "frames": "length"}.get(self.pattern, "lines")
+
+    @property
+    def baseline(self):
+        """The stdlib server every other row of this workload is compared with."""
+        return {
+            "bulk": "stdlib-recv-queue",
+            "frames": "stdlib-frame-queue",
+            "datagrams": "stdlib-datagram-queue",
+        }.get(self.pattern, "stdlib-readline-queue")
+
+
+WORKLOADS = {
+    workload.name: workload
+    for workload in [
+        Workload("bulk", "tcp", "bulk", 1, 1, "one TCP connection of raw 64 KiB blocks"),
+        Workload("lines-1", "tcp", "lines", LINE_BYTES, 1, "64-byte lines, one TCP connection"),
+        Workload("lines-16", "tcp", "lines", LINE_BYTES, 16, "64-byte lines, 16 TCP connections"),
+        Workload(
+            "frames-1", "tcp", "frames", FRAME_BYTES, 1, "128-byte length-prefixed frames, one TCP"
+        ),
+        Workload("udp-64", "udp", "datagrams", 64, 0, "64-byte UDP datagrams (sendmmsg)"),
+        Workload("udp-1400", "udp", "datagrams", 1400, 0, "1400-byte UDP datagrams (sendmmsg)"),
+        Workload(
+            "unix-lines-1", "unix", "lines", LINE_BYTES, 1, "64-byte lines, one Unix stream socket"
+        ),
+        Workload("unixgram-64", "unixgram", "datagrams", 64, 0, "64-byte Unix datagrams"),
+        Workload(
+            "churn", "tcp", "churn", LINE_BYTES, 0, "short TCP connections, one 64-byte line each"
+        ),
+        Workload(
+            "idle", "tcp", "idle", LINE_BYTES, 0, "idle TCP connections held at once, then a line"
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    summary: str
+    patterns: frozenset
+    """The workload patterns it runs."""
+    transports: frozenset = frozenset({"tcp", "unix", "udp", "unixgram"})
+
+    def applies(self, workload):
+        return workload.pattern in self.patterns and workload.transport in self.transports
+
+
+_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle"})
+_LINE_PATTERNS = frozenset({"lines", "churn", "idle"})
+
+SERVERS = {
+    server.name: server
+    for server in [
+        Server(
+            "stdlib-recv-queue",
+            "socketserver.ThreadingTCPServer, recv(65536) chunks into a queue.Queue",
+            frozenset({"bulk"}),
+        ),
+        Server(
+            "stdlib-readline-queue",
+            "socketserver threading stream server, StreamRequestHandler lines into a queue.Queue",
+            _LINE_PATTERNS,
+        ),
+        Server(
+            "stdlib-frame-queue",
+            "socketserver.ThreadingTCPServer, rfile.read() of prefix and payload into a queue",
+            frozenset({"frames"}),
+        ),
+        Server(
+            "stdlib-datagram-queue",
+            "socketserver.UDPServer / UnixDatagramServer, handler puts datagrams into a queue",
+            frozenset({"datagrams"}),
+        ),
+        Server("fastsock-dropin", "the stdlib row's code with fastsock's classes", _ALL),
+        Server("fastsock-compiled", "fastsock.receiver(ring), consumer ring.get_many()", _ALL),
+        Server(
+            "fastsock-compiled-batch", "fastsock.receiver(ring), consumer ring.get_batch()", _ALL
+        ),
+        Server(
+            "fastsock-prefork",
+            "PreforkServer, 2 worker processes into one ring, consumer get_batch()",
+            _ALL,
+            frozenset({"tcp", "unix", "udp"}),
+        ),
+        Server("asyncio-protocol", "asyncio Protocol / DatagramProtocol counting inline", _ALL),
+        Server("uvloop-protocol", "the same protocols on uvloop", _ALL),
+        Server(
+            "c-sink",
+            "fastsock._loadgen.sink_stream / sink_datagrams: C loop that only counts (ceiling)",
+            _ALL - {"idle"},
+        ),
+    ]
+}
+SERVER_ALIASES = {"c-epoll-sink": "c-sink"}
+"""Older names still accepted: bench/bench_stream.py called the C sink c-epoll-sink."""
+CEILING = "c-sink"
+
+
+def default_servers(server_cpus):
+    """Every server, except prefork when the server process has a single CPU: its workers
+    could only share that CPU, which the --full run shows."""
+    names = list(SERVERS)
+    if server_cpus is not None and len(server_cpus) < 2:
+        names.remove("fastsock-prefork")
+    return names
+
+
+def unavailable(server_name):
+    """Why a server cannot run here, or None."""
+    if server_name == "uvloop-protocol":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "uvloop is not installed (pip install uvloop)"
+    return None
+
+
+def package_root():
+    """The directory holding the fastsock package this process imported."""
+    return str(Path(fastsock.__file__).resolve().parent.parent)
+
+
+# -- Shared by the coordinator and its child processes ---------------------------------------
+
+
+def emit(message):
+    """Send one JSON line to the coordinator."""
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def receive_command():
+    """The next JSON line from the coordinator."""
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit("the coordinator went away")
+    return json.loads(line)
+
+
+def pin(cpus):
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+
+
+def raise_open_file_limit():
+    """Idle and churn runs hold many descriptors: take the hard limit as the soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- Coordinator -----------------------------------------------------------------------------
+
+
+class RunFailed(Exception):
+    pass
+
+
+class Child:
+    """One child process (a module of this package run with -m), talked to in JSON lines.
+
+    It runs from the directory that holds the fastsock package this process imported, so it
+    imports that same package rather than a source checkout in the current directory.
+    """
+
+    def __init__(self, module, label, config):
+        self.stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=package_root(),
+            # A session of its own: close() ends it with whatever it forked, and Ctrl-C
+            # reaches only the coordinator, which then closes it.
+            start_new_session=True,
+        )
+        self.label = label
+        self.pending = b""
+
+    def send(self, message):
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def receive(self, deadline):
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunFailed(f"over --timeout, still waiting for the {self.label}")
+            if select.select([fd], [], [], remaining)[0]:
+                data = os.read(fd, 65536)
+                if not data:
+                    raise RunFailed(f"the {self.label} failed: {self.last_error()}")
+                self.pending += data
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def last_error(self):
+        self.process.wait()
+        self.stderr.seek(0)
+        detail = self.stderr.read().decode(errors="replace").strip()
+        return detail.splitlines()[-1] if detail else f"exit status {self.process.returncode}"
+
+    def close(self):
+        """Let the child exit by itself, then end its process group: a server process that
+        failed or timed out may leave prefork workers behind."""
+        try:
+            self.process.wait(CHILD_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.stderr.close()
+
+
+@dataclass
+class Settings:
+    """What one invocation measures and how; built by the CLI from its options."""
+
+    workloads: list
+    servers: list
+    seconds: float = DEFAULT_SECONDS
+    runs: int = DEFAULT_RUNS
+    warmups: int = DEFAULT_WARMUPS
+    bytes: int = DEFAULT_BYTES
+    churn_connections: int = DEFAULT_CHURN_CONNECTIONS
+    idle_connections: int = DEFAULT_IDLE_CONNECTIONS
+    server_cpus: list = None
+    client_cpus: list = None
+    timeout: float = None
+
+    def __post_init__(self):
+        if self.timeout is None:
+            self.timeout = 3 * self.seconds + 30
+
+    @property
+    def warmup_seconds(self):
+        return min(self.seconds, WARMUP_SECONDS)
+
+    def warmups_for(self, workload):
+        """Idle rows measure fresh servers (a server process per run): nothing to warm."""
+        return 0 if workload.pattern == "idle" else self.warmups
+
+
+def placement(server_cpus, client_cpus):
+    """(server CPUs, client CPUs, description): the load generator on its own CPU, the
+    server process on the others.  ValueError for CPUs that are not available or shared."""
+    available = sorted(os.sched_getaffinity(0))
+    if server_cpus is None and client_cpus is None:
+        if len(available) < 2:
+            alone = f"one CPU available ({available[0]}): server and load generator share it"
+            return None, None, alone
+        server_cpus, client_cpus = available[:-1], available[-1:]
+    elif server_cpus is None or client_cpus is None:
+        raise ValueError("give both --server-cpus and --client-cpus, or neither")
+    for cpus in (server_cpus, client_cpus):
+        missing = sorted(set(cpus) - set(available))
+        if missing:
+            raise ValueError(f"CPU {missing[0]} is not available; choose among {available}")
+    if set(server_cpus) & set(client_cpus):
+        raise ValueError("--server-cpus and --client-cpus must not share a CPU")
+    description = (
+        f"server process on CPU {_cpu_list(server_cpus)} (its prefork workers too), "
+        f"load generator on CPU {_cpu_list(client_cpus)}, of {len(available)} available"
+    )
+    return server_cpus, client_cpus, description
+
+
+def _cpu_list(cpus):
+    return ",".join(str(cpu) for cpu in cpus)
+
+
+class ServerProcess:
+    """The server process of a row: it serves ``runs`` runs, then exits."""
+
+    def __init__(self, workload, server, settings, runs):
+        self.child = Child(
+            "fastsock._bench_server",
+            "server process",
+            {
+                "workload": workload.name,
+                "server": server,
+                "runs": runs,
+                "cpus": settings.server_cpus,
+                "seconds": settings.seconds,
+                "timeout": settings.timeout,
+                "churn_connections": settings.churn_connections,
+            },
+        )
+        try:
+            self.started = self.child.receive(time.monotonic() + settings.timeout)
+        except BaseException:
+            self.child.close()
+            raise
+
+    def close(self):
+        self.child.close()
+
+
+def run_once(workload, server_process, settings, seconds):
+    """One run sending for ``seconds``: a fresh load generator against the row's server
+    process; a run record."""
+    deadline = time.monotonic() + settings.timeout
+    receiver = server_process.child
+    generator = Child(
+        "fastsock._bench_load",
+        "load generator",
+        {
+            "workload": workload.name,
+            "address": server_process.started["address"],
+            "cpus": settings.client_cpus,
+            "seconds": seconds,
+            "total_bytes": settings.bytes,
+            "churn_connections": settings.churn_connections,
+            "idle_connections": settings.idle_connections,
+        },
+    )
+    try:
+        held = None
+        if workload.pattern == "idle":
+            opened = generator.receive(deadline)["opened"]
+            receiver.send({"hold": opened})
+            held = receiver.receive(deadline)
+            generator.send({"release": True})
+        sending = generator.receive(deadline)
+        receiver.send({"expected": sending["sent_units"]})
+        counted = receiver.receive(deadline)
+    finally:
+        generator.close()
+    return run_record(workload, server_process.started, held, sending, counted)
+
+
+def run_record(workload, started, held, sending, counted):
+    received = counted["received"]
+    if counted["active_seconds"] is not None:
+        seconds = counted["active_seconds"]
+    elif counted["end"] is not None:
+        seconds = counted["end"] - sending["start"]
+    else:
+        seconds = None
+    rate = received / seconds if received and seconds and seconds > 0 else 0.0
+    generator_rate = sending["sent_units"] / sending["seconds"] if sending["seconds"] > 0 else None
+    record = {
+        "sent": sending["sent_units"],
+        "received": received,
+        "lost": sending["sent_units"] - received,
+        "complete": counted["complete"],
+        "seconds": seconds,
+        "messages_per_second": None if workload.unit == "byte" else rate,
+        "bytes_per_second": rate * workload.unit_bytes,
+        "peak_rss_kib": counted["peak_rss_kib"],
+        "cpu_seconds": counted["cpu_seconds"],
+        "generator_messages_per_second": (
+            None if workload.unit == "byte" or generator_rate is None else generator_rate
+        ),
+        "generator_bytes_per_second": (
+            None if generator_rate is None else generator_rate * workload.unit_bytes
+        ),
+        "kernel_drops": counted["kernel_drops"],
+        "fastsock_drops": counted["fastsock_drops"],
+        "idle": None,
+    }
+    if held is not None:
+        connections = held["held"]
+        growth = held["rss_kib"] - started["rss_kib"]
+        record["idle"] = {
+            "connections": connections,
+            "rss_before_kib": started["rss_kib"],
+            "rss_held_kib": held["rss_kib"],
+            "kib_per_connection": growth / connections if connections else None,
+        }
+    return record
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(workload, runs):
+    byte_rates = [run["bytes_per_second"] for run in runs]
+    sent = sum(run["sent"] for run in runs)
+    received = sum(run["received"] for run in runs)
+    generator = [run["generator_bytes_per_second"] for run in runs]
+    generator = [rate for rate in generator if rate is not None]
+    generator_median = statistics.median(generator) if generator else None
+    summary = {
+        "messages_per_second": (
+            None
+            if workload.unit == "byte"
+            else spread([run["messages_per_second"] for run in runs])
+        ),
+        "bytes_per_second": spread(byte_rates),
+        "sent": sent,
+        "received": received,
+        "lost": sent - received,
+        "lost_fraction": (sent - received) / sent if sent else 0.0,
+        "peak_rss_kib": max(run["peak_rss_kib"] for run in runs),
+        "cpu_seconds": statistics.median(run["cpu_seconds"] for run in runs),
+        "generator_messages_per_second": (
+            None
+            if generator_median is None or workload.unit == "byte"
+            else generator_median / workload.unit_bytes
+        ),
+        "generator_bytes_per_second": generator_median,
+        "kernel_drops": _total(run["kernel_drops"] for run in runs),
+        "fastsock_drops": _total_counts(run["fastsock_drops"] for run in runs),
+        "idle": None,
+        "ratio_to_baseline": None,
+        "ratio_to_ceiling": None,
+    }
+    idle = [run["idle"] for run in runs if run["idle"] is not None]
+    if idle:
+        per_connection = [run["kib_per_connection"] for run in idle]
+        per_connection = [value for value in per_connection if value is not None]
+        summary["idle"] = {
+            "connections": min(run["connections"] for run in idle),
+            "kib_per_connection": statistics.median(per_connection) if per_connection else None,
+        }
+    return summary
+
+
+def _total(values):
+    values = [value for value in values if value is not None]
+    return sum(values) if values else None
+
+
+def _total_counts(dicts):
+    dicts = [counts for counts in dicts if counts is not None]
+    if not dicts:
+        return None
+    return {key: sum(counts[key] for counts in dicts) for key in dicts[0]}
+
+
+def median_unit_rate(row):
+    summary = row.get("summary")
+    if not summary:
+        return None
+    rates = summary["messages_per_second"] or summary["bytes_per_second"]
+    return rates["median"]
+
+
+def add_ratios(rows):
+    """Each row's median rate over its workload's stdlib baseline and over its C sink."""
+    by_key = {(row["workload"], row["server"]): row for row in rows}
+    for row in rows:
+        rate = median_unit_rate(row)
+        if rate is None:
+            continue
+        for field, reference in (
+            ("ratio_to_baseline", row["baseline"]),
+            ("ratio_to_ceiling", CEILING),
+        ):
+            reference_row = by_key.get((row["workload"], reference))
+            reference_rate = median_unit_rate(reference_row) if reference_row else None
+            if reference_rate:
+                row["summary"][field] = rate / reference_rate
+
+
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal, one line per step else."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.in_place = stream.isatty()
+
+    def step(self, text):
+        if self.in_place:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def note(self, text):
+        """A line that stays: a finished row."""
+        if self.in_place:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def planned_rows(settings):
+    return [
+        (WORKLOADS[workload], server)
+        for workload in settings.workloads
+        for server in settings.servers
+        if SERVERS[server].applies(WORKLOADS[workload])
+    ]
+
+
+def estimated_seconds(settings):
+    """A rough duration: each run sends for --seconds, plus the generator's start and the
+    server's draining (a datagram run whose losses cannot all be accounted for waits
+    DATAGRAM_SETTLE_SECONDS more)."""
+    seconds = 0.0
+    for workload, _ in planned_rows(settings):
+        warmups = settings.warmups_for(workload)
+        seconds += ROW_OVERHEAD_SECONDS
+        seconds += warmups * (settings.warmup_seconds + RUN_OVERHEAD_SECONDS)
+        seconds += settings.runs * (settings.seconds + RUN_OVERHEAD_SECONDS)
+    return seconds
+
+
+def measure(workload, server, settings, progress, position):
+    """Warm-up runs (discarded), then the measured runs: one row of the report."""
+    row = {
+        "workload": workload.name,
+        "server": server,
+        "baseline": workload.baseline,
+        "unit": workload.unit,
+        "unit_bytes": workload.unit_bytes,
+        "status": "ok",
+        "error": None,
+        "warmup_runs": [],
+        "runs": [],
+        "summary": None,
+    }
+    label = f"[{position}] {workload.name} / {server}"
+    reason = unavailable(server)
+    if reason:
+        row["status"], row["error"] = "unavailable", reason
+        progress.note(f"{label}: not available: {reason}")
+        return row
+    warmups = settings.warmups_for(workload)
+    total = warmups + settings.runs
+    # An idle row measures what connections cost a fresh server: a server process per run.
+    # Every other row keeps one server process, which the warm-up runs really warm up.
+    fresh_each_run = workload.pattern == "idle"
+    server_process = None
+    try:
+        for index in range(total):
+            warmup = index < warmups
+            if warmup:
+                step = f"warm-up {index + 1} of {warmups}"
+            else:
+                step = f"run {index - warmups + 1} of {settings.runs}"
+            progress.step(f"{label}: {step}")
+            try:
+                if server_process is None or fresh_each_run:
+                    if server_process is not None:
+                        server_process.close()
+                    runs = 1 if fresh_each_run else total
+                    server_process = ServerProcess(workload, server, settings, runs)
+                seconds = settings.warmup_seconds if warmup else settings.seconds
+                record = run_once(workload, server_process, settings, seconds)
+            except RunFailed as failure:
+                row["status"], row["error"] = "failed", str(failure)
+                progress.note(f"{label}: {step} failed: {failure}")
+                return row
+            (row["warmup_runs"] if warmup else row["runs"]).append(record)
+    finally:
+        if server_process is not None:
+            server_process.close()
+    row["summary"] = summarize(workload, row["runs"])
+    rate = median_unit_rate(row)
+    unit = "B/s" if workload.unit == "byte" else "msg/s"
+    lost = row["summary"]["lost"]
+    progress.note(f"{label}: {rate:,.0f} {unit} (median)" + (f", {lost:,} lost" if lost else ""))
+    return row
+
+
+def run(settings, progress):
+    """Every planned row, in order; the rows with their ratios."""
+    rows = []
+    plan = planned_rows(settings)
+    for number, (workload, server) in enumerate(plan, 1):
+        rows.append(measure(workload, server, settings, progress, f"{number}/{len(plan)}"))
+    add_ratios(rows)
+    return rows

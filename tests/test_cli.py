@@ -1,0 +1,443 @@
+"""The ``fastsock`` command: argument errors are one line and a non-zero exit, a short
+``fastsock bench`` writes JSON that follows docs/benchmark-json.md, and ``fastsock serve``
+writes every message it received exactly once, then exits 0 on SIGTERM."""
+
+import base64
+import collections
+import datetime
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fastsock
+from fastsock import cli
+from tests.support import LOCALHOST, NETWORK_TIMEOUT
+
+PACKAGE_ROOT = str(Path(fastsock.__file__).resolve().parent.parent)
+
+
+def fastsock_command(*arguments):
+    """``python -m fastsock ARGUMENTS``, and an environment in which it imports the fastsock
+    under test (run it from another directory than a source checkout)."""
+    search_path = [PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, search_path)))
+    return [sys.executable, "-m", "fastsock", *arguments], environment
+
+
+# -- Argument errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, says",
+    [
+        ([], "required: command"),
+        (["serve", "nonsense"], "is not an endpoint"),
+        (["serve", "ftp://127.0.0.1:21"], "is not an endpoint"),
+        (["serve", "tcp://127.0.0.1:99999"], "bad address"),
+        (["serve", "tcp://127.0.0.1:port"], "bad address"),
+        (["serve", "tcp://127.0.0.1"], "needs a host and a port"),
+        (["serve", "tcp://[::1:9000"], "bad address"),
+        (["serve", "unix://"], "names no socket path"),
+        (["serve", "tcp://0.0.0.0:0"], "add --allow-remote"),
+        (["serve", "tcp://127.0.0.1:0", "--framing", "xml"], "invalid choice: 'xml'"),
+        (["serve", "udp://127.0.0.1:0", "--framing", "lines"], "--framing applies to stream"),
+        (["serve", "tcp://127.0.0.1:0", "--max-datagram", "9"], "--max-datagram applies"),
+        (["serve", "tcp://127.0.0.1:0", "--framing", "raw", "--max-line", "9"], "--max-line"),
+        (["serve", "tcp://127.0.0.1:0", "--workers", "2"], "--workers applies to --mode"),
+        (["serve", "unixgram:///tmp/x.sock", "--mode", "prefork"], "not unixgram://"),
+        (["serve", "tcp://127.0.0.1:0", "--max-line", "0"], "integer >= 1"),
+        (["serve", "tcp://127.0.0.1:0", "--stats-interval", "-1"], "a number >= 0"),
+        (["bench", "--workloads", "lines-1,nope"], "unknown name 'nope'"),
+        (["bench", "--servers", ""], "choose among"),
+        (["bench", "--full", "--workloads", "bulk"], "--full runs everything"),
+        (["bench", "--seconds", "soon"], "must be a number"),
+        (["bench", "--runs", "0"], "integer >= 1"),
+        (["bench", "--bytes", "lots"], "not a size"),
+        (["bench", "--server-cpus", "0"], "give both --server-cpus and --client-cpus"),
+        (["bench", "--server-cpus", "0", "--client-cpus", "0"], "must not share a CPU"),
+        (["bench", "--server-cpus", "0", "--client-cpus", "4096"], "not available"),
+    ],
+)
+def test_bad_arguments_are_a_one_line_error(capsys, arguments, says):
+    assert cli.main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert says in captured.err
+    assert captured.err.startswith(
+        ("fastsock: error: ", "fastsock bench: error: ", "fastsock serve")
+    )
+
+
+def run_fastsock(tmp_path, *arguments):
+    command, environment = fastsock_command(*arguments)
+    return subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=NETWORK_TIMEOUT,
+    )
+
+
+def test_the_installed_command_reports_a_bad_port_without_a_traceback(tmp_path):
+    finished = run_fastsock(tmp_path, "serve", "tcp://127.0.0.1:65536", "--framing", "lines")
+    assert finished.returncode == 2
+    assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.create_server((LOCALHOST, 0)) as taken:
+        port = taken.getsockname()[1]
+        finished = run_fastsock(tmp_path, "serve", f"tcp://127.0.0.1:{port}")
+    assert finished.returncode == 1
+    assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr
+    assert f"cannot bind tcp://127.0.0.1:{port}" in finished.stderr
+
+
+def test_a_unix_path_held_by_another_file_is_a_one_line_error(tmp_path, sock_dir):
+    path = os.path.join(sock_dir, "taken.sock")
+    Path(path).write_text("not a socket")
+    finished = run_fastsock(tmp_path, "serve", f"unix://{path}")
+    assert finished.returncode == 1
+    assert finished.stderr.count("\n") == 1 and "Traceback" not in finished.stderr
+    assert "is not a socket" in finished.stderr
+    assert Path(path).read_text() == "not a socket"
+
+
+# -- fastsock bench --json -------------------------------------------------------------------
+
+NUMBER = (int, float)
+
+
+class Nullable:
+    def __init__(self, schema):
+        self.schema = schema
+
+
+class ListOf:
+    def __init__(self, schema):
+        self.schema = schema
+
+
+def check(value, schema, where="document"):
+    """Fail with the path of the first value that does not match ``schema``: a type, a
+    tuple of types, a set of allowed values, a dict of exact keys, ListOf or Nullable."""
+    if isinstance(schema, Nullable):
+        if value is not None:
+            check(value, schema.schema, where)
+    elif isinstance(schema, ListOf):
+        assert isinstance(value, list), f"{where}: not a list"
+        for index, item in enumerate(value):
+            check(item, schema.schema, f"{where}[{index}]")
+    elif isinstance(schema, dict):
+        assert isinstance(value, dict), f"{where}: not an object"
+        assert set(value) == set(schema), f"{where}: fields {sorted(set(value) ^ set(schema))}"
+        for key, item_schema in schema.items():
+            check(value[key], item_schema, f"{where}.{key}")
+    elif isinstance(schema, set):
+        assert value in schema, f"{where}: {value!r} is not one of {sorted(schema)}"
+    else:
+        assert not isinstance(value, bool) or schema is bool, f"{where}: a boolean"
+        assert isinstance(value, schema), f"{where}: {value!r} is not {schema}"
+
+
+SPREAD = {"median": NUMBER, "min": NUMBER, "max": NUMBER}
+DROPS = {"queue_full": int, "truncated": int, "kernel": int}
+RUN = {
+    "sent": int,
+    "received": int,
+    "lost": int,
+    "complete": bool,
+    "seconds": Nullable(NUMBER),
+    "messages_per_second": Nullable(NUMBER),
+    "bytes_per_second": NUMBER,
+    "peak_rss_kib": int,
+    "cpu_seconds": NUMBER,
+    "generator_messages_per_second": Nullable(NUMBER),
+    "generator_bytes_per_second": Nullable(NUMBER),
+    "kernel_drops": Nullable(int),
+    "fastsock_drops": Nullable(DROPS),
+    "idle": Nullable(
+        {
+            "connections": int,
+            "rss_before_kib": int,
+            "rss_held_kib": int,
+            "kib_per_connection": Nullable(NUMBER),
+        }
+    ),
+}
+SUMMARY = {
+    "messages_per_second": Nullable(SPREAD),
+    "bytes_per_second": SPREAD,
+    "sent": int,
+    "received": int,
+    "lost": int,
+    "lost_fraction": NUMBER,
+    "peak_rss_kib": int,
+    "cpu_seconds": NUMBER,
+    "generator_messages_per_second": Nullable(NUMBER),
+    "generator_bytes_per_second": Nullable(NUMBER),
+    "kernel_drops": Nullable(int),
+    "fastsock_drops": Nullable(DROPS),
+    "idle": Nullable({"connections": int, "kib_per_connection": Nullable(NUMBER)}),
+    "ratio_to_baseline": Nullable(NUMBER),
+    "ratio_to_ceiling": Nullable(NUMBER),
+}
+DOCUMENT = {
+    "schema": {"fastsock-bench/1"},
+    "started": str,
+    "finished": str,
+    "duration_seconds": NUMBER,
+    "command": ListOf(str),
+    "machine": {
+        "cores": int,
+        "cpus_available": ListOf(int),
+        "cpu_model": Nullable(str),
+        "memory_bytes": Nullable(int),
+        "system": str,
+        "kernel": str,
+        "architecture": str,
+        "load_average": ListOf(NUMBER),
+    },
+    "versions": {
+        "python": str,
+        "python_implementation": str,
+        "fastsock": str,
+        "fastsock_implementation": {"compiled", "python"},
+        "uvloop": Nullable(str),
+    },
+    "settings": {
+        "workloads": ListOf(str),
+        "servers": ListOf(str),
+        "seconds": NUMBER,
+        "runs": int,
+        "warmups": int,
+        "bytes": int,
+        "churn_connections": int,
+        "idle_connections": int,
+        "server_cpus": Nullable(ListOf(int)),
+        "client_cpus": Nullable(ListOf(int)),
+        "placement": str,
+        "timeout": NUMBER,
+    },
+    "rows": ListOf(
+        {
+            "workload": str,
+            "server": str,
+            "baseline": str,
+            "unit": {"message", "byte"},
+            "unit_bytes": int,
+            "status": {"ok", "failed", "unavailable"},
+            "error": Nullable(str),
+            "warmup_runs": ListOf(RUN),
+            "runs": ListOf(RUN),
+            "summary": Nullable(SUMMARY),
+        }
+    ),
+}
+
+
+def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
+    servers = "stdlib-readline-queue,stdlib-datagram-queue,fastsock-compiled,c-sink"
+    finished = run_fastsock(
+        tmp_path,
+        "bench",
+        "--seconds",
+        "0.2",
+        "--runs",
+        "1",
+        "--workloads",
+        "lines-1,udp-64",
+        "--servers",
+        servers,
+        "--json",
+        "out.json",
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "x stdlib" in finished.stdout and "fastsock-compiled" in finished.stdout
+    document = json.loads((tmp_path / "out.json").read_text())
+    check(document, DOCUMENT)
+    rows = {(row["workload"], row["server"]): row for row in document["rows"]}
+    assert set(rows) == {
+        ("lines-1", "stdlib-readline-queue"),
+        ("lines-1", "fastsock-compiled"),
+        ("lines-1", "c-sink"),
+        ("udp-64", "stdlib-datagram-queue"),
+        ("udp-64", "fastsock-compiled"),
+        ("udp-64", "c-sink"),
+    }
+    for (workload, server), row in rows.items():
+        assert row["status"] == "ok", row["error"]
+        assert len(row["warmup_runs"]) == 1 and len(row["runs"]) == 1
+        summary = row["summary"]
+        assert summary["received"] > 0
+        if workload == "lines-1":
+            assert summary["lost"] == 0
+            assert row["runs"][0]["complete"]
+        else:
+            assert summary["kernel_drops"] is not None
+            assert (summary["fastsock_drops"] is not None) == server.startswith("fastsock")
+    assert rows["lines-1", "stdlib-readline-queue"]["summary"]["ratio_to_baseline"] == 1.0
+    assert rows["udp-64", "c-sink"]["summary"]["ratio_to_ceiling"] == 1.0
+
+
+# -- fastsock serve --------------------------------------------------------------------------
+
+
+class ServeProcess:
+    """``fastsock serve URL ... --output FILE`` in a child process, its stderr read line by
+    line with a deadline."""
+
+    def __init__(self, tmp_path, url, *options):
+        self.output = tmp_path / "received.out"
+        command, environment = fastsock_command(
+            "serve", url, "--output", str(self.output), "--stats-interval", "0.1", *options
+        )
+        self.process = subprocess.Popen(
+            command, cwd=tmp_path, env=environment, stderr=subprocess.PIPE
+        )
+        self.pending = b""
+        self.stderr = []
+        announcement = self.line_matching("receiving")
+        self.url = re.search(r" on (\S+) \(", announcement).group(1)
+
+    def line_matching(self, text):
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        while True:
+            while b"\n" in self.pending:
+                line, self.pending = self.pending.split(b"\n", 1)
+                self.stderr.append(line.decode())
+                if text in self.stderr[-1]:
+                    return self.stderr[-1]
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {text!r} on stderr: {self.stderr}"
+            fd = self.process.stderr.fileno()
+            if select.select([fd], [], [], remaining)[0]:
+                data = os.read(fd, 65536)
+                assert data, f"fastsock serve exited: {self.stderr}"
+                self.pending += data
+
+    def inet_address(self):
+        host, _, port = self.url.partition("://")[2].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def stop(self):
+        """SIGTERM; the exit status and the rest of stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        remaining = self.process.communicate(timeout=NETWORK_TIMEOUT)[1].decode()
+        self.stderr.extend(remaining.splitlines())
+        return self.process.returncode
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(url, *options):
+        started.append(ServeProcess(tmp_path, url, *options))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def payload(record):
+    if "text" in record:
+        return record["text"].encode()
+    return base64.b64decode(record["base64"])
+
+
+def check_record_fields(record):
+    assert set(record) - {"text", "base64"} == {"time", "peer", "connection"}
+    assert len(set(record) & {"text", "base64"}) == 1
+    taken = datetime.datetime.fromisoformat(record["time"])
+    assert abs(taken - datetime.datetime.now(datetime.timezone.utc)).total_seconds() < 60
+
+
+def test_serve_tcp_lines_writes_every_line_exactly_once(serve):
+    server = serve("tcp://127.0.0.1:0", "--framing", "lines", "--format", "jsonl")
+    clients = [socket.create_connection(server.inet_address(), NETWORK_TIMEOUT) for _ in "abc"]
+    sent = collections.defaultdict(list)
+    try:
+        for number, client in enumerate(clients):
+            lines = [b"client %d line %d" % (number, index) for index in range(300)]
+            lines += ["caf\u00e9 \u2713".encode(), b"\xff\xfe not UTF-8", b""]
+            client.sendall(b"".join(line + b"\n" for line in lines))
+            sent[client.getsockname()] = lines
+        server.line_matching("3 opened")
+        # Sent just before the signal, on a connection still open at the stop: the server
+        # must still read it from the kernel and write it.
+        late = b"sent right before SIGTERM"
+        clients[2].sendall(late + b"\n")
+        sent[clients[2].getsockname()].append(late)
+        clients[0].close()
+        assert server.stop() == 0
+    finally:
+        for client in clients:
+            client.close()
+    assert "Traceback" not in "\n".join(server.stderr)
+    assert "stopped by SIGTERM" in server.stderr[-1]
+    total = sum(map(len, sent.values()))
+    assert f"received {total:,} messages, written {total:,}" in server.stderr[-1]
+    records = [json.loads(line) for line in server.output.read_text().splitlines()]
+    received = collections.defaultdict(list)
+    for record in records:
+        check_record_fields(record)
+        host, _, port = record["peer"].rpartition(":")
+        received[host, int(port)].append(payload(record))
+    assert received == sent
+    assert {record["base64"] for record in records if "base64" in record} == {
+        base64.b64encode(b"\xff\xfe not UTF-8").decode()
+    }
+
+
+def test_serve_udp_writes_every_datagram_exactly_once(serve):
+    server = serve("udp://127.0.0.1:0", "--format", "jsonl")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind((LOCALHOST, 0))
+        datagrams = [b"datagram %d" % number for number in range(500)] + [b"\x00\xff\x80"]
+        for number, datagram in enumerate(datagrams):
+            client.sendto(datagram, server.inet_address())
+            if number % 50 == 49:
+                # Paced, so that the default receive buffer never overflows.
+                time.sleep(0.002)
+        sender = client.getsockname()
+        assert server.stop() == 0
+    assert "Traceback" not in "\n".join(server.stderr)
+    assert "received 501 datagrams, written 501 | dropped 0" in server.stderr[-1]
+    records = [json.loads(line) for line in server.output.read_text().splitlines()]
+    for record in records:
+        check_record_fields(record)
+        assert record["peer"] == f"{sender[0]}:{sender[1]}"
+        assert record["connection"] is None
+    assert sorted(map(payload, records)) == sorted(datagrams)
+
+
+def test_serve_raw_over_a_unix_socket_copies_lines_and_removes_its_socket(serve, sock_dir):
+    path = os.path.join(sock_dir, "serve.sock")
+    server = serve(f"unix://{path}", "--format", "raw")
+    lines = [b"line %d" % number for number in range(1000)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+        client.sendall(b"".join(line + b"\n" for line in lines))
+    assert server.stop() == 0
+    assert server.output.read_bytes() == b"".join(line + b"\n" for line in lines)
+    assert not os.path.exists(path)
