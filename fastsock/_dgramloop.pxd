@@ -1,12 +1,13 @@
 # The compiled datagram receive loop: one DatagramReceiver drains one UDP or Unix datagram
-# socket, a batch of datagrams per recvmmsg() call, without the GIL, and publishes each
-# datagram as one ring record whose source is the sender's raw sockaddr.  DatagramCounters
-# are shared by every loop of a server (and, being in shared memory, by its forked children).
+# socket, a batch of datagrams per recvmmsg() call, without the GIL, and publishes the batch
+# to the ring in one call, each datagram a message whose source is the sender's raw sockaddr.
+# DatagramCounters are shared by every loop of a server (and, being in shared memory, by its
+# forked children).
 
 from libc.stdint cimport uint32_t, uint64_t
 from posix.uio cimport iovec
 
-from fastsock._ring cimport RingQueue
+from fastsock._ring cimport MessageView, RingQueue
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -85,6 +86,7 @@ cdef class DatagramReceiver:
     cdef mmsghdr* messages
     cdef DatagramSlot* slots
     cdef char* payloads
+    cdef MessageView* views  # the datagrams of a batch that go to the ring
 
     cdef DatagramEnd pump(self) noexcept nogil
     cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil

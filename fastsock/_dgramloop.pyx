@@ -13,7 +13,7 @@ from libc.stdint cimport INT32_MAX, uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
-from fastsock._ring cimport MAX_SOURCE_LEN
+from fastsock._ring cimport MAX_SOURCE_LEN, MessageView
 
 import operator
 import os
@@ -263,7 +263,9 @@ cdef class DatagramReceiver:
         self.messages = <mmsghdr*>PyMem_RawCalloc(batch, sizeof(mmsghdr))
         self.slots = <DatagramSlot*>PyMem_RawCalloc(batch, sizeof(DatagramSlot))
         self.payloads = <char*>PyMem_RawMalloc(<size_t>batch * <size_t>max_datagram)
-        if self.messages == NULL or self.slots == NULL or self.payloads == NULL:
+        self.views = <MessageView*>PyMem_RawCalloc(batch, sizeof(MessageView))
+        if (self.messages == NULL or self.slots == NULL or self.payloads == NULL
+                or self.views == NULL):
             raise MemoryError()
         for index in range(<unsigned int>batch):
             self.slots[index].payload.iov_base = self.payloads + <size_t>index * max_datagram
@@ -293,6 +295,7 @@ cdef class DatagramReceiver:
         self.check_interval_ns = <uint64_t>(check_interval * 1e9)
 
     def __dealloc__(self):
+        PyMem_RawFree(self.views)
         PyMem_RawFree(self.payloads)
         PyMem_RawFree(self.slots)
         PyMem_RawFree(self.messages)
@@ -347,48 +350,48 @@ cdef class DatagramReceiver:
         return END_STOPPED
 
     cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil:
+        # The whole batch goes to the ring in one call: one lock and at most one wake-up.
         cdef unsigned int index
         cdef msghdr* header
-        cdef Py_ssize_t length
-        cdef Py_ssize_t published = 1
+        cdef MessageView* view
         cdef uint32_t drops
-        cdef uint64_t delivered = 0
-        cdef uint64_t delivered_bytes = 0
-        cdef uint64_t refused = 0
-        cdef uint64_t refused_bytes = 0
+        cdef Py_ssize_t offered = 0
+        cdef Py_ssize_t published = 0
+        cdef uint64_t offered_bytes = 0
+        cdef uint64_t published_bytes = 0
         cdef uint64_t truncated = 0
+        cdef bint closed
         for index in range(received):
             header = &self.messages[index].msg_hdr
-            length = self.messages[index].msg_len
             if fastsock_attached_drops(header, &drops):
                 self.observe_drops(drops)
             if header.msg_flags & MSG_TRUNC:
                 truncated += 1
             else:
-                # Once the ring is closed, the rest of the batch is refused without asking.
-                if published >= 0:
-                    published = self.ring.put_record(
-                        <const char*>header.msg_iov.iov_base, length, 0,
-                        <const char*>header.msg_name,
-                        min(<Py_ssize_t>header.msg_namelen, <Py_ssize_t>MAX_SOURCE_LEN))
-                if published > 0:
-                    delivered += 1
-                    delivered_bytes += length
-                else:
-                    refused += 1
-                    refused_bytes += length
-                    if published == 0:
-                        self.ring.count_dropped(1, length)
+                view = &self.views[offered]
+                view.data = <const char*>header.msg_iov.iov_base
+                view.length = self.messages[index].msg_len
+                view.source = <const char*>header.msg_name
+                view.source_len = min(<Py_ssize_t>header.msg_namelen,
+                                      <Py_ssize_t>MAX_SOURCE_LEN)
+                offered += 1
+                offered_bytes += view.length
             self.rearm(index)
-        if delivered:
-            self.counters.add(COUNT_DATAGRAMS_RECEIVED, delivered)
-            self.counters.add(COUNT_BYTES_RECEIVED, delivered_bytes)
-        if refused:
-            self.counters.add(COUNT_DROPPED_QUEUE_FULL, refused)
-            self.counters.add(COUNT_DROPPED_QUEUE_FULL_BYTES, refused_bytes)
+        if offered:
+            published = self.ring.offer_messages(self.views, offered, 0, &published_bytes)
+        # A closed ring refuses the whole batch, and counts none of it as dropped itself.
+        closed = published < 0
+        if closed:
+            published = 0
+        if published:
+            self.counters.add(COUNT_DATAGRAMS_RECEIVED, published)
+            self.counters.add(COUNT_BYTES_RECEIVED, published_bytes)
+        if offered > published:
+            self.counters.add(COUNT_DROPPED_QUEUE_FULL, offered - published)
+            self.counters.add(COUNT_DROPPED_QUEUE_FULL_BYTES, offered_bytes - published_bytes)
         if truncated:
             self.counters.add(COUNT_TRUNCATED, truncated)
-        return END_RING_CLOSED if published < 0 else END_RECEIVING
+        return END_RING_CLOSED if closed else END_RECEIVING
 
     cdef DatagramEnd check_in(self) noexcept nogil:
         # The counter read now also covers drops after the last datagram received, which

@@ -71,6 +71,9 @@ cdef class Framer:
                                 Py_ssize_t* nspans) noexcept nogil
     cdef FramerStatus frame_lines(self, MessageSpan* spans, Py_ssize_t max_spans,
                                   Py_ssize_t* nspans) noexcept nogil
+    # Saves frame_lines' cursors and returns status.
+    cdef FramerStatus frame_stopped(self, Py_ssize_t head, Py_ssize_t scan, Py_ssize_t count,
+                                    Py_ssize_t* nspans, FramerStatus status) noexcept nogil
     cdef FramerStatus frame_length(self, MessageSpan* spans, Py_ssize_t max_spans,
                                    Py_ssize_t* nspans) noexcept nogil
     cdef int copy_and_commit(self, const char* data, Py_ssize_t size, MessageSpan* spans,

@@ -328,7 +328,8 @@ cdef class StreamReceiver:
                 self.paused = True
                 self.counters.add(COUNT_PAUSES, 1)
             paused_at = monotonic_ns()
-            resumed = self.ring.wait_resume(self.check_interval_ns / 1e9)
+            resumed = self.ring.wait_resume(self.spans[self.published].length,
+                                            self.check_interval_ns / 1e9)
             self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - paused_at)
             if resumed < 0:
                 return END_RING_CLOSED

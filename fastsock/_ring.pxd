@@ -4,7 +4,7 @@
 # One anonymous MAP_SHARED mapping holds a RingHeader followed by the record area, so a
 # forked process shares the queue through its copy of the RingQueue object.
 
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 
 from fastsock._span cimport MessageSpan
 
@@ -20,22 +20,40 @@ cpdef enum:
 
 
 cdef struct RecordHeader:
-    # Starts every record; the source blob and then the payload follow it, and the record is
-    # padded to a multiple of 8 bytes.  Records may straddle the end of the record area.
-    uint32_t length
+    # Starts every record.  A record holds the messages of one put, one after the other:
+    # after this header come count uint32 message lengths; then, when source_bytes is not
+    # zero, count uint8 source lengths and the sources back to back; then the payloads back
+    # to back.  The record is padded to a multiple of 8 bytes and may straddle the end of
+    # the record area; its lengths, being 4-byte aligned, never do.
+    uint32_t count
     uint32_t source_id
-    uint16_t source_len
+    uint32_t source_bytes
+    uint32_t payload_bytes
 
 
 cdef struct RingState:
-    # Everything a put or a get changes.  head and tail are offsets into the record area;
-    # queued messages and bytes are the differences of the put and got counters.
+    # Everything a put or a get changes.  head and tail are offsets into the record area and
+    # used is the bytes between them.  A get may take only part of the oldest record: the
+    # head_* fields say how much of it is gone.  Queued messages and bytes are the
+    # differences of the put and got counters.
     uint64_t head
     uint64_t tail
+    uint64_t used
+    uint64_t head_payload
+    uint32_t head_taken
+    uint32_t head_sources
     uint64_t put_messages
     uint64_t put_bytes
     uint64_t got_messages
     uint64_t got_bytes
+
+
+cdef struct MessageView:
+    # One message of an offer_messages() call; source_len <= MAX_SOURCE_LEN.
+    const char* data
+    Py_ssize_t length
+    const char* source
+    Py_ssize_t source_len
 
 
 cdef struct RingCounters:
@@ -81,8 +99,9 @@ cdef class RingQueue:
     cdef RingHeader* header
     cdef char* records
     cdef size_t mapping_size
-    # Bytes in the record area: enough for max_messages records of the largest overhead
-    # carrying max_bytes of payload, so both bounds are always reachable.
+    # Bytes in the record area: enough for max_messages one-message records of the largest
+    # overhead carrying max_bytes of payload, plus the part of one multi-message record that
+    # gets may have taken already, so both bounds are always reachable.
     cdef uint64_t capacity
     cdef readonly Py_ssize_t max_messages
     cdef readonly Py_ssize_t max_bytes
@@ -94,21 +113,27 @@ cdef class RingQueue:
     # does): returns how many were published, or -1 if the ring is closed.
     cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
                               uint32_t source_id) noexcept nogil
-    # Returns 1 when published, 0 when full, -1 when closed; source_len <= MAX_SOURCE_LEN.
-    cdef Py_ssize_t put_record(self, const char* data, Py_ssize_t n, uint32_t source_id,
-                               const char* source, Py_ssize_t source_len) noexcept nogil
-    # Sleeps until the ring drains to the resume mark (1), the timeout passes (0) or the ring
-    # closes (-1); the time spent is added to paused_seconds.
-    cdef int wait_resume(self, double timeout) noexcept nogil
-    cdef void count_dropped(self, Py_ssize_t messages, Py_ssize_t nbytes) noexcept nogil
+    # Publishes, in order and under one lock acquisition, every message that fits, and drops
+    # every one that does not, counting it as offer() does: returns how many were published
+    # and stores their payload bytes in published_bytes, or returns -1 if the ring is closed.
+    cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
+                                   uint32_t source_id, uint64_t* published_bytes) noexcept nogil
+    # Sleeps until the ring has drained to the resume mark and a message of length bytes fits
+    # (1), the timeout passes (0) or the ring closes (-1); the time spent is added to
+    # paused_seconds.
+    cdef int wait_resume(self, Py_ssize_t length, double timeout) noexcept nogil
 
-    # Shared by both APIs.  fits, below_resume_mark and append work on a copy of the
-    # committed state; publish and release commit that copy, unlock, then wake the
-    # consumers (publish) or the producers (release).
-    cdef bint fits(self, const RingState* state, Py_ssize_t length) noexcept nogil
+    # Shared by both APIs.  They work on a copy of the committed state: the append_*
+    # functions append records to it (gets take messages from it with module-level helpers);
+    # publish and release commit it, unlock, then wake the consumers (publish) or the
+    # producers (release).
     cdef bint below_resume_mark(self, const RingState* state) noexcept nogil
-    cdef void append(self, RingState* state, const char* data, Py_ssize_t length,
-                     uint32_t source_id, const char* source, Py_ssize_t source_len) noexcept nogil
+    cdef Py_ssize_t append_spans(self, RingState* state, const char* base,
+                                 const MessageSpan* spans, Py_ssize_t n,
+                                 uint32_t source_id) noexcept nogil
+    cdef Py_ssize_t append_views(self, RingState* state, const MessageView* views,
+                                 Py_ssize_t n, uint32_t source_id, bint drop_misfits,
+                                 uint64_t* published_bytes) noexcept nogil
     cdef void publish(self, const RingState* state, Py_ssize_t published) noexcept nogil
     cdef void release(self, const RingState* state) noexcept nogil
 
@@ -117,9 +142,10 @@ cdef class RingQueue:
     # expect it held and release it.  When they raise, the lock is released.
     cdef int check_message(self, Py_ssize_t length, Py_ssize_t source_len) except -1
     cdef int lock_for_data(self, double deadline) except -1
-    cdef int lock_for_space(self, Py_ssize_t length, double deadline) except -1
+    cdef int lock_for_space(self, Py_ssize_t length, Py_ssize_t source_len,
+                            double deadline) except -1
     cdef int sleep(self, uint32_t* word, uint32_t* sleepers, double deadline) except -1
-    cdef void put_locked(self, const Py_buffer* payload, uint32_t source_id,
-                         const Py_buffer* source) noexcept
+    cdef void put_locked(self, const MessageView* message, uint32_t source_id) noexcept
     cdef list take(self, Py_ssize_t max_items, bint with_source)
+    cdef bytes take_one(self)
     cdef int fill_batch(self, Batch batch, Py_ssize_t max_items, uint64_t max_payload) except -1

@@ -66,14 +66,19 @@ class RingQueue:
     The ring is full when the next message would exceed either bound.  A producer paused
     by a full ring (the compiled receive loop) resumes only once the ring has drained to
     ``resume_fraction`` (default ``RING_RESUME_FRACTION``, 0 <= fraction < 1) of both
-    bounds, so that it does not flap between paused and running.
+    bounds, so that it does not flap between paused and running, and once the message it
+    holds fits.
 
     Blocking calls sleep without the GIL and wake every ``RING_WAIT_SLICE`` seconds to run
     signal handlers, so Ctrl-C interrupts them promptly.  Every method is safe to call from
     any number of threads and processes at once.
 
     The shared memory holds the record area sized for the worst case of both bounds (about
-    ``max_bytes + 147 * max_messages`` bytes), touched only as messages pass through it.
+    ``max_bytes + 156 * max_messages`` bytes, plus up to 800 KiB for the part of one batch
+    of messages that gets have taken already), touched only as messages pass through it.
+    The messages of one put are stored as one record, so a batch costs one copy each way;
+    when a get empties the ring, the next put starts over at the front of the area, so a
+    consumer that keeps up keeps the memory in use small and in the cache.
     """
 
     def __init__(

@@ -14,10 +14,12 @@ from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_STRIDES,
 from cpython.buffer cimport PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.ref cimport Py_INCREF
 from libc.limits cimport INT_MAX
 from libc.math cimport INFINITY
-from libc.stdint cimport UINT64_MAX, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE
@@ -133,6 +135,12 @@ cdef enum:
     # A copy this short takes less time than handing the GIL to another thread and back.
     NOGIL_COPY_BYTES = 256 * 1024
 
+    # Bounds on a record of more than one message.  Gets may take part of a record, and the
+    # part they took stays in the record area until the record's last message goes: these
+    # bound that dead space, which the record area has room for.
+    RECORD_MESSAGES = 4096
+    RECORD_BYTES = 256 * 1024
+
 # The record length field is 32 bits wide.
 cdef uint64_t MAX_BOUND = 0xFFFFFFFF
 cdef uint64_t RECORD_ALIGN = 8
@@ -165,8 +173,16 @@ cdef inline uint64_t align(uint64_t n) noexcept nogil:
     return (n + RECORD_ALIGN - 1) & ~(RECORD_ALIGN - 1)
 
 
-cdef inline uint64_t record_size(Py_ssize_t source_len, Py_ssize_t length) noexcept nogil:
-    return align(sizeof(RecordHeader) + source_len + length)
+cdef inline uint64_t lengths_size(uint64_t count, uint64_t source_bytes) noexcept nogil:
+    # The message lengths, and the source lengths when the record has sources.
+    if source_bytes:
+        return count * (sizeof(uint32_t) + sizeof(uint8_t))
+    return count * sizeof(uint32_t)
+
+
+cdef inline uint64_t record_size(uint64_t count, uint64_t source_bytes,
+                                 uint64_t payload) noexcept nogil:
+    return align(sizeof(RecordHeader) + lengths_size(count, source_bytes) + source_bytes + payload)
 
 
 cdef inline uint64_t advance(RingQueue ring, uint64_t offset, uint64_t n) noexcept nogil:
@@ -193,6 +209,28 @@ cdef uint64_t read_at(RingQueue ring, uint64_t offset, void* out, uint64_t n) no
     memcpy(out, ring.records + offset, room)
     memcpy(<char*>out + room, ring.records, n - room)
     return n - room
+
+
+cdef inline uint32_t length_at(RingQueue ring, uint64_t offset) noexcept nogil:
+    return (<uint32_t*>(ring.records + offset))[0]
+
+
+cdef uint64_t sum_lengths(RingQueue ring, uint64_t offset, uint64_t count) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef uint64_t _
+    for _ in range(count):
+        total += length_at(ring, offset)
+        offset = advance(ring, offset, sizeof(uint32_t))
+    return total
+
+
+cdef uint64_t sum_source_lengths(RingQueue ring, uint64_t offset, uint64_t count) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef uint64_t _
+    for _ in range(count):
+        total += <uint8_t>ring.records[offset]
+        offset = advance(ring, offset, 1)
+    return total
 
 
 cdef void recover(RingHeader* header) noexcept nogil:
@@ -238,6 +276,15 @@ cdef inline uint64_t queued_bytes(const RingState* state) noexcept nogil:
     return state.put_bytes - state.got_bytes
 
 
+cdef inline bint room_for(RingQueue ring, const RingState* state, uint64_t count,
+                          uint64_t source_bytes, uint64_t payload) noexcept nogil:
+    # Whether a record of count messages fits in state: within both bounds and the room
+    # left in the record area.
+    return (queued_messages(state) + count <= <uint64_t>ring.max_messages
+            and queued_bytes(state) + payload <= <uint64_t>ring.max_bytes
+            and record_size(count, source_bytes, payload) <= ring.capacity - state.used)
+
+
 cdef Py_ssize_t check_bound(str name, object value) except -1:
     value = operator.index(value)
     if not 1 <= value <= MAX_BOUND:
@@ -252,84 +299,210 @@ cdef int get_source(object source, Py_buffer* view) except -1:
     return 0
 
 
-cdef Py_ssize_t append_buffers(RingQueue ring, RingState* state, const Py_buffer* views,
-                               Py_ssize_t n, uint32_t source_id) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if not ring.fits(state, views[i].len):
-            add_u64(&ring.header.counters.full_events, 1, ATOMIC_RELAXED)
-            return i
-        ring.append(state, <const char*>views[i].buf, views[i].len, source_id, NULL, 0)
-    return n
+cdef inline void count_misfit(RingHeader* header, Py_ssize_t length) noexcept nogil:
+    add_u64(&header.counters.full_events, 1, ATOMIC_RELAXED)
+    add_u64(&header.counters.dropped_messages, 1, ATOMIC_RELAXED)
+    add_u64(&header.counters.dropped_bytes, length, ATOMIC_RELAXED)
 
 
-cdef Py_ssize_t measure(RingQueue ring, const RingState* state, Py_ssize_t max_items,
-                        uint64_t max_payload, uint64_t* span, uint64_t* payload) noexcept nogil:
-    # How many records a get takes from the head: up to max_items, and up to max_payload
-    # bytes of payload unless the first record alone exceeds it.
-    cdef Py_ssize_t limit = <Py_ssize_t>min(<uint64_t>max_items, queued_messages(state))
-    cdef Py_ssize_t count = 0
-    cdef uint64_t offset = state.head
-    cdef uint64_t size
+cdef inline void view_buffers(MessageView* message, const Py_buffer* payload,
+                              const Py_buffer* source) noexcept:
+    message.data = <const char*>payload.buf
+    message.length = payload.len
+    message.source = <const char*>source.buf
+    message.source_len = source.len
+
+
+cdef struct Portion:
+    # The next count messages a get takes from the oldest record: the offsets locate the
+    # first one's length, source length, source and payload; the sizes are of them all.
+    RecordHeader record
+    uint64_t count
+    uint64_t lengths
+    uint64_t source_lengths
+    uint64_t sources
+    uint64_t payload
+    uint64_t source_bytes
+    uint64_t payload_bytes
+
+
+cdef inline uint64_t start_record(RingQueue ring, RingState* state, uint64_t count,
+                                  uint32_t source_id, uint64_t source_bytes,
+                                  uint64_t payload) noexcept nogil:
+    # Claims a record at the tail of state and writes its header; returns where its
+    # lengths go, for the caller to write the rest.
     cdef RecordHeader record
-    span[0] = 0
-    payload[0] = 0
+    cdef uint64_t size = record_size(count, source_bytes, payload)
+    record.count = <uint32_t>count
+    record.source_id = source_id
+    record.source_bytes = <uint32_t>source_bytes
+    record.payload_bytes = <uint32_t>payload
+    cdef uint64_t offset = write_at(ring, state.tail, &record, sizeof(record))
+    state.tail = advance(ring, state.tail, size)
+    state.used += size
+    state.put_messages += count
+    state.put_bytes += payload
+    return offset
+
+
+cdef inline void head_portion(RingQueue ring, const RingState* state, uint64_t most,
+                              Portion* portion) noexcept nogil:
+    # Up to most of the messages left in the oldest record of state.
+    cdef RecordHeader* record = &portion.record
+    read_at(ring, state.head, record, sizeof(RecordHeader))
+    cdef uint64_t left = record.count - state.head_taken
+    cdef uint64_t lengths_end = sizeof(RecordHeader) + record.count * sizeof(uint32_t)
+    portion.count = min(left, most)
+    portion.lengths = advance(ring, state.head, sizeof(RecordHeader)
+                              + state.head_taken * sizeof(uint32_t))
+    portion.source_lengths = advance(ring, state.head, lengths_end + state.head_taken)
+    portion.sources = advance(ring, state.head,
+                              lengths_end + record.count + state.head_sources)
+    portion.payload = advance(ring, state.head, sizeof(RecordHeader)
+                              + lengths_size(record.count, record.source_bytes)
+                              + record.source_bytes + state.head_payload)
+    if portion.count == left:
+        portion.payload_bytes = record.payload_bytes - state.head_payload
+        portion.source_bytes = record.source_bytes - state.head_sources
+    else:
+        portion.payload_bytes = sum_lengths(ring, portion.lengths, portion.count)
+        portion.source_bytes = (
+            sum_source_lengths(ring, portion.source_lengths, portion.count)
+            if record.source_bytes else 0)
+
+
+cdef inline void consume(RingQueue ring, RingState* state,
+                         const Portion* portion) noexcept nogil:
+    cdef const RecordHeader* record = &portion.record
+    cdef uint64_t size
+    if state.head_taken + portion.count == record.count:
+        size = record_size(record.count, record.source_bytes, record.payload_bytes)
+        state.used -= size
+        # An empty ring starts over at the front: the record area in use then stays as
+        # small, and as warm in the cache, as the backlog is.
+        state.head = advance(ring, state.head, size) if state.used else 0
+        if not state.used:
+            state.tail = 0
+        state.head_taken = state.head_sources = 0
+        state.head_payload = 0
+    else:
+        state.head_taken += portion.count
+        state.head_sources += portion.source_bytes
+        state.head_payload += portion.payload_bytes
+    state.got_messages += portion.count
+    state.got_bytes += portion.payload_bytes
+
+
+cdef Py_ssize_t measure(RingQueue ring, RingState* state, Py_ssize_t max_items,
+                        uint64_t max_payload, uint64_t* payload,
+                        uint64_t* source_bytes) noexcept nogil:
+    # How many messages a get takes from the head: up to max_items, and up to max_payload
+    # bytes of payload unless the first message alone exceeds it.  Consumes them from state,
+    # a scratch copy.
+    cdef uint64_t limit = min(<uint64_t>max_items, queued_messages(state))
+    cdef uint64_t count = 0
+    cdef uint64_t length, lengths, cut, cut_bytes
+    cdef Portion portion
+    payload[0] = source_bytes[0] = 0
     while count < limit:
-        read_at(ring, offset, &record, sizeof(record))
-        if count and payload[0] + record.length > max_payload:
-            break
-        size = record_size(record.source_len, record.length)
-        offset = advance(ring, offset, size)
-        span[0] += size
-        payload[0] += record.length
-        count += 1
+        head_portion(ring, state, limit - count, &portion)
+        if payload[0] + portion.payload_bytes > max_payload:
+            # Cut inside the record: its lengths say where.
+            lengths = portion.lengths
+            cut = cut_bytes = 0
+            while cut < portion.count:
+                length = length_at(ring, lengths)
+                if (count or cut) and payload[0] + cut_bytes + length > max_payload:
+                    break
+                cut += 1
+                cut_bytes += length
+                lengths = advance(ring, lengths, sizeof(uint32_t))
+            portion.count = cut
+            portion.payload_bytes = cut_bytes
+            if portion.record.source_bytes:
+                portion.source_bytes = sum_source_lengths(ring, portion.source_lengths, cut)
+            limit = count + cut
+        count += portion.count
+        payload[0] += portion.payload_bytes
+        source_bytes[0] += portion.source_bytes
+        consume(ring, state, &portion)
     return count
 
 
-cdef void drain_records(RingQueue ring, RingState* state, char* out, uint64_t span,
-                        Py_ssize_t count, uint64_t payload) noexcept nogil:
-    state.head = read_at(ring, state.head, out, span)
-    state.got_messages += count
-    state.got_bytes += payload
+cdef struct Taken:
+    # Where take() copies what it takes, for the list it builds once the ring is unlocked:
+    # the lengths, the payloads back to back and, with sources, the source ids, lengths and
+    # the sources back to back.
+    uint32_t* lengths
+    uint32_t* source_ids
+    uint8_t* source_lengths
+    char* sources
+    char* payloads
+
+
+cdef void drain_records(RingQueue ring, RingState* state, Py_ssize_t count,
+                        bint with_source, Taken* out) noexcept nogil:
+    cdef Portion portion
+    cdef uint64_t index
+    cdef uint64_t done = 0
+    while done < <uint64_t>count:
+        head_portion(ring, state, count - done, &portion)
+        read_at(ring, portion.lengths, out.lengths + done, portion.count * sizeof(uint32_t))
+        read_at(ring, portion.payload, out.payloads, portion.payload_bytes)
+        out.payloads += portion.payload_bytes
+        if with_source:
+            for index in range(done, done + portion.count):
+                out.source_ids[index] = portion.record.source_id
+            if portion.record.source_bytes:
+                read_at(ring, portion.source_lengths, out.source_lengths + done, portion.count)
+                read_at(ring, portion.sources, out.sources, portion.source_bytes)
+                out.sources += portion.source_bytes
+            else:
+                memset(out.source_lengths + done, 0, portion.count)
+        done += portion.count
+        consume(ring, state, &portion)
     ring.release(state)
 
 
 cdef void drain_payloads(RingQueue ring, RingState* state, Batch batch) noexcept nogil:
     cdef int64_t* offsets = <int64_t*>batch.block
     cdef uint32_t* source_ids = <uint32_t*>(offsets + batch.count + 1)
-    cdef RecordHeader record
-    cdef uint64_t offset = state.head
-    cdef Py_ssize_t i
+    cdef Portion portion
+    cdef uint64_t lengths
+    cdef uint64_t index
+    cdef uint64_t done = 0
     offsets[0] = 0
-    for i in range(batch.count):
-        read_at(ring, offset, &record, sizeof(record))
-        read_at(ring, advance(ring, offset, sizeof(record) + record.source_len),
-                batch.payloads + offsets[i], record.length)
-        offsets[i + 1] = offsets[i] + record.length
-        source_ids[i] = record.source_id
-        offset = advance(ring, offset, record_size(record.source_len, record.length))
-    state.head = offset
-    state.got_messages += batch.count
-    state.got_bytes += batch.nbytes
+    while done < <uint64_t>batch.count:
+        head_portion(ring, state, batch.count - done, &portion)
+        read_at(ring, portion.payload, batch.payloads + offsets[done], portion.payload_bytes)
+        lengths = portion.lengths
+        for index in range(done, done + portion.count):
+            offsets[index + 1] = offsets[index] + length_at(ring, lengths)
+            source_ids[index] = portion.record.source_id
+            lengths = advance(ring, lengths, sizeof(uint32_t))
+        done += portion.count
+        consume(ring, state, &portion)
     ring.release(state)
 
 
-cdef list records_to_list(const char* records, Py_ssize_t count, bint with_source):
-    cdef list result = []
-    cdef const RecordHeader* record
-    cdef const char* body
-    cdef Py_ssize_t _
-    for _ in range(count):
-        record = <const RecordHeader*>records
-        body = records + sizeof(RecordHeader)
-        payload = PyBytes_FromStringAndSize(body + record.source_len, record.length)
+cdef list records_to_list(const Taken* taken, Py_ssize_t count, bint with_source):
+    cdef list result = PyList_New(count)
+    cdef const char* payload = taken.payloads
+    cdef const char* source = taken.sources
+    cdef Py_ssize_t index
+    cdef object message
+    for index in range(count):
+        message = PyBytes_FromStringAndSize(payload, taken.lengths[index])
+        payload += taken.lengths[index]
         if with_source:
-            source = (PyBytes_FromStringAndSize(body, record.source_len)
-                      if record.source_len else None)
-            result.append((record.source_id, source, payload))
-        else:
-            result.append(payload)
-        records += record_size(record.source_len, record.length)
+            if taken.source_lengths[index]:
+                sender = PyBytes_FromStringAndSize(source, taken.source_lengths[index])
+                source += taken.source_lengths[index]
+            else:
+                sender = None
+            message = (taken.source_ids[index], sender, message)
+        Py_INCREF(message)
+        PyList_SET_ITEM(result, index, message)
     return result
 
 
@@ -426,8 +599,15 @@ cdef class RingQueue:
         self.resume_messages = <uint64_t>(fraction * self.max_messages)
         self.resume_bytes = <uint64_t>(fraction * self.max_bytes)
 
-        cdef uint64_t overhead = sizeof(RecordHeader) + MAX_SOURCE_LEN + RECORD_ALIGN - 1
-        self.capacity = align(self.max_bytes + self.max_messages * overhead)
+        # A message alone in its record costs at most this much besides its payload; the
+        # messages of a record share its header and padding.
+        cdef uint64_t overhead = (sizeof(RecordHeader) + sizeof(uint32_t) + sizeof(uint8_t)
+                                  + MAX_SOURCE_LEN + RECORD_ALIGN - 1)
+        cdef uint64_t dead_space = (
+            min(<uint64_t>RECORD_MESSAGES, <uint64_t>self.max_messages)
+            * (sizeof(uint32_t) + sizeof(uint8_t) + MAX_SOURCE_LEN)
+            + min(<uint64_t>RECORD_BYTES, <uint64_t>self.max_bytes))
+        self.capacity = align(self.max_bytes + self.max_messages * overhead + dead_space)
         cdef size_t header_size = (sizeof(RingHeader) + 63) & ~(<size_t>63)
         cdef void* mapping = mmap(NULL, header_size + self.capacity, PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
@@ -449,49 +629,44 @@ cdef class RingQueue:
     cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
                               uint32_t source_id) noexcept nogil:
         cdef RingState state
-        cdef Py_ssize_t published = 0
+        cdef Py_ssize_t published
         lock_ring(self.header)
         if self.header.closed:
             unlock_ring(self.header)
             return -1
         state = committed(self.header)[0]
-        while published < n:
-            if not self.fits(&state, spans[published].length):
-                add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
-                break
-            self.append(&state, base + spans[published].offset, spans[published].length,
-                        source_id, NULL, 0)
-            published += 1
+        published = self.append_spans(&state, base, spans, n, source_id)
         self.publish(&state, published)
         return published
 
-    cdef Py_ssize_t put_record(self, const char* data, Py_ssize_t n, uint32_t source_id,
-                               const char* source, Py_ssize_t source_len) noexcept nogil:
+    cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
+                                   uint32_t source_id, uint64_t* published_bytes) noexcept nogil:
         cdef RingState state
+        cdef Py_ssize_t published
         lock_ring(self.header)
         if self.header.closed:
             unlock_ring(self.header)
             return -1
         state = committed(self.header)[0]
-        if not self.fits(&state, n):
-            add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
-            unlock_ring(self.header)
-            return 0
-        self.append(&state, data, n, source_id, source, source_len)
-        self.publish(&state, 1)
-        return 1
+        published = self.append_views(&state, messages, n, source_id, True, published_bytes)
+        self.publish(&state, published)
+        return published
 
-    cdef int wait_resume(self, double timeout) noexcept nogil:
+    cdef int wait_resume(self, Py_ssize_t length, double timeout) noexcept nogil:
         cdef double start = monotonic()
         cdef double now = start
         cdef uint32_t seen
         cdef int status
+        cdef RingState* state
         lock_ring(self.header)
         while True:
             if self.header.closed:
                 status = -1
                 break
-            if self.below_resume_mark(committed(self.header)):
+            state = committed(self.header)
+            # Both, or a message that cannot fit at the resume mark would make the caller
+            # spin between this and a refused put.
+            if self.below_resume_mark(state) and room_for(self, state, 1, 0, length):
                 status = 1
                 break
             if not now - start < timeout:
@@ -509,33 +684,118 @@ cdef class RingQueue:
                 ATOMIC_RELAXED)
         return status
 
-    cdef void count_dropped(self, Py_ssize_t messages, Py_ssize_t nbytes) noexcept nogil:
-        add_u64(&self.header.counters.dropped_messages, messages, ATOMIC_RELAXED)
-        add_u64(&self.header.counters.dropped_bytes, nbytes, ATOMIC_RELAXED)
-
     # -- Shared internals ----------------------------------------------------------------
-
-    cdef bint fits(self, const RingState* state, Py_ssize_t length) noexcept nogil:
-        return (queued_messages(state) < <uint64_t>self.max_messages
-                and queued_bytes(state) + length <= <uint64_t>self.max_bytes)
 
     cdef bint below_resume_mark(self, const RingState* state) noexcept nogil:
         return (queued_messages(state) <= self.resume_messages
                 and queued_bytes(state) <= self.resume_bytes)
 
-    cdef void append(self, RingState* state, const char* data, Py_ssize_t length,
-                     uint32_t source_id, const char* source, Py_ssize_t source_len) noexcept nogil:
-        cdef RecordHeader record
-        record.length = <uint32_t>length
-        record.source_id = source_id
-        record.source_len = <uint16_t>source_len
-        cdef uint64_t offset = write_at(self, state.tail, &record, sizeof(record))
-        if source_len:
-            offset = write_at(self, offset, source, source_len)
-        write_at(self, offset, data, length)
-        state.tail = advance(self, state.tail, record_size(source_len, length))
-        state.put_messages += 1
-        state.put_bytes += length
+    cdef Py_ssize_t append_spans(self, RingState* state, const char* base,
+                                 const MessageSpan* spans, Py_ssize_t n,
+                                 uint32_t source_id) noexcept nogil:
+        # One record per run of spans, so that a consumer takes a record's payloads with one
+        # copy.  room_for() in its inner loop, unrolled: this runs once per message.
+        cdef Py_ssize_t first = 0
+        cdef Py_ssize_t end, index, limit
+        cdef uint64_t payload, offset, length, room_messages, room_bytes, room_area
+        cdef uint32_t* lengths
+        cdef char* out
+        cdef bint full = False
+        while first < n and not full:
+            limit = min(n - first, <Py_ssize_t>RECORD_MESSAGES)
+            room_messages = self.max_messages - queued_messages(state)
+            room_bytes = self.max_bytes - queued_bytes(state)
+            # The capacity and what is used are multiples of the alignment, so a record fits
+            # when its unpadded size does.
+            room_area = self.capacity - state.used
+            end = first
+            payload = 0
+            while end - first < limit:
+                length = spans[end].length
+                if end > first and payload + length > RECORD_BYTES:
+                    break
+                if (<uint64_t>(end - first) == room_messages or payload + length > room_bytes
+                        or sizeof(RecordHeader) + (end - first + 1) * sizeof(uint32_t)
+                        + payload + length > room_area):
+                    full = True
+                    break
+                payload += length
+                end += 1
+            if end == first:
+                break
+            offset = start_record(self, state, end - first, source_id, 0, payload)
+            if offset + (end - first) * sizeof(uint32_t) <= self.capacity:
+                lengths = <uint32_t*>(self.records + offset)
+                for index in range(first, end):
+                    lengths[index - first] = <uint32_t>spans[index].length
+                offset = advance(self, offset, (end - first) * sizeof(uint32_t))
+            else:
+                for index in range(first, end):
+                    (<uint32_t*>(self.records + offset))[0] = <uint32_t>spans[index].length
+                    offset = advance(self, offset, sizeof(uint32_t))
+            if offset + payload <= self.capacity:
+                out = self.records + offset
+                for index in range(first, end):
+                    memcpy(out, base + spans[index].offset, spans[index].length)
+                    out += spans[index].length
+            else:
+                for index in range(first, end):
+                    offset = write_at(self, offset, base + spans[index].offset,
+                                      spans[index].length)
+            first = end
+        if full:
+            add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
+        return first
+
+    cdef Py_ssize_t append_views(self, RingState* state, const MessageView* views,
+                                 Py_ssize_t n, uint32_t source_id, bint drop_misfits,
+                                 uint64_t* published_bytes) noexcept nogil:
+        # Appends views in order, one record per run that fits, until one does not fit (its
+        # full event counted), or with drop_misfits dropping and counting each that does not.
+        cdef Py_ssize_t first = 0
+        cdef Py_ssize_t published = 0
+        cdef Py_ssize_t end, index
+        cdef uint64_t payload, sources, offset
+        cdef uint64_t total = 0
+        cdef bint misfit
+        while first < n:
+            end = first
+            payload = sources = 0
+            misfit = False
+            while end < n and (end == first or (end - first < RECORD_MESSAGES
+                                                and payload + views[end].length <= RECORD_BYTES)):
+                if not room_for(self, state, end - first + 1, sources + views[end].source_len,
+                                payload + views[end].length):
+                    misfit = True
+                    break
+                payload += views[end].length
+                sources += views[end].source_len
+                end += 1
+            if end > first:
+                offset = start_record(self, state, end - first, source_id, sources, payload)
+                for index in range(first, end):
+                    (<uint32_t*>(self.records + offset))[0] = <uint32_t>views[index].length
+                    offset = advance(self, offset, sizeof(uint32_t))
+                if sources:
+                    for index in range(first, end):
+                        self.records[offset] = <char>views[index].source_len
+                        offset = advance(self, offset, 1)
+                    for index in range(first, end):
+                        offset = write_at(self, offset, views[index].source,
+                                          views[index].source_len)
+                for index in range(first, end):
+                    offset = write_at(self, offset, views[index].data, views[index].length)
+                published += end - first
+                total += payload
+            first = end
+            if misfit:
+                if not drop_misfits:
+                    add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
+                    break
+                count_misfit(self.header, views[first].length)
+                first += 1
+        published_bytes[0] = total
+        return published
 
     cdef void publish(self, const RingState* state, Py_ssize_t published) noexcept nogil:
         cdef bint wake = published > 0 and load_u32(&self.header.data_waiters, ATOMIC_RELAXED)
@@ -573,14 +833,15 @@ cdef class RingQueue:
             self.sleep(&self.header.data_seq, &self.header.data_waiters, deadline)
         return 0
 
-    cdef int lock_for_space(self, Py_ssize_t length, double deadline) except -1:
+    cdef int lock_for_space(self, Py_ssize_t length, Py_ssize_t source_len,
+                            double deadline) except -1:
         cdef bint counted = False
         acquire(self.header)
         while True:
             if self.header.closed:
                 unlock_ring(self.header)
                 raise QueueClosed("the queue is closed")
-            if self.fits(committed(self.header), length):
+            if room_for(self, committed(self.header), 1, source_len, length):
                 return 0
             if not counted:
                 add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
@@ -602,43 +863,75 @@ cdef class RingQueue:
         acquire(self.header)
         return 0
 
-    cdef void put_locked(self, const Py_buffer* payload, uint32_t source_id,
-                         const Py_buffer* source) noexcept:
+    cdef void put_locked(self, const MessageView* message, uint32_t source_id) noexcept:
         cdef RingState state = committed(self.header)[0]
-        if payload.len < NOGIL_COPY_BYTES:
-            self.append(&state, <const char*>payload.buf, payload.len, source_id,
-                        <const char*>source.buf, source.len)
+        cdef uint64_t published_bytes
+        if message.length < NOGIL_COPY_BYTES:
+            self.append_views(&state, message, 1, source_id, False, &published_bytes)
             self.publish(&state, 1)
         else:
             with nogil:
-                self.append(&state, <const char*>payload.buf, payload.len, source_id,
-                            <const char*>source.buf, source.len)
+                self.append_views(&state, message, 1, source_id, False, &published_bytes)
                 self.publish(&state, 1)
 
     cdef list take(self, Py_ssize_t max_items, bint with_source):
         cdef RingState state = committed(self.header)[0]
-        cdef uint64_t span
+        cdef RingState measured = state
         cdef uint64_t payload
-        cdef Py_ssize_t count = measure(self, &state, max_items, UINT64_MAX, &span, &payload)
-        cdef char* scratch = <char*>malloc(span)
+        cdef uint64_t source_bytes
+        cdef Py_ssize_t count = measure(self, &measured, max_items, UINT64_MAX, &payload,
+                                        &source_bytes)
+        if not with_source:
+            source_bytes = 0
+        cdef size_t ids_size = count * sizeof(uint32_t) if with_source else 0
+        cdef size_t source_lengths_size = count if with_source else 0
+        cdef char* scratch = <char*>malloc(count * sizeof(uint32_t) + ids_size + payload
+                                           + source_lengths_size + source_bytes)
         if scratch == NULL:
             unlock_ring(self.header)
             raise MemoryError
-        if span < NOGIL_COPY_BYTES:
-            drain_records(self, &state, scratch, span, count, payload)
+        cdef Taken taken
+        taken.lengths = <uint32_t*>scratch
+        taken.source_ids = taken.lengths + count
+        taken.payloads = <char*>taken.source_ids + ids_size
+        taken.source_lengths = <uint8_t*>taken.payloads + payload
+        taken.sources = <char*>taken.source_lengths + source_lengths_size
+        cdef Taken cursor = taken
+        if payload + source_bytes < NOGIL_COPY_BYTES:
+            drain_records(self, &state, count, with_source, &cursor)
         else:
             with nogil:
-                drain_records(self, &state, scratch, span, count, payload)
+                drain_records(self, &state, count, with_source, &cursor)
         try:
-            return records_to_list(scratch, count, with_source)
+            return records_to_list(&taken, count, with_source)
         finally:
             free(scratch)
 
+    cdef bytes take_one(self):
+        # get(): one message, without a list and the sizing pass of a batch.
+        cdef RingState state = committed(self.header)[0]
+        cdef Portion portion
+        head_portion(self, &state, 1, &portion)
+        # One byte more: malloc(0) may return NULL.
+        cdef char* payload = <char*>malloc(portion.payload_bytes + 1)
+        if payload == NULL:
+            unlock_ring(self.header)
+            raise MemoryError
+        read_at(self, portion.payload, payload, portion.payload_bytes)
+        consume(self, &state, &portion)
+        self.release(&state)
+        try:
+            return PyBytes_FromStringAndSize(payload, portion.payload_bytes)
+        finally:
+            free(payload)
+
     cdef int fill_batch(self, Batch batch, Py_ssize_t max_items, uint64_t max_payload) except -1:
         cdef RingState state = committed(self.header)[0]
-        cdef uint64_t span
+        cdef RingState measured = state
         cdef uint64_t payload
-        cdef Py_ssize_t count = measure(self, &state, max_items, max_payload, &span, &payload)
+        cdef uint64_t source_bytes
+        cdef Py_ssize_t count = measure(self, &measured, max_items, max_payload, &payload,
+                                        &source_bytes)
         cdef size_t columns = (count + 1) * sizeof(int64_t) + count * sizeof(uint32_t)
         batch.block = <char*>malloc(columns + payload)
         if batch.block == NULL:
@@ -667,12 +960,14 @@ cdef class RingQueue:
         cdef double deadline = deadline_for(block, timeout)
         cdef Py_buffer payload
         cdef Py_buffer sender
+        cdef MessageView message
         PyObject_GetBuffer(data, &payload, PyBUF_SIMPLE)
         try:
             get_source(source, &sender)
             self.check_message(payload.len, sender.len)
-            self.lock_for_space(payload.len, deadline)
-            self.put_locked(&payload, source_id, &sender)
+            view_buffers(&message, &payload, &sender)
+            self.lock_for_space(payload.len, sender.len, deadline)
+            self.put_locked(&message, source_id)
         finally:
             PyBuffer_Release(&payload)
             PyBuffer_Release(&sender)
@@ -683,20 +978,21 @@ cdef class RingQueue:
     def offer(self, data, *, uint32_t source_id=0, source=None):
         cdef Py_buffer payload
         cdef Py_buffer sender
+        cdef MessageView message
         PyObject_GetBuffer(data, &payload, PyBUF_SIMPLE)
         try:
             get_source(source, &sender)
             self.check_message(payload.len, sender.len)
+            view_buffers(&message, &payload, &sender)
             acquire(self.header)
             if self.header.closed:
                 unlock_ring(self.header)
                 raise QueueClosed("the queue is closed")
-            if not self.fits(committed(self.header), payload.len):
-                add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
-                self.count_dropped(1, payload.len)
+            if not room_for(self, committed(self.header), 1, sender.len, payload.len):
+                count_misfit(self.header, payload.len)
                 unlock_ring(self.header)
                 return False
-            self.put_locked(&payload, source_id, &sender)
+            self.put_locked(&message, source_id)
             return True
         finally:
             PyBuffer_Release(&payload)
@@ -708,38 +1004,47 @@ cdef class RingQueue:
         cdef Py_ssize_t i
         cdef Py_ssize_t published
         cdef uint64_t total = 0
+        cdef uint64_t published_bytes
         cdef RingState state
-        cdef Py_buffer* views = <Py_buffer*>PyMem_Calloc(n, sizeof(Py_buffer))
-        if views == NULL:
+        cdef Py_buffer* buffers = <Py_buffer*>PyMem_Calloc(n, sizeof(Py_buffer))
+        cdef MessageView* views = <MessageView*>PyMem_Calloc(n, sizeof(MessageView))
+        if buffers == NULL or views == NULL:
+            PyMem_Free(buffers)
+            PyMem_Free(views)
             raise MemoryError
         try:
             for i in range(n):
-                PyObject_GetBuffer(messages[i], &views[i], PyBUF_SIMPLE)
-                self.check_message(views[i].len, 0)
-                total += views[i].len
+                PyObject_GetBuffer(messages[i], &buffers[i], PyBUF_SIMPLE)
+                self.check_message(buffers[i].len, 0)
+                views[i].data = <const char*>buffers[i].buf
+                views[i].length = buffers[i].len
+                total += buffers[i].len
             acquire(self.header)
             if self.header.closed:
                 unlock_ring(self.header)
                 raise QueueClosed("the queue is closed")
             state = committed(self.header)[0]
             if total < NOGIL_COPY_BYTES:
-                published = append_buffers(self, &state, views, n, source_id)
+                published = self.append_views(&state, views, n, source_id, False,
+                                              &published_bytes)
                 self.publish(&state, published)
             else:
                 with nogil:
-                    published = append_buffers(self, &state, views, n, source_id)
+                    published = self.append_views(&state, views, n, source_id, False,
+                                                  &published_bytes)
                     self.publish(&state, published)
             return published
         finally:
             for i in range(n):
-                PyBuffer_Release(&views[i])
+                PyBuffer_Release(&buffers[i])
+            PyMem_Free(buffers)
             PyMem_Free(views)
 
     # -- Consumer side -------------------------------------------------------------------
 
     def get(self, bint block=True, timeout=None):
         self.lock_for_data(deadline_for(block, timeout))
-        return self.take(1, False)[0]
+        return self.take_one()
 
     def get_nowait(self):
         return self.get(False)
@@ -779,7 +1084,7 @@ cdef class RingQueue:
 
     def full(self):
         acquire(self.header)
-        cdef bint full = not self.fits(committed(self.header), 1)
+        cdef bint full = not room_for(self, committed(self.header), 1, 0, 1)
         unlock_ring(self.header)
         return full
 

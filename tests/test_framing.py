@@ -237,6 +237,33 @@ def test_compiled_and_reference_agree_on_large_streams(seed, framing, delimiter)
     assert compiled.eof() == pure.eof()
 
 
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), keep_delimiter=st.booleans())
+def test_compiled_and_reference_agree_on_many_short_lines(seed, keep_delimiter):
+    """The compiled framer finds a one-byte delimiter 64 bytes at a time: lines of every
+    length around that block and around max_line, thousands per feed (so that the span array
+    fills in the middle of a block), must frame exactly as the reference frames them."""
+    rng = random.Random(seed)
+    max_line = rng.choice([1, 40, 63, 64, 65, 127, 128, 300, MAX_LINE_LENGTH])
+    options = dict(framing="lines", keep_delimiter=keep_delimiter, max_line=max_line)
+    parts = []
+    for _ in range(rng.randrange(1, 3000)):
+        length = rng.choice([0, 1, rng.randrange(200), rng.randrange(60, 70), max_line])
+        parts.append(bytes(rng.choices(b"ab\r\x00", k=length)) + b"\n")
+    if rng.random() < 0.3:
+        parts.insert(rng.randrange(len(parts) + 1), b"z" * (max_line + 1))
+    stream = b"".join(parts) + b"tail" * rng.randrange(3)
+    compiled, pure = _framing.Framer(**options), reference.Framer(**options)
+    start = 0
+    while start < len(stream):
+        end = start + rng.choice([1, rng.randrange(1, 200), rng.randrange(1, 100_000)])
+        chunk = stream[start:end]
+        assert outcome(compiled, chunk) == outcome(pure, chunk)
+        assert counters(compiled) == counters(pure)
+        start = end
+    assert compiled.eof() == pure.eof()
+
+
 # -- Lines ---------------------------------------------------------------------------------
 
 

@@ -219,6 +219,34 @@ def test_a_full_ring_pauses_reading_and_loses_nothing(impl):
     assert stats.messages_dropped == 0
 
 
+def test_a_message_too_large_for_the_resume_mark_waits_without_spinning(impl):
+    # At the resume mark (45 of 100 bytes queued) the 70-byte line still does not fit: the
+    # loop must wait for room for it, not resume and retry in a busy loop.
+    ring = impl[1](max_messages=100, max_bytes=100, resume_fraction=0.5)
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        receiver, ring, counters = _receiver(impl, server_side, ring=ring, max_line=80)
+        _send_in_thread(client_side, [b"a" * 45 + b"\n" + b"b" * 70 + b"\n"])
+        result = {}
+
+        def run():
+            started = time.thread_time()
+            result["end"] = receiver.run()
+            result["cpu"] = time.thread_time() - started
+
+        loop = threading.Thread(target=run)
+        loop.start()
+        time.sleep(0.5)
+        assert ring.qsize() == 1
+        got = _drain(ring, 2)
+        loop.join(GENEROUS)
+        receiver.close()
+    assert got == [b"a" * 45, b"b" * 70]
+    assert result["end"] == "eof"
+    assert result["cpu"] < 0.25, "the paused loop spun"
+    assert counters.snapshot().pauses == 1
+
+
 def test_stop_ends_a_loop_whose_peer_is_silent(impl):
     server_side, client_side = socket.socketpair()
     with server_side, client_side:

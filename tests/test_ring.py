@@ -728,10 +728,10 @@ CAPI_SOURCE = """
 import os
 import signal
 
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-from fastsock._ring cimport RingQueue, RingState, pthread_mutex_t
+from fastsock._ring cimport MessageView, RingQueue, RingState, pthread_mutex_t
 from fastsock._span cimport MessageSpan
 
 
@@ -753,27 +753,40 @@ def put_spans(RingQueue ring, bytes base, list spans, uint32_t source_id):
     return published
 
 
-def put_record(RingQueue ring, bytes data, uint32_t source_id, bytes source):
-    return ring.put_record(data, len(data), source_id, source, len(source))
+def offer_messages(RingQueue ring, list messages, uint32_t source_id):
+    # messages: (payload, source) pairs.
+    cdef Py_ssize_t n = len(messages)
+    cdef uint64_t published_bytes = 0
+    cdef MessageView* views = <MessageView*>malloc((n + 1) * sizeof(MessageView))
+    for i, (payload, source) in enumerate(messages):
+        views[i].data = <bytes>payload
+        views[i].length = len(payload)
+        views[i].source = <bytes>source
+        views[i].source_len = len(source)
+    published = ring.offer_messages(views, n, source_id, &published_bytes)
+    free(views)
+    return published, published_bytes
 
 
-def wait_resume(RingQueue ring, double timeout):
+def wait_resume(RingQueue ring, Py_ssize_t length, double timeout):
     cdef int status
     with nogil:
-        status = ring.wait_resume(timeout)
+        status = ring.wait_resume(length, timeout)
     return status
-
-
-def count_dropped(RingQueue ring, Py_ssize_t messages, Py_ssize_t nbytes):
-    ring.count_dropped(messages, nbytes)
 
 
 def die_holding_the_lock(RingQueue ring, bytes payload, bint committed):
     # What a producer killed inside its critical section leaves: a copied record, and the
     # state that publishes it written, or even committed, but the lock never released.
     cdef RingState state = ring.header.state[ring.header.current]
+    cdef MessageView message
+    cdef uint64_t published_bytes
+    message.data = payload
+    message.length = len(payload)
+    message.source = NULL
+    message.source_len = 0
     pthread_mutex_lock(&ring.header.lock)
-    ring.append(&state, payload, len(payload), 0, NULL, 0)
+    ring.append_views(&state, &message, 1, 0, False, &published_bytes)
     ring.header.state[ring.header.current ^ 1] = state
     if committed:
         ring.header.current ^= 1
@@ -825,22 +838,26 @@ def test_put_spans_publishes_in_order_until_full(capi):
     assert capi.put_spans(ring, base, spans, 5) == -1
 
 
-def test_put_record_and_count_dropped(capi):
-    ring = compiled.RingQueue(1, 100)
-    assert capi.put_record(ring, b"payload", 42, b"sockaddr") == 1
-    assert capi.put_record(ring, b"more", 42, b"") == 0
-    capi.count_dropped(ring, 1, 4)
+def test_offer_messages_publishes_what_fits_and_drops_the_rest(capi):
+    ring = compiled.RingQueue(3, 10)
+    messages = [(b"12345", b"a"), (b"678901", b""), (b"67", b"sockaddr"), (b"8", b"b"), (b"9", b"")]
+    assert capi.offer_messages(ring, messages, 42) == (3, 8)
     stats = ring.stats
-    assert (stats.full_events, stats.dropped_messages, stats.dropped_bytes) == (1, 1, 4)
-    assert ring.get_many(with_source=True) == [(42, b"sockaddr", b"payload")]
+    assert (stats.full_events, stats.dropped_messages, stats.dropped_bytes) == (2, 2, 7)
+    assert ring.get_many(with_source=True) == [
+        (42, b"a", b"12345"),
+        (42, b"sockaddr", b"67"),
+        (42, b"b", b"8"),
+    ]
+    assert capi.offer_messages(ring, [], 0) == (0, 0)
     ring.close()
-    assert capi.put_record(ring, b"late", 0, b"") == -1
+    assert capi.offer_messages(ring, messages, 0)[0] == -1
 
 
 def test_wait_resume_waits_for_the_resume_mark_of_both_bounds(capi):
     ring = compiled.RingQueue(10, 1000, resume_fraction=0.5)
     ring.put_many([b"m"] * 10)
-    waiter = in_thread(capi.wait_resume, ring, 30.0)
+    waiter = in_thread(capi.wait_resume, ring, 1, 30.0)
     ring.get_many(4)
     time.sleep(0.2)
     assert waiter["thread"].is_alive(), "resumed above the resume mark"
@@ -851,21 +868,21 @@ def test_wait_resume_waits_for_the_resume_mark_of_both_bounds(capi):
     ring = compiled.RingQueue(100, 100, resume_fraction=0.5)
     ring.put_many([b"x" * 40, b"y" * 40])
     start = time.monotonic()
-    assert capi.wait_resume(ring, 0.1) == 0
+    assert capi.wait_resume(ring, 1, 0.1) == 0
     assert 0.09 <= time.monotonic() - start < PROMPTLY
     assert ring.stats.paused_seconds >= 0.09
     ring.get()
-    assert capi.wait_resume(ring, 0.0) == 1
+    assert capi.wait_resume(ring, 1, 0.0) == 1
 
 
 def test_wait_resume_is_woken_by_close(capi):
     ring = compiled.RingQueue(2, 100)
     ring.put_many([b"a", b"b"])
-    waiter = in_thread(capi.wait_resume, ring, 30.0)
+    waiter = in_thread(capi.wait_resume, ring, 1, 30.0)
     time.sleep(0.05)
     ring.close()
     assert finished(waiter) and waiter["result"] == -1
-    assert capi.wait_resume(ring, 0.0) == -1
+    assert capi.wait_resume(ring, 1, 0.0) == -1
 
 
 @forks_with_threads
@@ -881,3 +898,71 @@ def test_process_killed_holding_the_lock_is_recovered(capi, reap_children, commi
     assert ring.get(timeout=PROMPTLY) == b"after"
     stats = ring.stats
     assert stats.put_messages == stats.got_messages == 2 + committed
+
+
+def test_wait_resume_waits_until_the_pending_message_fits(capi):
+    # Drained to the resume mark, the ring may still lack room for a large pending message:
+    # resuming then would have the loop spin between a refused put and wait_resume().
+    ring = compiled.RingQueue(100, 100, resume_fraction=0.5)
+    ring.put(b"x" * 45)
+    assert capi.wait_resume(ring, 60, 0.05) == 0
+    waiter = in_thread(capi.wait_resume, ring, 60, 30.0)
+    time.sleep(0.1)
+    assert waiter["thread"].is_alive(), "resumed without room for the pending message"
+    ring.get()
+    assert finished(waiter) and waiter["result"] == 1
+    assert capi.put_spans(ring, b"y" * 60, [(0, 60)], 0) == 1
+
+
+def test_multi_message_records_wrapping_around_stay_intact(capi):
+    # Records of many messages, some with sources, published by the C API and taken in
+    # every way, whole and in part.  The ring is never drained, so that it does not start
+    # over at the front: records, their length tables and payloads straddle the end of
+    # the record area at every possible offset.
+    rng = random.Random(11)
+    ring = compiled.RingQueue(60, 3000)
+    base = bytes(range(256)) * 24
+    model = collections.deque()
+    for step in range(4000):
+        if rng.random() < 0.5:
+            if rng.random() < 0.6:
+                spans = [
+                    (rng.randrange(len(base) - 130), rng.randrange(130))
+                    for _ in range(rng.randrange(1, 25))
+                ]
+                published = capi.put_spans(ring, base, spans, step)
+                expected = [(step, None, base[o : o + n]) for o, n in spans[:published]]
+            else:
+                messages = [
+                    (rng.randbytes(rng.randrange(100)), rng.randbytes(rng.choice([0, 16, 128])))
+                    for _ in range(rng.randrange(1, 25))
+                ]
+                published, _ = capi.offer_messages(ring, messages, step)
+                expected = []
+                for payload, source in messages:
+                    fits = (
+                        len(model) + len(expected) < 60
+                        and sum(len(m[2]) for m in list(model) + expected) + len(payload) <= 3000
+                    )
+                    if fits:
+                        expected.append((step, source or None, payload))
+                assert published == len(expected)
+            model.extend(expected)
+        elif len(model) > 1:
+            most = rng.randrange(1, len(model))
+            way = rng.choice(["get", "get_many", "get_batch"])
+            if way == "get":
+                assert ring.get_nowait() == model.popleft()[2]
+            elif way == "get_many":
+                taken = ring.get_many(most, block=False, with_source=True)
+                assert taken == [model.popleft() for _ in taken]
+            else:
+                cap = rng.choice([None, rng.randrange(1, 300)])
+                batch = ring.get_batch(most, block=False, max_bytes=cap)
+                expected = [model.popleft() for _ in range(len(batch))]
+                assert list(batch) == [payload for _, _, payload in expected]
+                assert batch.source_ids.tolist() == [source_id for source_id, _, _ in expected]
+                if cap is not None and len(model) and len(batch) < most:
+                    assert batch.nbytes + len(model[0][2]) > cap
+        assert ring.qsize() == len(model)
+    assert ring.get_many(len(model), block=False, with_source=True) == list(model)
