@@ -23,6 +23,7 @@ cdef enum ReceiveCounter:
     COUNT_IDLE_TIMEOUTS
     COUNT_PAUSES
     COUNT_PAUSED_NS
+    COUNT_MESSAGE_TIMEOUTS
     COUNTER_SLOTS
 
 
@@ -33,6 +34,7 @@ cdef enum StreamEnd:
     END_STOPPED         # stop() was called
     END_RESET           # the connection broke (reset, timed out): an ordinary end
     END_IDLE_TIMEOUT    # the peer sent nothing for idle_timeout seconds
+    END_MESSAGE_TIMEOUT  # one message took longer than message_timeout to arrive whole
     END_LINE_TOO_LONG
     END_FRAME_TOO_LARGE
     END_RING_CLOSED     # the ring was closed: the messages not yet published are dropped
@@ -59,6 +61,9 @@ cdef class StreamReceiver:
     cdef uint64_t check_interval_ns
     cdef uint64_t idle_timeout_ns     # 0: no idle timeout
     cdef uint64_t last_data_ns
+    cdef uint64_t message_timeout_ns  # 0: no deadline for a message to arrive whole
+    cdef uint64_t message_started_ns  # when the partial message began; 0: none pending
+    cdef uint64_t messages_at_start   # the framer's messages_out when it began
     cdef volatile int stop_requested
     cdef readonly int last_errno
     cdef bint closed
@@ -72,6 +77,7 @@ cdef class StreamReceiver:
     cdef FramerStatus status
 
     cdef StreamEnd pump(self) noexcept nogil
+    cdef bint message_overdue(self, uint64_t now) noexcept nogil
     cdef void frame(self, Py_ssize_t received) noexcept nogil
     cdef StreamEnd deliver(self) noexcept nogil
     cdef StreamEnd publish_pending(self) noexcept nogil

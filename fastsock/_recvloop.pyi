@@ -54,6 +54,7 @@ class StreamReceiver:
         *,
         recv_size: int = ...,
         idle_timeout: float | None = None,
+        message_timeout: float | None = None,
         check_interval: float = ...,
         spans_per_publish: int = ...,
     ) -> None:
@@ -64,7 +65,8 @@ class StreamReceiver:
     def run(self) -> str:
         """Receive with the GIL released until the connection ends; return how it ended.
 
-        One of "eof", "stopped", "reset", "idle_timeout", "line_too_long",
+        One of "eof", "stopped", "reset", "idle_timeout", "message_timeout" (one
+        message, from its first byte, took longer than ``message_timeout``), "line_too_long",
         "frame_too_large", "ring_closed", "no_memory", "os_error".  A signal handler's
         exception (KeyboardInterrupt) propagates within one check interval; ``run()`` may
         then be called again and resumes where it stopped.

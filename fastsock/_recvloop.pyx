@@ -94,6 +94,7 @@ END_NAMES = {
     END_STOPPED: "stopped",
     END_RESET: "reset",
     END_IDLE_TIMEOUT: "idle_timeout",
+    END_MESSAGE_TIMEOUT: "message_timeout",
     END_LINE_TOO_LONG: "line_too_long",
     END_FRAME_TOO_LARGE: "frame_too_large",
     END_RING_CLOSED: "ring_closed",
@@ -176,6 +177,7 @@ cdef class ReceiveCounters:
             frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
+            message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
         )
@@ -185,7 +187,7 @@ cdef class StreamReceiver:
 
     def __cinit__(self, int fd, Framer framer not None, RingQueue ring not None,
                   ReceiveCounters counters not None, uint32_t source_id=0, *,
-                  Py_ssize_t recv_size=RECV_SIZE, idle_timeout=None,
+                  Py_ssize_t recv_size=RECV_SIZE, idle_timeout=None, message_timeout=None,
                   double check_interval=RECEIVE_CHECK_INTERVAL,
                   Py_ssize_t spans_per_publish=SPANS_PER_PUBLISH):
         if fd < 0:
@@ -194,6 +196,9 @@ cdef class StreamReceiver:
             raise ValueError("recv_size, spans_per_publish and check_interval must be positive")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        if message_timeout is not None and not message_timeout > 0:
+            raise ValueError(
+                f"message_timeout must be positive or None, not {message_timeout!r}")
         set_receive_timeout(fd, check_interval)
         self.spans = <MessageSpan*>PyMem_RawMalloc(spans_per_publish * sizeof(MessageSpan))
         if self.spans == NULL:
@@ -207,6 +212,8 @@ cdef class StreamReceiver:
         self.max_spans = spans_per_publish
         self.check_interval_ns = seconds_to_ns(check_interval)
         self.idle_timeout_ns = 0 if idle_timeout is None else seconds_to_ns(idle_timeout)
+        self.message_timeout_ns = (
+            0 if message_timeout is None else seconds_to_ns(message_timeout))
         self.status = FRAMER_OK
         counters.add(COUNT_CONNECTIONS_OPENED, 1)
 
@@ -263,6 +270,8 @@ cdef class StreamReceiver:
                 end = self.deliver()
                 now = monotonic_ns()
                 self.last_data_ns = now
+                if end == END_RECEIVING and self.message_overdue(now):
+                    return END_MESSAGE_TIMEOUT
                 if now >= check_at and end == END_RECEIVING:
                     return END_CHECK_IN
                 continue
@@ -277,6 +286,8 @@ cdef class StreamReceiver:
                 if self.idle_timeout_ns and now - self.last_data_ns >= self.idle_timeout_ns:
                     self.counters.add(COUNT_IDLE_TIMEOUTS, 1)
                     return END_IDLE_TIMEOUT
+                if self.message_overdue(now):
+                    return END_MESSAGE_TIMEOUT
                 return END_CHECK_IN
             self.last_errno = error
             if (error == ECONNRESET or error == ETIMEDOUT or error == ECONNABORTED
@@ -285,6 +296,21 @@ cdef class StreamReceiver:
                 return END_RESET
             return END_OS_ERROR
         return end
+
+    cdef bint message_overdue(self, uint64_t now) noexcept nogil:
+        # The deadline is per message: a trickle that keeps the connection busy cannot
+        # stretch one message forever, while a stream of complete messages never trips it.
+        if self.framer.tail == self.framer.head:
+            self.message_started_ns = 0
+            return False
+        if self.message_started_ns == 0 or self.framer.messages_out != self.messages_at_start:
+            self.message_started_ns = now
+            self.messages_at_start = self.framer.messages_out
+            return False
+        if self.message_timeout_ns and now - self.message_started_ns >= self.message_timeout_ns:
+            self.counters.add(COUNT_MESSAGE_TIMEOUTS, 1)
+            return True
+        return False
 
     cdef void frame(self, Py_ssize_t received) noexcept nogil:
         self.published = 0

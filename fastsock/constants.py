@@ -94,6 +94,10 @@ IDLE_TIMEOUT = 300.0
 """Seconds a compiled-path connection may stay silent before it is closed: long enough for
 any live sender's keep-alive, short enough that squatters cannot hold slots for hours."""
 
+MESSAGE_TIMEOUT = 30.0
+"""Seconds one line or frame may take to arrive whole on the compiled path: a trickle of a
+byte now and then keeps a connection from being idle, but cannot hold it for hours."""
+
 COMPILED_BACKLOG = 511
 """Listen backlog of compiled-path stream servers (the stdlib's 5 drops bursts of
 connects): nginx's and Redis's default, and within Linux's usual somaxconn."""

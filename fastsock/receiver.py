@@ -164,6 +164,7 @@ class ReceiveHandler(BaseRequestHandler):
     max_frame = constants.MAX_FRAME_SIZE
     recv_size = constants.RECV_SIZE
     idle_timeout = constants.IDLE_TIMEOUT
+    message_timeout = constants.MESSAGE_TIMEOUT
     max_connections = None
     max_datagram = constants.DATAGRAM_MAX_SIZE
     datagram_batch = constants.DATAGRAM_BATCH
@@ -217,6 +218,7 @@ class ReceiveHandler(BaseRequestHandler):
                 connection_id,
                 recv_size=self.recv_size,
                 idle_timeout=self.idle_timeout,
+                message_timeout=self.message_timeout,
             ),
             self.client_address,
             max_connections,
@@ -246,6 +248,13 @@ class ReceiveHandler(BaseRequestHandler):
             self._reject(
                 FrameTooLargeError,
                 f"announced a frame larger than max_frame={self.max_frame} bytes",
+            )
+        if self.end == "message_timeout":
+            _log.warning(
+                "message-timeout",
+                "closed %s: a message took longer than message_timeout=%s s to arrive",
+                _escaped(self.client_address),
+                self.message_timeout,
             )
         if self.end == "no_memory":
             raise MemoryError(f"no memory to receive from {self.client_address!r}")
@@ -299,6 +308,7 @@ def receiver(
     max_frame=constants.MAX_FRAME_SIZE,
     recv_size=constants.RECV_SIZE,
     idle_timeout=constants.IDLE_TIMEOUT,
+    message_timeout=constants.MESSAGE_TIMEOUT,
     max_connections=None,
     max_datagram=constants.DATAGRAM_MAX_SIZE,
     datagram_batch=constants.DATAGRAM_BATCH,
@@ -325,6 +335,8 @@ def receiver(
         raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+    if message_timeout is not None and not message_timeout > 0:
+        raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
     if max_connections is not None and (
         not isinstance(max_connections, int) or max_connections < 1
     ):
@@ -341,6 +353,7 @@ def receiver(
             "max_frame": max_frame,
             "recv_size": recv_size,
             "idle_timeout": idle_timeout,
+            "message_timeout": message_timeout,
             "max_connections": max_connections,
             "max_datagram": max_datagram,
             "datagram_batch": datagram_batch,

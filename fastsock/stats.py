@@ -49,6 +49,7 @@ class ReceiveStats:
     pauses: int
     paused_seconds: float
     connections_refused: int = 0
+    message_timeouts: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":

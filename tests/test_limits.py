@@ -26,6 +26,7 @@ def _serve(server):
 def test_compiled_path_defaults():
     handler = fastsock.receiver(fastsock.RingQueue())
     assert handler.idle_timeout == constants.IDLE_TIMEOUT == 300
+    assert handler.message_timeout == constants.MESSAGE_TIMEOUT == 30
     assert handler.max_line == 64 * 1024 and handler.max_frame == 1024 * 1024
     with fastsock.ThreadingTCPServer((HOST, 0), handler) as server:
         assert server.request_queue_size == constants.COMPILED_BACKLOG == 511

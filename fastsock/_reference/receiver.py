@@ -63,6 +63,7 @@ class StreamReceiver:
         *,
         recv_size=RECV_SIZE,
         idle_timeout=None,
+        message_timeout=None,
         check_interval=RECEIVE_CHECK_INTERVAL,
         spans_per_publish=SPANS_PER_PUBLISH,
     ):
@@ -72,6 +73,8 @@ class StreamReceiver:
             raise ValueError("recv_size, spans_per_publish and check_interval must be positive")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        if message_timeout is not None and not message_timeout > 0:
+            raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
         if not os.get_blocking(fd):
             raise ValueError("the socket must be blocking: call settimeout(None) first")
         view = socket.socket(fileno=fd)
@@ -90,6 +93,9 @@ class StreamReceiver:
         self.source_id = source_id
         self._recv_size = recv_size
         self._idle_timeout = idle_timeout
+        self._message_timeout = message_timeout
+        self._message_started = None
+        self._messages_at_start = 0
         self._check_interval = check_interval
         self._unpublished = []
         self._stop_requested = False
@@ -115,6 +121,8 @@ class StreamReceiver:
                 if self._idle_timeout and time.monotonic() - last_data >= self._idle_timeout:
                     self._counters.add("idle_timeouts", 1)
                     return "idle_timeout"
+                if self._message_overdue(time.monotonic()):
+                    return "message_timeout"
                 continue
             except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
                 self.last_errno = exc.errno
@@ -136,6 +144,23 @@ class StreamReceiver:
                 return self._fail(exc, "lines_too_long", "line_too_long")
             except FrameTooLargeError as exc:
                 return self._fail(exc, "frames_too_large", "frame_too_large")
+            if self._message_overdue(last_data):
+                end = self._publish()
+                return end if end is not None else "message_timeout"
+
+    def _message_overdue(self, now):
+        # Per message: completing any message restarts the clock of the partial one.
+        if not self._framer.pending:
+            self._message_started = None
+            return False
+        if self._message_started is None or self._framer.messages_out != self._messages_at_start:
+            self._message_started = now
+            self._messages_at_start = self._framer.messages_out
+            return False
+        if self._message_timeout and now - self._message_started >= self._message_timeout:
+            self._counters.add("message_timeouts", 1)
+            return True
+        return False
 
     def _fail(self, error, counter, end):
         self._unpublished.extend(error.messages)
