@@ -11,6 +11,10 @@ import tempfile
 
 import pytest
 
+from fastsock import _framing, _recvloop, _ring
+from fastsock._reference import framing as reference_framing
+from fastsock._reference import receiver as reference_receiver
+from fastsock._reference import ring as reference_ring
 from tests.support import child_pids, kill_and_reap
 
 DEFAULT_WATCHDOG_SECONDS = 60.0
@@ -82,3 +86,26 @@ def reap_children():
     leftover = child_pids() - children_before
     kill_and_reap(leftover)
     assert not leftover, f"forked children left running or unreaped: {sorted(leftover)}"
+
+
+RECEIVE_IMPLEMENTATIONS = {
+    "compiled": (
+        _framing.Framer,
+        _ring.RingQueue,
+        _recvloop.ReceiveCounters,
+        _recvloop.StreamReceiver,
+    ),
+    "reference": (
+        reference_framing.Framer,
+        reference_ring.RingQueue,
+        reference_receiver.ReceiveCounters,
+        reference_receiver.StreamReceiver,
+    ),
+}
+
+
+@pytest.fixture(params=sorted(RECEIVE_IMPLEMENTATIONS))
+def impl(request):
+    """(Framer, RingQueue, ReceiveCounters, StreamReceiver) of the compiled core, then of
+    the pure-Python reference: the same receive-loop test body runs on both."""
+    return RECEIVE_IMPLEMENTATIONS[request.param]

@@ -13,33 +13,9 @@ import time
 import pytest
 
 import fastsock
-from fastsock import _framing, _recvloop, _ring
-from fastsock._reference import framing as reference_framing
-from fastsock._reference import receiver as reference_receiver
-from fastsock._reference import ring as reference_ring
 
 GENEROUS = 10.0
 HOST = "127.0.0.1"
-
-IMPLEMENTATIONS = {
-    "compiled": (
-        _framing.Framer,
-        _ring.RingQueue,
-        _recvloop.ReceiveCounters,
-        _recvloop.StreamReceiver,
-    ),
-    "reference": (
-        reference_framing.Framer,
-        reference_ring.RingQueue,
-        reference_receiver.ReceiveCounters,
-        reference_receiver.StreamReceiver,
-    ),
-}
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def impl(request):
-    return IMPLEMENTATIONS[request.param]
 
 
 def _receiver(impl, sock, framing="lines", ring=None, **options):
