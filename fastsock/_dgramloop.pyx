@@ -13,6 +13,13 @@ from libc.stdint cimport INT32_MAX, uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
+from fastsock._native cimport (
+    fastsock_counter_add,
+    fastsock_counter_load,
+    monotonic_ns,
+    seconds_to_timeval,
+    timeval,
+)
 from fastsock._ring cimport MAX_SOURCE_LEN, MessageView
 
 import operator
@@ -37,21 +44,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_TRUNC
 
 
-cdef extern from "<sys/time.h>" nogil:
-    cdef struct timeval:
-        long tv_sec
-        long tv_usec
-
-
-cdef extern from "<time.h>" nogil:
-    ctypedef int clockid_t
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(clockid_t clock, timespec* now)
-    clockid_t CLOCK_MONOTONIC
-
-
 cdef extern from *:
     """
     #include <stdint.h>
@@ -60,15 +52,6 @@ cdef extern from *:
     #ifdef __linux__
     #include <linux/sock_diag.h>
     #endif
-
-    /* Relaxed atomics: every loop of a server adds to the same counters, and readers
-       need each value whole, not an order between them. */
-    static inline void fastsock_dgram_counter_add(uint64_t *counter, uint64_t amount) {
-        __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
-    }
-    static inline uint64_t fastsock_dgram_counter_load(const uint64_t *counter) {
-        return __atomic_load_n(counter, __ATOMIC_RELAXED);
-    }
 
     /* MSG_WAITFORONE comes with recvmmsg() and struct mmsghdr wherever they exist.  Where
        they do not, a batch is one recvmsg() into the first slot.  FASTSOCK_NO_RECVMMSG
@@ -144,8 +127,6 @@ cdef extern from *:
         return 0;
     }
     """
-    void fastsock_dgram_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
-    uint64_t fastsock_dgram_counter_load(const uint64_t* counter) noexcept nogil
     int fastsock_receive_datagrams(int fd, mmsghdr* messages, unsigned int count) noexcept nogil
     int fastsock_report_drops(int fd) noexcept nogil
     int fastsock_read_drops(int fd, uint32_t* drops) noexcept nogil
@@ -164,12 +145,6 @@ END_NAMES = {
     END_NO_MEMORY: "no_memory",
     END_OS_ERROR: "os_error",
 }
-
-
-cdef inline uint64_t monotonic_ns() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
 
 
 cdef int raise_errno() except -1:
@@ -216,13 +191,13 @@ cdef class DatagramCounters:
             munmap(self.values, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t))
 
     cdef void add(self, DatagramCounter counter, uint64_t amount) noexcept nogil:
-        fastsock_dgram_counter_add(&self.values[<int>counter], amount)
+        fastsock_counter_add(&self.values[<int>counter], amount)
 
     def snapshot(self):
         cdef uint64_t[DATAGRAM_COUNTER_SLOTS] values
         cdef int slot
         for slot in range(<int>DATAGRAM_COUNTER_SLOTS):
-            values[slot] = fastsock_dgram_counter_load(&self.values[slot])
+            values[slot] = fastsock_counter_load(&self.values[slot])
         return DatagramStats(
             datagrams_received=values[<int>COUNT_DATAGRAMS_RECEIVED],
             bytes_received=values[<int>COUNT_BYTES_RECEIVED],
@@ -280,8 +255,7 @@ cdef class DatagramReceiver:
             set_socket_option(fd, SO_RCVBUF, &requested_buffer, sizeof(requested_buffer))
         # A blocking receive that returns every check interval while the socket is silent:
         # the loop then sees stop requests and signals without a poll() per call.
-        interval.tv_sec = <long>check_interval
-        interval.tv_usec = <long>((check_interval - interval.tv_sec) * 1e6)
+        interval = seconds_to_timeval(check_interval)
         set_socket_option(fd, SO_RCVTIMEO, &interval, sizeof(interval))
         if fastsock_report_drops(fd) != 0:
             raise_errno()

@@ -20,6 +20,16 @@ from libc.stdint cimport uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
+from fastsock._native cimport (
+    fastsock_atomic_increment,
+    fastsock_counter_add,
+    fastsock_counter_load,
+    fastsock_counter_store,
+    monotonic_ns,
+    seconds_to_ns,
+    seconds_to_timeval,
+    timeval,
+)
 from fastsock._framing cimport (
     FRAMER_FRAME_TOO_LARGE,
     FRAMER_LINE_TOO_LONG,
@@ -45,44 +55,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int SO_RCVTIMEO
 
 
-cdef extern from "<sys/time.h>" nogil:
-    cdef struct timeval:
-        long tv_sec
-        long tv_usec
-
-
-cdef extern from "<time.h>" nogil:
-    ctypedef int clockid_t
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(clockid_t clock, timespec* now)
-    clockid_t CLOCK_MONOTONIC
-
-
-cdef extern from *:
-    """
-    /* Relaxed atomics: every loop of a server adds to the same counters, and readers
-       need each value whole, not an order between them. */
-    static inline void fastsock_counter_add(uint64_t *counter, uint64_t amount) {
-        __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
-    }
-    static inline uint64_t fastsock_counter_load(const uint64_t *counter) {
-        return __atomic_load_n(counter, __ATOMIC_RELAXED);
-    }
-    static inline uint64_t fastsock_atomic_increment(uint64_t *counter) {
-        return __atomic_add_fetch(counter, 1, __ATOMIC_RELAXED);
-    }
-    static inline void fastsock_counter_store(uint64_t *counter, uint64_t value) {
-        __atomic_store_n(counter, value, __ATOMIC_RELAXED);
-    }
-    """
-    void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
-    uint64_t fastsock_counter_load(const uint64_t* counter) noexcept nogil
-    void fastsock_counter_store(uint64_t* counter, uint64_t value) noexcept nogil
-    uint64_t fastsock_atomic_increment(uint64_t* counter) noexcept nogil
-
-
 cdef enum:
     STOP_WORD = COUNTER_SLOTS
     LAST_CONNECTION_ID_WORD
@@ -103,27 +75,15 @@ END_NAMES = {
 }
 
 
-cdef inline uint64_t monotonic_ns() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
-
-
-cdef inline uint64_t seconds_to_ns(double seconds) noexcept nogil:
-    return <uint64_t>(seconds * 1e9)
-
-
 cdef int set_receive_timeout(int fd, double seconds) except -1:
     # A blocking recv() that returns every so often while the peer is silent: the loop then
     # sees stop requests, signals and idle timeouts without a poll() per recv().
     cdef int flags = fcntl(fd, F_GETFL)
-    cdef timeval interval
+    cdef timeval interval = seconds_to_timeval(seconds)
     if flags < 0:
         raise OSError(errno, os.strerror(errno))
     if flags & O_NONBLOCK:
         raise ValueError("the socket must be blocking: call settimeout(None) first")
-    interval.tv_sec = <long>seconds
-    interval.tv_usec = <long>((seconds - interval.tv_sec) * 1e6)
     if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &interval, sizeof(interval)) != 0:
         raise OSError(errno, os.strerror(errno))
     return 0
