@@ -74,6 +74,13 @@ class Framer:
         ``TypeError`` if ``data`` is not bytes-like, ``BufferError`` if it is not contiguous.
         """
 
+    def peek_pending(self, limit: int) -> bytes:
+        """The first ``limit`` bytes of the incomplete message, without consuming them.
+
+        After a receive loop ends on a framing error (before the framer is closed), this is
+        the start of the offending line or frame: the sample a log line shows.
+        """
+
     def eof(self) -> int:
         """End the stream: discard the incomplete message and return its size in bytes.
 

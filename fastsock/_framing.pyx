@@ -135,6 +135,12 @@ cdef class Framer:
     def pending(self):
         return self.tail - self.head
 
+    def peek_pending(self, Py_ssize_t limit):
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+        return PyBytes_FromStringAndSize(self.buffer + self.head,
+                                         min(limit, self.tail - self.head))
+
     def feed(self, data):
         cdef Py_buffer view
         if self.feeding:
@@ -217,6 +223,12 @@ cdef class Framer:
         # message is left in place until reserve() runs short of room.
         if self.head == self.tail:
             self.head = self.tail = self.scan_pos = 0
+
+    cdef void release_if_empty(self) noexcept nogil:
+        if self.head == self.tail and self.buffer != NULL:
+            PyMem_RawFree(self.buffer)
+            self.buffer = NULL
+            self.capacity = self.head = self.tail = self.scan_pos = 0
 
     cdef Py_ssize_t discard_pending(self) noexcept nogil:
         cdef Py_ssize_t discarded = self.tail - self.head

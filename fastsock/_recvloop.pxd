@@ -24,6 +24,8 @@ cdef enum ReceiveCounter:
     COUNT_PAUSES
     COUNT_PAUSED_NS
     COUNT_MESSAGE_TIMEOUTS
+    COUNT_IDLE_EVICTIONS
+    COUNT_MEMORY_EVICTIONS
     COUNTER_SLOTS
 
 
@@ -35,6 +37,8 @@ cdef enum StreamEnd:
     END_RESET           # the connection broke (reset, timed out): an ordinary end
     END_IDLE_TIMEOUT    # the peer sent nothing for idle_timeout seconds
     END_MESSAGE_TIMEOUT  # one message took longer than message_timeout to arrive whole
+    END_EVICTED_IDLE    # closed while silent to make room for a new connection
+    END_EVICTED_MEMORY  # closed as the largest holder of partial messages over the budget
     END_LINE_TOO_LONG
     END_FRAME_TOO_LARGE
     END_RING_CLOSED     # the ring was closed: the messages not yet published are dropped
@@ -42,13 +46,22 @@ cdef enum StreamEnd:
     END_OS_ERROR        # any other recv() failure: see last_errno
 
 
+cdef enum StopReason:
+    STOP_NONE
+    STOP_ASKED          # stop(): a graceful end, which drains what was framed
+    STOP_EVICT_IDLE
+    STOP_EVICT_MEMORY
+
+
 cdef class ReceiveCounters:
-    # COUNTER_SLOTS counters, then the server-wide stop word and the last connection id given
-    # out, in an anonymous shared mapping.
+    # COUNTER_SLOTS counters, then the server-wide stop word, the last connection id given
+    # out and the partial-message bytes all loops hold, in an anonymous shared mapping.
     cdef uint64_t* values
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil
     cdef bint stopping(self) noexcept nogil
+    # Moves this loop's share of the partial bytes from held to now; returns the new total.
+    cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil
 
 
 cdef class StreamReceiver:
@@ -64,7 +77,13 @@ cdef class StreamReceiver:
     cdef uint64_t message_timeout_ns  # 0: no deadline for a message to arrive whole
     cdef uint64_t message_started_ns  # when the partial message began; 0: none pending
     cdef uint64_t messages_at_start   # the framer's messages_out when it began
-    cdef volatile int stop_requested
+    cdef volatile StopReason stop_requested
+    cdef uint64_t drain_timeout_ns    # after stop(), how long framed messages may still wait
+    cdef uint64_t drain_deadline_ns   # 0: not draining yet
+    cdef readonly uint64_t held_bytes  # partial-message bytes counted in the shared total
+    cdef uint64_t partial_budget      # 0: no cap on the shared total
+    cdef bint over_budget             # the total crossed partial_budget: run() reports it
+    cdef object on_over_budget        # called by run() with the GIL when it does
     cdef readonly int last_errno
     cdef bint closed
     cdef bint paused                  # the ring was full at the last publish
@@ -77,6 +96,8 @@ cdef class StreamReceiver:
     cdef FramerStatus status
 
     cdef StreamEnd pump(self) noexcept nogil
+    cdef StreamEnd stop_end(self) noexcept nogil
+    cdef bint drain_expired(self) noexcept nogil
     cdef bint message_overdue(self, uint64_t now) noexcept nogil
     cdef void frame(self, Py_ssize_t received) noexcept nogil
     cdef StreamEnd deliver(self) noexcept nogil

@@ -53,11 +53,14 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
     int SOL_SOCKET
     int SO_RCVTIMEO
+    int shutdown(int fd, int how)
+    int SHUT_RD
 
 
 cdef enum:
     STOP_WORD = COUNTER_SLOTS
     LAST_CONNECTION_ID_WORD
+    PARTIAL_BYTES_WORD
     MAPPED_WORDS
 
 
@@ -67,6 +70,8 @@ END_NAMES = {
     END_RESET: "reset",
     END_IDLE_TIMEOUT: "idle_timeout",
     END_MESSAGE_TIMEOUT: "message_timeout",
+    END_EVICTED_IDLE: "evicted_idle",
+    END_EVICTED_MEMORY: "evicted_memory",
     END_LINE_TOO_LONG: "line_too_long",
     END_FRAME_TOO_LARGE: "frame_too_large",
     END_RING_CLOSED: "ring_closed",
@@ -108,6 +113,13 @@ cdef class ReceiveCounters:
     cdef bint stopping(self) noexcept nogil:
         return fastsock_counter_load(&self.values[<int>STOP_WORD]) != 0
 
+    cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil:
+        cdef uint64_t* total = &self.values[<int>PARTIAL_BYTES_WORD]
+        if now != held:
+            # Unsigned arithmetic wraps, so a shrinking share subtracts.
+            fastsock_counter_add(total, now - held)
+        return fastsock_counter_load(total)
+
     def request_stop(self):
         """Stop every loop counting here, in this process and in forked ones."""
         fastsock_counter_store(&self.values[<int>STOP_WORD], 1)
@@ -138,6 +150,9 @@ cdef class ReceiveCounters:
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],
+            idle_evictions=values[<int>COUNT_IDLE_EVICTIONS],
+            memory_evictions=values[<int>COUNT_MEMORY_EVICTIONS],
+            partial_bytes=fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD]),
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
         )
@@ -148,6 +163,7 @@ cdef class StreamReceiver:
     def __cinit__(self, int fd, Framer framer not None, RingQueue ring not None,
                   ReceiveCounters counters not None, uint32_t source_id=0, *,
                   Py_ssize_t recv_size=RECV_SIZE, idle_timeout=None, message_timeout=None,
+                  double drain_timeout=0.0, partial_budget=None, on_over_budget=None,
                   double check_interval=RECEIVE_CHECK_INTERVAL,
                   Py_ssize_t spans_per_publish=SPANS_PER_PUBLISH):
         if fd < 0:
@@ -159,6 +175,10 @@ cdef class StreamReceiver:
         if message_timeout is not None and not message_timeout > 0:
             raise ValueError(
                 f"message_timeout must be positive or None, not {message_timeout!r}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
+        if partial_budget is not None and not partial_budget > 0:
+            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
         set_receive_timeout(fd, check_interval)
         self.spans = <MessageSpan*>PyMem_RawMalloc(spans_per_publish * sizeof(MessageSpan))
         if self.spans == NULL:
@@ -174,7 +194,11 @@ cdef class StreamReceiver:
         self.idle_timeout_ns = 0 if idle_timeout is None else seconds_to_ns(idle_timeout)
         self.message_timeout_ns = (
             0 if message_timeout is None else seconds_to_ns(message_timeout))
+        self.drain_timeout_ns = seconds_to_ns(drain_timeout)
+        self.partial_budget = 0 if partial_budget is None else partial_budget
+        self.on_over_budget = on_over_budget
         self.status = FRAMER_OK
+        self.last_data_ns = monotonic_ns()
         counters.add(COUNT_CONNECTIONS_OPENED, 1)
 
     def __dealloc__(self):
@@ -192,10 +216,40 @@ cdef class StreamReceiver:
             if end != END_CHECK_IN:
                 return END_NAMES[end]
             PyErr_CheckSignals()
+            if self.over_budget:
+                self.over_budget = False
+                if self.on_over_budget is not None:
+                    self.on_over_budget()
 
     def stop(self):
         """Ask run() to return "stopped" within one check interval; safe from any thread."""
-        self.stop_requested = 1
+        if self.stop_requested == STOP_NONE:
+            self.stop_requested = STOP_ASKED
+
+    def evict(self, str reason):
+        """End run() now with "evicted_idle" or "evicted_memory"; safe from any thread while
+        the socket is open."""
+        if reason == "idle":
+            self.stop_requested = STOP_EVICT_IDLE
+            self.counters.add(COUNT_IDLE_EVICTIONS, 1)
+        elif reason == "memory":
+            self.stop_requested = STOP_EVICT_MEMORY
+            self.counters.add(COUNT_MEMORY_EVICTIONS, 1)
+        else:
+            raise ValueError(f"reason must be 'idle' or 'memory', not {reason!r}")
+        # Wakes a recv() blocked on this socket instead of waiting for its check interval.
+        shutdown(self.fd, SHUT_RD)
+
+    @property
+    def idle_seconds(self):
+        """Seconds since the peer last sent anything (or since the receiver was made)."""
+        return (monotonic_ns() - self.last_data_ns) / 1e9
+
+    def offending_sample(self, Py_ssize_t limit):
+        """The start of the line or frame a framing error ended run() on; b"" otherwise."""
+        if self.closed:
+            return b""
+        return self.framer.peek_pending(limit)
 
     def close(self):
         """Account for what the connection leaves behind; idempotent."""
@@ -210,6 +264,8 @@ cdef class StreamReceiver:
         self.counters.add(COUNT_BYTES_DISCARDED,
                           unpublished_bytes + self.framer.discard_pending())
         self.published = self.nspans = 0
+        self.counters.hold_partial(self.held_bytes, 0)
+        self.held_bytes = 0
         self.counters.add(COUNT_CONNECTIONS_CLOSED, 1)
 
     cdef StreamEnd pump(self) noexcept nogil:
@@ -217,10 +273,12 @@ cdef class StreamReceiver:
         cdef uint64_t now
         cdef ssize_t received
         cdef int error
+        cdef uint64_t held
         cdef StreamEnd end = self.deliver()
         while end == END_RECEIVING:
-            if self.stop_requested or self.counters.stopping():
-                return END_STOPPED
+            end = self.stop_end()
+            if end != END_RECEIVING:
+                return end
             if self.framer.reserve(self.recv_size) != 0:
                 return END_NO_MEMORY
             received = recv(self.fd, self.framer.write_pointer(), self.framer.write_space(), 0)
@@ -230,18 +288,28 @@ cdef class StreamReceiver:
                 end = self.deliver()
                 now = monotonic_ns()
                 self.last_data_ns = now
-                if end == END_RECEIVING and self.message_overdue(now):
+                if end != END_RECEIVING:
+                    return end
+                held = self.framer.tail - self.framer.head
+                if (self.counters.hold_partial(self.held_bytes, held) > self.partial_budget
+                        and self.partial_budget and held):
+                    self.over_budget = True
+                self.held_bytes = held
+                if self.message_overdue(now):
                     return END_MESSAGE_TIMEOUT
-                if now >= check_at and end == END_RECEIVING:
+                if now >= check_at or self.over_budget:
                     return END_CHECK_IN
                 continue
             if received == 0:
-                return END_EOF
+                # An eviction shuts the socket down for reading to wake this recv().
+                end = self.stop_end()
+                return END_EOF if end == END_RECEIVING else end
             error = errno
             if error == EINTR:
                 return END_CHECK_IN
             if error == EAGAIN or error == EWOULDBLOCK:
                 # SO_RCVTIMEO expired: the peer was silent for a check interval.
+                self.framer.release_if_empty()
                 now = monotonic_ns()
                 if self.idle_timeout_ns and now - self.last_data_ns >= self.idle_timeout_ns:
                     self.counters.add(COUNT_IDLE_TIMEOUTS, 1)
@@ -256,6 +324,24 @@ cdef class StreamReceiver:
                 return END_RESET
             return END_OS_ERROR
         return end
+
+    cdef StreamEnd stop_end(self) noexcept nogil:
+        # END_RECEIVING unless a stop or an eviction was asked for.
+        cdef StopReason reason = self.stop_requested
+        if reason == STOP_EVICT_IDLE:
+            return END_EVICTED_IDLE
+        if reason == STOP_EVICT_MEMORY:
+            return END_EVICTED_MEMORY
+        if reason == STOP_ASKED or self.counters.stopping():
+            return END_STOPPED
+        return END_RECEIVING
+
+    cdef bint drain_expired(self) noexcept nogil:
+        # The drain clock starts at the first stop seen while messages wait for room.
+        cdef uint64_t now = monotonic_ns()
+        if self.drain_deadline_ns == 0:
+            self.drain_deadline_ns = now + self.drain_timeout_ns
+        return now >= self.drain_deadline_ns
 
     cdef bint message_overdue(self, uint64_t now) noexcept nogil:
         # The deadline is per message: a trickle that keeps the connection busy cannot
@@ -298,6 +384,7 @@ cdef class StreamReceiver:
         cdef Py_ssize_t published
         cdef int resumed
         cdef uint64_t paused_at
+        cdef StreamEnd end
         while self.published < self.nspans:
             published = self.ring.put_spans(
                 self.framer.base(), self.spans + self.published, self.nspans - self.published,
@@ -319,8 +406,12 @@ cdef class StreamReceiver:
             self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - paused_at)
             if resumed < 0:
                 return END_RING_CLOSED
-            if self.stop_requested or self.counters.stopping():
-                return END_STOPPED
+            end = self.stop_end()
+            if end == END_STOPPED and not self.drain_expired():
+                # A graceful stop still delivers what was framed, while the consumer drains.
+                end = END_RECEIVING
+            if end != END_RECEIVING:
+                return end
             if resumed == 0:
                 return END_CHECK_IN
         return END_RECEIVING

@@ -87,8 +87,9 @@ RECENT_PEERS = 4096
 name the sender of messages that were queued just before their connection closed."""
 
 SHUTDOWN_DRAIN_TIMEOUT = 5.0
-"""Seconds a closing prefork server gives its workers to publish what they received and
-exit before it kills them: long enough to drain a full ring's worth of framing work."""
+"""Seconds a closing server lets its receive loops wait for ring room to publish what they
+already framed (and a prefork server its workers, before it kills them): long enough for a
+live consumer to drain a full ring, short enough not to hang a shutdown on a dead one."""
 
 IDLE_TIMEOUT = 300.0
 """Seconds a compiled-path connection may stay silent before it is closed: long enough for
@@ -108,6 +109,20 @@ partial message each) and keeps file descriptors for everything else."""
 
 FD_RESERVE = 32
 """File descriptors kept free of connections for logs, files and the server itself."""
+
+EVICT_IDLE_AFTER = 2.0
+"""Seconds of silence after which a connection gives its slot to a new one when the server
+is full (max_connections, or every max_threads thread busy): senders of a live feed talk
+more often, and an evicted peer loses nothing already framed."""
+
+MAX_PARTIAL_BYTES = 128 * 1024 * 1024
+"""Bytes of incomplete messages all connections of a process may hold together before the
+largest holder is closed: 128 maximum-size frames in flight, where 1,024 connections each
+trickling one would otherwise hold a gigabyte."""
+
+PROTOCOL_ERROR_SAMPLE = 32
+"""Bytes of an offending line or frame shown, escaped, in the log line about it: enough to
+recognise b"GET / HTTP/1.1" or a binary header, too few to copy a payload into the logs."""
 
 
 def default_max_connections():

@@ -7,6 +7,7 @@ listening port, so the receive work spreads over the cores while the parent (or 
 process holding the ring) consumes.
 """
 
+import ctypes
 import errno
 import logging
 import os
@@ -21,6 +22,9 @@ from .server import ThreadingTCPServer
 __all__ = ["PreforkServer"]
 
 _log = logging.getLogger("fastsock")
+
+# <sys/prctl.h>: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 class PreforkServer:
@@ -77,17 +81,18 @@ class PreforkServer:
             raise RuntimeError(
                 "PreforkServer.start() forks: call it before this process starts threads"
             )
+        parent = os.getpid()
         for index in range(self.worker_count):
             pid = os.fork()
             if pid == 0:
-                self._run_worker(index)
+                self._run_worker(index, parent)
             self._workers[pid] = index
         if self.reuse_port:
             # The first worker owns the inherited socket now: were it open here too, the
             # kernel would keep queueing connections on it after that worker died.
             self.server.socket.close()
 
-    def _run_worker(self, index):
+    def _run_worker(self, index, parent):
         status = 1
         try:
             server = self.server
@@ -97,6 +102,7 @@ class PreforkServer:
                 )
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, lambda signum, frame: _stop_worker(server))
+            _stop_with_parent(parent)
             server.serve_forever(poll_interval=constants.RECEIVE_CHECK_INTERVAL)
             server.server_close()
             status = 0
@@ -188,9 +194,24 @@ def _listening_socket_like(inherited, address, backlog):
     return own
 
 
+def _stop_with_parent(parent):
+    """Have this worker sent SIGTERM when its parent dies, even by SIGKILL (Linux), so that
+    no worker keeps the port and the ring alive for a consumer that is gone."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:
+        # The parent died before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_worker(server):
+    # The handler may run before serve_forever() starts, where shutdown() would wait forever.
     server._stop_receivers()
-    server.shutdown()
+    server._request_shutdown()
 
 
 def _signal_worker(pid, signum):

@@ -46,18 +46,23 @@ class ReceiveRegistry:
         self.connections_refused = 0
         self._lock = threading.Lock()
         self._receivers = {}
+        self._evicting = {}
         self._peers = OrderedDict()
 
-    def open(self, make_receiver, client_address, max_connections):
+    def open(self, make_receiver, client_address, max_connections, evict_idle_after):
         """Register a new connection: make_receiver(connection_id) builds its receiver.
 
-        None when this process already receives ``max_connections`` connections: the
-        refusal is counted in ``connections_refused``.
+        When this process already receives ``max_connections`` connections, the one silent
+        longest is evicted if it has been silent ``evict_idle_after`` seconds; otherwise
+        None: the refusal is counted in ``connections_refused``.
         """
         with self._lock:
             if len(self._receivers) >= max_connections:
-                self.connections_refused += 1
-                return None
+                evicted = self._evict_idlest(evict_idle_after)
+                if evicted is None:
+                    self.connections_refused += 1
+                    return None
+                del self._receivers[evicted.source_id]
             connection_id = self.counters.next_connection_id()
             receiver = make_receiver(connection_id)
             self._receivers[connection_id] = receiver
@@ -71,6 +76,64 @@ class ReceiveRegistry:
         receiver.close()
         with self._lock:
             self._receivers.pop(receiver.source_id, None)
+            self._evicting.pop(receiver.source_id, None)
+
+    def make_room(self, evict_idle_after):
+        """Evict the connection silent longest, if silent ``evict_idle_after`` seconds, so
+        that a connection waiting for a handler thread gets one; one eviction at a time."""
+        with self._lock:
+            if not self._evicting:
+                self._evict_idlest(evict_idle_after)
+
+    def relieve_memory(self):
+        """The partial messages of all connections passed their budget: close the largest
+        holder; one such eviction at a time."""
+        with self._lock:
+            if any(reason == "memory" for reason, _ in self._evicting.values()):
+                return
+            candidates = [
+                receiver
+                for connection_id, receiver in self._receivers.items()
+                if connection_id not in self._evicting and receiver.held_bytes
+            ]
+            if not candidates:
+                return
+            largest = max(candidates, key=lambda receiver: receiver.held_bytes)
+            self._evict(largest, "memory")
+            peer = self._peers.get(largest.source_id)
+        _log.warning(
+            "memory-eviction",
+            "closed %s: largest holder of partial messages (%d bytes) over the budget",
+            _escaped(peer),
+            largest.held_bytes,
+        )
+
+    def _evict_idlest(self, evict_idle_after):
+        # Called with the lock held, so no receiver's socket is closed under evict().
+        candidates = [
+            receiver
+            for connection_id, receiver in self._receivers.items()
+            if connection_id not in self._evicting
+        ]
+        if not candidates:
+            return None
+        idlest = max(candidates, key=lambda receiver: receiver.idle_seconds)
+        idle_seconds = idlest.idle_seconds
+        if idle_seconds < evict_idle_after:
+            return None
+        self._evict(idlest, "idle")
+        _log.log(
+            logging.INFO,
+            "idle-eviction",
+            "evicted %s, silent for %.1f s, to admit a new connection",
+            _escaped(self._peers.get(idlest.source_id)),
+            idle_seconds,
+        )
+        return idlest
+
+    def _evict(self, receiver, reason):
+        self._evicting[receiver.source_id] = (reason, receiver)
+        receiver.evict(reason)
 
     def stop_all(self):
         """Ask every loop of the server, in any process, to return within a check interval."""
@@ -165,7 +228,10 @@ class ReceiveHandler(BaseRequestHandler):
     recv_size = constants.RECV_SIZE
     idle_timeout = constants.IDLE_TIMEOUT
     message_timeout = constants.MESSAGE_TIMEOUT
+    drain_timeout = constants.SHUTDOWN_DRAIN_TIMEOUT
     max_connections = None
+    evict_idle_after = constants.EVICT_IDLE_AFTER
+    max_partial_bytes = constants.MAX_PARTIAL_BYTES
     max_datagram = constants.DATAGRAM_MAX_SIZE
     datagram_batch = constants.DATAGRAM_BATCH
     receive_buffer = None
@@ -188,7 +254,10 @@ class ReceiveHandler(BaseRequestHandler):
         )
         if "request_queue_size" not in vars(server) and server.request_queue_size == 5:
             server.request_queue_size = constants.COMPILED_BACKLOG
-        receive_registry(server)
+        registry = receive_registry(server)
+        server._make_room_for_connection = functools.partial(
+            registry.make_room, cls.evict_idle_after
+        )
 
     def setup(self):
         if self.server.socket_type == socket.SOCK_DGRAM:
@@ -219,9 +288,13 @@ class ReceiveHandler(BaseRequestHandler):
                 recv_size=self.recv_size,
                 idle_timeout=self.idle_timeout,
                 message_timeout=self.message_timeout,
+                drain_timeout=self.drain_timeout or 0.0,
+                partial_budget=self.max_partial_bytes,
+                on_over_budget=self.registry.relieve_memory,
             ),
             self.client_address,
             max_connections,
+            self.evict_idle_after,
         )
         if self.receiver is None:
             _log.warning(
@@ -263,9 +336,10 @@ class ReceiveHandler(BaseRequestHandler):
             raise OSError(error, f"receiving from {self.client_address!r}: {os.strerror(error)}")
 
     def _reject(self, error_class, what):
+        sample = self.receiver.offending_sample(constants.PROTOCOL_ERROR_SAMPLE)
         self.registry.close(self.receiver)
         message = f"{_escaped(self.client_address)} {what}; the connection was closed"
-        _log.warning("protocol-error", "%s", message)
+        _log.warning("protocol-error", "%s (it began %s)", message, _escaped(sample))
         raise error_class(message)
 
     def finish(self):
@@ -309,7 +383,10 @@ def receiver(
     recv_size=constants.RECV_SIZE,
     idle_timeout=constants.IDLE_TIMEOUT,
     message_timeout=constants.MESSAGE_TIMEOUT,
+    drain_timeout=constants.SHUTDOWN_DRAIN_TIMEOUT,
     max_connections=None,
+    evict_idle_after=constants.EVICT_IDLE_AFTER,
+    max_partial_bytes=constants.MAX_PARTIAL_BYTES,
     max_datagram=constants.DATAGRAM_MAX_SIZE,
     datagram_batch=constants.DATAGRAM_BATCH,
     receive_buffer=None,
@@ -317,11 +394,19 @@ def receiver(
     """A ReceiveHandler class that receives into ``queue``.
 
     Pass it to any server as its RequestHandlerClass.  On a stream server every
-    connection is framed (``framing`` and the options up to ``idle_timeout``); on a
-    datagram server ``serve_forever()`` runs the compiled datagram loop on the server's
-    socket, each datagram one message with its sender as the message's source (the
-    options from ``max_datagram``).  The options are checked here, so a bad one fails
-    before the server starts.
+    connection is framed (``framing`` through ``max_partial_bytes``); on a datagram server
+    ``serve_forever()`` runs the compiled datagram loop on the server's socket, each
+    datagram one message with its sender as the message's source (the options from
+    ``max_datagram``).  The options are checked here, so a bad one fails before the server
+    starts.
+
+    ``drain_timeout``: after ``server_close()`` or ``shutdown()`` asks the loops to stop,
+    how long a loop whose ring is full still waits for room to publish what it already
+    framed (None or 0: drop and count at once).  ``evict_idle_after``: when
+    ``max_connections`` are open (or every ``max_threads`` thread is busy), the connection
+    silent longest is closed for a new one if it has been silent this long.
+    ``max_partial_bytes``: incomplete messages held by all connections of the process
+    together; above it the largest holder is closed (None: no cap).
     """
     _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size)
     Framer(
@@ -341,6 +426,12 @@ def receiver(
         not isinstance(max_connections, int) or max_connections < 1
     ):
         raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
+    if drain_timeout is not None and not drain_timeout >= 0:
+        raise ValueError(f"drain_timeout must be >= 0 or None, not {drain_timeout!r}")
+    if not evict_idle_after >= 0:
+        raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
+    if max_partial_bytes is not None and not max_partial_bytes > 0:
+        raise ValueError(f"max_partial_bytes must be positive or None, not {max_partial_bytes!r}")
     return type(
         "ReceiveHandler",
         (ReceiveHandler,),
@@ -354,7 +445,10 @@ def receiver(
             "recv_size": recv_size,
             "idle_timeout": idle_timeout,
             "message_timeout": message_timeout,
+            "drain_timeout": drain_timeout,
             "max_connections": max_connections,
+            "evict_idle_after": evict_idle_after,
+            "max_partial_bytes": max_partial_bytes,
             "max_datagram": max_datagram,
             "datagram_batch": datagram_batch,
             "receive_buffer": receive_buffer,

@@ -163,11 +163,15 @@ class BaseServer:
         synchronous server, ``service_actions``, a signal handler), it only asks the loop
         to stop, since waiting there could never end.
         """
-        self.__shutdown_request = True
-        self._wake_serve_loop()
+        self._request_shutdown()
         if self.__serving_thread == threading.get_ident():
             return
         self.__is_shut_down.wait()
+
+    def _request_shutdown(self):
+        # Without waiting: serve_forever() returns at once, even if it starts only later.
+        self.__shutdown_request = True
+        self._wake_serve_loop()
 
     def _wake_serve_loop(self):
         # Reentrant lock: a signal handler may call shutdown() while this same thread is
@@ -693,11 +697,17 @@ class _HandlerPool:
         self._idle = 0
         self._queued = 0
 
-    def submit(self, function, args, abandon):
-        """Run function(*args) on a pool thread; False if abandon() became true first."""
+    def submit(self, function, args, abandon, make_room=None):
+        """Run function(*args) on a pool thread; False if abandon() became true first.
+
+        While every thread is busy, make_room() (if given) is called every wait slice: the
+        compiled path evicts a silent connection there, so silent peers cannot starve it.
+        """
         while not self._slots.acquire(timeout=constants.RING_WAIT_SLICE):
             if abandon():
                 return False
+            if make_room is not None:
+                make_room()
         with self._lock:
             self._queued += 1
             if self._idle < self._queued and len(self._threads) < self._size:
@@ -796,7 +806,10 @@ class ThreadingMixIn:
                 self.max_threads, self.daemon_threads, f"{type(self).__name__}-handler"
             )
         submitted = pool.submit(
-            self.process_request_thread, (request, client_address), self._shutdown_requested
+            self.process_request_thread,
+            (request, client_address),
+            self._shutdown_requested,
+            getattr(self, "_make_room_for_connection", None),
         )
         if not submitted:
             self.shutdown_request(request)

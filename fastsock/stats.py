@@ -33,7 +33,10 @@ class ReceiveStats:
     Every byte received is in a delivered message, in the framing overhead (delimiters,
     length prefixes), or in ``bytes_discarded``; every framed message is in
     ``messages_received`` (published to the ring) or ``messages_dropped`` (the ring was
-    closed under it).
+    closed under it, or the drain time after a stop ran out).  ``idle_evictions`` and
+    ``memory_evictions`` count connections closed to admit a new one when
+    ``max_connections`` was reached, and as the largest holder of partial messages when
+    their total passed the budget; ``partial_bytes`` is that total now (a gauge).
     """
 
     connections_opened: int
@@ -50,6 +53,9 @@ class ReceiveStats:
     paused_seconds: float
     connections_refused: int = 0
     message_timeouts: int = 0
+    idle_evictions: int = 0
+    memory_evictions: int = 0
+    partial_bytes: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":

@@ -49,9 +49,11 @@ def test_default_max_connections_follows_the_descriptor_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_connections_over_max_connections_are_refused_counted_and_logged(caplog):
+def test_connections_over_max_connections_are_refused_counted_and_logged(caplog, monkeypatch):
+    monkeypatch.setattr(sys.modules["fastsock.receiver"]._log, "_next_allowed", {})
     ring = fastsock.RingQueue()
-    handler = fastsock.receiver(ring, framing="lines", max_connections=3)
+    # No eviction: the kept connections are never silent long enough to give up a slot.
+    handler = fastsock.receiver(ring, framing="lines", max_connections=3, evict_idle_after=60)
     with fastsock.ThreadingTCPServer((HOST, 0), handler) as server:
         thread = _serve(server)
         kept = [socket.create_connection(server.server_address) for _ in range(3)]
@@ -83,7 +85,7 @@ def test_max_connections_is_validated(bad):
         fastsock.receiver(fastsock.RingQueue(), max_connections=bad)
 
 
-def test_protocol_errors_are_logged_escaped_and_rate_limited(caplog, monkeypatch):
+def test_protocol_errors_are_logged_with_an_escaped_sample_and_rate_limited(caplog, monkeypatch):
     # Start from a fresh interval: earlier tests may have logged protocol errors.
     limiter = sys.modules["fastsock.receiver"]._log
     monkeypatch.setattr(limiter, "_next_allowed", {})
@@ -99,7 +101,7 @@ def test_protocol_errors_are_logged_escaped_and_rate_limited(caplog, monkeypatch
         for _ in range(5):
             with socket.create_connection(server.server_address) as client:
                 client.settimeout(GENEROUS)
-                client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                client.sendall(b"GET /\x1b[31m HTTP/1.1\r\n\r\n" + b"z" * 500)
                 assert client.recv(1) == b""
         deadline = time.monotonic() + GENEROUS
         while server.stats().frames_too_large < 5 and time.monotonic() < deadline:
@@ -108,4 +110,7 @@ def test_protocol_errors_are_logged_escaped_and_rate_limited(caplog, monkeypatch
         thread.join(GENEROUS)
     records = [r for r in caplog.records if "max_frame=100" in r.getMessage()]
     assert len(records) == 1, "five errors inside the interval make one record"
+    message = records[0].getMessage()
+    assert "it began b'GET /\\x1b[31m HTTP/1.1\\r\\n\\r\\nzzzzzzzzz'" in message, message
+    assert "\x1b" not in message and "\r" not in message, "the sample is escaped"
     assert server.stats().frames_too_large == 5

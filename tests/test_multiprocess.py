@@ -13,6 +13,8 @@ import random
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -312,3 +314,46 @@ def test_length_prefixed_frames_from_forked_children(forked_server, tmp_path):
         client.sendall(b"".join(struct.pack(">I", len(f)) + f for f in frames))
         assert _drain_until(ring, len(frames)) == frames
     _stop_server(pid)
+
+
+PREFORK_PARENT = """
+import sys
+import time
+
+import fastsock
+
+server = fastsock.PreforkServer(
+    ("127.0.0.1", 0), fastsock.receiver(fastsock.RingQueue(), framing="lines"), workers=2
+)
+server.start()
+print(*server.workers, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_prefork_workers_stop_when_their_parent_is_killed():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PREFORK_PARENT],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and not any(_gone(pid) for pid in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    deadline = time.monotonic() + GENEROUS
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(_gone(pid) for pid in workers), "workers outlived their killed parent"

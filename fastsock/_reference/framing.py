@@ -83,6 +83,11 @@ class Framer:
     def pending(self):
         return len(self._buffer)
 
+    def peek_pending(self, limit):
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+        return bytes(self._buffer[:limit])
+
     def feed(self, data):
         with memoryview(data) as view:
             if not view.c_contiguous:

@@ -19,6 +19,10 @@ from fastsock.stats import ReceiveStats
 
 __all__ = ["ReceiveCounters", "StreamReceiver"]
 
+# The reference remembers this much of an offending message for offending_sample().
+SAMPLE_KEPT = 4096
+STOP_REASONS = {"idle": "evicted_idle", "memory": "evicted_memory"}
+
 
 class ReceiveCounters:
     """The counters of a server's receive loops (thread-safe, not shared across fork)."""
@@ -43,6 +47,12 @@ class ReceiveCounters:
         with self._lock:
             self._values[name] += amount
 
+    def hold_partial(self, held, now):
+        """Move one loop's share of the partial-message bytes from held to now; the total."""
+        with self._lock:
+            self._values["partial_bytes"] += now - held
+            return self._values["partial_bytes"]
+
     def snapshot(self):
         with self._lock:
             values = dict(self._values)
@@ -64,6 +74,9 @@ class StreamReceiver:
         recv_size=RECV_SIZE,
         idle_timeout=None,
         message_timeout=None,
+        drain_timeout=0.0,
+        partial_budget=None,
+        on_over_budget=None,
         check_interval=RECEIVE_CHECK_INTERVAL,
         spans_per_publish=SPANS_PER_PUBLISH,
     ):
@@ -75,6 +88,10 @@ class StreamReceiver:
             raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
         if message_timeout is not None and not message_timeout > 0:
             raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
+        if partial_budget is not None and not partial_budget > 0:
+            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
         if not os.get_blocking(fd):
             raise ValueError("the socket must be blocking: call settimeout(None) first")
         view = socket.socket(fileno=fd)
@@ -97,8 +114,15 @@ class StreamReceiver:
         self._message_started = None
         self._messages_at_start = 0
         self._check_interval = check_interval
+        self._drain_timeout = drain_timeout
+        self._drain_deadline = None
+        self._partial_budget = partial_budget
+        self._on_over_budget = on_over_budget
+        self.held_bytes = 0
+        self._offending = b""
+        self._last_data = time.monotonic()
         self._unpublished = []
-        self._stop_requested = False
+        self._stop_reason = None
         self._closed = False
         self._paused = False
         self.last_errno = 0
@@ -108,17 +132,15 @@ class StreamReceiver:
         """Receive until the connection ends; return the name of the end."""
         if self._closed:
             raise ValueError("the receiver is closed")
-        last_data = time.monotonic()
+        self._last_data = time.monotonic()
         while True:
-            end = self._publish()
+            end = self._publish() or self._stop_end()
             if end is not None:
                 return end
-            if self._stop_requested or self._counters.stop_requested:
-                return "stopped"
             try:
                 data = os.read(self._fd, self._recv_size)
             except BlockingIOError:
-                if self._idle_timeout and time.monotonic() - last_data >= self._idle_timeout:
+                if self._idle_timeout and time.monotonic() - self._last_data >= self._idle_timeout:
                     self._counters.add("idle_timeouts", 1)
                     return "idle_timeout"
                 if self._message_overdue(time.monotonic()):
@@ -135,18 +157,48 @@ class StreamReceiver:
                     return "reset"
                 return "os_error"
             if not data:
-                return "eof"
-            last_data = time.monotonic()
+                return self._stop_end() or "eof"
+            self._last_data = time.monotonic()
             self._counters.add("bytes_received", len(data))
+            pending_start = self._framer.peek_pending(SAMPLE_KEPT)
             try:
                 self._unpublished.extend(self._framer.feed(data))
             except LineTooLongError as exc:
+                self._keep_sample(exc, pending_start, data)
                 return self._fail(exc, "lines_too_long", "line_too_long")
             except FrameTooLargeError as exc:
+                self._keep_sample(exc, pending_start, data)
                 return self._fail(exc, "frames_too_large", "frame_too_large")
-            if self._message_overdue(last_data):
+            held = self._framer.pending
+            total = self._counters.hold_partial(self.held_bytes, held)
+            self.held_bytes = held
+            if self._message_overdue(self._last_data):
                 end = self._publish()
                 return end if end is not None else "message_timeout"
+            if self._partial_budget and held and total > self._partial_budget:
+                if self._on_over_budget is not None:
+                    self._on_over_budget()
+
+    def _stop_end(self):
+        if self._stop_reason is not None:
+            return self._stop_reason
+        if self._counters.stop_requested:
+            return "stopped"
+        return None
+
+    def _drain_expired(self):
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self._drain_timeout
+        return now >= self._drain_deadline
+
+    def _keep_sample(self, error, pending_start, data):
+        # The offending message began in data unless the framer discarded more than data.
+        if error.discarded <= len(data):
+            start = len(data) - error.discarded
+            self._offending = bytes(data[start : start + SAMPLE_KEPT])
+        else:
+            self._offending = (pending_start + bytes(data[:SAMPLE_KEPT]))[:SAMPLE_KEPT]
 
     def _message_overdue(self, now):
         # Per message: completing any message restarts the clock of the partial one.
@@ -181,8 +233,11 @@ class StreamReceiver:
                 paused_at = time.monotonic_ns()
                 time.sleep(min(self._check_interval, 0.005))
                 self._counters.add("paused_seconds", time.monotonic_ns() - paused_at)
-                if self._stop_requested or self._counters.stop_requested:
-                    return "stopped"
+                end = self._stop_end()
+                if end == "stopped" and not self._drain_expired():
+                    continue
+                if end is not None:
+                    return end
                 continue
             self._paused = False
             del self._unpublished[0]
@@ -191,7 +246,29 @@ class StreamReceiver:
 
     def stop(self):
         """Ask run() to return "stopped" within one check interval; safe from any thread."""
-        self._stop_requested = True
+        if self._stop_reason is None:
+            self._stop_reason = "stopped"
+
+    def evict(self, reason):
+        """End run() now with "evicted_idle" or "evicted_memory"."""
+        if reason not in STOP_REASONS:
+            raise ValueError(f"reason must be 'idle' or 'memory', not {reason!r}")
+        self._stop_reason = STOP_REASONS[reason]
+        self._counters.add(f"{reason}_evictions", 1)
+        view = socket.socket(fileno=self._fd)
+        try:
+            view.shutdown(socket.SHUT_RD)
+        finally:
+            view.detach()
+
+    @property
+    def idle_seconds(self):
+        """Seconds since the peer last sent anything (or since the receiver was made)."""
+        return time.monotonic() - self._last_data
+
+    def offending_sample(self, limit):
+        """The start of the line or frame a framing error ended run() on; b"" otherwise."""
+        return b"" if self._closed else self._offending[:limit]
 
     def close(self):
         """Account for what the connection leaves behind; idempotent."""
@@ -202,4 +279,6 @@ class StreamReceiver:
         discarded = sum(map(len, self._unpublished)) + self._framer.eof()
         self._counters.add("bytes_discarded", discarded)
         self._unpublished.clear()
+        self._counters.hold_partial(self.held_bytes, 0)
+        self.held_bytes = 0
         self._counters.add("connections_closed", 1)
