@@ -5,6 +5,9 @@ drives one ``StreamReceiver`` per connection.  It is public to the package so th
 front ends (the forking and prefork servers, the CLI) drive the same loop.
 """
 
+from collections.abc import Callable
+from typing import Literal
+
 from fastsock._framing import Framer
 from fastsock._ring import RingQueue
 from fastsock.stats import ReceiveStats
@@ -43,6 +46,9 @@ class StreamReceiver:
     source_id: int
     last_errno: int
     """The errno of the recv() failure behind an "os_error" or "reset" end."""
+    held_bytes: int
+    """Bytes of the incomplete message this loop holds, as counted in the shared
+    ``partial_bytes`` total (updated after each receive)."""
 
     def __init__(
         self,
@@ -55,18 +61,29 @@ class StreamReceiver:
         recv_size: int = ...,
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
+        drain_timeout: float = 0.0,
+        partial_budget: int | None = None,
+        on_over_budget: Callable[[], object] | None = None,
         check_interval: float = ...,
         spans_per_publish: int = ...,
     ) -> None:
         """``recv_size`` defaults to ``constants.RECV_SIZE``, ``check_interval`` to
         ``constants.RECEIVE_CHECK_INTERVAL``, ``spans_per_publish`` to
-        ``constants.SPANS_PER_PUBLISH``."""
+        ``constants.SPANS_PER_PUBLISH``.
+
+        ``drain_timeout``: after ``stop()`` (or the counters' ``request_stop()``), how long
+        the loop still waits for ring room to publish messages it already framed; what is
+        left then is counted in ``messages_dropped``.  ``partial_budget``: when the
+        partial-message bytes of every loop sharing ``counters`` pass it, and this loop
+        holds some, ``run()`` calls ``on_over_budget()`` with the GIL (a server's registry
+        evicts its largest holder there)."""
 
     def run(self) -> str:
         """Receive with the GIL released until the connection ends; return how it ended.
 
         One of "eof", "stopped", "reset", "idle_timeout", "message_timeout" (one
-        message, from its first byte, took longer than ``message_timeout``), "line_too_long",
+        message, from its first byte, took longer than ``message_timeout``),
+        "evicted_idle", "evicted_memory" (``evict()`` was called), "line_too_long",
         "frame_too_large", "ring_closed", "no_memory", "os_error".  A signal handler's
         exception (KeyboardInterrupt) propagates within one check interval; ``run()`` may
         then be called again and resumes where it stopped.
@@ -74,6 +91,20 @@ class StreamReceiver:
 
     def stop(self) -> None:
         """Ask ``run()`` to return "stopped" within one check interval; any thread may call."""
+
+    def evict(self, reason: Literal["idle", "memory"]) -> None:
+        """End ``run()`` at once with "evicted_idle" or "evicted_memory", counted in
+        ``idle_evictions`` / ``memory_evictions``: the socket is shut down for reading, which
+        wakes a blocked ``recv()``.  Any thread may call it while the socket is open."""
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds since the peer last sent anything (or since the receiver was made)."""
+
+    def offending_sample(self, limit: int) -> bytes:
+        """After a "line_too_long" or "frame_too_large" end and before ``close()``: the first
+        ``limit`` bytes of the offending line or frame (its header included); b"" after
+        ``close()``."""
 
     def close(self) -> None:
         """Count what the connection leaves behind: the partial message in the framer and
