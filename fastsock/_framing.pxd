@@ -47,7 +47,7 @@ cdef class Framer:
     cdef Py_ssize_t delimiter_length
     cdef Py_ssize_t message_room     # most bytes an incomplete message can occupy
     cdef char* buffer
-    cdef Py_ssize_t capacity
+    cdef readonly Py_ssize_t capacity  # bytes of buffer held now
     cdef Py_ssize_t head             # start of the incomplete message; published spans lie before
     cdef Py_ssize_t tail             # end of the committed bytes, where the next recv writes
     cdef Py_ssize_t scan_pos         # lines: no delimiter starts in [head, scan_pos)

@@ -113,6 +113,11 @@ class Framer:
         """Bytes held of an incomplete message, its delimiter or prefix included."""
 
     @property
+    def capacity(self) -> int:
+        """Bytes of buffer the framer holds now; 0 once a receive loop released it for a
+        silent peer with no incomplete message (the reference holds just the pending bytes)."""
+
+    @property
     def failed(self) -> bool:
         """Whether a limit violation has failed the framer for good."""
 

@@ -104,6 +104,30 @@ def test_idle_seconds_measures_the_silence(impl):
         receiver.close()
 
 
+def test_a_silent_connection_with_no_partial_message_holds_no_buffer(impl):
+    framer_class, _, counters_class, receiver_class = impl
+    framer = framer_class("lines")
+    ring = impl[1]()
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        receiver = receiver_class(
+            server_side.fileno(), framer, ring, counters_class(), check_interval=0.02
+        )
+        thread, _ = _run_in_thread(receiver)
+        client_side.sendall(b"complete\n")
+        assert ring.get(timeout=GENEROUS) == b"complete"
+        wait_until(lambda: framer.capacity == 0, what="the buffer released while silent")
+        client_side.sendall(b"partial")
+        wait_until(lambda: framer.pending == 7, what="a partial line held")
+        time.sleep(0.1)
+        assert framer.capacity >= 7, "a partial message keeps its buffer"
+        client_side.sendall(b" done\n")
+        assert ring.get(timeout=GENEROUS) == b"partial done"
+        client_side.close()
+        thread.join(GENEROUS)
+        receiver.close()
+
+
 @pytest.mark.parametrize(
     "framing, chunks, sample",
     [

@@ -83,6 +83,10 @@ class Framer:
     def pending(self):
         return len(self._buffer)
 
+    @property
+    def capacity(self):
+        return len(self._buffer)
+
     def peek_pending(self, limit):
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
