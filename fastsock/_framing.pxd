@@ -63,9 +63,9 @@ cdef class Framer:
     cdef FramerStatus commit(self, Py_ssize_t nbytes, MessageSpan* spans, Py_ssize_t max_spans,
                              Py_ssize_t* nspans) noexcept nogil
     cdef void consume(self) noexcept nogil
-    # Frees the buffer when no message is incomplete: a silent connection then holds no
-    # memory; the next reserve() allocates again.  Invalidates spans like reserve().
-    cdef void release_if_empty(self) noexcept nogil
+    # Frees the buffer when no message is incomplete (then True): a silent connection then
+    # holds no memory; the next reserve() allocates again.  Invalidates spans like reserve().
+    cdef bint release_if_empty(self) noexcept nogil
     # Drops the incomplete message, counts it as discarded and returns its size.
     cdef Py_ssize_t discard_pending(self) noexcept nogil
 

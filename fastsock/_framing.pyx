@@ -224,11 +224,13 @@ cdef class Framer:
         if self.head == self.tail:
             self.head = self.tail = self.scan_pos = 0
 
-    cdef void release_if_empty(self) noexcept nogil:
-        if self.head == self.tail and self.buffer != NULL:
-            PyMem_RawFree(self.buffer)
-            self.buffer = NULL
-            self.capacity = self.head = self.tail = self.scan_pos = 0
+    cdef bint release_if_empty(self) noexcept nogil:
+        if self.head != self.tail:
+            return False
+        PyMem_RawFree(self.buffer)
+        self.buffer = NULL
+        self.capacity = self.head = self.tail = self.scan_pos = 0
+        return True
 
     cdef Py_ssize_t discard_pending(self) noexcept nogil:
         cdef Py_ssize_t discarded = self.tail - self.head

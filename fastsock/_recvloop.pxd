@@ -87,6 +87,7 @@ cdef class StreamReceiver:
     cdef readonly int last_errno
     cdef bint closed
     cdef bint paused                  # the ring was full at the last publish
+    cdef bint buffer_released         # silent with nothing pending: the framer freed its buffer
 
     # The framed spans not yet published: spans[published:nspans], then status.
     cdef MessageSpan* spans

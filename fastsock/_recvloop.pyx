@@ -55,6 +55,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int SO_RCVTIMEO
     int shutdown(int fd, int how)
     int SHUT_RD
+    int MSG_PEEK
 
 
 cdef enum:
@@ -274,14 +275,23 @@ cdef class StreamReceiver:
         cdef ssize_t received
         cdef int error
         cdef uint64_t held
+        cdef char probe
         cdef StreamEnd end = self.deliver()
         while end == END_RECEIVING:
             end = self.stop_end()
             if end != END_RECEIVING:
                 return end
-            if self.framer.reserve(self.recv_size) != 0:
-                return END_NO_MEMORY
-            received = recv(self.fd, self.framer.write_pointer(), self.framer.write_space(), 0)
+            if self.buffer_released:
+                # Waits for the peer's next byte without holding a buffer for it.
+                received = recv(self.fd, &probe, 1, MSG_PEEK)
+                if received > 0:
+                    self.buffer_released = False
+                    continue
+            else:
+                if self.framer.reserve(self.recv_size) != 0:
+                    return END_NO_MEMORY
+                received = recv(self.fd, self.framer.write_pointer(), self.framer.write_space(),
+                                0)
             if received > 0:
                 self.counters.add(COUNT_BYTES_RECEIVED, received)
                 self.frame(received)
@@ -309,7 +319,7 @@ cdef class StreamReceiver:
                 return END_CHECK_IN
             if error == EAGAIN or error == EWOULDBLOCK:
                 # SO_RCVTIMEO expired: the peer was silent for a check interval.
-                self.framer.release_if_empty()
+                self.buffer_released = self.framer.release_if_empty()
                 now = monotonic_ns()
                 if self.idle_timeout_ns and now - self.last_data_ns >= self.idle_timeout_ns:
                     self.counters.add(COUNT_IDLE_TIMEOUTS, 1)
