@@ -99,7 +99,8 @@ class StreamReceiver:
 
     @property
     def idle_seconds(self) -> float:
-        """Seconds since the peer last sent anything (or since the receiver was made)."""
+        """Seconds since the peer last sent anything (or since the receiver was made); 0 while
+        the loop waits for ring room (backpressure is no silence)."""
 
     def offending_sample(self, limit: int) -> bytes:
         """After a "line_too_long" or "frame_too_large" end and before ``close()``: the first

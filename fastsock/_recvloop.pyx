@@ -243,7 +243,10 @@ cdef class StreamReceiver:
 
     @property
     def idle_seconds(self):
-        """Seconds since the peer last sent anything (or since the receiver was made)."""
+        """Seconds since the peer last sent anything (or since the receiver was made); 0 while
+        the loop waits for ring room, which is backpressure, not silence."""
+        if self.paused:
+            return 0.0
         return (monotonic_ns() - self.last_data_ns) / 1e9
 
     def offending_sample(self, Py_ssize_t limit):
@@ -293,6 +296,9 @@ cdef class StreamReceiver:
                 received = recv(self.fd, self.framer.write_pointer(), self.framer.write_space(),
                                 0)
             if received > 0:
+                # Before the messages are published, so that a consumer who sees them sees
+                # the connection as active; again after, since a paused publish is no silence.
+                self.last_data_ns = monotonic_ns()
                 self.counters.add(COUNT_BYTES_RECEIVED, received)
                 self.frame(received)
                 end = self.deliver()
@@ -396,6 +402,9 @@ cdef class StreamReceiver:
         cdef uint64_t paused_at
         cdef StreamEnd end
         while self.published < self.nspans:
+            if self.paused:
+                # Resuming: the silence clock restarts before a consumer can see the messages.
+                self.last_data_ns = monotonic_ns()
             published = self.ring.put_spans(
                 self.framer.base(), self.spans + self.published, self.nspans - self.published,
                 self.source_id)

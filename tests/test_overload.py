@@ -128,6 +128,24 @@ def test_a_silent_connection_with_no_partial_message_holds_no_buffer(impl):
         receiver.close()
 
 
+def test_a_connection_paused_by_a_full_ring_is_not_idle(impl):
+    ring = impl[1](max_messages=5)
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        receiver, _, counters = _receiver(impl, server_side, ring=ring, check_interval=0.02)
+        client_side.sendall(b"x\n" * 50)
+        thread, _ = _run_in_thread(receiver)
+        wait_until(lambda: counters.snapshot().pauses >= 1, what="the loop paused")
+        time.sleep(0.3)
+        assert receiver.idle_seconds == 0.0, "backpressure is not silence"
+        got = _consume_while(lambda: counters.snapshot().messages_received < 50, ring)
+        assert got == [b"x"] * 50
+        assert receiver.idle_seconds < 0.25, "the pause does not count as silence afterwards"
+        client_side.close()
+        thread.join(GENEROUS)
+        receiver.close()
+
+
 @pytest.mark.parametrize(
     "framing, chunks, sample",
     [

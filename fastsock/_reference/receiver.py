@@ -222,6 +222,9 @@ class StreamReceiver:
 
     def _publish(self):
         while self._unpublished:
+            if self._paused:
+                # Resuming: the silence clock restarts before a consumer can see the message.
+                self._last_data = time.monotonic()
             try:
                 self._ring.put_nowait(self._unpublished[0], source_id=self.source_id)
             except QueueClosed:
@@ -263,7 +266,10 @@ class StreamReceiver:
 
     @property
     def idle_seconds(self):
-        """Seconds since the peer last sent anything (or since the receiver was made)."""
+        """Seconds since the peer last sent anything (or since the receiver was made); 0 while
+        the loop waits for ring room, which is backpressure, not silence."""
+        if self._paused:
+            return 0.0
         return time.monotonic() - self._last_data
 
     def offending_sample(self, limit):
