@@ -298,17 +298,19 @@ def test_silent_connections_cannot_starve_max_threads():
     with Pooled((HOST, 0), handler) as server:
         thread = _serve(server)
         squatters = [socket.create_connection(server.server_address) for _ in range(2)]
-        wait_until(lambda: server.stats().connections_active == 2, what="two squatters")
-        with socket.create_connection(server.server_address) as good:
-            good.sendall(b"served\n")
-            assert ring.get(timeout=GENEROUS) == b"served"
-        assert server.stats().idle_evictions >= 1
-        readable, _, _ = select.select(squatters, [], [], GENEROUS)
-        assert readable and all(_closed_by_server(squatter) for squatter in readable)
-        for squatter in squatters:
-            squatter.close()
-        server.shutdown()
-        thread.join(GENEROUS)
+        try:
+            wait_until(lambda: server.stats().connections_active == 2, what="two squatters")
+            with socket.create_connection(server.server_address) as good:
+                good.sendall(b"served\n")
+                assert ring.get(timeout=GENEROUS) == b"served"
+            assert server.stats().idle_evictions >= 1
+            readable, _, _ = select.select(squatters, [], [], GENEROUS)
+            assert readable and all(_closed_by_server(squatter) for squatter in readable)
+        finally:
+            for squatter in squatters:
+                squatter.close()
+            server.shutdown()
+            thread.join(GENEROUS)
 
 
 def test_the_largest_holder_of_partial_frames_is_closed_over_the_budget(caplog):
