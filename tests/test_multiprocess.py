@@ -354,6 +354,11 @@ def test_prefork_workers_stop_when_their_parent_is_killed():
         parent.wait()
         parent.stdout.close()
     deadline = time.monotonic() + GENEROUS
-    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert all(_gone(pid) for pid in workers), "workers outlived their killed parent"
+    try:
+        while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(_gone(pid) for pid in workers), "workers outlived their killed parent"
+    finally:
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
