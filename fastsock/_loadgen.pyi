@@ -105,15 +105,24 @@ def send_datagrams(
     """
 
 def sink_datagrams(
-    fd: int, expected: int, max_seconds: float, batch: int = 64, idle_seconds: float = 0.5
+    fd: int,
+    expected: int,
+    max_seconds: float,
+    batch: int = 64,
+    idle_seconds: float = 0.5,
+    spin_seconds: float = 0.001,
 ) -> tuple[int, int, float]:
     """Receive datagrams with recvmmsg(), ``batch`` per call, and count them.
 
     The ceiling of receiving at all: each call blocks only until the first datagram is
     there (MSG_WAITFORONE), then takes whatever else is queued, so a busy socket costs
-    one system call per batch and no poll().  While the socket is silent the call wakes
-    every 50 ms (a receive timeout, SO_RCVTIMEO) to look at the deadline and idle time,
-    so it returns at most that much after them.  For that wait the socket is made
+    one system call per batch and no poll().  For ``spin_seconds`` after each datagram
+    the calls do not block at all (MSG_DONTWAIT): a receiver that sleeps as soon as it
+    has caught up pays a wake-up each time, which on a virtual machine can take long
+    enough for the receive queue to overflow, so it would measure wake-ups, not
+    receiving.  0 never spins.  While the socket is silent the call wakes every 50 ms (a
+    receive timeout, SO_RCVTIMEO) to look at the deadline and idle time, so it returns
+    at most that much after them.  For that wait the socket is made
     blocking with a receive timeout; its file status flags and timeout are put back
     before returning.
 
@@ -125,6 +134,6 @@ def sink_datagrams(
     even one longer than the 64 KiB receive slot, and ``seconds`` runs from the first
     datagram to the last.
 
-    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024 and
-    a negative ``expected``.
+    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024, a
+    negative ``expected`` and a ``spin_seconds`` outside 0..``idle_seconds``.
     """

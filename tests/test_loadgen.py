@@ -185,9 +185,12 @@ def test_datagram_sink_stops_when_the_sender_goes_quiet():
         assert time.monotonic() - started < 2.0
 
 
-def test_datagram_sink_returns_promptly_once_a_live_sender_stops(sock_dir, in_background):
-    # The sink waits inside recvmmsg(): it must still see the sender go quiet while its
-    # socket stays silent, and count every datagram that came before.
+@pytest.mark.parametrize("spin_seconds", [0.0, 0.001], ids=["blocking", "spinning"])
+def test_datagram_sink_returns_promptly_once_a_live_sender_stops(
+    sock_dir, in_background, spin_seconds
+):
+    # The sink waits inside recvmmsg(), after spinning a while if asked: it must still see
+    # the sender go quiet while its socket stays silent, and count every datagram before.
     path = os.path.join(sock_dir, "quiet")
     with (
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
@@ -196,7 +199,7 @@ def test_datagram_sink_returns_promptly_once_a_live_sender_stops(sock_dir, in_ba
         receiver.bind(path)
         sender.connect(path)
         received = in_background(
-            _loadgen.sink_datagrams, receiver.fileno(), 10**9, GENEROUS, 256, 0.2
+            _loadgen.sink_datagrams, receiver.fileno(), 10**9, GENEROUS, 256, 0.2, spin_seconds
         )
         sent, _ = _loadgen.send_datagrams(sender.fileno(), b"q" * 64, 30_000, GENEROUS)
         stopped = time.monotonic()
@@ -344,6 +347,9 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
         _loadgen.sink_datagrams(fd, -1, 1.0)
     with pytest.raises(ValueError, match="idle_seconds"):
         _loadgen.sink_datagrams(fd, 1, 1.0, idle_seconds=0)
+    for spin in (-0.001, 0.6):
+        with pytest.raises(ValueError, match="spin_seconds"):
+            _loadgen.sink_datagrams(fd, 1, 1.0, idle_seconds=0.5, spin_seconds=spin)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inet:
         with pytest.raises(ValueError, match="host, port"):
             _loadgen.send_datagrams(inet.fileno(), b"x", 1, 1.0, destination="nowhere")
