@@ -41,8 +41,9 @@ STREAM_STALL_SECONDS = 5.0
 UDP_GSO_SEGMENTS = 64
 UDP_GSO_BYTES = 65507
 """The generator sends UDP as GSO sends of up to 64 datagrams and 65,507 bytes, which the
-kernel cuts into ordinary datagrams: one CPU then offers more than any receiver takes
-(64-byte datagrams, 2-core VM: 0.43 M/s one sendmmsg slot each, above 1.5 M/s with GSO)."""
+kernel cuts into ordinary datagrams: on loopback the sending CPU also delivers each one, and
+one sendmmsg() slot per datagram capped it at 0.43 M/s (64 bytes, 2-core VM), below what
+the receivers take; with GSO it offers 1.5-2 M/s."""
 DATAGRAM_SETTLE_SECONDS = 0.3
 """Seconds without progress after which a datagram run's losses are taken as final."""
 RUN_OVERHEAD_SECONDS = 0.1
