@@ -233,6 +233,7 @@ def test_gso_datagrams_arrive_whole_numbered_and_counted(count):
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
     ):
         receiver.bind((LOCALHOST, 0))
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         receiver.settimeout(GENEROUS)
         payload = b"G" * 100
         try:
