@@ -633,14 +633,15 @@ def send_datagrams(fd, payload, count, max_seconds, batch=64, destination=None,
     pump.count = checked_count(count, "count")
     pump.batch = checked_batch(batch)
     pump.sequence = bool(sequence)
-    pump.segments = operator.index(segments)
+    segments = operator.index(segments)
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise ValueError(f"segments must be between 1 and {MAX_SEGMENTS}, not {segments}")
+    pump.segments = segments
     pump.payload_length = length
     pump.sent = 0
     pump.fd = sock
     if pump.sequence and length < 8:
         raise ValueError("a sequence-numbered payload must be at least 8 bytes long")
-    if not 1 <= pump.segments <= MAX_SEGMENTS:
-        raise ValueError(f"segments must be between 1 and {MAX_SEGMENTS}, not {segments}")
     require_socket_type(sock, SOCK_DGRAM, "fd")
     family = socket_option(sock, SO_DOMAIN)
     if pump.segments > 1:

@@ -361,7 +361,7 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
     with pytest.raises(ValueError, match="UDP socket"):
         _loadgen.send_datagrams(fd, b"x", 1, 1.0, segments=2)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inet:
-        for segments in (0, 65):
+        for segments in (-1, 0, 65):
             with pytest.raises(ValueError, match="segments must be between"):
                 _loadgen.send_datagrams(inet.fileno(), b"x", 1, 1.0, segments=segments)
         with pytest.raises(ValueError, match="65507 bytes"):
