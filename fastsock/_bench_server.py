@@ -21,6 +21,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import socket
 import socketserver
 import sys
@@ -73,21 +74,39 @@ class Tally:
 
 
 def _status_kib(pid, field):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+    """A memory field of a process; 0 for one that is gone (a request process that ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return 0
 
 
-def _cpu_seconds(pid):
-    if pid == os.getpid():
+def _cpu_seconds(pid, reaped_children=False):
+    """User + system CPU seconds of a process, with ``reaped_children`` those of the
+    children it has waited for too; 0.0 for a process that is gone."""
+    if pid == os.getpid() and not reaped_children:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name may hold spaces: the fields that follow it start after ")".
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name may hold spaces: the fields that follow it start after ")".
+            fields = stat.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    ticks = sum(int(field) for field in fields[11 : 15 if reaped_children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 def udp_drops(port):
@@ -241,6 +260,9 @@ class UnderTest:
     def pids(self):
         return [os.getpid()]
 
+    def cpu_seconds(self):
+        return sum(_cpu_seconds(pid) for pid in self.pids())
+
     def total_kernel_drops(self):
         if self.workload.transport != "udp":
             return None
@@ -343,7 +365,7 @@ class CompiledServer(UnderTest):
 
 
 class PreforkUnderTest(CompiledServer):
-    """PreforkServer: PREFORK_WORKERS forked workers receive into one ring; the consumer runs
+    """PreforkServer: ``workers`` forked workers receive into one ring; the consumer runs
     here.  The workers are forked before this process starts any thread."""
 
     _SERVER_CLASSES = {
@@ -352,7 +374,7 @@ class PreforkUnderTest(CompiledServer):
         "udp": fastsock.UDPServer,
     }
 
-    def __init__(self, workload, tally, address):
+    def __init__(self, workload, tally, address, workers):
         # Its server is made by PreforkServer: only CompiledServer's counters are reused.
         UnderTest.__init__(self, workload, tally)
         ring = fastsock.RingQueue()
@@ -360,7 +382,7 @@ class PreforkUnderTest(CompiledServer):
         self.prefork = fastsock.PreforkServer(
             address,
             compiled_handler(ring, workload),
-            workers=PREFORK_WORKERS,
+            workers=workers,
             server_class=self._SERVER_CLASSES[workload.transport],
             # A Unix socket path cannot be bound twice: the workers share the one socket.
             reuse_port=workload.transport != "unix",
@@ -376,6 +398,49 @@ class PreforkUnderTest(CompiledServer):
 
     def close(self):
         self.prefork.server_close(timeout=1.0)
+
+
+class ForkingUnderTest(CompiledServer):
+    """ForkingTCPServer with fastsock.receiver: a process per connection, every one
+    publishing into the ring that the consumer (get_many(), as the threaded
+    fastsock-compiled row) drains here.  The serving loop runs in a process forked
+    before this one starts any thread: forking a threaded process would copy its locks."""
+
+    def __init__(self, workload, tally, address):
+        UnderTest.__init__(self, workload, tally)
+        ring = fastsock.RingQueue()
+        server_class = type(
+            "ForkingTCPServer", (fastsock.ForkingTCPServer,), {"request_queue_size": BACKLOG}
+        )
+        self.server = server_class(address, compiled_handler(ring, workload))
+        self.address = self.server.server_address
+        self.serving = os.fork()
+        if self.serving == 0:
+            status = 1
+            try:
+                self.server.serve_forever()
+                status = 0
+            finally:
+                os._exit(status)
+        self.server.socket.close()
+        in_thread(consume_ring, ring, tally, workload.unit == "byte", False)
+
+    def pids(self):
+        return [os.getpid(), self.serving, *_children(self.serving)]
+
+    def cpu_seconds(self):
+        # Request processes come and go within a run: those still running are read
+        # directly, those already reaped through the serving process's children's times.
+        live = _children(self.serving)
+        return (
+            _cpu_seconds(os.getpid())
+            + _cpu_seconds(self.serving, reaped_children=True)
+            + sum(_cpu_seconds(pid) for pid in live)
+        )
+
+    def close(self):
+        os.kill(self.serving, signal.SIGKILL)
+        os.waitpid(self.serving, 0)
 
 
 class Connections:
@@ -533,7 +598,11 @@ def start(server, workload, tally, address, config):
     if server in ("fastsock-compiled", "fastsock-compiled-batch"):
         return CompiledServer(workload, tally, address, batches=server.endswith("-batch"))
     if server == "fastsock-prefork":
-        return PreforkUnderTest(workload, tally, address)
+        return PreforkUnderTest(workload, tally, address, PREFORK_WORKERS)
+    if server == "fastsock-prefork-1":
+        return PreforkUnderTest(workload, tally, address, 1)
+    if server == "fastsock-forking":
+        return ForkingUnderTest(workload, tally, address)
     if server == "asyncio-protocol":
         return ProtocolServer(workload, tally, address, asyncio.new_event_loop)
     if server == "uvloop-protocol":
@@ -558,13 +627,13 @@ def wait_for_connections(under_test, count, deadline):
 def measure_run(under_test, deadline):
     """One run: wait for the sent total (and, for idle, hold the connections first); what
     the server counted and what it cost."""
-    pids = under_test.pids()
-    cpu_at_start = sum(_cpu_seconds(pid) for pid in pids)
+    cpu_at_start = under_test.cpu_seconds()
     under_test.begin_run()
     command = receive_command()
     if "hold" in command:
         held = wait_for_connections(under_test, command["hold"], deadline)
-        emit({"held": held, "rss_kib": sum(_status_kib(pid, "VmRSS") for pid in pids)})
+        rss = sum(_status_kib(pid, "VmRSS") for pid in under_test.pids())
+        emit({"held": held, "rss_kib": rss})
         command = receive_command()
     units, end, active_seconds, complete = under_test.wait(command["expected"], deadline)
     return {
@@ -572,8 +641,8 @@ def measure_run(under_test, deadline):
         "end": end,
         "active_seconds": active_seconds,
         "complete": complete,
-        "peak_rss_kib": sum(_status_kib(pid, "VmHWM") for pid in pids),
-        "cpu_seconds": sum(_cpu_seconds(pid) for pid in pids) - cpu_at_start,
+        "peak_rss_kib": sum(_status_kib(pid, "VmHWM") for pid in under_test.pids()),
+        "cpu_seconds": under_test.cpu_seconds() - cpu_at_start,
         "kernel_drops": under_test.kernel_drops(),
         "fastsock_drops": under_test.fastsock_drops(),
     }

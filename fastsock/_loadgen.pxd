@@ -39,10 +39,12 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_TYPE
         SO_DOMAIN
         SO_ACCEPTCONN
+        SO_RCVTIMEO
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL
         MSG_TRUNC
+        MSG_WAITFORONE
 
     ssize_t send(int fd, const void* data, size_t length, int flags)
     ssize_t recv(int fd, void* data, size_t length, int flags)
@@ -51,6 +53,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int accept4(int fd, sockaddr* address, socklen_t* address_length, int flags)
     int shutdown(int fd, int how)
     int getsockopt(int fd, int level, int name, void* value, socklen_t* value_length)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t value_length)
 
 
 cdef extern from "<netinet/in.h>" nogil:

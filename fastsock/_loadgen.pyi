@@ -72,8 +72,16 @@ def send_datagrams(
     batch: int = 64,
     destination: _Destination | None = None,
     sequence: bool = False,
+    segments: int = 1,
 ) -> tuple[int, float]:
-    """Send ``count`` copies of ``payload`` as datagrams, ``batch`` per sendmmsg() call.
+    """Send ``count`` copies of ``payload`` as datagrams, ``batch`` messages per sendmmsg().
+
+    With ``segments`` above 1 (UDP only, up to 64, and ``segments * len(payload)`` up to
+    65,507 bytes), each message is one UDP GSO send of that many datagrams, which the
+    kernel cuts apart: the receiver gets ordinary ``len(payload)``-byte datagrams, but
+    the sender pays for one trip through its stack per message, not per datagram.  The
+    option rides on each message (a UDP_SEGMENT control message), so the socket itself
+    is left unchanged.  A kernel without UDP GSO (before Linux 4.18) raises OSError.
 
     Without ``destination`` the socket must be connected; with it, every datagram goes to
     that address, given as the socket module takes it for the socket's family: ``(host,
@@ -92,14 +100,31 @@ def send_datagrams(
     delivered: a full receive buffer drops them) and the time the sending took.
 
     Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024, a
-    negative ``count``, a bad ``destination`` and a too-short numbered payload; socket.gaierror
-    if ``host`` does not resolve.
+    negative ``count``, a bad ``destination``, a too-short numbered payload and ``segments``
+    out of range or on a Unix socket; socket.gaierror if ``host`` does not resolve.
     """
 
 def sink_datagrams(
-    fd: int, expected: int, max_seconds: float, batch: int = 64, idle_seconds: float = 0.5
+    fd: int,
+    expected: int,
+    max_seconds: float,
+    batch: int = 64,
+    idle_seconds: float = 0.5,
+    spin_seconds: float = 0.001,
 ) -> tuple[int, int, float]:
     """Receive datagrams with recvmmsg(), ``batch`` per call, and count them.
+
+    The ceiling of receiving at all: each call blocks only until the first datagram is
+    there (MSG_WAITFORONE), then takes whatever else is queued, so a busy socket costs
+    one system call per batch and no poll().  For ``spin_seconds`` after each datagram
+    the calls do not block at all (MSG_DONTWAIT): a receiver that sleeps as soon as it
+    has caught up pays a wake-up each time, which on a virtual machine can take long
+    enough for the receive queue to overflow, so it would measure wake-ups, not
+    receiving.  0 never spins.  While the socket is silent the call wakes every 50 ms (a
+    receive timeout, SO_RCVTIMEO) to look at the deadline and idle time, so it returns
+    at most that much after them.  For that wait the socket is made
+    blocking with a receive timeout; its file status flags and timeout are put back
+    before returning.
 
     Stops once ``expected`` datagrams have arrived (it never reads past them), when
     ``max_seconds`` have passed, or when nothing has arrived for ``idle_seconds`` after the
@@ -109,6 +134,6 @@ def sink_datagrams(
     even one longer than the 64 KiB receive slot, and ``seconds`` runs from the first
     datagram to the last.
 
-    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024 and
-    a negative ``expected``.
+    Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024, a
+    negative ``expected`` and a ``spin_seconds`` outside 0..``idle_seconds``.
     """

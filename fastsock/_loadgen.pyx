@@ -9,10 +9,13 @@ so the caller's sockets keep whatever blocking mode they had.
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, ENOBUFS, ETIMEDOUT, errno
 from libc.math cimport ceil
+from libc.stdint cimport uint16_t
 from libc.string cimport memchr, memcpy, memset
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 from posix.unistd cimport close
+
+from fastsock._native cimport seconds_to_timeval, timeval
 
 import math
 import operator
@@ -27,6 +30,10 @@ cdef enum:
     # Large enough for the largest UDP payload, so only Unix datagrams can be truncated,
     # and then MSG_TRUNC still reports their full length.
     DATAGRAM_SLOT = 65536
+    # UDP_MAX_SEGMENTS of the kernels that introduced UDP GSO (4.18); later ones take more.
+    MAX_SEGMENTS = 64
+    # The most UDP payload one IPv4 datagram carries, and so one GSO send.
+    MAX_UDP_PAYLOAD = 65507
 
 # Bytes one send() may move: large enough that a syscall carries thousands of small messages.
 cdef Py_ssize_t PATTERN_BYTES = 256 * 1024
@@ -44,6 +51,42 @@ cdef int ROOM_WAIT_MS = 10
 # doubling from the first to the longest pause, rather than spin.
 cdef long FIRST_PAUSE_NS = 20 * 1000
 cdef long LONGEST_PAUSE_NS = 1000 * 1000
+# Longest the datagram sink sleeps in recvmmsg() on a silent socket before it looks at its
+# deadline and idle time again: how late past them it may return.
+cdef double SINK_WAKE_SECONDS = 0.05
+
+
+cdef extern from *:
+    """
+    #include <netinet/in.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103  /* <linux/udp.h>, which older C libraries do not pull in */
+    #endif
+
+    static size_t fastsock_segment_control_bytes(void) {
+        return CMSG_SPACE(sizeof(uint16_t));
+    }
+
+    /* Makes the message one UDP GSO send of `size`-byte datagrams, through its own control
+       buffer, so that the caller's socket keeps its options. */
+    static void fastsock_attach_segment_size(struct msghdr *header, char *control,
+                                             uint16_t size) {
+        struct cmsghdr *option;
+        header->msg_control = control;
+        header->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+        option = CMSG_FIRSTHDR(header);
+        option->cmsg_level = IPPROTO_UDP;
+        option->cmsg_type = UDP_SEGMENT;
+        option->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        memcpy(CMSG_DATA(option), &size, sizeof(size));
+    }
+    """
+    size_t fastsock_segment_control_bytes() noexcept nogil
+    void fastsock_attach_segment_size(msghdr* header, char* control,
+                                      uint16_t size) noexcept nogil
 
 
 cdef double monotonic() noexcept nogil:
@@ -468,38 +511,71 @@ cdef inline void store_big_endian_64(char* target, unsigned long long value) noe
         value >>= 8
 
 
-cdef int send_batches(int fd, mmsghdr* messages, char* slots, Py_ssize_t payload_length,
-                      bint sequence, unsigned long long count, unsigned int batch,
-                      double deadline, unsigned long long* sent) noexcept nogil:
-    cdef unsigned int wanted, i
+cdef struct DatagramPump:
+    int fd
+    mmsghdr* messages
+    iovec* vectors
+    char* slots
+    Py_ssize_t payload_length
+    bint sequence
+    # Datagrams per message: above 1, each message is one UDP GSO send that the kernel cuts
+    # into this many datagrams of payload_length bytes.
+    unsigned int segments
+    unsigned int batch
+    unsigned long long count
+    double deadline
+    unsigned long long sent
+
+
+cdef int send_once(DatagramPump* pump, unsigned long long wanted) noexcept nogil:
+    # One sendmmsg() of `wanted` datagrams: whole messages, the last one possibly with fewer
+    # segments; the datagrams it sent are added to pump.sent.  Returns -1 or the errno.
+    cdef unsigned int messages = <unsigned int>((wanted + pump.segments - 1) // pump.segments)
+    cdef unsigned int last = messages - 1
+    cdef unsigned long long i
+    cdef int done
+    if pump.sequence:
+        # A message's segments lie back to back, so datagram i starts at i * payload_length.
+        for i in range(wanted):
+            store_big_endian_64(pump.slots + i * pump.payload_length, pump.sent + i)
+    pump.vectors[last].iov_len = (wanted - last * pump.segments) * pump.payload_length
+    done = sendmmsg(pump.fd, pump.messages, messages, MSG_DONTWAIT | MSG_NOSIGNAL)
+    pump.vectors[last].iov_len = pump.segments * pump.payload_length
+    if done < 0:
+        return errno
+    if <unsigned int>done == messages:
+        pump.sent += wanted
+    else:
+        pump.sent += <unsigned long long>done * pump.segments
+    return -1
+
+
+cdef int send_batches(DatagramPump* pump) noexcept nogil:
     cdef double now
-    cdef int done, code
+    cdef int code
     cdef timespec pause
     pause.tv_sec = 0
     pause.tv_nsec = 0
-    while sent[0] < count:
+    while pump.sent < pump.count:
         now = monotonic()
-        if now >= deadline:
+        if now >= pump.deadline:
             return 0
-        wanted = <unsigned int>min(<unsigned long long>batch, count - sent[0])
-        if sequence:
-            for i in range(wanted):
-                store_big_endian_64(slots + i * payload_length, sent[0] + i)
-        done = sendmmsg(fd, messages, wanted, MSG_DONTWAIT | MSG_NOSIGNAL)
-        if done >= 0:
-            sent[0] += done
+        code = send_once(pump, min(<unsigned long long>pump.batch * pump.segments,
+                                   pump.count - pump.sent))
+        if code < 0:
             pause.tv_nsec = 0
-        elif (errno == EAGAIN or errno == ENOBUFS) and pause.tv_nsec:
+        elif (code == EAGAIN or code == ENOBUFS) and pause.tv_nsec:
             nanosleep(&pause, NULL)
             pause.tv_nsec = min(2 * pause.tv_nsec, LONGEST_PAUSE_NS)
-        elif errno == EAGAIN or errno == ENOBUFS:
-            if errno == EAGAIN:
-                code = wait_for(fd, POLLOUT, min(milliseconds_until(deadline, now), ROOM_WAIT_MS))
+        elif code == EAGAIN or code == ENOBUFS:
+            if code == EAGAIN:
+                code = wait_for(pump.fd, POLLOUT,
+                                min(milliseconds_until(pump.deadline, now), ROOM_WAIT_MS))
                 if code != 0:
                     return code
             pause.tv_nsec = FIRST_PAUSE_NS
-        elif errno != EINTR:
-            return errno
+        elif code != EINTR:
+            return code
     return 0
 
 
@@ -543,57 +619,79 @@ cdef socklen_t fill_destination(int family, object destination,
 
 
 def send_datagrams(fd, payload, count, max_seconds, batch=64, destination=None,
-                   sequence=False):
+                   sequence=False, segments=1):
     cdef int sock = checked_fd(fd, "fd")
     cdef bytes data = bytes(memoryview(payload))
-    cdef unsigned long long total = checked_count(count, "count")
-    cdef unsigned int per_call = checked_batch(batch)
-    cdef bint numbered = bool(sequence)
-    cdef Py_ssize_t length = len(data), i
+    cdef DatagramPump pump
+    cdef Py_ssize_t length = len(data), i, message_bytes
     cdef sockaddr_storage address
     cdef socklen_t address_length = 0
-    cdef mmsghdr* messages = NULL
-    cdef iovec* vectors = NULL
-    cdef char* slots = NULL
-    cdef unsigned long long sent = 0
+    cdef char* controls = NULL
     cdef double seconds = checked_seconds(max_seconds, "max_seconds")
     cdef double started, elapsed
-    cdef int code
-    if numbered and length < 8:
+    cdef int code, family
+    pump.count = checked_count(count, "count")
+    pump.batch = checked_batch(batch)
+    pump.sequence = bool(sequence)
+    segments = operator.index(segments)
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise ValueError(f"segments must be between 1 and {MAX_SEGMENTS}, not {segments}")
+    pump.segments = segments
+    pump.payload_length = length
+    pump.sent = 0
+    pump.fd = sock
+    if pump.sequence and length < 8:
         raise ValueError("a sequence-numbered payload must be at least 8 bytes long")
     require_socket_type(sock, SOCK_DGRAM, "fd")
+    family = socket_option(sock, SO_DOMAIN)
+    if pump.segments > 1:
+        if family not in (AF_INET, AF_INET6):
+            raise ValueError("segments above 1 (UDP GSO) need a UDP socket")
+        if length < 1 or length * pump.segments > MAX_UDP_PAYLOAD:
+            raise ValueError(f"segments times the payload length must be between 1 and "
+                             f"{MAX_UDP_PAYLOAD} bytes, not {length * pump.segments}")
     if destination is not None:
-        address_length = fill_destination(socket_option(sock, SO_DOMAIN), destination,
-                                          &address)
+        address_length = fill_destination(family, destination, &address)
 
-    messages = <mmsghdr*>PyMem_RawCalloc(per_call, sizeof(mmsghdr))
-    vectors = <iovec*>PyMem_RawCalloc(per_call, sizeof(iovec))
-    # Numbered datagrams each need their own copy; the others all point at one.
-    slots = <char*>PyMem_RawMalloc(max(length, 1) * (per_call if numbered else 1))
+    message_bytes = length * pump.segments
+    pump.messages = <mmsghdr*>PyMem_RawCalloc(pump.batch, sizeof(mmsghdr))
+    pump.vectors = <iovec*>PyMem_RawCalloc(pump.batch, sizeof(iovec))
+    # Numbered datagrams each need their own copy; the others all point at one message.
+    pump.slots = <char*>PyMem_RawMalloc(
+        max(message_bytes, 1) * (pump.batch if pump.sequence else 1))
+    if pump.segments > 1:
+        controls = <char*>PyMem_RawCalloc(pump.batch, fastsock_segment_control_bytes())
     try:
-        if messages == NULL or vectors == NULL or slots == NULL:
+        if (pump.messages == NULL or pump.vectors == NULL or pump.slots == NULL
+                or (pump.segments > 1 and controls == NULL)):
             raise MemoryError()
-        for i in range(per_call):
-            vectors[i].iov_base = slots + (i * length if numbered else 0)
-            vectors[i].iov_len = length
-            memcpy(vectors[i].iov_base, <const char*>data, length)
-            messages[i].msg_hdr.msg_iov = &vectors[i]
-            messages[i].msg_hdr.msg_iovlen = 1
+        for i in range(pump.batch):
+            pump.vectors[i].iov_base = pump.slots + (i * message_bytes if pump.sequence else 0)
+            pump.vectors[i].iov_len = message_bytes
+            pump.messages[i].msg_hdr.msg_iov = &pump.vectors[i]
+            pump.messages[i].msg_hdr.msg_iovlen = 1
             if address_length:
-                messages[i].msg_hdr.msg_name = &address
-                messages[i].msg_hdr.msg_namelen = address_length
+                pump.messages[i].msg_hdr.msg_name = &address
+                pump.messages[i].msg_hdr.msg_namelen = address_length
+            if pump.segments > 1:
+                fastsock_attach_segment_size(
+                    &pump.messages[i].msg_hdr,
+                    controls + i * fastsock_segment_control_bytes(), <uint16_t>length)
+        for i in range(pump.segments * (pump.batch if pump.sequence else 1)):
+            memcpy(pump.slots + i * length, <const char*>data, length)
         with nogil:
             started = monotonic()
-            code = send_batches(sock, messages, slots, length, numbered, total, per_call,
-                                started + seconds, &sent)
+            pump.deadline = started + seconds
+            code = send_batches(&pump)
             elapsed = monotonic() - started
         if code != 0:
             raise_errno(code)
-        return sent, elapsed
+        return pump.sent, elapsed
     finally:
-        PyMem_RawFree(slots)
-        PyMem_RawFree(vectors)
-        PyMem_RawFree(messages)
+        PyMem_RawFree(controls)
+        PyMem_RawFree(pump.slots)
+        PyMem_RawFree(pump.vectors)
+        PyMem_RawFree(pump.messages)
 
 
 # -- sink_datagrams ------------------------------------------------------------------------
@@ -605,6 +703,7 @@ cdef struct DatagramSink:
     unsigned int batch
     double deadline
     double idle
+    double spin
     unsigned long long received
     unsigned long long received_bytes
     double first
@@ -612,51 +711,65 @@ cdef struct DatagramSink:
 
 
 cdef int receive_batches(DatagramSink* sink) noexcept nogil:
-    cdef double now, wait_until
-    cdef int done, i, code
+    # recvmmsg() waits for the first datagram only (MSG_WAITFORONE), then takes what is
+    # queued: a busy socket costs one system call per batch and nothing else.  For `spin`
+    # seconds after a datagram the call does not wait at all (MSG_DONTWAIT) and the loop
+    # asks again: a receiver that sleeps whenever it has caught up pays a wake-up, on a VM
+    # the host's too, while the queue overflows.  Asleep on a silent socket, the loop wakes
+    # every SO_RCVTIMEO to look at its deadline and idle time.
+    cdef double now = 0.0
+    cdef int done, i, flags
     while sink.received < sink.expected:
-        now = monotonic()
-        wait_until = sink.deadline
-        if sink.received:
-            wait_until = min(wait_until, sink.last + sink.idle)
-        if now >= wait_until:
-            return 0
+        flags = MSG_WAITFORONE | MSG_TRUNC
+        if sink.received and now - sink.last < sink.spin:
+            flags |= MSG_DONTWAIT
         # Never more than expected: what follows stays queued for the next reader.
         done = recvmmsg(sink.fd, sink.messages,
                         <unsigned int>min(<unsigned long long>sink.batch,
                                           sink.expected - sink.received),
-                        MSG_DONTWAIT | MSG_TRUNC, NULL)
+                        flags, NULL)
+        now = monotonic()
         if done > 0:
-            now = monotonic()
             if sink.received == 0:
                 sink.first = now
             sink.last = now
             sink.received += done
             for i in range(done):
                 sink.received_bytes += sink.messages[i].msg_len
-        elif done < 0 and errno == EAGAIN:
-            code = wait_for(sink.fd, POLLIN, milliseconds_until(wait_until, now))
-            if code != 0:
-                return code
-        elif done < 0 and errno != EINTR:
+        elif errno != EAGAIN and errno != EINTR:
             return errno
+        if now >= sink.deadline or (sink.received and done <= 0
+                                    and now - sink.last >= sink.idle):
+            return 0
     return 0
 
 
-def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5):
+def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5, spin_seconds=0.001):
     cdef DatagramSink sink
     cdef iovec* vectors = NULL
     cdef char* slots = NULL
     cdef unsigned int i
-    cdef int code
+    cdef int code, flags
+    cdef timeval wake, saved_timeout
+    cdef socklen_t timeout_length = sizeof(saved_timeout)
+    cdef bint timeout_changed = False
     sink.fd = checked_fd(fd, "fd")
     sink.expected = checked_count(expected, "expected")
     sink.batch = checked_batch(batch)
     sink.deadline = checked_seconds(max_seconds, "max_seconds")
     sink.idle = checked_seconds(idle_seconds, "idle_seconds")
+    sink.spin = float(spin_seconds)
+    if not 0 <= sink.spin <= sink.idle:
+        raise ValueError(f"spin_seconds must be between 0 and idle_seconds, not {spin_seconds}")
     require_socket_type(sink.fd, SOCK_DGRAM, "fd")
     sink.received = sink.received_bytes = 0
     sink.first = sink.last = 0.0
+    wake = seconds_to_timeval(min(sink.idle, sink.deadline, SINK_WAKE_SECONDS))
+    if getsockopt(sink.fd, SOL_SOCKET, SO_RCVTIMEO, &saved_timeout, &timeout_length) < 0:
+        raise_errno(errno)
+    flags = fcntl(sink.fd, F_GETFL)
+    if flags < 0:
+        raise_errno(errno)
 
     sink.messages = <mmsghdr*>PyMem_RawCalloc(sink.batch, sizeof(mmsghdr))
     vectors = <iovec*>PyMem_RawCalloc(sink.batch, sizeof(iovec))
@@ -669,6 +782,13 @@ def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5):
             vectors[i].iov_len = DATAGRAM_SLOT
             sink.messages[i].msg_hdr.msg_iov = &vectors[i]
             sink.messages[i].msg_hdr.msg_iovlen = 1
+        # The wait happens in recvmmsg() itself, which needs a blocking socket with a
+        # receive timeout; both are put back as they were before returning.
+        if flags & O_NONBLOCK and fcntl(sink.fd, F_SETFL, flags & ~O_NONBLOCK) < 0:
+            raise_errno(errno)
+        timeout_changed = True
+        if setsockopt(sink.fd, SOL_SOCKET, SO_RCVTIMEO, &wake, sizeof(wake)) < 0:
+            raise_errno(errno)
         with nogil:
             sink.deadline += monotonic()
             code = receive_batches(&sink)
@@ -676,6 +796,9 @@ def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5):
             raise_errno(code)
         return sink.received, sink.received_bytes, sink.last - sink.first
     finally:
+        if timeout_changed:
+            setsockopt(sink.fd, SOL_SOCKET, SO_RCVTIMEO, &saved_timeout, sizeof(saved_timeout))
+            fcntl(sink.fd, F_SETFL, flags)
         PyMem_RawFree(slots)
         PyMem_RawFree(vectors)
         PyMem_RawFree(sink.messages)

@@ -38,6 +38,12 @@ DATAGRAM_CAP = 50_000_000
 """Most datagrams one run may send; in practice the run's --seconds ends it first."""
 STREAM_STALL_SECONDS = 5.0
 """Seconds without progress after which a stream run reports what it counted as lost."""
+UDP_GSO_SEGMENTS = 64
+UDP_GSO_BYTES = 65507
+"""The generator sends UDP as GSO sends of up to 64 datagrams and 65,507 bytes, which the
+kernel cuts into ordinary datagrams: on loopback the sending CPU also delivers each one, and
+one sendmmsg() slot per datagram capped it at 0.43 M/s (64 bytes, 2-core VM), below what
+the receivers take; with GSO it offers 1.5-2 M/s."""
 DATAGRAM_SETTLE_SECONDS = 0.3
 """Seconds without progress after which a datagram run's losses are taken as final."""
 RUN_OVERHEAD_SECONDS = 0.1
@@ -168,6 +174,19 @@ SERVERS = {
             _ALL,
             frozenset({"tcp", "unix", "udp"}),
         ),
+        Server(
+            "fastsock-prefork-1",
+            "PreforkServer with 1 worker process: what the 2 workers are scaled against",
+            _ALL,
+            frozenset({"tcp", "unix", "udp"}),
+        ),
+        Server(
+            "fastsock-forking",
+            "ForkingTCPServer + fastsock.receiver(ring): a process per connection into one "
+            "ring, consumer get_many()",
+            frozenset({"bulk", "lines", "frames", "churn"}),
+            frozenset({"tcp"}),
+        ),
         Server("asyncio-protocol", "asyncio Protocol / DatagramProtocol counting inline", _ALL),
         Server("uvloop-protocol", "the same protocols on uvloop", _ALL),
         Server(
@@ -182,12 +201,15 @@ SERVER_ALIASES = {"c-epoll-sink": "c-sink"}
 CEILING = "c-sink"
 
 
+PREFORK_SERVERS = ("fastsock-prefork", "fastsock-prefork-1")
+
+
 def default_servers(server_cpus):
-    """Every server, except prefork when the server process has a single CPU: its workers
-    could only share that CPU, which the --full run shows."""
+    """Every server, except the prefork ones when the server process has a single CPU: their
+    workers could only share that CPU, which the --full run shows."""
     names = list(SERVERS)
     if server_cpus is not None and len(server_cpus) < 2:
-        names.remove("fastsock-prefork")
+        names = [name for name in names if name not in PREFORK_SERVERS]
     return names
 
 
@@ -332,10 +354,16 @@ class Settings:
         return 0 if workload.pattern == "idle" else self.warmups
 
 
-def placement(server_cpus, client_cpus):
+def placement(server_cpus, client_cpus, share=False):
     """(server CPUs, client CPUs, description): the load generator on its own CPU, the
-    server process on the others.  ValueError for CPUs that are not available or shared."""
+    server process on the others; with ``share``, both on every available CPU.  ValueError
+    for CPUs that are not available or shared."""
     available = sorted(os.sched_getaffinity(0))
+    if share:
+        if server_cpus is not None or client_cpus is not None:
+            raise ValueError("--share-cpus places both sides itself: drop --server/client-cpus")
+        shared = f"server process and load generator share CPU {_cpu_list(available)}"
+        return available, available, shared + ", not pinned apart"
     if server_cpus is None and client_cpus is None:
         if len(available) < 2:
             alone = f"one CPU available ({available[0]}): server and load generator share it"

@@ -198,7 +198,7 @@ def add_bench_arguments(parser):
         "--servers",
         type=name_list(list(benchmark.SERVERS), benchmark.SERVER_ALIASES),
         metavar="NAME,...",
-        help="default: every server (but fastsock-prefork when the server side has one "
+        help="default: every server (but the prefork ones when the server side has one "
         "CPU); each runs only the workloads it applies to",
     )
     choose.add_argument("--full", action="store_true", help="every workload and every server")
@@ -262,6 +262,12 @@ def add_bench_arguments(parser):
         metavar="CPUS",
         help="CPUs of the load generator (default: the last available)",
     )
+    where.add_argument(
+        "--share-cpus",
+        action="store_true",
+        help="server process and load generator both on every available CPU: how prefork "
+        "scales when the generator competes for the same cores",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=Path, metavar="PATH", help="write every run to PATH")
     output.add_argument(
@@ -273,7 +279,7 @@ def describe_catalog():
     lines = ["workloads (default: " + ", ".join(benchmark.DEFAULT_WORKLOADS) + "):"]
     for workload in benchmark.WORKLOADS.values():
         lines.append(f"  {workload.name:14} {workload.summary}; baseline {workload.baseline}")
-    lines.append("servers (default: all; fastsock-prefork only when the server has 2+ CPUs):")
+    lines.append("servers (default: all; the prefork ones only when the server has 2+ CPUs):")
     for server in benchmark.SERVERS.values():
         lines.append(f"  {server.name:24} {server.summary}")
     return "\n".join(lines)
@@ -302,7 +308,7 @@ def run_bench(options):
             raise UsageError(BENCH, f"no directory to write {path} into")
     try:
         server_cpus, client_cpus, where = benchmark.placement(
-            options.server_cpus, options.client_cpus
+            options.server_cpus, options.client_cpus, options.share_cpus
         )
     except ValueError as exc:
         raise UsageError(BENCH, str(exc)) from None

@@ -65,6 +65,7 @@ def fastsock_command(*arguments):
         (["bench", "--server-cpus", "0"], "give both --server-cpus and --client-cpus"),
         (["bench", "--server-cpus", "0", "--client-cpus", "0"], "must not share a CPU"),
         (["bench", "--server-cpus", "0", "--client-cpus", "4096"], "not available"),
+        (["bench", "--share-cpus", "--server-cpus", "0"], "--share-cpus places both sides"),
     ],
 )
 def test_bad_arguments_are_a_one_line_error(capsys, arguments, says):
@@ -291,6 +292,38 @@ def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
             assert (summary["fastsock_drops"] is not None) == server.startswith("fastsock")
     assert rows["lines-1", "stdlib-readline-queue"]["summary"]["ratio_to_baseline"] == 1.0
     assert rows["udp-64", "c-sink"]["summary"]["ratio_to_ceiling"] == 1.0
+
+
+def test_forking_and_prefork_rows_count_every_line(tmp_path):
+    finished = run_fastsock(
+        tmp_path,
+        "bench",
+        "--seconds",
+        "0.2",
+        "--runs",
+        "1",
+        "--workloads",
+        "lines-16",
+        "--servers",
+        "fastsock-forking,fastsock-prefork-1,fastsock-prefork",
+        "--share-cpus",
+        "--json",
+        "out.json",
+    )
+    assert finished.returncode == 0, finished.stderr
+    document = json.loads((tmp_path / "out.json").read_text())
+    check(document, DOCUMENT)
+    assert "share" in document["settings"]["placement"]
+    assert [row["server"] for row in document["rows"]] == [
+        "fastsock-forking",
+        "fastsock-prefork-1",
+        "fastsock-prefork",
+    ]
+    for row in document["rows"]:
+        assert row["status"] == "ok", row["error"]
+        assert row["summary"]["lost"] == 0 and row["runs"][0]["complete"]
+        # Request processes and workers are counted with the process that serves the row.
+        assert row["summary"]["cpu_seconds"] > 0
 
 
 # -- fastsock serve --------------------------------------------------------------------------

@@ -185,6 +185,77 @@ def test_datagram_sink_stops_when_the_sender_goes_quiet():
         assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.parametrize("spin_seconds", [0.0, 0.001], ids=["blocking", "spinning"])
+def test_datagram_sink_returns_promptly_once_a_live_sender_stops(
+    sock_dir, in_background, spin_seconds
+):
+    # The sink waits inside recvmmsg(), after spinning a while if asked: it must still see
+    # the sender go quiet while its socket stays silent, and count every datagram before.
+    path = os.path.join(sock_dir, "quiet")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender,
+    ):
+        receiver.bind(path)
+        sender.connect(path)
+        received = in_background(
+            _loadgen.sink_datagrams, receiver.fileno(), 10**9, GENEROUS, 256, 0.2, spin_seconds
+        )
+        sent, _ = _loadgen.send_datagrams(sender.fileno(), b"q" * 64, 30_000, GENEROUS)
+        stopped = time.monotonic()
+        count, total_bytes, seconds = received.result(timeout=GENEROUS)
+        assert time.monotonic() - stopped < 2.0
+        assert (count, total_bytes) == (sent, sent * 64) == (30_000, 30_000 * 64)
+        assert 0.0 < seconds < GENEROUS
+
+
+def test_datagram_sink_on_a_silent_socket_ends_at_its_deadline_and_restores_the_socket():
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.settimeout(7.5)
+        started = time.monotonic()
+        assert _loadgen.sink_datagrams(receiver.fileno(), 1, 0.2) == (0, 0, 0.0)
+        assert 0.2 <= time.monotonic() - started < 2.0
+        # It waits in a blocking recvmmsg() with its own receive timeout, then puts back
+        # the caller's: Python's timeout is a non-blocking socket, and stays one.
+        assert receiver.gettimeout() == 7.5
+        assert not os.get_blocking(receiver.fileno())
+        sender.send(b"after")
+        assert receiver.recv(16) == b"after"
+
+
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 150])
+def test_gso_datagrams_arrive_whole_numbered_and_counted(count):
+    # 7 messages of up to 10 segments per sendmmsg(): counts that end mid-message and
+    # mid-batch.  Few enough to fit in the default receive buffer.
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        receiver.bind((LOCALHOST, 0))
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        receiver.settimeout(GENEROUS)
+        payload = b"G" * 100
+        try:
+            sent, _ = _loadgen.send_datagrams(
+                sender.fileno(),
+                payload,
+                count,
+                GENEROUS,
+                batch=7,
+                destination=receiver.getsockname(),
+                sequence=True,
+                segments=10,
+            )
+        except OSError as error:
+            pytest.skip(f"no UDP GSO here: {error}")
+        assert sent == count
+        datagrams = [receiver.recv(1024) for _ in range(count)]
+        assert numbered_indices(datagrams) == list(range(count))
+        assert all(datagram[8:] == payload[8:] for datagram in datagrams)
+        assert _loadgen.sink_datagrams(receiver.fileno(), 1, 0.1) == (0, 0, 0.0)
+
+
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
 def test_datagrams_to_an_ipv6_destination():
     try:
@@ -277,6 +348,9 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
         _loadgen.sink_datagrams(fd, -1, 1.0)
     with pytest.raises(ValueError, match="idle_seconds"):
         _loadgen.sink_datagrams(fd, 1, 1.0, idle_seconds=0)
+    for spin in (-0.001, 0.6):
+        with pytest.raises(ValueError, match="spin_seconds"):
+            _loadgen.sink_datagrams(fd, 1, 1.0, idle_seconds=0.5, spin_seconds=spin)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inet:
         with pytest.raises(ValueError, match="host, port"):
             _loadgen.send_datagrams(inet.fileno(), b"x", 1, 1.0, destination="nowhere")
@@ -284,6 +358,14 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
             _loadgen.send_datagrams(inet.fileno(), b"x", 1, 1.0, destination=(LOCALHOST, 0))
     with pytest.raises(ValueError, match="Unix socket path"):
         _loadgen.send_datagrams(fd, b"x", 1, 1.0, destination="/" + "p" * 200)
+    with pytest.raises(ValueError, match="UDP socket"):
+        _loadgen.send_datagrams(fd, b"x", 1, 1.0, segments=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inet:
+        for segments in (-1, 0, 65):
+            with pytest.raises(ValueError, match="segments must be between"):
+                _loadgen.send_datagrams(inet.fileno(), b"x", 1, 1.0, segments=segments)
+        with pytest.raises(ValueError, match="65507 bytes"):
+            _loadgen.send_datagrams(inet.fileno(), b"x" * 1400, 1, 1.0, segments=47)
 
 
 def closed_descriptor():
