@@ -88,6 +88,7 @@ cdef class StreamReceiver:
     cdef bint closed
     cdef bint paused                  # the ring was full at the last publish
     cdef bint buffer_released         # silent with nothing pending: the framer freed its buffer
+    cdef bint ring_mapped             # map_pages() was called for this loop
 
     # The framed spans not yet published: spans[published:nspans], then status.
     cdef MessageSpan* spans

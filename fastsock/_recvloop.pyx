@@ -419,6 +419,11 @@ cdef class StreamReceiver:
             if not self.paused:
                 self.paused = True
                 self.counters.add(COUNT_PAUSES, 1)
+                if not self.ring_mapped:
+                    # A loop the ring holds back will write all over it: in a forked process
+                    # one pass now saves a page fault per ring page later.
+                    self.ring.map_pages()
+                    self.ring_mapped = True
             paused_at = monotonic_ns()
             resumed = self.ring.wait_resume(self.spans[self.published].length,
                                             self.check_interval_ns / 1e9)

@@ -122,6 +122,8 @@ cdef class RingQueue:
     # (1), the timeout passes (0) or the ring closes (-1); the time spent is added to
     # paused_seconds.
     cdef int wait_resume(self, Py_ssize_t length, double timeout) noexcept nogil
+    # Maps every page of the ring into this process's page tables (see map_into_process).
+    cdef void map_pages(self) noexcept nogil
 
     # Shared by both APIs.  They work on a copy of the committed state: the append_*
     # functions append records to it (gets take messages from it with module-level helpers);

@@ -30,6 +30,7 @@ from fastsock._span cimport MessageSpan
 
 from fastsock.constants import (
     GET_MANY_DEFAULT,
+    RING_MAP_STRIDE,
     RING_MAX_BYTES,
     RING_MAX_MESSAGES,
     RING_RESUME_FRACTION,
@@ -47,6 +48,9 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_lock(pthread_mutex_t* mutex)
     int pthread_mutex_trylock(pthread_mutex_t* mutex)
     int pthread_mutex_unlock(pthread_mutex_t* mutex)
+
+cdef size_t MAP_STRIDE = RING_MAP_STRIDE
+
 
 cdef extern from *:
     """
@@ -114,11 +118,20 @@ cdef extern from *:
         (void)count;
     }
     #endif
+
+    /* One read per stride: each read fault maps the kernel's fault-around window of pages
+       already in the shared mapping, writable, so later writes do not fault page by page. */
+    static void fastsock_map_pages(const char *start, size_t length, size_t stride) {
+        size_t offset;
+        for (offset = 0; offset < length; offset += stride)
+            (void)*(const volatile char *)(start + offset);
+    }
     """
     int ring_mutex_init "fastsock_ring_mutex_init"(pthread_mutex_t* mutex) nogil
     void ring_mutex_consistent "fastsock_ring_mutex_consistent"(pthread_mutex_t* mutex) nogil
     void futex_wait "fastsock_futex_wait"(uint32_t* word, uint32_t seen, double seconds) nogil
     void futex_wake "fastsock_futex_wake"(uint32_t* word, int count) nogil
+    void map_pages "fastsock_map_pages"(const char* start, size_t length, size_t stride) nogil
 
     enum:
         ATOMIC_RELAXED "__ATOMIC_RELAXED"
@@ -1087,6 +1100,14 @@ cdef class RingQueue:
         cdef bint full = not room_for(self, committed(self.header), 1, 0, 1)
         unlock_ring(self.header)
         return full
+
+    def map_into_process(self):
+        """Map the ring's pages into this process's page tables in one pass."""
+        with nogil:
+            self.map_pages()
+
+    cdef void map_pages(self) noexcept nogil:
+        map_pages(<const char*>self.header, self.mapping_size, MAP_STRIDE)
 
     def close(self):
         acquire(self.header)

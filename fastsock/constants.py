@@ -47,6 +47,10 @@ RING_WAIT_SLICE = 0.05
 """Seconds a blocked wait sleeps with the GIL released before it checks for signals:
 Ctrl-C is seen within this delay."""
 
+RING_MAP_STRIDE = 64 * 1024
+"""Bytes between the reads with which a forked process maps the shared ring: Linux's
+fault-around window, so one read fault maps 16 pages instead of a write fault for each."""
+
 GET_MANY_DEFAULT = 4096
 """Messages get_many() returns at most by default: one call amortises the lock and the
 wake-up over thousands of messages without building huge lists."""

@@ -5,11 +5,13 @@ producer API exist only in the compiled ring and are tested on it alone."""
 
 import collections
 import contextlib
+import functools
 import importlib.util
 import io
 import os
 import queue
 import random
+import resource
 import shutil
 import signal
 import struct
@@ -629,6 +631,47 @@ test_compiled_matches_reference = CompiledMatchesReference.TestCase
 
 
 # -- Shared memory across fork() (compiled only) -----------------------------------------
+
+
+def test_mapping_into_the_process_changes_nothing_visible(ring_class):
+    ring = ring_class(16, 1024)
+    ring.put(b"before")
+    ring.map_into_process()
+    ring.put(b"after")
+    assert ring.get_many() == [b"before", b"after"]
+
+
+def _faults_while_putting(ring, chunks, mapped, report):
+    if mapped:
+        ring.map_into_process()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for chunk in chunks:
+        ring.put_nowait(chunk)
+    report.write(b"%d" % (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
+    report.flush()
+
+
+@forks_with_threads
+def test_a_forked_producer_that_maps_the_ring_first_avoids_a_fault_per_page(reap_children):
+    ring = compiled.RingQueue(1024, 16 * MiB)
+    chunks = [bytes([n]) * (64 * 1024) for n in range(128)]
+    # The parent writes the whole area once, so its pages exist in the shared mapping.
+    for _ in range(2):
+        for chunk in chunks:
+            ring.put_nowait(chunk)
+        assert len(ring.get_many(1024, timeout=PROMPTLY)) == len(chunks)
+    faults = {}
+    for mapped in (False, True):
+        reader, writer = os.pipe()
+        with os.fdopen(reader, "rb") as report_in, os.fdopen(writer, "wb") as report:
+            pid = fork(functools.partial(_faults_while_putting, ring, chunks, mapped, report))
+            report.close()
+            faults[mapped] = int(report_in.read())
+        assert exit_code(pid) == 0
+        assert ring.get_many(1024, timeout=PROMPTLY) == chunks
+    pages = 8 * MiB // 4096
+    assert faults[False] >= pages // 2, faults
+    assert faults[True] < faults[False] // 4, faults
 
 
 @forks_with_threads

@@ -300,6 +300,9 @@ class RingQueue:
         with self._lock:
             return not self._fits(1)
 
+    def map_into_process(self):
+        """Nothing to map: the reference ring lives in one process's heap."""
+
     def close(self):
         with self._lock:
             self._closed = True
