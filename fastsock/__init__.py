@@ -27,6 +27,13 @@ from .prefork import PreforkServer
 from .receiver import ReceiveHandler, receiver
 from .server import *  # noqa: F403
 from .server import __all__
+
+try:
+    # Defined on every version, though __all__ lists them only where the stdlib has them
+    # (3.12+), so the star import above leaves them out on 3.10 and 3.11.
+    from .server import ForkingUnixDatagramServer, ForkingUnixStreamServer
+except ImportError:  # a platform without fork() or Unix sockets
+    pass
 from .stats import DatagramStats, ReceiveStats, RingStats
 
 __version__ = "0.1.0"

@@ -443,3 +443,10 @@ def test_truncated_datagram_is_not_a_request_in_the_serving_loop():
         assert server.truncated_datagrams == 1
         server.shutdown()
         thread.join(GENEROUS)
+
+
+@pytest.mark.parametrize("name", ["ForkingUnixStreamServer", "ForkingUnixDatagramServer"])
+def test_the_312_forking_unix_servers_exist_on_every_version(name):
+    server_class = getattr(fastsock, name)
+    assert issubclass(server_class, fastsock.ForkingMixIn)
+    assert (name in fastsock.__all__) == (sys.version_info >= (3, 12))
