@@ -1,0 +1,752 @@
+"""``fastsock serve``: a receive server on the compiled path, without writing code."""
+
+import argparse
+import base64
+import datetime
+import ipaddress
+import json
+import logging
+import math
+import mmap
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+
+import fastsock
+from fastsock import constants
+from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
+from fastsock._ratelimit import RateLimitedLogger
+from fastsock.addresses import address_from_sockaddr
+
+__all__ = ["DRAIN_SECONDS", "SERVE_DETAILS", "add_serve_arguments", "run_serve"]
+
+SERVE = "fastsock serve"
+
+# -- fastsock serve: arguments ---------------------------------------------------------------
+
+SCHEMES = ("tcp", "udp", "unix", "unixgram")
+STREAM_ONLY = ("framing", "max_line", "max_frame", "idle_timeout", "max_connections")
+DEFAULT_FRAMING = "lines"
+DEFAULT_WORKERS = 2
+DRAIN_SECONDS = 2.0
+"""Seconds a stopping server gives its connections (or its datagram socket) to hand over what
+the kernel had already received for them, before it stops their loops."""
+QUIET_SECONDS = 2 * constants.RECEIVE_CHECK_INTERVAL
+"""How long a draining server must see no activity before it stops: a connection that
+arrives meanwhile is accepted within one poll interval of the serving loop."""
+LOOP_WAIT_SECONDS = 0.1
+"""Longest wait for messages before the serving loop looks at signals, stats and workers."""
+
+
+SERVE_DETAILS = f"""\
+output formats:
+  raw    each message and a newline; with --framing raw, the bytes exactly as received
+  jsonl  one JSON object per message and line:
+           {{"time": "2025-01-31T12:00:00.123456+00:00", "peer": "127.0.0.1:50412",
+            "connection": 7, "text": "the message"}}
+         time        when fastsock serve took the message from its queue (UTC, ISO 8601)
+         peer        the sender: "host:port", "[host]:port" (IPv6) or a socket path; null
+                     when unknown (an unbound Unix sender, a stream in --mode prefork)
+         connection  the stream connection's id, shared by all its messages; null for
+                     datagrams
+         text        the payload, when it is valid UTF-8; otherwise "base64" holds it
+
+stopping (SIGINT, SIGTERM):
+  the reading side of every connection is shut, so that each hands over what the kernel
+  already holds and ends; connections still arriving are treated the same, for at most
+  {DRAIN_SECONDS:g} s; datagrams are read until the socket is quiet. Then the receive loops
+  stop, every message received is written, the final counters go to stderr and the exit
+  status is 0. A line or frame cut short by the stop counts as discarded bytes.
+
+counters (stderr, every --stats-interval seconds):
+  rates, messages received and written, connections, drops (streams: messages dropped,
+  bytes discarded, lines or frames over the limits; datagrams: ring full, truncated, kernel),
+  backpressure (seconds the receive loops waited for this process to take messages) and
+  the messages queued.
+"""
+
+
+def add_serve_arguments(parser):
+    parser.set_defaults(run=run_serve)
+    parser.add_argument(
+        "url",
+        metavar="URL",
+        help="tcp://HOST:PORT, udp://HOST:PORT (IPv6: tcp://[::1]:9000), unix:///PATH or "
+        "unixgram:///PATH; port 0 picks a free port",
+    )
+    parser.add_argument(
+        "--framing",
+        choices=["lines", "length", "raw"],
+        help="streams: lines (default), length (4-byte big-endian prefix) or raw chunks",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["threaded", "prefork"],
+        default="threaded",
+        help="threaded (default): one process; prefork: --workers processes receive into "
+        "one shared ring (tcp://, unix://, udp://)",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, help=f"prefork workers (default {DEFAULT_WORKERS})"
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument(
+        "--max-line",
+        type=positive_int,
+        metavar="BYTES",
+        help=f"longest line (default {constants.MAX_LINE_LENGTH}); longer closes that connection",
+    )
+    limits.add_argument(
+        "--max-frame",
+        type=positive_int,
+        metavar="BYTES",
+        help=f"largest length-prefixed frame (default {constants.MAX_FRAME_SIZE})",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help=f"close a stream connection silent for this long (default {constants.IDLE_TIMEOUT:g})",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=positive_int,
+        metavar="N",
+        help="most stream connections received at once, per process (default: "
+        f"{constants.MAX_CONNECTIONS_CAP} or the file-descriptor limit, whichever is lower); "
+        "more are refused",
+    )
+    limits.add_argument(
+        "--max-datagram",
+        type=positive_int,
+        metavar="BYTES",
+        help=f"datagrams: longest delivered, longer ones are counted as truncated "
+        f"(default {constants.DATAGRAM_MAX_SIZE})",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--output",
+        metavar="FILE",
+        help="append the messages to FILE (default: stdout; - is stdout)",
+    )
+    output.add_argument(
+        "--format",
+        choices=["raw", "jsonl"],
+        default="raw",
+        help="raw (default): each message and a newline (raw framing: the bytes as received); "
+        "jsonl: one JSON object per message with time, peer and the payload as text or base64",
+    )
+    output.add_argument(
+        "--stats-interval",
+        type=_stats_interval,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between two counter lines on stderr (default 5; 0: none)",
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a host that is not a loopback address (0.0.0.0, a LAN address...): the "
+        "server then receives from anyone who can reach it",
+    )
+
+
+def _stats_interval(text):
+    value = number(text, float)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
+    return value
+
+
+class Endpoint:
+    """Where ``fastsock serve`` receives: a parsed and resolved URL."""
+
+    def __init__(self, scheme, address, family):
+        self.scheme = scheme
+        self.address = address
+        self.family = family
+
+    @property
+    def datagram(self):
+        return self.scheme in ("udp", "unixgram")
+
+    def url(self, address=None):
+        address = self.address if address is None else address
+        if self.family == socket.AF_UNIX:
+            return f"{self.scheme}://{address}"
+        return f"{self.scheme}://{format_address(address)}"
+
+
+def parse_endpoint(text, allow_remote):
+    """The Endpoint of a URL; UsageError for a bad one or a non-loopback host without
+    ``allow_remote``."""
+    scheme, separator, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in SCHEMES:
+        raise UsageError(
+            SERVE,
+            f"{text!r} is not an endpoint: say tcp://HOST:PORT, "
+            "udp://HOST:PORT, unix:///PATH or unixgram:///PATH",
+        )
+    if scheme in ("unix", "unixgram"):
+        if not rest:
+            raise UsageError(SERVE, f"{text!r} names no socket path")
+        return Endpoint(scheme, rest, socket.AF_UNIX)
+    try:
+        parts = urllib.parse.urlsplit("//" + rest)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(SERVE, f"bad address in {text!r}: {exc}") from None
+    if parts.path or parts.query or parts.fragment or parts.username is not None:
+        raise UsageError(SERVE, f"{text!r}: only HOST:PORT may follow {scheme}://")
+    if not parts.hostname or port is None:
+        raise UsageError(SERVE, f"{text!r} needs a host and a port: HOST:PORT")
+    kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(parts.hostname, port, type=kind)[0]
+    except socket.gaierror as exc:
+        raise UsageError(SERVE, f"cannot resolve {parts.hostname!r}: {exc.strerror}") from None
+    host = sockaddr[0]
+    if not ipaddress.ip_address(host.partition("%")[0]).is_loopback and not allow_remote:
+        raise UsageError(
+            SERVE,
+            f"{host} is not a loopback address; add --allow-remote to receive from other hosts",
+        )
+    return Endpoint(scheme, (host, port), family)
+
+
+def check_serve_options(options, endpoint):
+    """Options that conflict with the endpoint or with each other: UsageError."""
+    given = {name for name in STREAM_ONLY if getattr(options, name) is not None}
+    if endpoint.datagram and given:
+        flag = "--" + sorted(given)[0].replace("_", "-")
+        raise UsageError(
+            SERVE, f"{flag} applies to stream endpoints (tcp://, unix://), not {endpoint.scheme}://"
+        )
+    if not endpoint.datagram and options.max_datagram is not None:
+        raise UsageError(SERVE, "--max-datagram applies to udp:// and unixgram:// endpoints")
+    framing = options.framing or DEFAULT_FRAMING
+    if options.max_line is not None and framing != "lines":
+        raise UsageError(SERVE, "--max-line applies to --framing lines")
+    if options.max_frame is not None and framing != "length":
+        raise UsageError(SERVE, "--max-frame applies to --framing length")
+    if options.workers is not None and options.mode != "prefork":
+        raise UsageError(SERVE, "--workers applies to --mode prefork")
+    if options.mode == "prefork" and endpoint.scheme == "unixgram":
+        raise UsageError(
+            SERVE,
+            "--mode prefork serves tcp://, unix:// and udp://, not "
+            "unixgram:// (its workers cannot each have a socket of their own)",
+        )
+
+
+def make_handler(options, endpoint, ring):
+    """The receive handler class: fastsock.receiver with the options' limits."""
+    limits = {}
+    if endpoint.datagram:
+        if options.max_datagram is not None:
+            limits["max_datagram"] = options.max_datagram
+    else:
+        limits["framing"] = options.framing or DEFAULT_FRAMING
+        for name in ("max_line", "max_frame", "idle_timeout", "max_connections"):
+            if getattr(options, name) is not None:
+                limits[name] = getattr(options, name)
+    try:
+        return fastsock.receiver(ring, **limits)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(SERVE, str(exc)) from None
+
+
+def largest_message(options, endpoint):
+    if endpoint.datagram:
+        return options.max_datagram or constants.DATAGRAM_MAX_SIZE
+    framing = options.framing or DEFAULT_FRAMING
+    if framing == "lines":
+        return (options.max_line or constants.MAX_LINE_LENGTH) + len(constants.LINE_DELIMITER)
+    if framing == "length":
+        return options.max_frame or constants.MAX_FRAME_SIZE
+    return constants.RECV_SIZE
+
+
+# -- fastsock serve: servers -----------------------------------------------------------------
+
+_log = logging.getLogger("fastsock")
+_errors = RateLimitedLogger(_log, constants.ERROR_LOG_INTERVAL)
+
+
+class ConnectionRegistry:
+    """The stream connections being received, so that a stop can shut their reading side:
+    each loop then reads what the kernel already holds, sees end-of-file and returns."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sockets = set()
+
+    def add(self, sock):
+        with self._lock:
+            self._sockets.add(sock)
+
+    def discard(self, sock):
+        with self._lock:
+            self._sockets.discard(sock)
+
+    def shut_reading(self):
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
+def tracked(handler, connections):
+    class TrackedReceiveHandler(handler):
+        def setup(self):
+            connections.add(self.request)
+            super().setup()
+
+        def finish(self):
+            try:
+                super().finish()
+            finally:
+                connections.discard(self.request)
+
+    return TrackedReceiveHandler
+
+
+class DrainFlag:
+    """Raised when ``fastsock serve`` stops; kept in memory shared with forked workers."""
+
+    def __init__(self):
+        self._memory = mmap.mmap(-1, 1)
+
+    def set(self):
+        self._memory[0] = 1
+
+    def is_set(self):
+        return self._memory[0] == 1
+
+
+class ServeMixIn:
+    """What ``fastsock serve`` adds to fastsock's servers, here or in a prefork worker:
+    draining on request, and one line per failed connection instead of a traceback."""
+
+    connections = None
+    drain = None
+
+    def service_actions(self):
+        # serve_forever() calls this every RECEIVE_CHECK_INTERVAL seconds, in every worker:
+        # connections accepted while draining are shut too.
+        super().service_actions()
+        if self.drain.is_set():
+            self.connections.shut_reading()
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, fastsock.FramingError):
+            # The receive handler has logged it already, rate-limited.
+            return
+        peer = format_address(client_address) or "a peer"
+        _errors.warning(type(error).__name__, "connection from %s closed: %s", peer, error)
+
+
+_SERVER_CLASSES = {
+    "tcp": fastsock.ThreadingTCPServer,
+    "unix": fastsock.ThreadingUnixStreamServer,
+    "udp": fastsock.UDPServer,
+    "unixgram": fastsock.UnixDatagramServer,
+}
+
+
+class Receiver:
+    """A server receiving into the ring, in this process (threaded) or in forked workers
+    (prefork); this process consumes."""
+
+    def __init__(self, endpoint, handler):
+        self.endpoint = endpoint
+        self.connections = ConnectionRegistry()
+        self.drain = DrainFlag()
+        self.closed = False
+        self.last_activity = None
+        self.quiet_since = None
+        base = _SERVER_CLASSES[endpoint.scheme]
+        self.server_class = type(
+            f"Serve{base.__name__}",
+            (ServeMixIn, base),
+            {"allow_reuse_address": True, "connections": self.connections, "drain": self.drain},
+        )
+        self.handler = handler if endpoint.datagram else tracked(handler, self.connections)
+        self.server_options = {}
+        if endpoint.family == socket.AF_INET6:
+            self.server_options["address_family"] = socket.AF_INET6
+
+    def start_draining(self):
+        """Every open connection, and any still arriving, ends after what the kernel holds."""
+        self.drain.set()
+
+    def settled(self):
+        """True once QUIET_SECONDS went by with no connection open or arriving (streams), or
+        no datagram received (datagrams): what the kernel held has been handed over."""
+        stats = self.stats()
+        if self.endpoint.datagram:
+            busy, activity = False, stats.datagrams_received + stats.datagrams_dropped
+        else:
+            busy, activity = stats.connections_active > 0, stats.connections_opened
+        now = time.monotonic()
+        if busy or activity != self.last_activity:
+            self.last_activity, self.quiet_since = activity, now
+            return False
+        return now - self.quiet_since >= QUIET_SECONDS
+
+
+class ThreadedReceiver(Receiver):
+    """serve_forever() runs in a thread of this process."""
+
+    def __init__(self, endpoint, handler):
+        super().__init__(endpoint, handler)
+        self.server = self.server_class(endpoint.address, self.handler, **self.server_options)
+        self.address = self.server.server_address
+        self.failure = None
+        self.thread = threading.Thread(target=self._serve, name="fastsock-serve", daemon=True)
+
+    def _serve(self):
+        try:
+            self.server.serve_forever(poll_interval=constants.RECEIVE_CHECK_INTERVAL)
+        except BaseException as exc:
+            self.failure = exc
+
+    def start(self):
+        self.thread.start()
+
+    def stats(self):
+        return self.server.stats()
+
+    def check(self):
+        if self.failure is not None:
+            raise CommandError(SERVE, f"receiving failed: {self.failure}")
+
+    def peer(self, connection_id):
+        return self.server.connection_address(connection_id)
+
+    def close(self):
+        """Stop accepting, stop every loop still running (each publishes what it framed
+        first) and wait for their threads.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+class PreforkReceiver(Receiver):
+    """``workers`` forked processes receive into the shared ring; this one supervises."""
+
+    def __init__(self, endpoint, handler, workers):
+        super().__init__(endpoint, handler)
+        self.prefork = fastsock.PreforkServer(
+            endpoint.address,
+            self.handler,
+            workers=workers,
+            server_class=self.server_class,
+            # A Unix socket path is bound once: the workers share the listening socket.
+            reuse_port=endpoint.scheme != "unix",
+            **self.server_options,
+        )
+        self.address = self.prefork.server_address
+
+    def start(self):
+        self.prefork.start()
+
+    def stats(self):
+        return self.prefork.stats()
+
+    def check(self):
+        self.prefork.reap()
+        if not self.prefork.workers:
+            raise CommandError(SERVE, "every prefork worker exited")
+
+    def peer(self, connection_id):
+        """The workers accepted the connections: their peers are known only there."""
+        return None
+
+    def close(self):
+        """Signal the workers, which stop accepting and publish what they framed, and reap
+        them.  Idempotent."""
+        self.prefork.server_close()
+
+
+# -- fastsock serve: output ------------------------------------------------------------------
+
+
+def format_address(address):
+    """An address as people write it: 127.0.0.1:9000, [::1]:9000, a path; None if unknown."""
+    if not address:
+        return None
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode(errors="backslashreplace")
+    return str(address)
+
+
+class MessageWriter:
+    """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
+
+    def __init__(self, stream, output_format, separator, peer_of, datagram):
+        self.stream = stream
+        self.jsonl = output_format == "jsonl"
+        self.separator = separator
+        self.peer_of = peer_of
+        self.datagram = datagram
+        self.written = 0
+
+    def write(self, messages):
+        if self.jsonl:
+            taken = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+            lines = [self.record(taken, *message) for message in messages]
+            data = ("\n".join(lines) + "\n").encode()
+        else:
+            data = b"".join(payload + self.separator for _, _, payload in messages)
+        self.stream.write(data)
+        self.stream.flush()
+        self.written += len(messages)
+
+    def record(self, taken, source_id, source, payload):
+        entry = {
+            "time": taken,
+            "peer": self.peer_of(source_id, source),
+            "connection": None if self.datagram else source_id,
+        }
+        try:
+            entry["text"] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["base64"] = base64.b64encode(payload).decode("ascii")
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def stats_line(stats, ring_stats, written, previous, seconds):
+    """One line of counters; with ``previous`` (the counters ``seconds`` ago), rates too."""
+    datagram = isinstance(stats, fastsock.DatagramStats)
+    received = stats.datagrams_received if datagram else stats.messages_received
+    parts = []
+    if previous is not None and seconds > 0:
+        before = previous.datagrams_received if datagram else previous.messages_received
+        parts.append(
+            f"{(received - before) / seconds:,.0f} msg/s "
+            f"{(stats.bytes_received - previous.bytes_received) / seconds / 1e6:,.2f} MB/s"
+        )
+    noun = "datagrams" if datagram else "messages"
+    parts.append(f"received {received:,} {noun}, written {written:,}")
+    if datagram:
+        parts.append(
+            f"dropped {stats.datagrams_dropped:,} (ring full {stats.dropped_queue_full:,}, "
+            f"truncated {stats.truncated:,}, kernel {stats.kernel_drops:,})"
+        )
+    else:
+        parts.append(
+            f"connections {stats.connections_active:,} open, {stats.connections_opened:,} "
+            f"opened, {stats.connections_refused:,} refused, {stats.idle_timeouts:,} idle "
+            "timeouts"
+        )
+        parts.append(
+            f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "
+            f"over limits {stats.framing_errors:,}"
+        )
+        parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
+    parts.append(f"queued {ring_stats.messages_queued:,}")
+    return " | ".join(parts)
+
+
+# -- fastsock serve: the command -------------------------------------------------------------
+
+
+class StopRequest:
+    """A signal handler that only notes the signal: the serving loop acts on it."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    def __call__(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+
+def open_output(name):
+    if name in (None, "-"):
+        return sys.stdout.buffer, "stdout"
+    try:
+        return open(name, "ab"), name
+    except OSError as exc:
+        raise CommandError(SERVE, f"cannot open {name}: {exc.strerror}") from None
+
+
+class StderrLines(logging.Handler):
+    """fastsock's own warnings (accept back-off, failed connections) as lines on stderr."""
+
+    def emit(self, record):
+        print(f"fastsock serve: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+_stderr_lines = StderrLines()
+
+
+def run_serve(options):
+    endpoint = parse_endpoint(options.url, options.allow_remote)
+    check_serve_options(options, endpoint)
+    # From here on a signal is only noted: one that comes while the server starts stops it
+    # as soon as it is up, with its counters printed, instead of killing it half-made.
+    stop = StopRequest()
+    previous_handlers = {
+        signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        return start_and_serve(options, endpoint, stop)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def start_and_serve(options, endpoint, stop):
+    ring = fastsock.RingQueue(
+        max_bytes=max(constants.RING_MAX_BYTES, largest_message(options, endpoint))
+    )
+    handler = make_handler(options, endpoint, ring)
+    stream, output_name = open_output(options.output)
+    if _stderr_lines not in _log.handlers:
+        _log.addHandler(_stderr_lines)
+    try:
+        try:
+            if options.mode == "prefork":
+                receiver = PreforkReceiver(endpoint, handler, options.workers or DEFAULT_WORKERS)
+            else:
+                receiver = ThreadedReceiver(endpoint, handler)
+        except OSError as exc:
+            # A Unix path held by a live server or by another kind of file is refused here.
+            raise CommandError(
+                SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}"
+            ) from None
+        try:
+            return Session(options, endpoint, ring, receiver, stream, output_name, stop).run()
+        finally:
+            if endpoint.family == socket.AF_UNIX:
+                try:
+                    os.unlink(endpoint.address)
+                except FileNotFoundError:
+                    pass
+    finally:
+        if stream is not sys.stdout.buffer:
+            stream.close()
+
+
+class Session:
+    """A running ``fastsock serve``: consume, write, report, and stop on a signal."""
+
+    def __init__(self, options, endpoint, ring, receiver, stream, output_name, stop):
+        self.options = options
+        self.endpoint = endpoint
+        self.ring = ring
+        self.receiver = receiver
+        self.output_name = output_name
+        raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
+        # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
+        separator = b"" if raw_stream else b"\n"
+        self.writer = MessageWriter(
+            stream, options.format, separator, self.peer_of, endpoint.datagram
+        )
+        self.stop = stop
+
+    def peer_of(self, source_id, source):
+        if self.endpoint.datagram:
+            return format_address(address_from_sockaddr(source))
+        return format_address(self.receiver.peer(source_id))
+
+    def announce(self):
+        framing = "datagrams" if self.endpoint.datagram else self.options.framing or DEFAULT_FRAMING
+        mode = self.options.mode
+        if mode == "prefork":
+            mode += f", {self.options.workers or DEFAULT_WORKERS} workers"
+        print(
+            f"fastsock serve: receiving {framing} on {self.endpoint.url(self.receiver.address)} "
+            f"({mode}), writing {self.options.format} to {self.output_name}; SIGINT or SIGTERM "
+            "stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.endpoint.family != socket.AF_UNIX:
+            host = self.receiver.address[0]
+            if not ipaddress.ip_address(host.partition("%")[0]).is_loopback:
+                print(
+                    f"fastsock serve: warning: {host} is not loopback: anyone who can reach "
+                    "it can send to this server",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def run(self):
+        try:
+            self.receiver.start()
+            self.announce()
+            self.serve()
+        except BrokenPipeError:
+            if self.writer.stream is sys.stdout.buffer:
+                # Nothing can reach a closed stdout: do not let exit-time flushing fail.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise CommandError(
+                SERVE,
+                f"{self.output_name} was closed: stopped after {self.writer.written:,} messages",
+            ) from None
+        finally:
+            self.receiver.close()
+        print(
+            f"fastsock serve: stopped by {self.stop.signal_name}: "
+            + stats_line(self.receiver.stats(), self.ring.stats, self.writer.written, None, 0),
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+
+    def serve(self):
+        interval = self.options.stats_interval
+        previous, previous_at = self.receiver.stats(), time.monotonic()
+        next_report = previous_at + interval
+        while self.stop.signal_name is None:
+            self.take(LOOP_WAIT_SECONDS)
+            self.receiver.check()
+            now = time.monotonic()
+            if interval and now >= next_report:
+                stats = self.receiver.stats()
+                line = stats_line(
+                    stats, self.ring.stats, self.writer.written, previous, now - previous_at
+                )
+                print(f"fastsock serve: {line}", file=sys.stderr, flush=True)
+                previous, previous_at = stats, now
+                next_report = now + interval
+        self.drain()
+
+    def take(self, wait):
+        """Write one batch of messages; False if none came within ``wait`` seconds."""
+        try:
+            messages = self.ring.get_many(timeout=wait, block=wait > 0, with_source=True)
+        except queue.Empty:
+            return False
+        self.writer.write(messages)
+        return True
+
+    def drain(self):
+        """Let the connections (or the datagram socket) hand over what the kernel received,
+        stop, and write out everything that was received."""
+        self.receiver.start_draining()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while not self.receiver.settled() and time.monotonic() < deadline:
+            self.take(constants.RECEIVE_CHECK_INTERVAL)
+        self.receiver.close()
+        while self.take(0):
+            pass
+        self.ring.close()
