@@ -30,7 +30,15 @@ SERVE = "fastsock serve"
 # -- fastsock serve: arguments ---------------------------------------------------------------
 
 SCHEMES = ("tcp", "udp", "unix", "unixgram")
-STREAM_ONLY = ("framing", "max_line", "max_frame", "idle_timeout", "max_connections")
+STREAM_LIMITS = (
+    "max_line",
+    "max_frame",
+    "idle_timeout",
+    "max_connections",
+    "evict_idle_after",
+    "max_partial_bytes",
+)
+STREAM_ONLY = ("framing", *STREAM_LIMITS)
 DEFAULT_FRAMING = "lines"
 DEFAULT_WORKERS = 2
 DRAIN_SECONDS = 2.0
@@ -119,7 +127,22 @@ def add_serve_arguments(parser):
         metavar="N",
         help="most stream connections received at once, per process (default: "
         f"{constants.MAX_CONNECTIONS_CAP} or the file-descriptor limit, whichever is lower); "
-        "more are refused",
+        "then the connection silent longest is evicted for a new one if it has been silent "
+        "--evict-idle-after seconds, or the new one is refused",
+    )
+    limits.add_argument(
+        "--evict-idle-after",
+        type=positive_float,
+        metavar="SECONDS",
+        help=f"silence after which a connection may be evicted for a new one when the server "
+        f"is full (default {constants.EVICT_IDLE_AFTER:g})",
+    )
+    limits.add_argument(
+        "--max-partial-bytes",
+        type=positive_int,
+        metavar="BYTES",
+        help="incomplete lines or frames all connections of a process may hold together; "
+        f"above it the largest holder is closed (default {constants.MAX_PARTIAL_BYTES})",
     )
     limits.add_argument(
         "--max-datagram",
@@ -253,7 +276,7 @@ def make_handler(options, endpoint, ring):
             limits["max_datagram"] = options.max_datagram
     else:
         limits["framing"] = options.framing or DEFAULT_FRAMING
-        for name in ("max_line", "max_frame", "idle_timeout", "max_connections"):
+        for name in STREAM_LIMITS:
             if getattr(options, name) is not None:
                 limits[name] = getattr(options, name)
     try:
@@ -554,7 +577,7 @@ def stats_line(stats, ring_stats, written, previous, seconds):
         parts.append(
             f"connections {stats.connections_active:,} open, {stats.connections_opened:,} "
             f"opened, {stats.connections_refused:,} refused, {stats.idle_timeouts:,} idle "
-            "timeouts"
+            f"timeouts, {stats.idle_evictions + stats.memory_evictions:,} evicted"
         )
         parts.append(
             f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "

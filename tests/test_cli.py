@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import fastsock
-from fastsock import cli
+from fastsock import _cli_serve, cli
 from tests.support import LOCALHOST, NETWORK_TIMEOUT
 
 PACKAGE_ROOT = str(Path(fastsock.__file__).resolve().parent.parent)
@@ -55,6 +55,8 @@ def fastsock_command(*arguments):
         (["serve", "tcp://127.0.0.1:0", "--workers", "2"], "--workers applies to --mode"),
         (["serve", "unixgram:///tmp/x.sock", "--mode", "prefork"], "not unixgram://"),
         (["serve", "tcp://127.0.0.1:0", "--max-line", "0"], "integer >= 1"),
+        (["serve", "udp://127.0.0.1:0", "--max-partial-bytes", "9"], "--max-partial-bytes"),
+        (["serve", "tcp://127.0.0.1:0", "--evict-idle-after", "0"], "number > 0"),
         (["serve", "tcp://127.0.0.1:0", "--stats-interval", "-1"], "a number >= 0"),
         (["bench", "--workloads", "lines-1,nope"], "unknown name 'nope'"),
         (["bench", "--servers", ""], "choose among"),
@@ -474,3 +476,15 @@ def test_serve_raw_over_a_unix_socket_copies_lines_and_removes_its_socket(serve,
     assert server.stop() == 0
     assert server.output.read_bytes() == b"".join(line + b"\n" for line in lines)
     assert not os.path.exists(path)
+
+
+def test_serve_hands_its_stream_limits_to_the_receiver():
+    options = cli.build_parser().parse_args(
+        ["serve", "tcp://127.0.0.1:0", "--max-connections", "3", "--evict-idle-after", "7"]
+        + ["--max-partial-bytes", "12345", "--idle-timeout", "9"]
+    )
+    endpoint = _cli_serve.parse_endpoint(options.url, allow_remote=False)
+    handler = _cli_serve.make_handler(options, endpoint, fastsock.RingQueue())
+    assert handler.max_connections == 3
+    assert (handler.evict_idle_after, handler.max_partial_bytes) == (7.0, 12345)
+    assert handler.idle_timeout == 9.0
