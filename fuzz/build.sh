@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Builds an instrumented copy of fastsock for fuzzing, away from the checkout's own build:
 #
-#     fuzz/build.sh [BUILD_DIR]          (default: build/fuzz, which git ignores)
+#     fuzz/build.sh
 #
-# BUILD_DIR/venv is a Python 3.13 venv with atheris; BUILD_DIR/src a copy of setup.py and
-# fastsock/ whose extension modules clang built with -fsanitize=address,fuzzer-no-link, so
-# libFuzzer sees their edges and AddressSanitizer their memory accesses.  FASTSOCK_DEBUG=1
+# into BUILD_DIR: FUZZ_BUILD_DIR, or else build/fuzz (which git ignores).  BUILD_DIR/venv is
+# a Python 3.13 venv with atheris; BUILD_DIR/src a copy of setup.py and fastsock/ whose
+# extension modules clang built with -fsanitize=address,fuzzer-no-link, so libFuzzer sees
+# their edges and AddressSanitizer their memory accesses.  FASTSOCK_DEBUG=1
 # passes through to setup.py for a debug build (asserts and Cython's checks on, -O0).
 # fuzz/run.sh runs the harnesses on that build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BUILD_DIR=$(realpath -m "${1:-build/fuzz}")
+BUILD_DIR=$(realpath -m "${FUZZ_BUILD_DIR:-build/fuzz}")
 PYTHON_VERSION=3.13
 # 3.1.0 is the newest atheris with a wheel for 3.13; its wheel carries asan_with_fuzzer.so.
 ATHERIS=atheris==3.1.0
@@ -56,8 +57,9 @@ sanitize="-fsanitize=address,fuzzer-no-link -fno-omit-frame-pointer -g"
 
 # An extension that clang built without the instrumentation would fuzz blind, so check.
 for module in "$BUILD_DIR"/src/fastsock/_framing*.so "$BUILD_DIR"/src/fastsock/_ring*.so; do
-    if ! nm -D --undefined-only "$module" | grep -q __sanitizer_cov_8bit_counters_init \
-        || ! nm -D --undefined-only "$module" | grep -q __asan_report; then
+    symbols=$(nm -D --undefined-only "$module")
+    if ! grep -q __sanitizer_cov_8bit_counters_init <<<"$symbols" \
+        || ! grep -q __asan_report <<<"$symbols"; then
         echo "fuzz/build.sh: $module lacks the sanitizer instrumentation" >&2
         exit 1
     fi
