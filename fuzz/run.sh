@@ -5,7 +5,8 @@
 #
 # e.g. `fuzz/run.sh framing -max_total_time=3600`.  New inputs go to BUILD_DIR/corpus/NAME
 # (kept between runs, so a long run resumes where the last stopped), crashes to
-# BUILD_DIR/crashes/.  BUILD_DIR is FUZZ_BUILD_DIR or build/fuzz.
+# BUILD_DIR/crashes/.  BUILD_DIR is FUZZ_BUILD_DIR or build/fuzz.  Given input files, e.g.
+# a crash, it runs just those: `fuzz/run.sh framing build/fuzz/crashes/framing-crash-...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,15 @@ mkdir -p "$corpus" "$BUILD_DIR/crashes"
 # PYTHONMALLOC=malloc puts every Python object under AddressSanitizer's eye too.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1}
 export PYTHONMALLOC=malloc
+arguments=()
+inputs=("$corpus")
+for argument in "$@"; do
+    if [ -f "$argument" ]; then
+        argument=$(realpath "$argument")
+        inputs=()
+    fi
+    arguments+=("$argument")
+done
 cd "$BUILD_DIR/src"
 LD_PRELOAD=$runtime PYTHONPATH=$BUILD_DIR/src exec "$python" "$harness" \
-    -artifact_prefix="$BUILD_DIR/crashes/$name-" "$@" "$corpus"
+    -artifact_prefix="$BUILD_DIR/crashes/$name-" "${arguments[@]}" "${inputs[@]}"
