@@ -2,10 +2,10 @@
 
 Each input is decoded into ring bounds and a sequence of non-blocking operations: put,
 offer and put_many of payloads and sources taken from the input, get, get_many (with and
-without sources), get_batch (with and without a byte cap) and close.  Small bounds make
-the records wrap around the end of the compiled ring's area at every offset, and split
-the records that put_many writes across gets.  The compiled ring and the reference get the
-same calls; their results (payloads, sources, batches with their buffer, offsets and
+without sources), get_batch (with and without a byte cap), close, and churn: hundreds of
+puts and gets that keep the ring from emptying, so that records wrap around the end of
+the compiled ring's area.  Small bounds split the records that put_many writes across
+gets.  The compiled ring and the reference get the same calls; their results (payloads, sources, batches with their buffer, offsets and
 source ids, or the exception type), their state and their counters must be equal after
 each one.  A difference raises AssertionError, which atheris reports as a crash.
 
@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=["fastsock._reference"]):
 from fastsock import _ring as compiled
 
 MAX_SOURCE_LEN = compiled.MAX_SOURCE_LEN
-OPERATIONS = ("put", "offer", "put_many", "get", "get_many", "get_batch", "close")
+OPERATIONS = ("put", "offer", "put_many", "get", "get_many", "get_batch", "close", "churn")
 
 
 def observable(value):
@@ -61,6 +61,18 @@ def source(provider):
     return provider.ConsumeBytes(provider.ConsumeIntInRange(0, MAX_SOURCE_LEN + 1))
 
 
+def churn(rings, provider):
+    """Many puts, each followed by a get once another message is queued: the ring never
+    empties (which would start its next record at the front of the area), so the records
+    travel all round the area and straddle its end at many offsets."""
+    body, blob = payload(provider), source(provider) or b""
+    for step in range(provider.ConsumeIntInRange(1, 300)):
+        cut = step % (len(body) + 1)
+        both(rings, "put_nowait", body[cut:], source_id=step, source=blob[cut:] or None)
+        if rings[0].qsize() > 1:
+            both(rings, "get_nowait")
+
+
 def test_one_input(data):
     provider = atheris.FuzzedDataProvider(data)
     bounds = (provider.ConsumeIntInRange(1, 64), provider.ConsumeIntInRange(1, 4096))
@@ -90,8 +102,10 @@ def test_one_input(data):
             max_items = provider.ConsumeIntInRange(1, 80)
             max_bytes = provider.ConsumeIntInRange(1, 5000) if provider.ConsumeBool() else None
             both(rings, "get_batch", max_items, block=False, max_bytes=max_bytes)
-        else:
+        elif operation == "close":
             both(rings, "close")
+        else:
+            churn(rings, provider)
         for method in ("qsize", "empty", "full"):
             both(rings, method)
         assert rings[0].closed == rings[1].closed
