@@ -5,9 +5,10 @@ offer and put_many of payloads and sources taken from the input, get, get_many (
 without sources), get_batch (with and without a byte cap), close, and churn: hundreds of
 puts and gets that keep the ring from emptying, so that records wrap around the end of
 the compiled ring's area.  Small bounds split the records that put_many writes across
-gets.  The compiled ring and the reference get the same calls; their results (payloads, sources, batches with their buffer, offsets and
-source ids, or the exception type), their state and their counters must be equal after
-each one.  A difference raises AssertionError, which atheris reports as a crash.
+gets.  The compiled ring and the reference get the same calls; their results (payloads,
+sources, batches with their buffer, offsets and source ids, or the exception type), their
+state and their counters must be equal after each one.  A difference raises
+AssertionError, which atheris reports as a crash.
 
 Run it through fuzz/run.sh, on the instrumented build that fuzz/build.sh makes.
 """
