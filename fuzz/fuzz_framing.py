@@ -2,13 +2,14 @@
 
 Each input is decoded into a framer configuration (framing, delimiter, keep_delimiter,
 max_line, max_frame) and a sequence of operations: feeds of bytes taken from the input,
-length prefixes, whole frames, runs of one chunk repeated many times (past the 1024 spans
-one internal commit holds, the 64 KiB above which feed() frames without the GIL, and the
-256 KiB pieces it copies in), and eof().  Each feed's bytes are passed as bytes or as a
-memoryview of a bytearray.  The compiled framer and the reference get the same calls;
-after each one their results (messages, or the error's type, text, messages and discarded
-count) and their counters must be equal, and every byte fed must be accounted for.  A
-difference raises AssertionError, which atheris reports as a crash and saves the input.
+length prefixes, whole frames repeated up to 1500 times, runs of one chunk repeated up to
+5000 times (past the 1024 spans one internal commit holds, the 64 KiB above which feed()
+frames without the GIL, and the 256 KiB pieces it copies in), and eof().  Each feed's
+bytes are passed as bytes or as a memoryview of a bytearray.  The compiled framer and the
+reference get the same calls; after each one their results (messages, or the error's
+type, text, messages and discarded count) and their counters must be equal, and every
+byte fed must be accounted for.  A difference raises AssertionError, which atheris reports
+as a crash and saves the input.
 
 Run it through fuzz/run.sh, on the instrumented build that fuzz/build.sh makes.
 """
@@ -66,9 +67,12 @@ def next_chunk(provider, framer, budget):
         chunk = provider.ConsumeIntInRange(0, 2**32 - 1).to_bytes(PREFIX_SIZE, "big")
         chunk += provider.ConsumeBytes(provider.ConsumeIntInRange(0, 16))
     elif op == OP_FRAME:
-        # A payload with the prefix that announces it: valid frames, not only noise.
+        # A payload with the prefix that announces it, once or many times over: valid
+        # frames, not only noise, and more of them than one internal commit holds.
         payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 300))
-        chunk = len(payload).to_bytes(PREFIX_SIZE, "big") + payload
+        times = min(provider.ConsumeIntInRange(1, 1500), max(1, budget.messages))
+        budget.messages -= times
+        chunk = (len(payload).to_bytes(PREFIX_SIZE, "big") + payload) * times
     elif op == OP_REPEAT:
         unit = provider.ConsumeBytes(provider.ConsumeIntInRange(1, 128)) or framer.delimiter
         per_unit = most_messages_in(framer, unit)
