@@ -24,6 +24,8 @@ from fastsock import _ring as compiled
 
 MAX_SOURCE_LEN = compiled.MAX_SOURCE_LEN
 OPERATIONS = ("put", "offer", "put_many", "get", "get_many", "get_batch", "close", "churn")
+# Churn steps one input may make in all, so that an execution stays within milliseconds.
+CHURN_BUDGET = 1000
 
 
 def observable(value):
@@ -62,16 +64,19 @@ def source(provider):
     return provider.ConsumeBytes(provider.ConsumeIntInRange(0, MAX_SOURCE_LEN + 1))
 
 
-def churn(rings, provider):
-    """Many puts, each followed by a get once another message is queued: the ring never
-    empties (which would start its next record at the front of the area), so the records
-    travel all round the area and straddle its end at many offsets."""
+def churn(rings, provider, most):
+    """Up to most puts, each followed by a get once another message is queued: the ring
+    never empties (which would start its next record at the front of the area), so the
+    records travel all round the area and straddle its end at many offsets.  Returns the
+    number of puts."""
     body, blob = payload(provider), source(provider) or b""
-    for step in range(provider.ConsumeIntInRange(1, 300)):
+    steps = min(provider.ConsumeIntInRange(1, 300), most)
+    for step in range(steps):
         cut = step % (len(body) + 1)
         both(rings, "put_nowait", body[cut:], source_id=step, source=blob[cut:] or None)
         if rings[0].qsize() > 1:
             both(rings, "get_nowait")
+    return steps
 
 
 def test_one_input(data):
@@ -82,6 +87,7 @@ def test_one_input(data):
         ring_class(*bounds, resume_fraction=resume_fraction)
         for ring_class in (compiled.RingQueue, reference.RingQueue)
     ]
+    churn_left = CHURN_BUDGET
     while provider.remaining_bytes():
         operation = OPERATIONS[provider.ConsumeIntInRange(0, len(OPERATIONS) - 1)]
         if operation == "put":
@@ -106,7 +112,7 @@ def test_one_input(data):
         elif operation == "close":
             both(rings, "close")
         else:
-            churn(rings, provider)
+            churn_left -= churn(rings, provider, churn_left)
         for method in ("qsize", "empty", "full"):
             both(rings, method)
         assert rings[0].closed == rings[1].closed
