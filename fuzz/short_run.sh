@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The short fuzzing run that CI makes (fuzz/README.md): both harnesses on a fresh
 # instrumented build, each from an empty corpus with a fixed seed and a fixed number of
-# executions, so that a run does the same work every time and fails only on a finding.
+# executions, so that a run takes about the same time and fails only on a finding.
 #
 #     fuzz/short_run.sh           (builds into FUZZ_BUILD_DIR, default build/fuzz-short)
 set -euo pipefail
@@ -19,7 +19,8 @@ fuzz/build.sh
 rm -rf "$FUZZ_BUILD_DIR/corpus"
 
 # With address space randomization off, the pointers that the compiled code compares (and
-# libFuzzer records for its mutations) are the same in every run, and so is the run.
+# libFuzzer records for its mutations) are the same in every run, which makes runs vary
+# less; they still differ a little (fuzz/README.md).
 no_aslr=(setarch "$(uname -m)" -R)
 "${no_aslr[@]}" true 2>/dev/null || no_aslr=()
 
