@@ -70,9 +70,13 @@ def next_chunk(provider, framer, budget):
         # A payload with the prefix that announces it, once or many times over: valid
         # frames, not only noise, and more of them than one internal commit holds.
         payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 300))
-        times = min(provider.ConsumeIntInRange(1, 1500), max(1, budget.messages))
-        budget.messages -= times
-        chunk = (len(payload).to_bytes(PREFIX_SIZE, "big") + payload) * times
+        unit = len(payload).to_bytes(PREFIX_SIZE, "big") + payload
+        per_unit = most_messages_in(framer, unit)
+        times = min(
+            provider.ConsumeIntInRange(1, 1500), max(1, budget.messages // max(1, per_unit))
+        )
+        budget.messages -= times * per_unit
+        chunk = unit * times
     elif op == OP_REPEAT:
         unit = provider.ConsumeBytes(provider.ConsumeIntInRange(1, 128)) or framer.delimiter
         per_unit = most_messages_in(framer, unit)
