@@ -8,6 +8,7 @@ import queue
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -313,34 +314,49 @@ def test_silent_connections_cannot_starve_max_threads():
             thread.join(GENEROUS)
 
 
-def test_the_largest_holder_of_partial_frames_is_closed_over_the_budget(caplog):
+def test_the_largest_holder_of_partial_frames_is_closed_over_the_budget(caplog, monkeypatch):
+    limiter = sys.modules["fastsock.receiver"]._log
+    monkeypatch.setattr(limiter, "_next_allowed", {})
+    monkeypatch.setattr(limiter, "interval", 0.0)
     ring = fastsock.RingQueue(max_bytes=16 * 1024 * 1024)
     handler = fastsock.receiver(
         ring, framing="length", max_frame=4 * 1024 * 1024, max_partial_bytes=1024 * 1024
     )
+    errors = []
 
-    class Quiet(fastsock.ThreadingTCPServer):
+    class Recording(fastsock.ThreadingTCPServer):
         def handle_error(self, request, client_address):
-            pass
+            errors.append(sys.exc_info()[1])
 
-    with Quiet((HOST, 0), handler) as server, caplog.at_level(logging.WARNING, "fastsock"):
+    with Recording((HOST, 0), handler) as server, caplog.at_level(logging.WARNING, "fastsock"):
         thread = _serve(server)
         hoarder = socket.create_connection(server.server_address)
-        hoarder.sendall(struct.pack(">I", 3 * 1024 * 1024) + b"h" * 800 * 1024)
-        wait_until(lambda: server.stats().partial_bytes >= 800 * 1024, what="800 KiB held")
-        modest = socket.create_connection(server.server_address)
-        modest.sendall(struct.pack(">I", 400 * 1024) + b"m" * 300 * 1024)
-        assert _closed_by_server(hoarder), "the largest holder is closed"
-        modest.sendall(b"m" * 100 * 1024)
-        assert ring.get(timeout=GENEROUS) == b"m" * 400 * 1024, "the other one completes"
-        stats = server.stats()
-        assert stats.memory_evictions == 1
-        assert "largest holder" in caplog.text
-        hoarder.close()
-        modest.close()
+        modest = None
+        try:
+            hoarder.sendall(struct.pack(">I", 3 * 1024 * 1024) + b"h" * 800 * 1024)
+            wait_until(lambda: server.stats().partial_bytes >= 800 * 1024, what="800 KiB held")
+            modest = socket.create_connection(server.server_address)
+            modest.sendall(struct.pack(">I", 400 * 1024) + b"m" * 300 * 1024)
+            assert _closed_by_server(hoarder), "the largest holder is closed"
+            modest.sendall(b"m" * 100 * 1024)
+            try:
+                completed = ring.get(timeout=GENEROUS)
+            except queue.Empty:
+                raise AssertionError(
+                    f"the other one did not complete: {server.stats()}, errors {errors!r}, "
+                    f"log {caplog.text!r}"
+                ) from None
+            assert completed == b"m" * 400 * 1024
+            assert server.stats().memory_evictions == 1
+            assert caplog.text.count("largest holder") == 1
+        finally:
+            hoarder.close()
+            if modest is not None:
+                modest.close()
         wait_until(lambda: server.stats().connections_active == 0, what="both closed")
         assert server.stats().partial_bytes == 0
         assert server.stats().bytes_discarded >= 800 * 1024
+        assert errors == []
         server.shutdown()
         thread.join(GENEROUS)
 
