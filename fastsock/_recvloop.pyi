@@ -29,6 +29,9 @@ class ReceiveCounters:
 
     @property
     def stop_requested(self) -> bool: ...
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of incomplete messages held by every loop counting here, now."""
     def next_connection_id(self) -> int:
         """A connection id unique among every process sharing these counters, starting at
         1 and wrapping at 2**32."""

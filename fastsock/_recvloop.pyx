@@ -126,6 +126,11 @@ cdef class ReceiveCounters:
         fastsock_counter_store(&self.values[<int>STOP_WORD], 1)
 
     @property
+    def partial_bytes(self):
+        """Bytes of incomplete messages held by every loop counting here, now."""
+        return fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD])
+
+    @property
     def stop_requested(self):
         return bool(self.stopping())
 

@@ -85,11 +85,14 @@ class ReceiveRegistry:
             if not self._evicting:
                 self._evict_idlest(evict_idle_after)
 
-    def relieve_memory(self):
-        """The partial messages of all connections passed their budget: close the largest
+    def relieve_memory(self, budget):
+        """The partial messages of all connections passed ``budget``: close the largest
         holder; one such eviction at a time."""
         with self._lock:
             if any(reason == "memory" for reason, _ in self._evicting.values()):
+                return
+            # A loop reports a crossing it saw a moment ago: an eviction may have ended it.
+            if self.counters.partial_bytes <= budget:
                 return
             candidates = [
                 receiver
@@ -290,7 +293,9 @@ class ReceiveHandler(BaseRequestHandler):
                 message_timeout=self.message_timeout,
                 drain_timeout=self.drain_timeout or 0.0,
                 partial_budget=self.max_partial_bytes,
-                on_over_budget=self.registry.relieve_memory,
+                on_over_budget=functools.partial(
+                    self.registry.relieve_memory, self.max_partial_bytes
+                ),
             ),
             self.client_address,
             max_connections,

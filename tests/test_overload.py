@@ -15,6 +15,8 @@ import time
 import pytest
 
 import fastsock
+from fastsock._impl import StreamReceiver
+from fastsock.receiver import ReceiveRegistry
 from tests.fault_helpers import wait_until
 
 GENEROUS = 10.0
@@ -381,3 +383,34 @@ def test_server_close_drains_framed_messages_to_a_live_consumer():
     assert stats.messages_dropped == 0
     assert stats.messages_received == len(got) > 50
     assert got == lines[: len(got)]
+
+
+def test_a_stale_budget_report_evicts_nobody():
+    registry = ReceiveRegistry()
+    ring = fastsock.RingQueue()
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        receiver = registry.open(
+            lambda connection_id: StreamReceiver(
+                server_side.fileno(),
+                fastsock.Framer("lines"),
+                ring,
+                registry.counters,
+                connection_id,
+                check_interval=0.02,
+            ),
+            "peer",
+            max_connections=4,
+            evict_idle_after=60,
+        )
+        thread, ends = _run_in_thread(receiver)
+        client_side.sendall(b"x" * 100)
+        wait_until(lambda: registry.counters.partial_bytes == 100, what="100 bytes held")
+        registry.relieve_memory(1000)
+        assert registry.stats().memory_evictions == 0, "the total is back under the budget"
+        registry.relieve_memory(50)
+        thread.join(GENEROUS)
+        assert ends == ["evicted_memory"]
+        registry.close(receiver)
+        assert registry.stats().memory_evictions == 1
+        assert registry.counters.partial_bytes == 0

@@ -47,6 +47,12 @@ class ReceiveCounters:
         with self._lock:
             self._values[name] += amount
 
+    @property
+    def partial_bytes(self):
+        """Bytes of incomplete messages held by every loop counting here, now."""
+        with self._lock:
+            return self._values["partial_bytes"]
+
     def hold_partial(self, held, now):
         """Move one loop's share of the partial-message bytes from held to now; the total."""
         with self._lock:
