@@ -8,26 +8,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from fastsock._ring cimport MessageView, RingQueue
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-
-    struct sockaddr_storage:
-        pass
-
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
+from fastsock._sockets cimport mmsghdr, msghdr, sockaddr_storage, socklen_t
 
 
 cdef enum DatagramCounter:

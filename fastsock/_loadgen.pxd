@@ -4,29 +4,10 @@
 from posix.time cimport timespec
 from posix.uio cimport iovec
 
+from fastsock._sockets cimport mmsghdr, msghdr, sockaddr, sockaddr_storage, socklen_t
+
 
 cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-
-    struct sockaddr:
-        pass
-
-    struct sockaddr_storage:
-        pass
-
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-
     enum:
         AF_UNIX
         AF_INET

@@ -30,6 +30,7 @@ from fastsock._native cimport (
     seconds_to_timeval,
     timeval,
 )
+from fastsock._sockets cimport socklen_t
 from fastsock._framing cimport (
     FRAMER_FRAME_TOO_LARGE,
     FRAMER_LINE_TOO_LONG,
@@ -48,7 +49,6 @@ cdef extern from "<errno.h>" nogil:
 
 
 cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
     ssize_t recv(int fd, void* buffer, size_t length, int flags)
     int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
     int SOL_SOCKET
