@@ -89,16 +89,12 @@ class ReceiveRegistry:
         """The partial messages of all connections passed ``budget``: close the largest
         holder; one such eviction at a time."""
         with self._lock:
-            if any(reason == "memory" for reason, _ in self._evicting.values()):
+            if "memory" in self._evicting.values():
                 return
             # A loop reports a crossing it saw a moment ago: an eviction may have ended it.
             if self.counters.partial_bytes <= budget:
                 return
-            candidates = [
-                receiver
-                for connection_id, receiver in self._receivers.items()
-                if connection_id not in self._evicting and receiver.held_bytes
-            ]
+            candidates = [receiver for receiver in self._not_evicting() if receiver.held_bytes]
             if not candidates:
                 return
             largest = max(candidates, key=lambda receiver: receiver.held_bytes)
@@ -113,11 +109,7 @@ class ReceiveRegistry:
 
     def _evict_idlest(self, evict_idle_after):
         # Called with the lock held, so no receiver's socket is closed under evict().
-        candidates = [
-            receiver
-            for connection_id, receiver in self._receivers.items()
-            if connection_id not in self._evicting
-        ]
+        candidates = self._not_evicting()
         if not candidates:
             return None
         idlest = max(candidates, key=lambda receiver: receiver.idle_seconds)
@@ -134,8 +126,15 @@ class ReceiveRegistry:
         )
         return idlest
 
+    def _not_evicting(self):
+        return [
+            receiver
+            for connection_id, receiver in self._receivers.items()
+            if connection_id not in self._evicting
+        ]
+
     def _evict(self, receiver, reason):
-        self._evicting[receiver.source_id] = (reason, receiver)
+        self._evicting[receiver.source_id] = reason
         receiver.evict(reason)
 
     def stop_all(self):
