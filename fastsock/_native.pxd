@@ -30,8 +30,8 @@ cdef extern from *:
     static inline uint64_t fastsock_counter_load(const uint64_t *counter) {
         return __atomic_load_n(counter, __ATOMIC_RELAXED);
     }
-    static inline uint64_t fastsock_atomic_increment(uint64_t *counter) {
-        return __atomic_add_fetch(counter, 1, __ATOMIC_RELAXED);
+    static inline uint64_t fastsock_counter_add_fetch(uint64_t *counter, uint64_t amount) {
+        return __atomic_add_fetch(counter, amount, __ATOMIC_RELAXED);
     }
     static inline void fastsock_counter_store(uint64_t *counter, uint64_t value) {
         __atomic_store_n(counter, value, __ATOMIC_RELAXED);
@@ -39,7 +39,7 @@ cdef extern from *:
     """
     void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept nogil
     uint64_t fastsock_counter_load(const uint64_t* counter) noexcept nogil
-    uint64_t fastsock_atomic_increment(uint64_t* counter) noexcept nogil
+    uint64_t fastsock_counter_add_fetch(uint64_t* counter, uint64_t amount) noexcept nogil
     void fastsock_counter_store(uint64_t* counter, uint64_t value) noexcept nogil
 
 

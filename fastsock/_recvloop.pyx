@@ -21,8 +21,8 @@ from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from fastsock._native cimport (
-    fastsock_atomic_increment,
     fastsock_counter_add,
+    fastsock_counter_add_fetch,
     fastsock_counter_load,
     fastsock_counter_store,
     monotonic_ns,
@@ -115,11 +115,8 @@ cdef class ReceiveCounters:
         return fastsock_counter_load(&self.values[<int>STOP_WORD]) != 0
 
     cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil:
-        cdef uint64_t* total = &self.values[<int>PARTIAL_BYTES_WORD]
-        if now != held:
-            # Unsigned arithmetic wraps, so a shrinking share subtracts.
-            fastsock_counter_add(total, now - held)
-        return fastsock_counter_load(total)
+        # Unsigned arithmetic wraps, so a shrinking share subtracts.
+        return fastsock_counter_add_fetch(&self.values[<int>PARTIAL_BYTES_WORD], now - held)
 
     def request_stop(self):
         """Stop every loop counting here, in this process and in forked ones."""
@@ -137,7 +134,7 @@ cdef class ReceiveCounters:
     def next_connection_id(self):
         """A connection id unique among every process sharing these counters (wraps at 2**32)."""
         cdef uint64_t* last = &self.values[<int>LAST_CONNECTION_ID_WORD]
-        return <uint32_t>(fastsock_atomic_increment(last))
+        return <uint32_t>(fastsock_counter_add_fetch(last, 1))
 
     def snapshot(self):
         cdef uint64_t[COUNTER_SLOTS] values
@@ -282,7 +279,7 @@ cdef class StreamReceiver:
         cdef uint64_t now
         cdef ssize_t received
         cdef int error
-        cdef uint64_t held
+        cdef uint64_t held, total
         cdef char probe
         cdef StreamEnd end = self.deliver()
         while end == END_RECEIVING:
@@ -302,20 +299,19 @@ cdef class StreamReceiver:
                                 0)
             if received > 0:
                 # Before the messages are published, so that a consumer who sees them sees
-                # the connection as active; again after, since a paused publish is no silence.
+                # the connection as active (a publish that pauses restarts it on resuming).
                 self.last_data_ns = monotonic_ns()
                 self.counters.add(COUNT_BYTES_RECEIVED, received)
                 self.frame(received)
                 end = self.deliver()
-                now = monotonic_ns()
-                self.last_data_ns = now
                 if end != END_RECEIVING:
                     return end
+                now = monotonic_ns()
                 held = self.framer.tail - self.framer.head
-                if (self.counters.hold_partial(self.held_bytes, held) > self.partial_budget
-                        and self.partial_budget and held):
-                    self.over_budget = True
+                total = self.counters.hold_partial(self.held_bytes, held)
                 self.held_bytes = held
+                if self.partial_budget and held and total > self.partial_budget:
+                    self.over_budget = True
                 if self.message_overdue(now):
                     return END_MESSAGE_TIMEOUT
                 if now >= check_at or self.over_budget:
