@@ -344,13 +344,15 @@ def _gone(pid):
 
 
 def test_prefork_workers_stop_when_their_parent_is_killed(tmp_path):
-    # Run from elsewhere than the checkout, whose fastsock/ has no compiled modules in CI:
-    # the child imports the fastsock under test, as the test process did.
+    # From elsewhere than the checkout, whose fastsock/ has no compiled modules in CI, and
+    # with the directory of the fastsock under test first on the path.
+    search_path = [str(Path(fastsock.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
     parent = subprocess.Popen(
         [sys.executable, "-c", PREFORK_PARENT],
         stdout=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, search_path))),
     )
     try:
         workers = [int(pid) for pid in parent.stdout.readline().split()]
