@@ -261,9 +261,10 @@ def report(rows, settings, placement, started, finished, load_average):
         + (" (other work on this machine widens the min-max ranges)" if busy else ""),
         f"each row: {plural(settings.warmups, 'warm-up run')} of {settings.warmup_seconds:g} s, "
         f"then {plural(settings.runs, 'measured run')} of up to {settings.seconds:g} s (streams "
-        f"also stop at {settings.bytes / 1024**3:g} GiB), against one server process; idle "
-        "rows: a fresh server per run, no warm-up; every run from a fresh load-generator "
-        "process",
+        f"also stop at {settings.bytes / 1024**3:g} GiB), against one server process; the rows "
+        "of a workload take their runs in turns, so that drift in the machine's speed moves "
+        "them alike; idle rows: a fresh server per run, no warm-up; every run from a fresh "
+        "load-generator process",
     ]
     if version["fastsock_implementation"] != "compiled":
         header.append(

@@ -543,22 +543,26 @@ class ProtocolServer(UnderTest):
 
 
 class SinkServer(UnderTest):
-    """fastsock._loadgen's C sink: receives and counts in C, in a thread of its own that
-    calls it once per run."""
+    """fastsock._loadgen's C sink: receives and counts in C, in a thread started for each
+    run (its waits for connections and datagrams are bounded by the run's timeout)."""
 
     def __init__(self, workload, tally, address, config):
         super().__init__(workload, tally)
         self.sock = bound_socket(workload, address)
         self.address = self.sock.getsockname()
+        self.config = config
         self.results = queue.SimpleQueue()
-        in_thread(self._sink, config)
 
-    def _sink(self, config):
-        while True:
-            self.results.put(self._sink_one_run(config))
+    def begin_run(self):
+        super().begin_run()
+        in_thread(self._sink_one_run)
 
-    def _sink_one_run(self, config):
+    def _sink_one_run(self):
+        self.results.put(self._sink_counts())
+
+    def _sink_counts(self):
         """(units, seconds) of one run."""
+        config = self.config
         workload = self.workload
         if workload.datagram:
             units, _, seconds = _loadgen.sink_datagrams(
@@ -624,11 +628,15 @@ def wait_for_connections(under_test, count, deadline):
     return under_test.connections_active()
 
 
-def measure_run(under_test, deadline):
-    """One run: wait for the sent total (and, for idle, hold the connections first); what
-    the server counted and what it cost."""
+def measure_run(under_test, timeout):
+    """One run, from the coordinator's "begin" (rows take their runs in turns, so the
+    server may wait long for it): wait for the sent total (and, for idle, hold the
+    connections first); what the server counted and what it cost."""
+    receive_command()
     cpu_at_start = under_test.cpu_seconds()
     under_test.begin_run()
+    emit({"ready": True})
+    deadline = time.monotonic() + timeout
     command = receive_command()
     if "hold" in command:
         held = wait_for_connections(under_test, command["hold"], deadline)
@@ -660,7 +668,7 @@ def serve(config, directory):
         rss = sum(_status_kib(pid, "VmRSS") for pid in under_test.pids())
         emit({"address": under_test.address, "rss_kib": rss})
         for _ in range(config["runs"]):
-            emit(measure_run(under_test, time.monotonic() + config["timeout"]))
+            emit(measure_run(under_test, config["timeout"]))
     finally:
         under_test.close()
 

@@ -420,6 +420,8 @@ def run_once(workload, server_process, settings, seconds):
     process; a run record."""
     deadline = time.monotonic() + settings.timeout
     receiver = server_process.child
+    receiver.send({"begin": True})
+    receiver.receive(deadline)
     generator = Child(
         "fastsock._bench_load",
         "load generator",
@@ -618,69 +620,111 @@ def estimated_seconds(settings):
     return seconds
 
 
-def measure(workload, server, settings, progress, position):
-    """Warm-up runs (discarded), then the measured runs: one row of the report."""
-    row = {
-        "workload": workload.name,
-        "server": server,
-        "baseline": workload.baseline,
-        "unit": workload.unit,
-        "unit_bytes": workload.unit_bytes,
-        "status": "ok",
-        "error": None,
-        "warmup_runs": [],
-        "runs": [],
-        "summary": None,
-    }
-    label = f"[{position}] {workload.name} / {server}"
-    reason = unavailable(server)
-    if reason:
-        row["status"], row["error"] = "unavailable", reason
-        progress.note(f"{label}: not available: {reason}")
-        return row
-    warmups = settings.warmups_for(workload)
-    total = warmups + settings.runs
-    # An idle row measures what connections cost a fresh server: a server process per run.
-    # Every other row keeps one server process, which the warm-up runs really warm up.
-    fresh_each_run = workload.pattern == "idle"
-    server_process = None
+class Row:
+    """One row of the report while its runs are taken: its record, and the server process
+    that serves its runs (an idle row starts a fresh one per run)."""
+
+    def __init__(self, workload, server, settings, position):
+        self.workload = workload
+        self.server = server
+        self.settings = settings
+        self.label = f"[{position}] {workload.name} / {server}"
+        self.record = {
+            "workload": workload.name,
+            "server": server,
+            "baseline": workload.baseline,
+            "unit": workload.unit,
+            "unit_bytes": workload.unit_bytes,
+            "status": "ok",
+            "error": None,
+            "warmup_runs": [],
+            "runs": [],
+            "summary": None,
+        }
+        self.warmups = settings.warmups_for(workload)
+        self.total = self.warmups + settings.runs
+        # An idle row measures what connections cost a fresh server: a server process per
+        # run.  Every other row keeps one server process, which the warm-ups really warm up.
+        self.fresh_each_run = workload.pattern == "idle"
+        self.server_process = None
+        self.taken = 0
+
+    @property
+    def active(self):
+        return self.record["status"] == "ok" and self.taken < self.total
+
+    def take_run(self, progress):
+        """The row's next run (a warm-up first); on failure the row is marked failed and
+        its server process closed."""
+        warmup = self.taken < self.warmups
+        if warmup:
+            step = f"warm-up {self.taken + 1} of {self.warmups}"
+        else:
+            step = f"run {self.taken - self.warmups + 1} of {self.settings.runs}"
+        progress.step(f"{self.label}: {step}")
+        try:
+            if self.server_process is None or self.fresh_each_run:
+                self.close()
+                runs = 1 if self.fresh_each_run else self.total
+                self.server_process = ServerProcess(self.workload, self.server, self.settings, runs)
+            seconds = self.settings.warmup_seconds if warmup else self.settings.seconds
+            record = run_once(self.workload, self.server_process, self.settings, seconds)
+        except RunFailed as failure:
+            self.record["status"], self.record["error"] = "failed", str(failure)
+            progress.note(f"{self.label}: {step} failed: {failure}")
+            self.close()
+            return
+        self.taken += 1
+        (self.record["warmup_runs"] if warmup else self.record["runs"]).append(record)
+        if not self.active:
+            self.close()
+            self.finish(progress)
+
+    def finish(self, progress):
+        self.record["summary"] = summarize(self.workload, self.record["runs"])
+        rate = median_unit_rate(self.record)
+        unit = "B/s" if self.workload.unit == "byte" else "msg/s"
+        lost = self.record["summary"]["lost"]
+        progress.note(
+            f"{self.label}: {rate:,.0f} {unit} (median)" + (f", {lost:,} lost" if lost else "")
+        )
+
+    def close(self):
+        if self.server_process is not None:
+            self.server_process.close()
+            self.server_process = None
+
+
+def measure_workload(rows, progress):
+    """The rows of one workload, their runs interleaved: round after round, each row takes
+    its next run, starting one row later each round.  A machine whose speed drifts (other
+    tenants, turbo, thermal) then moves every row alike, and the ratios between rows hold."""
     try:
-        for index in range(total):
-            warmup = index < warmups
-            if warmup:
-                step = f"warm-up {index + 1} of {warmups}"
-            else:
-                step = f"run {index - warmups + 1} of {settings.runs}"
-            progress.step(f"{label}: {step}")
-            try:
-                if server_process is None or fresh_each_run:
-                    if server_process is not None:
-                        server_process.close()
-                    runs = 1 if fresh_each_run else total
-                    server_process = ServerProcess(workload, server, settings, runs)
-                seconds = settings.warmup_seconds if warmup else settings.seconds
-                record = run_once(workload, server_process, settings, seconds)
-            except RunFailed as failure:
-                row["status"], row["error"] = "failed", str(failure)
-                progress.note(f"{label}: {step} failed: {failure}")
-                return row
-            (row["warmup_runs"] if warmup else row["runs"]).append(record)
+        for row in rows:
+            reason = unavailable(row.server)
+            if reason:
+                row.record["status"], row.record["error"] = "unavailable", reason
+                progress.note(f"{row.label}: not available: {reason}")
+        rounds = 0
+        while active := [row for row in rows if row.active]:
+            start = rounds % len(active)
+            for row in active[start:] + active[:start]:
+                row.take_run(progress)
+            rounds += 1
     finally:
-        if server_process is not None:
-            server_process.close()
-    row["summary"] = summarize(workload, row["runs"])
-    rate = median_unit_rate(row)
-    unit = "B/s" if workload.unit == "byte" else "msg/s"
-    lost = row["summary"]["lost"]
-    progress.note(f"{label}: {rate:,.0f} {unit} (median)" + (f", {lost:,} lost" if lost else ""))
-    return row
+        for row in rows:
+            row.close()
 
 
 def run(settings, progress):
-    """Every planned row, in order; the rows with their ratios."""
-    rows = []
+    """Every planned row, a workload at a time; the rows with their ratios."""
     plan = planned_rows(settings)
-    for number, (workload, server) in enumerate(plan, 1):
-        rows.append(measure(workload, server, settings, progress, f"{number}/{len(plan)}"))
-    add_ratios(rows)
-    return rows
+    rows = [
+        Row(workload, server, settings, f"{number}/{len(plan)}")
+        for number, (workload, server) in enumerate(plan, 1)
+    ]
+    for workload in dict.fromkeys(row.workload for row in rows):
+        measure_workload([row for row in rows if row.workload is workload], progress)
+    records = [row.record for row in rows]
+    add_ratios(records)
+    return records
