@@ -31,18 +31,11 @@ cdef enum DatagramEnd:
     END_OS_ERROR        # any other receive failure: see last_errno
 
 
-cdef enum:
-    # Ancillary data room per datagram: the SO_RXQ_OVFL drop count needs 16 bytes; the rest
-    # leaves space for timestamps a user may have enabled, which the kernel puts before it.
-    CONTROL_WORDS = 8
-
-
 cdef struct DatagramSlot:
     # One per datagram of a batch, besides its mmsghdr (recvmmsg wants those contiguous) and
     # its max_datagram bytes of payload.
     sockaddr_storage sender
     iovec payload
-    uint64_t control[CONTROL_WORDS]
 
 
 cdef class DatagramCounters:
@@ -57,11 +50,11 @@ cdef class DatagramReceiver:
     cdef DatagramCounters counters
     cdef unsigned int batch
     cdef uint64_t check_interval_ns
+    cdef unsigned int announce_after  # see pump()
     cdef volatile int stop_requested
     cdef readonly int last_errno
     cdef bint running
-    # The socket's kernel drop counter as last seen, in a datagram's SO_RXQ_OVFL data or
-    # read with SO_MEMINFO.  It is 32 bits wide and wraps, so only its moves forward count.
+    # The socket's kernel drop counter (SO_MEMINFO) as last read.
     cdef uint32_t drops_seen
 
     cdef mmsghdr* messages
@@ -70,7 +63,7 @@ cdef class DatagramReceiver:
     cdef MessageView* views  # the datagrams of a batch that go to the ring
 
     cdef DatagramEnd pump(self) noexcept nogil
-    cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil
+    cdef DatagramEnd deliver(self, unsigned int received, bint wake) noexcept nogil
     cdef DatagramEnd check_in(self) noexcept nogil
-    cdef void observe_drops(self, uint32_t drops) noexcept nogil
+    cdef void read_kernel_drops(self) noexcept nogil
     cdef void rearm(self, unsigned int index) noexcept nogil

@@ -36,21 +36,21 @@ class DatagramReceiver:
     """Receives one datagram socket and publishes every datagram to a ring.
 
     ``fd`` must be a blocking datagram socket (UDP or AF_UNIX ``SOCK_DGRAM``), bound by the
-    caller, who keeps owning it.  The constructor changes three of its options:
+    caller, who keeps owning it.  The constructor changes two of its options:
 
     - SO_RCVTIMEO is set to ``check_interval``, so that a silent socket does not keep
       ``run()`` from seeing ``stop()`` and signals;
-    - SO_RXQ_OVFL (Linux) is turned on: the kernel then attaches its cumulative drop
-      counter to every datagram it queues, which the loop reads back as ``kernel_drops``;
     - SO_RCVBUF is set to ``receive_buffer`` when given (the kernel doubles the request and
       caps it at ``net.core.rmem_max``; the ``receive_buffer`` property tells what it
       granted).
 
     ``kernel_drops`` counts only the drops made after the receiver was constructed.  The
-    kernel reports a drop with the next datagram it queues; at every check interval the loop
-    also reads the counter directly (SO_MEMINFO), so a burst lost at the end of a transfer
-    shows within one check interval.  The counter belongs to the socket: run one receiver
-    per socket at a time (several sockets, with SO_REUSEPORT, scale out instead).
+    loop reads the socket's drop counter (SO_MEMINFO, Linux) every check interval, busy or
+    silent, and when ``run()`` returns, so a drop shows within one check interval.  (Not
+    SO_RXQ_OVFL: the kernel would attach the counter to every datagram once it is nonzero,
+    which costs the loop about a tenth of its rate.)  The counter belongs to the socket:
+    run one receiver per socket at a time (several sockets, with SO_REUSEPORT, scale out
+    instead).
 
     Each datagram becomes exactly one message or one count:
 

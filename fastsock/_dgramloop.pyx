@@ -25,7 +25,12 @@ from fastsock._ring cimport MAX_SOURCE_LEN, MessageView
 import operator
 import os
 
-from fastsock.constants import DATAGRAM_BATCH, DATAGRAM_MAX_SIZE, RECEIVE_CHECK_INTERVAL
+from fastsock.constants import (
+    DATAGRAM_ANNOUNCE_AFTER,
+    DATAGRAM_BATCH,
+    DATAGRAM_MAX_SIZE,
+    RECEIVE_CHECK_INTERVAL,
+)
 from fastsock.stats import DatagramStats
 
 
@@ -64,29 +69,18 @@ cdef extern from *:
     #endif
 
     static int fastsock_receive_datagrams(int fd, struct mmsghdr *messages,
-                                          unsigned int count) {
+                                          unsigned int count, int wait) {
     #if defined(MSG_WAITFORONE) && !defined(FASTSOCK_NO_RECVMMSG)
-        /* Wait (up to SO_RCVTIMEO) for the first datagram only, then take what is queued. */
-        return recvmmsg(fd, messages, count, MSG_WAITFORONE, NULL);
+        /* Wait (up to SO_RCVTIMEO) for the first datagram only, then take what is queued;
+           or, without wait, fail with EAGAIN at once if nothing is. */
+        return recvmmsg(fd, messages, count, wait ? MSG_WAITFORONE : MSG_DONTWAIT, NULL);
     #else
-        ssize_t received = recvmsg(fd, &messages[0].msg_hdr, 0);
+        ssize_t received = recvmsg(fd, &messages[0].msg_hdr, wait ? 0 : MSG_DONTWAIT);
         (void)count;
         if (received < 0)
             return -1;
         messages[0].msg_len = (unsigned int)received;
         return 1;
-    #endif
-    }
-
-    /* Asks the kernel to attach its drop counter to every datagram queued from now on;
-       0 on success or where it cannot (not Linux). */
-    static int fastsock_report_drops(int fd) {
-    #ifdef SO_RXQ_OVFL
-        int on = 1;
-        return setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &on, sizeof(on));
-    #else
-        (void)fd;
-        return 0;
     #endif
     }
 
@@ -107,30 +101,10 @@ cdef extern from *:
     #endif
     }
 
-    /* The drop counter the kernel attached to a received datagram: 1 if it did.  It
-       attaches none while the counter is zero. */
-    static int fastsock_attached_drops(struct msghdr *header, uint32_t *drops) {
-    #ifdef SO_RXQ_OVFL
-        struct cmsghdr *control;
-        for (control = CMSG_FIRSTHDR(header); control != NULL;
-                control = CMSG_NXTHDR(header, control)) {
-            if (control->cmsg_level == SOL_SOCKET && control->cmsg_type == SO_RXQ_OVFL
-                    && control->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
-                memcpy(drops, CMSG_DATA(control), sizeof(uint32_t));
-                return 1;
-            }
-        }
-    #else
-        (void)header;
-        (void)drops;
-    #endif
-        return 0;
-    }
     """
-    int fastsock_receive_datagrams(int fd, mmsghdr* messages, unsigned int count) noexcept nogil
-    int fastsock_report_drops(int fd) noexcept nogil
+    int fastsock_receive_datagrams(int fd, mmsghdr* messages, unsigned int count,
+                                   bint wait) noexcept nogil
     int fastsock_read_drops(int fd, uint32_t* drops) noexcept nogil
-    int fastsock_attached_drops(msghdr* header, uint32_t* drops) noexcept nogil
 
 
 # recvmmsg() takes at most UIO_MAXIOV datagrams per call.
@@ -248,7 +222,6 @@ cdef class DatagramReceiver:
             self.messages[index].msg_hdr.msg_name = &self.slots[index].sender
             self.messages[index].msg_hdr.msg_iov = &self.slots[index].payload
             self.messages[index].msg_hdr.msg_iovlen = 1
-            self.messages[index].msg_hdr.msg_control = self.slots[index].control
             self.rearm(index)
 
         if requested_buffer:
@@ -257,8 +230,6 @@ cdef class DatagramReceiver:
         # the loop then sees stop requests and signals without a poll() per call.
         interval = seconds_to_timeval(check_interval)
         set_socket_option(fd, SO_RCVTIMEO, &interval, sizeof(interval))
-        if fastsock_report_drops(fd) != 0:
-            raise_errno()
         # Drops before this receiver existed are not its to count.
         fastsock_read_drops(fd, &self.drops_seen)
 
@@ -267,6 +238,7 @@ cdef class DatagramReceiver:
         self.counters = counters
         self.batch = <unsigned int>batch
         self.check_interval_ns = <uint64_t>(check_interval * 1e9)
+        self.announce_after = max(<unsigned int>batch, DATAGRAM_ANNOUNCE_AFTER)
 
     def __dealloc__(self):
         PyMem_RawFree(self.views)
@@ -290,7 +262,9 @@ cdef class DatagramReceiver:
                     return END_NAMES[END_RING_CLOSED]
                 with nogil:
                     end = self.pump()
+                    self.ring.wake_consumers()
                 if end != END_CHECK_IN:
+                    self.read_kernel_drops()
                     return END_NAMES[end]
                 PyErr_CheckSignals()
         finally:
@@ -304,11 +278,22 @@ cdef class DatagramReceiver:
         cdef uint64_t check_at = monotonic_ns() + self.check_interval_ns
         cdef int received
         cdef int error
+        cdef bint wake
         cdef DatagramEnd end
+        # Datagrams published since the consumers were last woken.  While the socket keeps
+        # a backlog (full batches) they are woken once per announce_after datagrams, not per
+        # batch: on a core shared with the consumer, each wake-up is two context switches.
+        cdef unsigned int unannounced = 0
         while not self.stop_requested:
-            received = fastsock_receive_datagrams(self.fd, self.messages, self.batch)
+            received = fastsock_receive_datagrams(self.fd, self.messages, self.batch,
+                                                  unannounced == 0)
             if received < 0:
                 error = errno
+                if unannounced and (error == EAGAIN or error == EWOULDBLOCK):
+                    # The backlog is gone: wake the consumers before a receive that waits.
+                    self.ring.wake_consumers()
+                    unannounced = 0
+                    continue
                 if error == EAGAIN or error == EWOULDBLOCK or error == EINTR:
                     # SO_RCVTIMEO expired (the socket was silent for a check interval) or a
                     # signal arrived: either way the caller takes its turn.
@@ -316,19 +301,22 @@ cdef class DatagramReceiver:
                 self.last_errno = error
                 return END_NO_MEMORY if error == ENOMEM else END_OS_ERROR
             self.counters.add(COUNT_RECEIVE_CALLS, 1)
-            end = self.deliver(<unsigned int>received)
+            unannounced += <unsigned int>received
+            wake = <unsigned int>received < self.batch or unannounced >= self.announce_after
+            end = self.deliver(<unsigned int>received, wake)
+            if wake:
+                unannounced = 0
             if end != END_RECEIVING:
                 return end
             if monotonic_ns() >= check_at:
                 return self.check_in()
         return END_STOPPED
 
-    cdef DatagramEnd deliver(self, unsigned int received) noexcept nogil:
+    cdef DatagramEnd deliver(self, unsigned int received, bint wake) noexcept nogil:
         # The whole batch goes to the ring in one call: one lock and at most one wake-up.
         cdef unsigned int index
         cdef msghdr* header
         cdef MessageView* view
-        cdef uint32_t drops
         cdef Py_ssize_t offered = 0
         cdef Py_ssize_t published = 0
         cdef uint64_t offered_bytes = 0
@@ -337,8 +325,6 @@ cdef class DatagramReceiver:
         cdef bint closed
         for index in range(received):
             header = &self.messages[index].msg_hdr
-            if fastsock_attached_drops(header, &drops):
-                self.observe_drops(drops)
             if header.msg_flags & MSG_TRUNC:
                 truncated += 1
             else:
@@ -352,7 +338,8 @@ cdef class DatagramReceiver:
                 offered_bytes += view.length
             self.rearm(index)
         if offered:
-            published = self.ring.offer_messages(self.views, offered, 0, &published_bytes)
+            published = self.ring.offer_messages(self.views, offered, 0, &published_bytes,
+                                                 wake)
         # A closed ring refuses the whole batch, and counts none of it as dropped itself.
         closed = published < 0
         if closed:
@@ -368,22 +355,22 @@ cdef class DatagramReceiver:
         return END_RING_CLOSED if closed else END_RECEIVING
 
     cdef DatagramEnd check_in(self) noexcept nogil:
-        # The counter read now also covers drops after the last datagram received, which
-        # no datagram will report until another one is queued.
-        cdef uint32_t drops
-        if fastsock_read_drops(self.fd, &drops):
-            self.observe_drops(drops)
+        self.read_kernel_drops()
         return END_CHECK_IN
 
-    cdef void observe_drops(self, uint32_t drops) noexcept nogil:
-        # A value behind the last one seen is stale (a datagram queued before a later read
-        # of the counter), not a wrap: the counter never gains 2**31 between two looks.
-        cdef uint32_t advance = drops - self.drops_seen
-        if 0 < advance <= INT32_MAX:
-            self.drops_seen = drops
-            self.counters.add(COUNT_KERNEL_DROPS, advance)
+    cdef void read_kernel_drops(self) noexcept nogil:
+        # Read once per check interval rather than attached to every datagram (SO_RXQ_OVFL):
+        # once the socket had dropped anything, that attachment cost the loop about a tenth
+        # of its rate.  The counter is 32 bits wide and wraps; it never gains 2**31 between
+        # two reads, so a move backwards cannot happen and is ignored.
+        cdef uint32_t drops
+        cdef uint32_t advance
+        if fastsock_read_drops(self.fd, &drops):
+            advance = drops - self.drops_seen
+            if 0 < advance <= INT32_MAX:
+                self.drops_seen = drops
+                self.counters.add(COUNT_KERNEL_DROPS, advance)
 
     cdef void rearm(self, unsigned int index) noexcept nogil:
         # The kernel overwrites these lengths with what it filled in.
         self.messages[index].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-        self.messages[index].msg_hdr.msg_controllen = sizeof(self.slots[index].control)

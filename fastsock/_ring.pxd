@@ -116,8 +116,12 @@ cdef class RingQueue:
     # Publishes, in order and under one lock acquisition, every message that fits, and drops
     # every one that does not, counting it as offer() does: returns how many were published
     # and stores their payload bytes in published_bytes, or returns -1 if the ring is closed.
+    # Without wake, sleeping consumers are left asleep until the producer's wake_consumers()
+    # (a producer with more messages at hand saves them a wake-up per call).
     cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
-                                   uint32_t source_id, uint64_t* published_bytes) noexcept nogil
+                                   uint32_t source_id, uint64_t* published_bytes,
+                                   bint wake) noexcept nogil
+    cdef void wake_consumers(self) noexcept nogil
     # Sleeps until the ring has drained to the resume mark and a message of length bytes fits
     # (1), the timeout passes (0) or the ring closes (-1); the time spent is added to
     # paused_seconds.

@@ -653,7 +653,8 @@ cdef class RingQueue:
         return published
 
     cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
-                                   uint32_t source_id, uint64_t* published_bytes) noexcept nogil:
+                                   uint32_t source_id, uint64_t* published_bytes,
+                                   bint wake) noexcept nogil:
         cdef RingState state
         cdef Py_ssize_t published
         lock_ring(self.header)
@@ -662,8 +663,19 @@ cdef class RingQueue:
             return -1
         state = committed(self.header)[0]
         published = self.append_views(&state, messages, n, source_id, True, published_bytes)
-        self.publish(&state, published)
+        if wake:
+            self.publish(&state, published)
+        else:
+            commit(self.header, &state)
+            unlock_ring(self.header)
         return published
+
+    cdef void wake_consumers(self) noexcept nogil:
+        # Without the lock: a consumer that read data_seq before this increment and has not
+        # slept yet finds it changed, and futex_wait returns at once.
+        if load_u32(&self.header.data_waiters, ATOMIC_RELAXED):
+            add_u32(&self.header.data_seq, 1, ATOMIC_RELAXED)
+            futex_wake(&self.header.data_seq, INT_MAX)
 
     cdef int wait_resume(self, Py_ssize_t length, double timeout) noexcept nogil:
         cdef double start = monotonic()

@@ -143,6 +143,12 @@ DATAGRAM_MAX_SIZE = 65535
 """Bytes of buffer per datagram: the largest UDP payload over IPv4 (65,507) and IPv6
 (65,527) fits, so only Unix datagrams can be longer, and those are counted as truncated."""
 
+DATAGRAM_ANNOUNCE_AFTER = 1024
+"""Datagrams the loop publishes, while the socket keeps a backlog, before it wakes a sleeping
+consumer: a wake-up per 64-datagram batch cost about a tenth of a shared core in context
+switches; at 1 M datagrams/s this delays a message by at most 1 ms, and none once the
+socket drains."""
+
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""

@@ -796,7 +796,7 @@ def put_spans(RingQueue ring, bytes base, list spans, uint32_t source_id):
     return published
 
 
-def offer_messages(RingQueue ring, list messages, uint32_t source_id):
+def offer_messages(RingQueue ring, list messages, uint32_t source_id, bint wake=True):
     # messages: (payload, source) pairs.
     cdef Py_ssize_t n = len(messages)
     cdef uint64_t published_bytes = 0
@@ -806,9 +806,18 @@ def offer_messages(RingQueue ring, list messages, uint32_t source_id):
         views[i].length = len(payload)
         views[i].source = <bytes>source
         views[i].source_len = len(source)
-    published = ring.offer_messages(views, n, source_id, &published_bytes)
+    published = ring.offer_messages(views, n, source_id, &published_bytes, wake)
     free(views)
     return published, published_bytes
+
+
+def wake_consumers(RingQueue ring):
+    ring.wake_consumers()
+
+
+def consumer_wake_state(RingQueue ring):
+    # (sleeping consumers, wake-up sequence number)
+    return ring.header.data_waiters, ring.header.data_seq
 
 
 def wait_resume(RingQueue ring, Py_ssize_t length, double timeout):
@@ -895,6 +904,38 @@ def test_offer_messages_publishes_what_fits_and_drops_the_rest(capi):
     assert capi.offer_messages(ring, [], 0) == (0, 0)
     ring.close()
     assert capi.offer_messages(ring, messages, 0)[0] == -1
+
+
+def _put_what_get_many_takes(ring, taken):
+    taken.put(ring.get_many(timeout=PROMPTLY))
+
+
+def test_offer_messages_without_wake_leaves_a_sleeping_consumer_to_wake_consumers(capi):
+    # A sleeping consumer also looks again by itself every wait slice; an attempt in which
+    # that happened between the offer and wake_consumers() proves nothing and is retried.
+    ring = compiled.RingQueue()
+    for _ in range(5):
+        taken = queue.SimpleQueue()
+        consumer = threading.Thread(target=_put_what_get_many_takes, args=(ring, taken))
+        consumer.start()
+        deadline = time.monotonic() + PROMPTLY
+        while capi.consumer_wake_state(ring)[0] != 1:
+            assert time.monotonic() < deadline, "the consumer never went to sleep"
+            time.sleep(0.001)
+        _, sequence = capi.consumer_wake_state(ring)
+        assert capi.offer_messages(ring, [(b"quiet", b"")], 0, False) == (1, 5)
+        assert capi.consumer_wake_state(ring)[1] == sequence, "offer_messages woke it"
+        capi.wake_consumers(ring)
+        woken = capi.consumer_wake_state(ring)[1] != sequence
+        assert taken.get(timeout=PROMPTLY) == [b"quiet"]
+        consumer.join()
+        if woken:
+            break
+        assert ring.empty()
+    else:
+        pytest.fail("wake_consumers() never woke the sleeping consumer")
+    capi.wake_consumers(ring)  # no sleeper: nothing to do
+    assert capi.consumer_wake_state(ring) == (0, sequence + 1)
 
 
 def test_wait_resume_waits_for_the_resume_mark_of_both_bounds(capi):

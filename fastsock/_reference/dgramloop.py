@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from fastsock.addresses import sockaddr_from_address
 from fastsock.constants import DATAGRAM_BATCH, DATAGRAM_MAX_SIZE, RECEIVE_CHECK_INTERVAL
@@ -21,12 +22,9 @@ from fastsock.stats import DatagramStats
 __all__ = ["DatagramCounters", "DatagramReceiver"]
 
 # Linux's values (asm-generic/socket.h, linux/sock_diag.h); the socket module lacks them.
-SO_RXQ_OVFL = 40
 SO_MEMINFO = 55
 SK_MEMINFO_DROPS = 8
 _DROPS = struct.Struct("=I")
-# The compiled loop's 64 bytes of ancillary room: timestamps a user enabled come first.
-_CONTROL_BYTES = 64
 _MAX_BATCH = 1024
 _MAX_RECEIVE_BUFFER = 2**31 - 1
 _MAX_CHECK_INTERVAL = 86400.0
@@ -100,13 +98,13 @@ class DatagramReceiver:
             view.setsockopt(
                 socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, microseconds)
             )
-            view.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
             # Drops before this receiver existed are not its to count.
             self._drops_seen = _read_drops(view) or 0
         self._fd = fd
         self._ring = ring
         self._counters = counters
         self._max_datagram = max_datagram
+        self._check_interval = check_interval
         self._stop_requested = False
         self._running = False
         self.last_errno = 0
@@ -123,7 +121,9 @@ class DatagramReceiver:
         self._running = True
         try:
             with _borrowed(self._fd) as view:
-                return self._receive(view)
+                end = self._receive(view)
+                self._observe_drops(_read_drops(view))
+                return end
         finally:
             self._running = False
 
@@ -132,25 +132,25 @@ class DatagramReceiver:
         self._stop_requested = True
 
     def _receive(self, view):
+        check_at = time.monotonic() + self._check_interval
         while True:
             if self._ring.closed:
                 return "ring_closed"
             if self._stop_requested:
                 return "stopped"
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + self._check_interval
+                self._observe_drops(_read_drops(view))
             try:
-                data, ancillary, flags, address = view.recvmsg(self._max_datagram, _CONTROL_BYTES)
+                data, _, flags, address = view.recvmsg(self._max_datagram)
             except BlockingIOError:
-                # SO_RCVTIMEO expired: the counter read now also covers drops after the last
-                # datagram received, which no datagram will report until another one comes.
+                # SO_RCVTIMEO expired: the socket was silent for a check interval.
                 self._observe_drops(_read_drops(view))
                 continue
             except OSError as exc:
                 self.last_errno = exc.errno
                 return "no_memory" if exc.errno == errno.ENOMEM else "os_error"
             self._counters.add("receive_calls", 1)
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL:
-                    self._observe_drops(_DROPS.unpack(value[: _DROPS.size])[0])
             if flags & socket.MSG_TRUNC:
                 self._counters.add("truncated", 1)
                 continue
@@ -167,8 +167,8 @@ class DatagramReceiver:
                 self._counters.add("dropped_queue_full_bytes", len(data))
 
     def _observe_drops(self, drops):
-        # The kernel's counter is 32 bits wide and wraps; a value behind the last one seen is
-        # stale (queued before a later read of the counter), not a wrap.
+        # The kernel's counter is 32 bits wide and wraps; it never gains 2**31 between two
+        # reads, so a move backwards cannot happen and is ignored.
         if drops is None:
             return
         advance = (drops - self._drops_seen) & 0xFFFF_FFFF
