@@ -51,6 +51,7 @@ cdef class DatagramReceiver:
     cdef unsigned int batch
     cdef uint64_t check_interval_ns
     cdef unsigned int announce_after  # see pump()
+    cdef uint64_t busy_poll_ns  # see pump()
     cdef volatile int stop_requested
     cdef readonly int last_errno
     cdef bint running

@@ -81,12 +81,20 @@ class DatagramReceiver:
         batch: int = 64,
         check_interval: float = ...,
         receive_buffer: int | None = None,
+        busy_poll: float = ...,
     ) -> None:
         """``max_datagram`` is the longest datagram delivered, between 1 and the ring's
         ``max_bytes`` (default ``DATAGRAM_MAX_SIZE``: any UDP datagram); ``batch`` the most
         datagrams taken per system call, 1 to 1024 (default ``DATAGRAM_BATCH``);
         ``check_interval`` defaults to ``constants.RECEIVE_CHECK_INTERVAL``, > 0 and at most a
-        day (86400 seconds); ``receive_buffer``, bytes, 1 to 2**31 - 1."""
+        day (86400 seconds); ``receive_buffer``, bytes, 1 to 2**31 - 1.
+
+        ``busy_poll`` (default ``constants.DATAGRAM_BUSY_POLL``, 0 to ``check_interval``
+        seconds): after a batch of at least a quarter of ``batch`` datagrams, the loop asks
+        again without sleeping, yielding the core between tries, for up to this long before
+        it sleeps in the kernel.  Under load a sender then finds the receiver awake and
+        does not pay to wake it; under light traffic (small batches) it never polls.  0
+        turns it off.  The pure-Python reference checks it and does not poll."""
 
     @property
     def receive_buffer(self) -> int:

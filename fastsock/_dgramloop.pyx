@@ -28,10 +28,15 @@ import os
 from fastsock.constants import (
     DATAGRAM_ANNOUNCE_AFTER,
     DATAGRAM_BATCH,
+    DATAGRAM_BUSY_POLL,
     DATAGRAM_MAX_SIZE,
     RECEIVE_CHECK_INTERVAL,
 )
 from fastsock.stats import DatagramStats
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 
 cdef extern from "<errno.h>" nogil:
@@ -187,7 +192,8 @@ cdef class DatagramReceiver:
 
     def __cinit__(self, int fd, RingQueue ring not None, DatagramCounters counters not None, *,
                   Py_ssize_t max_datagram=DATAGRAM_MAX_SIZE, Py_ssize_t batch=DATAGRAM_BATCH,
-                  double check_interval=RECEIVE_CHECK_INTERVAL, receive_buffer=None):
+                  double check_interval=RECEIVE_CHECK_INTERVAL, receive_buffer=None,
+                  double busy_poll=DATAGRAM_BUSY_POLL):
         cdef timeval interval
         cdef int requested_buffer = 0
         cdef unsigned int index
@@ -201,6 +207,9 @@ cdef class DatagramReceiver:
         if not 0 < check_interval <= MAX_CHECK_INTERVAL:
             raise ValueError(f"check_interval must be > 0 and <= {MAX_CHECK_INTERVAL} seconds, "
                              f"not {check_interval}")
+        if not 0 <= busy_poll <= check_interval:
+            raise ValueError(f"busy_poll must be between 0 and check_interval "
+                             f"({check_interval}) seconds, not {busy_poll}")
         if receive_buffer is not None:
             receive_buffer = operator.index(receive_buffer)
             if not 1 <= receive_buffer <= MAX_RECEIVE_BUFFER:
@@ -239,6 +248,7 @@ cdef class DatagramReceiver:
         self.batch = <unsigned int>batch
         self.check_interval_ns = <uint64_t>(check_interval * 1e9)
         self.announce_after = max(<unsigned int>batch, DATAGRAM_ANNOUNCE_AFTER)
+        self.busy_poll_ns = <uint64_t>(busy_poll * 1e9)
 
     def __dealloc__(self):
         PyMem_RawFree(self.views)
@@ -276,6 +286,7 @@ cdef class DatagramReceiver:
 
     cdef DatagramEnd pump(self) noexcept nogil:
         cdef uint64_t check_at = monotonic_ns() + self.check_interval_ns
+        cdef uint64_t now
         cdef int received
         cdef int error
         cdef bint wake
@@ -284,15 +295,26 @@ cdef class DatagramReceiver:
         # a backlog (full batches) they are woken once per announce_after datagrams, not per
         # batch: on a core shared with the consumer, each wake-up is two context switches.
         cdef unsigned int unannounced = 0
+        # After a busy batch (a quarter of the batch or more), receives do not wait until
+        # this time: the loop asks again, yielding the core in between, so that senders
+        # find it awake.  Waking a sleeping receiver is work done by the sender (on
+        # loopback, by the sending process itself) for every datagram that finds it asleep.
+        cdef uint64_t poll_until = 0
         while not self.stop_requested:
             received = fastsock_receive_datagrams(self.fd, self.messages, self.batch,
-                                                  unannounced == 0)
+                                                  unannounced == 0 and poll_until == 0)
             if received < 0:
                 error = errno
-                if unannounced and (error == EAGAIN or error == EWOULDBLOCK):
-                    # The backlog is gone: wake the consumers before a receive that waits.
-                    self.ring.wake_consumers()
-                    unannounced = 0
+                if (unannounced or poll_until) and (error == EAGAIN or error == EWOULDBLOCK):
+                    if unannounced:
+                        # The backlog is gone: wake the consumers before the loop waits.
+                        self.ring.wake_consumers()
+                        unannounced = 0
+                    if poll_until:
+                        if monotonic_ns() < poll_until:
+                            sched_yield()
+                        else:
+                            poll_until = 0
                     continue
                 if error == EAGAIN or error == EWOULDBLOCK or error == EINTR:
                     # SO_RCVTIMEO expired (the socket was silent for a check interval) or a
@@ -308,7 +330,10 @@ cdef class DatagramReceiver:
                 unannounced = 0
             if end != END_RECEIVING:
                 return end
-            if monotonic_ns() >= check_at:
+            now = monotonic_ns()
+            if self.busy_poll_ns and <unsigned int>received * 4 >= self.batch:
+                poll_until = now + self.busy_poll_ns
+            if now >= check_at:
                 return self.check_in()
         return END_STOPPED
 

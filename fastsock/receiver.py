@@ -182,6 +182,7 @@ def _serve_datagrams(server, handler, registry, poll_interval):
         max_datagram=handler.max_datagram,
         batch=handler.datagram_batch,
         receive_buffer=handler.receive_buffer,
+        busy_poll=handler.datagram_busy_poll,
     )
     registry.running = receiver
     try:
@@ -236,6 +237,7 @@ class ReceiveHandler(BaseRequestHandler):
     max_partial_bytes = constants.MAX_PARTIAL_BYTES
     max_datagram = constants.DATAGRAM_MAX_SIZE
     datagram_batch = constants.DATAGRAM_BATCH
+    datagram_busy_poll = constants.DATAGRAM_BUSY_POLL
     receive_buffer = None
 
     @classmethod
@@ -393,6 +395,7 @@ def receiver(
     max_partial_bytes=constants.MAX_PARTIAL_BYTES,
     max_datagram=constants.DATAGRAM_MAX_SIZE,
     datagram_batch=constants.DATAGRAM_BATCH,
+    datagram_busy_poll=constants.DATAGRAM_BUSY_POLL,
     receive_buffer=None,
 ):
     """A ReceiveHandler class that receives into ``queue``.
@@ -411,6 +414,8 @@ def receiver(
     silent longest is closed for a new one if it has been silent this long.
     ``max_partial_bytes``: incomplete messages held by all connections of the process
     together; above it the largest holder is closed (None: no cap).
+    ``datagram_busy_poll``: seconds the datagram loop keeps asking for more, without
+    sleeping, after a busy batch (0: sleep at once; see constants.DATAGRAM_BUSY_POLL).
     """
     _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size)
     Framer(
@@ -434,6 +439,11 @@ def receiver(
         raise ValueError(f"drain_timeout must be >= 0 or None, not {drain_timeout!r}")
     if not evict_idle_after >= 0:
         raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
+    if not 0 <= datagram_busy_poll <= constants.RECEIVE_CHECK_INTERVAL:
+        raise ValueError(
+            f"datagram_busy_poll must be between 0 and {constants.RECEIVE_CHECK_INTERVAL} "
+            f"seconds, not {datagram_busy_poll!r}"
+        )
     if max_partial_bytes is not None and not max_partial_bytes > 0:
         raise ValueError(f"max_partial_bytes must be positive or None, not {max_partial_bytes!r}")
     return type(
@@ -455,6 +465,7 @@ def receiver(
             "max_partial_bytes": max_partial_bytes,
             "max_datagram": max_datagram,
             "datagram_batch": datagram_batch,
+            "datagram_busy_poll": datagram_busy_poll,
             "receive_buffer": receive_buffer,
         },
     )

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import queue
+import resource
 import signal
 import socket
 import struct
@@ -424,6 +425,9 @@ def test_a_closed_ring_leaves_the_datagrams_in_the_socket(impl):
         {"check_interval": 86401.0},
         {"receive_buffer": 0},
         {"receive_buffer": 2**31},
+        {"busy_poll": -0.001},
+        {"busy_poll": 0.2, "check_interval": 0.1},  # polls past the check-in
+        {"busy_poll": float("nan")},
     ],
 )
 def test_bad_arguments_are_refused(impl, options):
@@ -431,6 +435,34 @@ def test_bad_arguments_are_refused(impl, options):
     server, client = _udp_pair()
     with server, client, pytest.raises(ValueError):
         _receiver(impl, server, ring=ring_class(max_bytes=1000), **options)
+
+
+def _cpu_seconds_while_idle(receiver, client, datagrams, seconds):
+    """CPU time this process spends while ``receiver`` takes a burst of ``datagrams``,
+    queued before it starts so that it takes them in one batch, and the socket then stays
+    silent for ``seconds``."""
+    _burst(client, 0, datagrams)
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    with _running(receiver):
+        time.sleep(seconds)
+        end = resource.getrusage(resource.RUSAGE_SELF)
+    return (end.ru_utime + end.ru_stime) - (start.ru_utime + start.ru_stime)
+
+
+def test_a_busy_batch_keeps_the_loop_polling_a_light_one_lets_it_sleep():
+    # Whether the loop sleeps shows in this process's CPU time: a loop polling for half a
+    # second burns at least a good part of it; a sleeping one next to nothing.
+    impl = IMPLEMENTATIONS["compiled"]
+    server, client = _udp_pair()
+    with server, client:
+        receiver, ring, counters = _receiver(impl, server, busy_poll=0.5, check_interval=1.0)
+        busy = _cpu_seconds_while_idle(receiver, client, 64, 0.5)
+        light = _cpu_seconds_while_idle(receiver, client, 1, 0.5)
+        receiver, ring, counters = _receiver(impl, server, busy_poll=0, check_interval=1.0)
+        off = _cpu_seconds_while_idle(receiver, client, 64, 0.5)
+    assert busy > 0.1, busy
+    assert light < 0.05, light
+    assert off < 0.05, off
 
 
 def test_only_blocking_datagram_sockets_are_accepted(impl):

@@ -407,6 +407,8 @@ def test_synchronous_server_with_the_fast_path():
         ({"framing": "lines", "max_line": 2 * 1024 * 1024}, ValueError, "max_bytes"),
         ({"recv_size": 0}, ValueError, "recv_size"),
         ({"idle_timeout": -1}, ValueError, "idle_timeout"),
+        ({"datagram_busy_poll": -0.001}, ValueError, "datagram_busy_poll"),
+        ({"datagram_busy_poll": 1.0}, ValueError, "datagram_busy_poll"),
     ],
 )
 def test_receiver_options_are_checked_before_serving(options, error, match):

@@ -15,7 +15,12 @@ import threading
 import time
 
 from fastsock.addresses import sockaddr_from_address
-from fastsock.constants import DATAGRAM_BATCH, DATAGRAM_MAX_SIZE, RECEIVE_CHECK_INTERVAL
+from fastsock.constants import (
+    DATAGRAM_BATCH,
+    DATAGRAM_BUSY_POLL,
+    DATAGRAM_MAX_SIZE,
+    RECEIVE_CHECK_INTERVAL,
+)
 from fastsock.errors import QueueClosed
 from fastsock.stats import DatagramStats
 
@@ -59,7 +64,10 @@ class DatagramReceiver:
         batch=DATAGRAM_BATCH,
         check_interval=RECEIVE_CHECK_INTERVAL,
         receive_buffer=None,
+        busy_poll=DATAGRAM_BUSY_POLL,
     ):
+        # batch and busy_poll are checked as the compiled loop checks them; one recvmsg()
+        # per datagram has neither batches to take nor a reason to poll.
         fd = operator.index(fd)
         if fd < 0:
             raise ValueError(f"fd must be an open file descriptor, not {fd}")
@@ -77,6 +85,11 @@ class DatagramReceiver:
             raise ValueError(
                 f"check_interval must be > 0 and <= {_MAX_CHECK_INTERVAL} seconds, "
                 f"not {check_interval}"
+            )
+        if not 0 <= busy_poll <= check_interval:
+            raise ValueError(
+                f"busy_poll must be between 0 and check_interval ({check_interval}) seconds, "
+                f"not {busy_poll}"
             )
         if receive_buffer is not None:
             receive_buffer = operator.index(receive_buffer)
