@@ -365,6 +365,9 @@ cdef class DatagramReceiver:
         if offered:
             published = self.ring.offer_messages(self.views, offered, 0, &published_bytes,
                                                  wake)
+        elif wake:
+            # Every datagram of this batch was too long, but earlier ones may wait unannounced.
+            self.ring.wake_consumers()
         # A closed ring refuses the whole batch, and counts none of it as dropped itself.
         closed = published < 0
         if closed:
