@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import fastsock
-from fastsock import _cli_serve, cli
+from fastsock import _cli_serve, benchmark, cli
 from tests.support import LOCALHOST, NETWORK_TIMEOUT
 
 PACKAGE_ROOT = str(Path(fastsock.__file__).resolve().parent.parent)
@@ -294,6 +294,65 @@ def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
             assert (summary["fastsock_drops"] is not None) == server.startswith("fastsock")
     assert rows["lines-1", "stdlib-readline-queue"]["summary"]["ratio_to_baseline"] == 1.0
     assert rows["udp-64", "c-sink"]["summary"]["ratio_to_ceiling"] == 1.0
+
+
+class _Progress:
+    def __init__(self):
+        self.notes = []
+
+    def step(self, text):
+        pass
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def test_the_rows_of_a_workload_take_their_runs_in_turns(monkeypatch):
+    # Fakes stand in for the server and generator processes: the order of the runs, what
+    # a failing row leaves behind and which server processes get closed are all that
+    # is checked here (the benchmarks above run the real processes).
+    taken = []
+    closed = []
+
+    class FakeServerProcess:
+        def __init__(self, workload, server, settings, runs):
+            self.server = server
+
+        def close(self):
+            closed.append(self.server)
+
+    def fake_run_once(workload, server_process, settings, seconds):
+        taken.append(server_process.server)
+        if server_process.server == "asyncio-protocol" and len(taken) > 3:
+            raise benchmark.RunFailed("the server process failed: boom")
+        return {"server": server_process.server}
+
+    monkeypatch.setattr(benchmark, "ServerProcess", FakeServerProcess)
+    monkeypatch.setattr(benchmark, "run_once", fake_run_once)
+    monkeypatch.setattr(benchmark, "summarize", lambda workload, runs: {"lost": 0})
+    monkeypatch.setattr(benchmark, "median_unit_rate", lambda row: 1.0)
+    monkeypatch.setattr(benchmark, "unavailable", lambda server: None)
+    settings = benchmark.Settings(
+        workloads=["lines-1"],
+        servers=["stdlib-readline-queue", "fastsock-compiled", "asyncio-protocol"],
+        runs=3,
+        warmups=1,
+    )
+    rows = [
+        benchmark.Row(benchmark.WORKLOADS["lines-1"], server, settings, str(number))
+        for number, server in enumerate(settings.servers, 1)
+    ]
+    benchmark.measure_workload(rows, _Progress())
+    stdlib, compiled, failing = "stdlib-readline-queue", "fastsock-compiled", "asyncio-protocol"
+    assert taken == [
+        stdlib, compiled, failing,  # the warm-ups
+        compiled, failing, stdlib,  # one row later; the failing row drops out here
+        stdlib, compiled,  # the third round of the two rows left
+        compiled, stdlib,
+    ]  # fmt: skip
+    assert [len(row.record["runs"]) for row in rows] == [3, 3, 0]
+    assert rows[2].record["status"] == "failed" and "boom" in rows[2].record["error"]
+    assert sorted(closed) == sorted(settings.servers)
 
 
 def test_forking_and_prefork_rows_count_every_line(tmp_path):
