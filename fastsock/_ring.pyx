@@ -281,6 +281,15 @@ cdef inline void commit(RingHeader* header, const RingState* state) noexcept nog
     store_u32(&header.current, next_index, ATOMIC_RELEASE)
 
 
+cdef inline void wake_data_sleepers(RingHeader* header, int count) noexcept nogil:
+    # After the unlock that committed the messages.  A consumer counts itself in data_waiters
+    # under the lock before it sleeps, so one that saw the ring empty is counted here; one
+    # that read data_seq and has not slept yet finds it changed, and futex_wait returns.
+    if load_u32(&header.data_waiters, ATOMIC_RELAXED):
+        add_u32(&header.data_seq, 1, ATOMIC_RELAXED)
+        futex_wake(&header.data_seq, count)
+
+
 cdef inline uint64_t queued_messages(const RingState* state) noexcept nogil:
     return state.put_messages - state.got_messages
 
@@ -671,11 +680,7 @@ cdef class RingQueue:
         return published
 
     cdef void wake_consumers(self) noexcept nogil:
-        # Without the lock: a consumer that read data_seq before this increment and has not
-        # slept yet finds it changed, and futex_wait returns at once.
-        if load_u32(&self.header.data_waiters, ATOMIC_RELAXED):
-            add_u32(&self.header.data_seq, 1, ATOMIC_RELAXED)
-            futex_wake(&self.header.data_seq, INT_MAX)
+        wake_data_sleepers(self.header, INT_MAX)
 
     cdef int wait_resume(self, Py_ssize_t length, double timeout) noexcept nogil:
         cdef double start = monotonic()
@@ -823,13 +828,10 @@ cdef class RingQueue:
         return published
 
     cdef void publish(self, const RingState* state, Py_ssize_t published) noexcept nogil:
-        cdef bint wake = published > 0 and load_u32(&self.header.data_waiters, ATOMIC_RELAXED)
         commit(self.header, state)
-        if wake:
-            add_u32(&self.header.data_seq, 1, ATOMIC_RELAXED)
         unlock_ring(self.header)
-        if wake:
-            futex_wake(&self.header.data_seq, <int>min(published, INT_MAX))
+        if published > 0:
+            wake_data_sleepers(self.header, <int>min(published, INT_MAX))
 
     cdef void release(self, const RingState* state) noexcept nogil:
         cdef bint wake = (
