@@ -4,9 +4,10 @@
 #     fuzz/build.sh
 #
 # into BUILD_DIR: FUZZ_BUILD_DIR, or else build/fuzz (which git ignores).  BUILD_DIR/venv is
-# a Python 3.13 venv with atheris; BUILD_DIR/src a copy of setup.py and fastsock/ whose
-# extension modules clang built with -fsanitize=address,fuzzer-no-link, so libFuzzer sees
-# their edges and AddressSanitizer their memory accesses.  FASTSOCK_DEBUG=1
+# a Python 3.13 venv with atheris; BUILD_DIR/src a copy of setup.py, tests/compare.py (what
+# the harnesses compare) and fastsock/, whose extension modules clang built with
+# -fsanitize=address,fuzzer-no-link, so libFuzzer sees their edges and AddressSanitizer
+# their memory accesses.  FASTSOCK_DEBUG=1
 # passes through to setup.py for a debug build (asserts and Cython's checks on, -O0).
 # fuzz/run.sh runs the harnesses on that build.
 set -euo pipefail
@@ -43,8 +44,9 @@ fi
 
 # A fresh copy each time: no stale .c or .so from an earlier build survives a change.
 rm -rf "$BUILD_DIR/src"
-mkdir -p "$BUILD_DIR/src"
+mkdir -p "$BUILD_DIR/src/tests"
 cp -r setup.py fastsock "$BUILD_DIR/src/"
+cp tests/compare.py "$BUILD_DIR/src/tests/"
 find "$BUILD_DIR/src/fastsock" \( -name '*.so' -o -name '*.c' -o -name __pycache__ \) \
     -exec rm -rf {} +
 

@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=["fastsock._reference"]):
     from fastsock._reference import framing as reference
 
 from fastsock import _framing as compiled
-from fastsock.errors import FramingError
+from tests.compare import feed_outcome, framer_counters
 
 FRAMINGS = ("raw", "lines", "length")
 # Limits around the 64-byte blocks of the compiled line scan, the defaults, the largest.
@@ -94,23 +94,6 @@ def next_chunk(provider, framer, budget):
     return chunk
 
 
-def outcome(feed, data):
-    try:
-        return feed(data)
-    except FramingError as error:
-        return type(error), str(error), error.messages, error.discarded
-
-
-def counters(framer):
-    return (
-        framer.bytes_in,
-        framer.messages_out,
-        framer.bytes_discarded,
-        framer.pending,
-        framer.failed,
-    )
-
-
 def overhead(framer, message_count):
     """The delimiters or prefixes stripped from message_count messages."""
     if framer.framing == "lines" and not framer.keep_delimiter:
@@ -139,15 +122,19 @@ def test_one_input(data):
             framed = []
         else:
             fed = memoryview(bytearray(chunk)) if provider.ConsumeBool() else chunk
-            got, expected = outcome(framer.feed, fed), outcome(oracle.feed, chunk)
+            got, expected = feed_outcome(framer.feed, fed), feed_outcome(oracle.feed, chunk)
             framed = got if isinstance(got, list) else got[2]
         assert got == expected, (options, chunk, got, expected)
-        assert counters(framer) == counters(oracle), (options, counters(framer), counters(oracle))
+        assert framer_counters(framer) == framer_counters(oracle), (
+            options,
+            framer_counters(framer),
+            framer_counters(oracle),
+        )
         messages += len(framed)
         payload += sum(map(len, framed))
         assert framer.messages_out == messages, (options, framer.messages_out, messages)
         accounted = payload + overhead(framer, messages) + framer.bytes_discarded
-        assert framer.bytes_in == accounted + framer.pending, (options, counters(framer))
+        assert framer.bytes_in == accounted + framer.pending, (options, framer_counters(framer))
 
 
 def main():

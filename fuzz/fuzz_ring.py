@@ -21,6 +21,7 @@ with atheris.instrument_imports(include=["fastsock._reference"]):
     from fastsock._reference import ring as reference
 
 from fastsock import _ring as compiled
+from tests.compare import ring_observable  # after the instrumented import, which it shares
 
 MAX_SOURCE_LEN = compiled.MAX_SOURCE_LEN
 OPERATIONS = ("put", "offer", "put_many", "get", "get_many", "get_batch", "close", "churn")
@@ -28,24 +29,11 @@ OPERATIONS = ("put", "offer", "put_many", "get", "get_many", "get_batch", "close
 CHURN_BUDGET = 1000
 
 
-def observable(value):
-    if isinstance(value, (compiled.Batch, reference.Batch)):
-        return (
-            "batch",
-            list(value),
-            bytes(memoryview(value)),
-            value.offsets.tolist(),
-            value.source_ids.tolist(),
-            value.nbytes,
-        )
-    return value
-
-
 def both(rings, method, *args, **kwargs):
     outcomes = []
     for ring in rings:
         try:
-            outcomes.append(observable(getattr(ring, method)(*args, **kwargs)))
+            outcomes.append(ring_observable(getattr(ring, method)(*args, **kwargs)))
         except Exception as error:  # the type is what is compared
             outcomes.append(type(error))
     assert outcomes[0] == outcomes[1], (method, args, kwargs, outcomes)

@@ -16,6 +16,7 @@ from fastsock import _framing
 from fastsock._reference import framing as reference
 from fastsock.constants import MAX_FRAME_SIZE, MAX_LINE_LENGTH
 from fastsock.errors import FrameTooLargeError, FramingError, LineTooLongError
+from tests.compare import feed_outcome, framer_counters
 
 MiB = 1024 * 1024
 IMPLEMENTATIONS = {"compiled": _framing.Framer, "reference": reference.Framer}
@@ -40,23 +41,6 @@ def feed_all(framer, chunks):
     for chunk in chunks:
         messages += framer.feed(chunk)
     return messages
-
-
-def outcome(framer, data):
-    try:
-        return framer.feed(data)
-    except FramingError as error:
-        return type(error), str(error), error.messages, error.discarded
-
-
-def counters(framer):
-    return (
-        framer.bytes_in,
-        framer.messages_out,
-        framer.bytes_discarded,
-        framer.pending,
-        framer.failed,
-    )
 
 
 def assert_accounted(framer, messages):
@@ -157,10 +141,10 @@ def test_compiled_and_reference_agree_feed_by_feed(scenario):
     options, chunks = scenario
     compiled, pure = _framing.Framer(**options), reference.Framer(**options)
     for chunk in chunks:
-        assert outcome(compiled, chunk) == outcome(pure, chunk)
-        assert counters(compiled) == counters(pure)
+        assert feed_outcome(compiled.feed, chunk) == feed_outcome(pure.feed, chunk)
+        assert framer_counters(compiled) == framer_counters(pure)
     assert compiled.eof() == pure.eof()
-    assert counters(compiled) == counters(pure)
+    assert framer_counters(compiled) == framer_counters(pure)
 
 
 @SCENARIO_SETTINGS
@@ -231,8 +215,8 @@ def test_compiled_and_reference_agree_on_large_streams(seed, framing, delimiter)
     while start < len(stream):
         end = start + rng.randint(*chunk_sizes)
         chunk = stream[start:end]
-        assert outcome(compiled, chunk) == outcome(pure, chunk)
-        assert counters(compiled) == counters(pure)
+        assert feed_outcome(compiled.feed, chunk) == feed_outcome(pure.feed, chunk)
+        assert framer_counters(compiled) == framer_counters(pure)
         start = end
     assert compiled.eof() == pure.eof()
 
@@ -258,8 +242,8 @@ def test_compiled_and_reference_agree_on_many_short_lines(seed, keep_delimiter):
     while start < len(stream):
         end = start + rng.choice([1, rng.randrange(1, 200), rng.randrange(1, 100_000)])
         chunk = stream[start:end]
-        assert outcome(compiled, chunk) == outcome(pure, chunk)
-        assert counters(compiled) == counters(pure)
+        assert feed_outcome(compiled.feed, chunk) == feed_outcome(pure.feed, chunk)
+        assert framer_counters(compiled) == framer_counters(pure)
         start = end
     assert compiled.eof() == pure.eof()
 
@@ -463,7 +447,7 @@ def test_raw_feeds_are_messages(framer_class):
 def test_empty_feed_returns_nothing(framer_class, framing):
     framer = framer_class(framing)
     assert framer.feed(b"") == []
-    assert counters(framer) == (0, 0, 0, 0, False)
+    assert framer_counters(framer) == (0, 0, 0, 0, False)
 
 
 def test_eof_discards_the_partial_message(framer_class):
@@ -520,7 +504,7 @@ def test_data_that_is_not_contiguous_bytes(framer_class, data, error):
     framer = framer_class()
     with pytest.raises(error):
         framer.feed(data)
-    assert counters(framer) == (0, 0, 0, 0, False)
+    assert framer_counters(framer) == (0, 0, 0, 0, False)
 
 
 @pytest.mark.parametrize(
@@ -560,7 +544,7 @@ def test_properties(framer_class):
     framer = framer_class()
     assert (framer.framing, framer.delimiter, framer.keep_delimiter) == ("lines", b"\n", False)
     assert (framer.max_line, framer.max_frame) == (MAX_LINE_LENGTH, MAX_FRAME_SIZE)
-    assert counters(framer) == (0, 0, 0, 0, False)
+    assert framer_counters(framer) == (0, 0, 0, 0, False)
     framer = framer_class("length", delimiter=bytearray(b"\r\n"), keep_delimiter=1, max_line=7)
     assert (framer.framing, framer.delimiter, framer.keep_delimiter) == ("length", b"\r\n", True)
     assert type(framer.delimiter) is bytes and framer.max_line == 7

@@ -32,6 +32,7 @@ from fastsock._reference import ring as reference
 from fastsock.constants import RING_MAX_BYTES, RING_MAX_MESSAGES
 from fastsock.errors import QueueClosed
 from fastsock.stats import RingStats
+from tests.compare import ring_observable
 
 IMPLEMENTATIONS = {"compiled": compiled.RingQueue, "reference": reference.RingQueue}
 MAX_SOURCE_LEN = compiled.MAX_SOURCE_LEN
@@ -545,19 +546,6 @@ def test_many_producers_and_consumers_deliver_each_message_once_in_order(ring_cl
 # -- Compiled and reference agree --------------------------------------------------------
 
 
-def observable(value):
-    if isinstance(value, (compiled.Batch, reference.Batch)):
-        return (
-            "batch",
-            list(value),
-            bytes(memoryview(value)),
-            value.offsets.tolist(),
-            value.source_ids.tolist(),
-            value.nbytes,
-        )
-    return value
-
-
 class CompiledMatchesReference(RuleBasedStateMachine):
     """Random non-blocking operations on a compiled ring and a reference ring built alike
     give the same results, the same exceptions and the same counters."""
@@ -579,7 +567,7 @@ class CompiledMatchesReference(RuleBasedStateMachine):
         outcomes = []
         for ring in self.rings:
             try:
-                outcomes.append(observable(getattr(ring, method)(*args, **kwargs)))
+                outcomes.append(ring_observable(getattr(ring, method)(*args, **kwargs)))
             except Exception as exc:
                 outcomes.append(type(exc))
         assert outcomes[0] == outcomes[1], (method, args, kwargs)
