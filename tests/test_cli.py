@@ -251,8 +251,9 @@ DOCUMENT = {
 }
 
 
-def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
-    servers = "stdlib-readline-queue,stdlib-datagram-queue,fastsock-compiled,c-sink"
+def run_short_bench(tmp_path, workloads, servers, *options):
+    """A 0.2-second, one-run ``fastsock bench``: the finished process and its JSON document,
+    checked against the schema."""
     finished = run_fastsock(
         tmp_path,
         "bench",
@@ -261,17 +262,24 @@ def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
         "--runs",
         "1",
         "--workloads",
-        "lines-1,udp-64",
+        workloads,
         "--servers",
         servers,
+        *options,
         "--json",
         "out.json",
     )
     assert finished.returncode == 0, finished.stderr
-    assert "Traceback" not in finished.stderr
-    assert "x stdlib" in finished.stdout and "fastsock-compiled" in finished.stdout
     document = json.loads((tmp_path / "out.json").read_text())
     check(document, DOCUMENT)
+    return finished, document
+
+
+def test_a_short_benchmark_writes_json_that_follows_the_schema(tmp_path):
+    servers = "stdlib-readline-queue,stdlib-datagram-queue,fastsock-compiled,c-sink"
+    finished, document = run_short_bench(tmp_path, "lines-1,udp-64", servers)
+    assert "Traceback" not in finished.stderr
+    assert "x stdlib" in finished.stdout and "fastsock-compiled" in finished.stdout
     rows = {(row["workload"], row["server"]): row for row in document["rows"]}
     assert set(rows) == {
         ("lines-1", "stdlib-readline-queue"),
@@ -356,24 +364,8 @@ def test_the_rows_of_a_workload_take_their_runs_in_turns(monkeypatch):
 
 
 def test_forking_and_prefork_rows_count_every_line(tmp_path):
-    finished = run_fastsock(
-        tmp_path,
-        "bench",
-        "--seconds",
-        "0.2",
-        "--runs",
-        "1",
-        "--workloads",
-        "lines-16",
-        "--servers",
-        "fastsock-forking,fastsock-prefork-1,fastsock-prefork",
-        "--share-cpus",
-        "--json",
-        "out.json",
-    )
-    assert finished.returncode == 0, finished.stderr
-    document = json.loads((tmp_path / "out.json").read_text())
-    check(document, DOCUMENT)
+    servers = "fastsock-forking,fastsock-prefork-1,fastsock-prefork"
+    _, document = run_short_bench(tmp_path, "lines-16", servers, "--share-cpus")
     assert "share" in document["settings"]["placement"]
     assert [row["server"] for row in document["rows"]] == [
         "fastsock-forking",
