@@ -176,14 +176,17 @@ class StreamReceiver:
                 self._keep_sample(exc, pending_start, data)
                 return self._fail(exc, "frames_too_large", "frame_too_large")
             held = self._framer.pending
-            total = self._counters.hold_partial(self.held_bytes, held)
-            self.held_bytes = held
+            over_budget = False
+            if held != self.held_bytes:
+                # As the compiled loop: the shared total moves only when this share does.
+                total = self._counters.hold_partial(self.held_bytes, held)
+                self.held_bytes = held
+                over_budget = self._partial_budget and held and total > self._partial_budget
             if self._message_overdue(self._last_data):
                 end = self._publish()
                 return end if end is not None else "message_timeout"
-            if self._partial_budget and held and total > self._partial_budget:
-                if self._on_over_budget is not None:
-                    self._on_over_budget()
+            if over_budget and self._on_over_budget is not None:
+                self._on_over_budget()
 
     def _stop_end(self):
         if self._stop_reason is not None:
