@@ -18,17 +18,7 @@ PYTHON_VERSION=3.13
 # 3.1.0 is the newest atheris with a wheel for 3.13; its wheel carries asan_with_fuzzer.so.
 ATHERIS=atheris==3.1.0
 
-find_python() {
-    local candidate
-    if command -v pyenv >/dev/null 2>&1; then
-        candidate=$(ls -d "$(pyenv root)"/versions/"$PYTHON_VERSION".* 2>/dev/null | sort -V | tail -n 1)
-        if [ -n "$candidate" ] && [ -x "$candidate/bin/python$PYTHON_VERSION" ]; then
-            echo "$candidate/bin/python$PYTHON_VERSION"
-            return
-        fi
-    fi
-    command -v "python$PYTHON_VERSION" || { echo "python$PYTHON_VERSION not found" >&2; return 1; }
-}
+source .ci/find_python.sh
 
 CLANG=$(command -v clang || true)
 if [ -z "$CLANG" ]; then
@@ -38,7 +28,7 @@ fi
 
 mkdir -p "$BUILD_DIR"
 if [ ! -x "$BUILD_DIR/venv/bin/python" ]; then
-    "$(find_python)" -m venv "$BUILD_DIR/venv"
+    "$(find_python "$PYTHON_VERSION")" -m venv "$BUILD_DIR/venv"
 fi
 "$BUILD_DIR/venv/bin/pip" install -q "$ATHERIS" 'Cython>=3.0,<4' 'setuptools>=64'
 
