@@ -7,7 +7,6 @@ import ipaddress
 import json
 import logging
 import math
-import mmap
 import os
 import queue
 import signal
@@ -23,7 +22,7 @@ from fastsock._cli_support import CommandError, UsageError, number, positive_flo
 from fastsock._ratelimit import RateLimitedLogger
 from fastsock.addresses import address_from_sockaddr
 
-__all__ = ["DRAIN_SECONDS", "SERVE_DETAILS", "add_serve_arguments", "run_serve"]
+__all__ = ["SERVE_DETAILS", "add_serve_arguments", "run_serve"]
 
 SERVE = "fastsock serve"
 
@@ -41,12 +40,6 @@ STREAM_LIMITS = (
 STREAM_ONLY = ("framing", *STREAM_LIMITS)
 DEFAULT_FRAMING = "lines"
 DEFAULT_WORKERS = 2
-DRAIN_SECONDS = 2.0
-"""Seconds a stopping server gives its connections (or its datagram socket) to hand over what
-the kernel had already received for them, before it stops their loops."""
-QUIET_SECONDS = 2 * constants.RECEIVE_CHECK_INTERVAL
-"""How long a draining server must see no activity before it stops: a connection that
-arrives meanwhile is accepted within one poll interval of the serving loop."""
 LOOP_WAIT_SECONDS = 0.1
 """Longest wait for messages before the serving loop looks at signals, stats and workers."""
 
@@ -65,11 +58,14 @@ output formats:
          text        the payload, when it is valid UTF-8; otherwise "base64" holds it
 
 stopping (SIGINT, SIGTERM):
-  the reading side of every connection is shut, so that each hands over what the kernel
-  already holds and ends; connections still arriving are treated the same, for at most
-  {DRAIN_SECONDS:g} s; datagrams are read until the socket is quiet. Then the receive loops
-  stop, every message received is written, the final counters go to stderr and the exit
-  status is 0. A line or frame cut short by the stop counts as discarded bytes.
+  the server stops accepting and shuts every connection both ways: a peer can send nothing
+  more (TCP answers further data with a reset, never with an acknowledgement). Everything
+  the peers sent before that is read, framed and written while the writer keeps up, for at
+  most --drain-timeout seconds (default {constants.SHUTDOWN_DRAIN_TIMEOUT:g}); datagrams
+  queued on the socket likewise. What is left then is counted in the final counters on
+  stderr: "unread" (bytes the kernel held, or datagrams), "dropped" (framed messages) and
+  "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
+  is written or counted. The exit status is 0.
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
@@ -151,6 +147,14 @@ def add_serve_arguments(parser):
         help=f"datagrams: longest delivered, longer ones are counted as truncated "
         f"(default {constants.DATAGRAM_MAX_SIZE})",
     )
+    limits.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long the connections (or the datagram socket) may still "
+        "hand over what was sent before the stop; what is left is counted "
+        f"(default {constants.SHUTDOWN_DRAIN_TIMEOUT:g}; 0: count at once)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output",
@@ -166,7 +170,7 @@ def add_serve_arguments(parser):
     )
     output.add_argument(
         "--stats-interval",
-        type=_stats_interval,
+        type=_seconds,
         default=5.0,
         metavar="SECONDS",
         help="seconds between two counter lines on stderr (default 5; 0: none)",
@@ -179,7 +183,7 @@ def add_serve_arguments(parser):
     )
 
 
-def _stats_interval(text):
+def _seconds(text):
     value = number(text, float)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
@@ -271,6 +275,8 @@ def check_serve_options(options, endpoint):
 def make_handler(options, endpoint, ring):
     """The receive handler class: fastsock.receiver with the options' limits."""
     limits = {}
+    if options.drain_timeout is not None:
+        limits["drain_timeout"] = options.drain_timeout
     if endpoint.datagram:
         if options.max_datagram is not None:
             limits["max_datagram"] = options.max_datagram
@@ -302,73 +308,9 @@ _log = logging.getLogger("fastsock")
 _errors = RateLimitedLogger(_log, constants.ERROR_LOG_INTERVAL)
 
 
-class ConnectionRegistry:
-    """The stream connections being received, so that a stop can shut their reading side:
-    each loop then reads what the kernel already holds, sees end-of-file and returns."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._sockets = set()
-
-    def add(self, sock):
-        with self._lock:
-            self._sockets.add(sock)
-
-    def discard(self, sock):
-        with self._lock:
-            self._sockets.discard(sock)
-
-    def shut_reading(self):
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-
-
-def tracked(handler, connections):
-    class TrackedReceiveHandler(handler):
-        def setup(self):
-            connections.add(self.request)
-            super().setup()
-
-        def finish(self):
-            try:
-                super().finish()
-            finally:
-                connections.discard(self.request)
-
-    return TrackedReceiveHandler
-
-
-class DrainFlag:
-    """Raised when ``fastsock serve`` stops; kept in memory shared with forked workers."""
-
-    def __init__(self):
-        self._memory = mmap.mmap(-1, 1)
-
-    def set(self):
-        self._memory[0] = 1
-
-    def is_set(self):
-        return self._memory[0] == 1
-
-
 class ServeMixIn:
-    """What ``fastsock serve`` adds to fastsock's servers, here or in a prefork worker:
-    draining on request, and one line per failed connection instead of a traceback."""
-
-    connections = None
-    drain = None
-
-    def service_actions(self):
-        # serve_forever() calls this every RECEIVE_CHECK_INTERVAL seconds, in every worker:
-        # connections accepted while draining are shut too.
-        super().service_actions()
-        if self.drain.is_set():
-            self.connections.shut_reading()
+    """What ``fastsock serve`` adds to fastsock's servers, here or in a prefork worker: one
+    line per failed connection instead of a traceback."""
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -393,39 +335,15 @@ class Receiver:
 
     def __init__(self, endpoint, handler):
         self.endpoint = endpoint
-        self.connections = ConnectionRegistry()
-        self.drain = DrainFlag()
         self.closed = False
-        self.last_activity = None
-        self.quiet_since = None
         base = _SERVER_CLASSES[endpoint.scheme]
         self.server_class = type(
-            f"Serve{base.__name__}",
-            (ServeMixIn, base),
-            {"allow_reuse_address": True, "connections": self.connections, "drain": self.drain},
+            f"Serve{base.__name__}", (ServeMixIn, base), {"allow_reuse_address": True}
         )
-        self.handler = handler if endpoint.datagram else tracked(handler, self.connections)
+        self.handler = handler
         self.server_options = {}
         if endpoint.family == socket.AF_INET6:
             self.server_options["address_family"] = socket.AF_INET6
-
-    def start_draining(self):
-        """Every open connection, and any still arriving, ends after what the kernel holds."""
-        self.drain.set()
-
-    def settled(self):
-        """True once QUIET_SECONDS went by with no connection open or arriving (streams), or
-        no datagram received (datagrams): what the kernel held has been handed over."""
-        stats = self.stats()
-        if self.endpoint.datagram:
-            busy, activity = False, stats.datagrams_received + stats.datagrams_dropped
-        else:
-            busy, activity = stats.connections_active > 0, stats.connections_opened
-        now = time.monotonic()
-        if busy or activity != self.last_activity:
-            self.last_activity, self.quiet_since = activity, now
-            return False
-        return now - self.quiet_since >= QUIET_SECONDS
 
 
 class ThreadedReceiver(Receiver):
@@ -458,8 +376,9 @@ class ThreadedReceiver(Receiver):
         return self.server.connection_address(connection_id)
 
     def close(self):
-        """Stop accepting, stop every loop still running (each publishes what it framed
-        first) and wait for their threads.  Idempotent."""
+        """Stop accepting, stop every loop gracefully (each hands over what its peer sent
+        before the stop, within the drain timeout) and wait for their threads; the ring
+        must be consumed meanwhile.  Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -500,8 +419,8 @@ class PreforkReceiver(Receiver):
         return None
 
     def close(self):
-        """Signal the workers, which stop accepting and publish what they framed, and reap
-        them.  Idempotent."""
+        """Stop the workers gracefully, as ThreadedReceiver.close() does in each, and reap
+        them; the ring must be consumed meanwhile.  Idempotent."""
         self.prefork.server_close()
 
 
@@ -571,7 +490,8 @@ def stats_line(stats, ring_stats, written, previous, seconds):
     if datagram:
         parts.append(
             f"dropped {stats.datagrams_dropped:,} (ring full {stats.dropped_queue_full:,}, "
-            f"truncated {stats.truncated:,}, kernel {stats.kernel_drops:,})"
+            f"truncated {stats.truncated:,}, kernel {stats.kernel_drops:,}), "
+            f"unread {stats.datagrams_unread:,}"
         )
     else:
         parts.append(
@@ -581,7 +501,7 @@ def stats_line(stats, ring_stats, written, previous, seconds):
         )
         parts.append(
             f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "
-            f"over limits {stats.framing_errors:,}"
+            f"unread {stats.bytes_unread:,} B, over limits {stats.framing_errors:,}"
         )
         parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
     parts.append(f"queued {ring_stats.messages_queued:,}")
@@ -684,6 +604,7 @@ class Session:
             stream, options.format, separator, self.peer_of, endpoint.datagram
         )
         self.stop = stop
+        self.close_failure = None
 
     def peer_of(self, source_id, source):
         if self.endpoint.datagram:
@@ -763,13 +684,21 @@ class Session:
         return True
 
     def drain(self):
-        """Let the connections (or the datagram socket) hand over what the kernel received,
-        stop, and write out everything that was received."""
-        self.receiver.start_draining()
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while not self.receiver.settled() and time.monotonic() < deadline:
+        """Stop the receiver gracefully while writing what it hands over (its loops wait
+        for ring room up to the drain timeout), then write out everything received."""
+        closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
+        closing.start()
+        while closing.is_alive():
             self.take(constants.RECEIVE_CHECK_INTERVAL)
-        self.receiver.close()
+        closing.join()
+        if self.close_failure is not None:
+            raise CommandError(SERVE, f"stopping failed: {self.close_failure}")
         while self.take(0):
             pass
         self.ring.close()
+
+    def close_receiver(self):
+        try:
+            self.receiver.close()
+        except BaseException as exc:
+            self.close_failure = exc

@@ -19,6 +19,7 @@ cdef enum DatagramCounter:
     COUNT_TRUNCATED
     COUNT_KERNEL_DROPS
     COUNT_RECEIVE_CALLS
+    COUNT_DATAGRAMS_UNREAD
     DATAGRAM_COUNTER_SLOTS
 
 
@@ -52,6 +53,7 @@ cdef class DatagramReceiver:
     cdef uint64_t check_interval_ns
     cdef unsigned int announce_after  # see pump()
     cdef uint64_t busy_poll_ns  # see pump()
+    cdef uint64_t drain_timeout_ns  # see drain()
     cdef volatile int stop_requested
     cdef readonly int last_errno
     cdef bint running
@@ -66,5 +68,7 @@ cdef class DatagramReceiver:
     cdef DatagramEnd pump(self) noexcept nogil
     cdef DatagramEnd deliver(self, unsigned int received, bint wake) noexcept nogil
     cdef DatagramEnd check_in(self) noexcept nogil
+    cdef DatagramEnd drain(self) noexcept nogil
+    cdef DatagramEnd receive_failed(self, int error) noexcept nogil
     cdef void read_kernel_drops(self) noexcept nogil
     cdef void rearm(self, unsigned int index) noexcept nogil

@@ -82,6 +82,7 @@ class DatagramReceiver:
         check_interval: float = ...,
         receive_buffer: int | None = None,
         busy_poll: float = ...,
+        drain_timeout: float = 0.0,
     ) -> None:
         """``max_datagram`` is the longest datagram delivered, between 1 and the ring's
         ``max_bytes`` (default ``DATAGRAM_MAX_SIZE``: any UDP datagram); ``batch`` the most
@@ -94,7 +95,9 @@ class DatagramReceiver:
         again without sleeping, yielding the core between tries, for up to this long before
         it sleeps in the kernel.  Under load a sender then finds the receiver awake and
         does not pay to wake it; under light traffic (small batches) it never polls.  0
-        turns it off.  The pure-Python reference checks it and does not poll."""
+        turns it off.  The pure-Python reference checks it and does not poll.
+        ``drain_timeout``: after ``stop()``, how long the loop still reads and publishes the
+        datagrams queued on the socket (see ``stop()``)."""
 
     @property
     def receive_buffer(self) -> int:
@@ -112,5 +115,9 @@ class DatagramReceiver:
         """
 
     def stop(self) -> None:
-        """Ask ``run()`` to return "stopped" within one check interval, now and for every
-        later call; any thread may call it."""
+        """Stop gracefully, now and for every later call; any thread may call it.  Within
+        one check interval the loop stops waiting for datagrams and reads, without waiting,
+        what is queued on the socket, publishing it as usual, until the socket is empty
+        (then ``run()`` returns "stopped") or ``drain_timeout`` passed.  What a sender
+        still flooding keeps queued then is read and counted in ``datagrams_unread`` for at
+        most one more check interval."""

@@ -17,6 +17,7 @@ from fastsock._native cimport (
     fastsock_counter_add,
     fastsock_counter_load,
     monotonic_ns,
+    seconds_to_ns,
     seconds_to_timeval,
     timeval,
 )
@@ -185,6 +186,7 @@ cdef class DatagramCounters:
             truncated=values[<int>COUNT_TRUNCATED],
             kernel_drops=values[<int>COUNT_KERNEL_DROPS],
             receive_calls=values[<int>COUNT_RECEIVE_CALLS],
+            datagrams_unread=values[<int>COUNT_DATAGRAMS_UNREAD],
         )
 
 
@@ -193,7 +195,7 @@ cdef class DatagramReceiver:
     def __cinit__(self, int fd, RingQueue ring not None, DatagramCounters counters not None, *,
                   Py_ssize_t max_datagram=DATAGRAM_MAX_SIZE, Py_ssize_t batch=DATAGRAM_BATCH,
                   double check_interval=RECEIVE_CHECK_INTERVAL, receive_buffer=None,
-                  double busy_poll=DATAGRAM_BUSY_POLL):
+                  double busy_poll=DATAGRAM_BUSY_POLL, double drain_timeout=0.0):
         cdef timeval interval
         cdef int requested_buffer = 0
         cdef unsigned int index
@@ -207,6 +209,8 @@ cdef class DatagramReceiver:
         if not 0 < check_interval <= MAX_CHECK_INTERVAL:
             raise ValueError(f"check_interval must be > 0 and <= {MAX_CHECK_INTERVAL} seconds, "
                              f"not {check_interval}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
         if not 0 <= busy_poll <= check_interval:
             raise ValueError(f"busy_poll must be between 0 and check_interval "
                              f"({check_interval}) seconds, not {busy_poll}")
@@ -249,6 +253,7 @@ cdef class DatagramReceiver:
         self.check_interval_ns = <uint64_t>(check_interval * 1e9)
         self.announce_after = max(<unsigned int>batch, DATAGRAM_ANNOUNCE_AFTER)
         self.busy_poll_ns = <uint64_t>(busy_poll * 1e9)
+        self.drain_timeout_ns = seconds_to_ns(drain_timeout)
 
     def __dealloc__(self):
         PyMem_RawFree(self.views)
@@ -281,7 +286,8 @@ cdef class DatagramReceiver:
             self.running = False
 
     def stop(self):
-        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        """Stop gracefully, from any thread: within one check interval the loop reads what is
+        queued on the socket (see drain()) and run() returns "stopped"."""
         self.stop_requested = 1
 
     cdef DatagramEnd pump(self) noexcept nogil:
@@ -320,8 +326,7 @@ cdef class DatagramReceiver:
                     # SO_RCVTIMEO expired (the socket was silent for a check interval) or a
                     # signal arrived: either way the caller takes its turn.
                     return self.check_in()
-                self.last_errno = error
-                return END_NO_MEMORY if error == ENOMEM else END_OS_ERROR
+                return self.receive_failed(error)
             self.counters.add(COUNT_RECEIVE_CALLS, 1)
             unannounced += <unsigned int>received
             wake = <unsigned int>received < self.batch or unannounced >= self.announce_after
@@ -335,7 +340,7 @@ cdef class DatagramReceiver:
                 poll_until = now + self.busy_poll_ns
             if now >= check_at:
                 return self.check_in()
-        return END_STOPPED
+        return self.drain()
 
     cdef DatagramEnd deliver(self, unsigned int received, bint wake) noexcept nogil:
         # The whole batch goes to the ring in one call: one lock and at most one wake-up.
@@ -385,6 +390,44 @@ cdef class DatagramReceiver:
     cdef DatagramEnd check_in(self) noexcept nogil:
         self.read_kernel_drops()
         return END_CHECK_IN
+
+    cdef DatagramEnd drain(self) noexcept nogil:
+        # A stop: the datagrams queued on the socket are read and published (or dropped as
+        # ever when the ring is full) until the socket is empty, within drain_timeout.  A
+        # sender still flooding then keeps it from emptying: what is queued at the deadline
+        # is read and counted in datagrams_unread, for at most one more check interval.
+        cdef uint64_t deadline = monotonic_ns() + self.drain_timeout_ns
+        cdef int received
+        cdef unsigned int index
+        cdef DatagramEnd end
+        while monotonic_ns() < deadline:
+            received = fastsock_receive_datagrams(self.fd, self.messages, self.batch, False)
+            if received < 0:
+                if errno == EINTR:
+                    continue
+                return self.receive_failed(errno)
+            self.counters.add(COUNT_RECEIVE_CALLS, 1)
+            end = self.deliver(<unsigned int>received, True)
+            if end != END_RECEIVING:
+                return end
+        deadline = monotonic_ns() + self.check_interval_ns
+        while monotonic_ns() < deadline:
+            received = fastsock_receive_datagrams(self.fd, self.messages, self.batch, False)
+            if received < 0:
+                if errno == EINTR:
+                    continue
+                return self.receive_failed(errno)
+            for index in range(<unsigned int>received):
+                self.rearm(index)
+            self.counters.add(COUNT_DATAGRAMS_UNREAD, <uint64_t>received)
+        return END_STOPPED
+
+    cdef DatagramEnd receive_failed(self, int error) noexcept nogil:
+        # A stop's drain ends when the socket has nothing more (EAGAIN).
+        if error == EAGAIN or error == EWOULDBLOCK:
+            return END_STOPPED
+        self.last_errno = error
+        return END_NO_MEMORY if error == ENOMEM else END_OS_ERROR
 
     cdef void read_kernel_drops(self) noexcept nogil:
         # Read once per check interval rather than attached to every datagram (SO_RXQ_OVFL):

@@ -26,6 +26,7 @@ cdef enum ReceiveCounter:
     COUNT_MESSAGE_TIMEOUTS
     COUNT_IDLE_EVICTIONS
     COUNT_MEMORY_EVICTIONS
+    COUNT_BYTES_UNREAD
     COUNTER_SLOTS
 
 
@@ -78,8 +79,9 @@ cdef class StreamReceiver:
     cdef uint64_t message_started_ns  # when the partial message began; 0: none pending
     cdef uint64_t messages_at_start   # the framer's messages_out when it began
     cdef volatile StopReason stop_requested
-    cdef uint64_t drain_timeout_ns    # after stop(), how long framed messages may still wait
-    cdef uint64_t drain_deadline_ns   # 0: not draining yet
+    cdef uint64_t drain_timeout_ns    # after a stop, how long the loop may still hand over
+    cdef bint draining                # a stop was seen: the socket is shut both ways
+    cdef uint64_t drain_deadline_ns
     cdef readonly uint64_t held_bytes  # partial-message bytes counted in the shared total
     cdef uint64_t partial_budget      # 0: no cap on the shared total
     cdef bint over_budget             # the total crossed partial_budget: run() reports it
@@ -89,6 +91,7 @@ cdef class StreamReceiver:
     cdef bint paused                  # the ring was full at the last publish
     cdef bint buffer_released         # silent with nothing pending: the framer freed its buffer
     cdef bint ring_mapped             # map_pages() was called for this loop
+    cdef bint unread_counted          # the kernel's leftover was added to bytes_unread
 
     # The framed spans not yet published: spans[published:nspans], then status.
     cdef MessageSpan* spans
@@ -99,7 +102,7 @@ cdef class StreamReceiver:
 
     cdef StreamEnd pump(self) noexcept nogil
     cdef StreamEnd stop_end(self) noexcept nogil
-    cdef bint drain_expired(self) noexcept nogil
+    cdef void count_unread(self) noexcept nogil
     cdef bint message_overdue(self, uint64_t now) noexcept nogil
     cdef void frame(self, Py_ssize_t received) noexcept nogil
     cdef StreamEnd deliver(self) noexcept nogil

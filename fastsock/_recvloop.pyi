@@ -75,8 +75,10 @@ class StreamReceiver:
         ``constants.SPANS_PER_PUBLISH``.
 
         ``drain_timeout``: after ``stop()`` (or the counters' ``request_stop()``), how long
-        the loop still waits for ring room to publish messages it already framed; what is
-        left then is counted in ``messages_dropped``.  ``partial_budget``: when the
+        the loop still hands over what the peer sent before the stop: it reads what the
+        kernel holds and waits for ring room to publish it.  What is left then is counted:
+        framed messages in ``messages_dropped``, a partial one in ``bytes_discarded``, bytes
+        still in the kernel in ``bytes_unread``.  ``partial_budget``: when the
         partial-message bytes of every loop sharing ``counters`` pass it, and this loop
         holds some, ``run()`` calls ``on_over_budget()`` with the GIL (a server's registry
         evicts its largest holder there)."""
@@ -93,7 +95,11 @@ class StreamReceiver:
         """
 
     def stop(self) -> None:
-        """Ask ``run()`` to return "stopped" within one check interval; any thread may call."""
+        """Stop gracefully; any thread may call.  Within one check interval the loop shuts
+        the socket both ways, so the peer can send nothing more (TCP answers further data
+        with a reset, never with an acknowledgement), reads and publishes what the kernel
+        already holds, and returns "stopped" once it is all read or ``drain_timeout``
+        passed.  Whatever the peer was told was delivered is then in the ring or counted."""
 
     def evict(self, reason: Literal["idle", "memory"]) -> None:
         """End ``run()`` at once with "evicted_idle" or "evicted_memory", counted in
@@ -112,5 +118,6 @@ class StreamReceiver:
 
     def close(self) -> None:
         """Count what the connection leaves behind: the partial message in the framer and
-        any framed messages not published (``bytes_discarded``, ``messages_dropped``).
+        any framed messages not published (``bytes_discarded``, ``messages_dropped``); bytes
+        the kernel still held when ``run()`` ended were counted then (``bytes_unread``).
         Idempotent; the socket itself belongs to the caller."""

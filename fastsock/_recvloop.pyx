@@ -55,7 +55,13 @@ cdef extern from "<sys/socket.h>" nogil:
     int SO_RCVTIMEO
     int shutdown(int fd, int how)
     int SHUT_RD
+    int SHUT_RDWR
     int MSG_PEEK
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, int* value)
+    unsigned long FIONREAD
 
 
 cdef enum:
@@ -155,6 +161,7 @@ cdef class ReceiveCounters:
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],
             idle_evictions=values[<int>COUNT_IDLE_EVICTIONS],
             memory_evictions=values[<int>COUNT_MEMORY_EVICTIONS],
+            bytes_unread=values[<int>COUNT_BYTES_UNREAD],
             partial_bytes=fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD]),
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
@@ -216,6 +223,8 @@ cdef class StreamReceiver:
         while True:
             with nogil:
                 end = self.pump()
+                if end != END_CHECK_IN:
+                    self.count_unread()
             if end != END_CHECK_IN:
                 return END_NAMES[end]
             PyErr_CheckSignals()
@@ -225,7 +234,9 @@ cdef class StreamReceiver:
                     self.on_over_budget()
 
     def stop(self):
-        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        """Ask run() to stop gracefully, from any thread: within one check interval the loop
+        shuts the socket both ways (the peer can send no more), hands over what the kernel
+        already holds, and returns "stopped" once that is read or drain_timeout passed."""
         if self.stop_requested == STOP_NONE:
             self.stop_requested = STOP_ASKED
 
@@ -322,6 +333,9 @@ cdef class StreamReceiver:
                     return END_CHECK_IN
                 continue
             if received == 0:
+                if self.draining:
+                    # Everything the peer sent before the stop has been handed over.
+                    return END_STOPPED
                 # An eviction shuts the socket down for reading to wake this recv().
                 end = self.stop_end()
                 return END_EOF if end == END_RECEIVING else end
@@ -347,22 +361,35 @@ cdef class StreamReceiver:
         return end
 
     cdef StreamEnd stop_end(self) noexcept nogil:
-        # END_RECEIVING unless a stop or an eviction was asked for.
+        # END_RECEIVING unless an eviction was asked for, or a stop's drain is over.
         cdef StopReason reason = self.stop_requested
         if reason == STOP_EVICT_IDLE:
             return END_EVICTED_IDLE
         if reason == STOP_EVICT_MEMORY:
             return END_EVICTED_MEMORY
-        if reason == STOP_ASKED or self.counters.stopping():
+        if not self.draining:
+            if reason != STOP_ASKED and not self.counters.stopping():
+                return END_RECEIVING
+            # Shut both ways: our FIN puts a TCP socket in FIN-WAIT, where the kernel answers
+            # any further data with a reset instead of acknowledging it (RFC 1122), and a
+            # Unix peer's sends fail.  What the kernel holds now is then all the peer was
+            # told was delivered, and the loop reads it to the end (recv() returns 0).
+            self.draining = True
+            self.drain_deadline_ns = monotonic_ns() + self.drain_timeout_ns
+            shutdown(self.fd, SHUT_RDWR)
+        if monotonic_ns() >= self.drain_deadline_ns:
             return END_STOPPED
         return END_RECEIVING
 
-    cdef bint drain_expired(self) noexcept nogil:
-        # The drain clock starts at the first stop seen while messages wait for room.
-        cdef uint64_t now = monotonic_ns()
-        if self.drain_deadline_ns == 0:
-            self.drain_deadline_ns = now + self.drain_timeout_ns
-        return now >= self.drain_deadline_ns
+    cdef void count_unread(self) noexcept nogil:
+        # Bytes the kernel accepted for this connection that no recv() will take: left at
+        # a stop's deadline, or behind an end the loop chose (a protocol error, an eviction).
+        cdef int queued = 0
+        if self.unread_counted:
+            return
+        self.unread_counted = True
+        if ioctl(self.fd, FIONREAD, &queued) == 0 and queued > 0:
+            self.counters.add(COUNT_BYTES_UNREAD, <uint64_t>queued)
 
     cdef bint message_overdue(self, uint64_t now) noexcept nogil:
         # The deadline is per message: a trickle that keeps the connection busy cannot
@@ -435,10 +462,9 @@ cdef class StreamReceiver:
             self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - paused_at)
             if resumed < 0:
                 return END_RING_CLOSED
+            # A graceful stop still delivers what was framed while the consumer drains, until
+            # its deadline.
             end = self.stop_end()
-            if end == END_STOPPED and not self.drain_expired():
-                # A graceful stop still delivers what was framed, while the consumer drains.
-                end = END_RECEIVING
             if end != END_RECEIVING:
                 return end
             if resumed == 0:

@@ -11,9 +11,9 @@ failure while running (a port already taken, say) prints one line and exits with
 import argparse
 import sys
 
-from fastsock import benchmark
+from fastsock import benchmark, constants
 from fastsock._cli_bench import add_bench_arguments
-from fastsock._cli_serve import DRAIN_SECONDS, SERVE_DETAILS, add_serve_arguments
+from fastsock._cli_serve import SERVE_DETAILS, add_serve_arguments
 from fastsock._cli_support import ArgumentParser, CommandError, UsageError
 
 __all__ = ["main"]
@@ -65,10 +65,11 @@ def build_parser():
             description=(
                 "Receive on an endpoint with fastsock's compiled receive path and write every "
                 "message out, raw or as JSON lines. Binds to loopback addresses only, unless "
-                "--allow-remote is given. SIGINT or SIGTERM stops it: every connection hands "
-                "over what the kernel already received for it (for at most "
-                f"{DRAIN_SECONDS:g} s), the server stops, writes out everything received, "
-                "prints its final counters and exits 0."
+                "--allow-remote is given. SIGINT or SIGTERM stops it: it stops accepting, every "
+                "connection hands over what its peer sent before the stop (for at most "
+                f"--drain-timeout, default {constants.SHUTDOWN_DRAIN_TIMEOUT:g} s; the rest is "
+                "counted), everything received is written, the final counters go to stderr "
+                "and it exits 0."
             ),
         )
     )

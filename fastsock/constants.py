@@ -90,10 +90,15 @@ RECENT_PEERS = 4096
 """Closed connections whose client address a server still remembers, so a consumer can
 name the sender of messages that were queued just before their connection closed."""
 
-SHUTDOWN_DRAIN_TIMEOUT = 5.0
-"""Seconds a closing server lets its receive loops wait for ring room to publish what they
-already framed (and a prefork server its workers, before it kills them): long enough for a
-live consumer to drain a full ring, short enough not to hang a shutdown on a dead one."""
+SHUTDOWN_DRAIN_TIMEOUT = 20.0
+"""Seconds a gracefully stopping server gives its receive loops to hand over what their
+peers sent before the stop (the kernel's buffers, then ring room for it): a full 64 MiB ring
+drains through a 4 MB/s writer (a slow disk or pipe) in 17 s, and 20 s stays inside the
+30 s that Kubernetes and many supervisors grant a stopping process before they kill it."""
+
+SHUTDOWN_GRACE = 2.0
+"""Seconds a prefork server waits for its workers beyond the drain timeout before it kills
+them: time to close their sockets and exit after their loops returned."""
 
 IDLE_TIMEOUT = 300.0
 """Seconds a compiled-path connection may stay silent before it is closed: long enough for

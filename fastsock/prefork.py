@@ -153,12 +153,18 @@ class PreforkServer:
         self.reap()
         return self.server.stats()
 
-    def server_close(self, timeout=constants.SHUTDOWN_DRAIN_TIMEOUT):
-        """Stop the workers: they stop accepting, their receive loops publish what they
-        framed and return; a worker still running after ``timeout`` seconds is killed."""
+    def server_close(self, timeout=None):
+        """Stop the workers: they stop accepting and their receive loops stop gracefully,
+        handing over what their peers sent before the stop (the handler's
+        ``drain_timeout``) while this process, or another, consumes the ring.  A worker still
+        running after ``timeout`` seconds (default: that drain timeout plus
+        ``constants.SHUTDOWN_GRACE``) is killed."""
         if self._closed:
             return
         self._closed = True
+        if timeout is None:
+            drain_timeout = getattr(self.server.RequestHandlerClass, "drain_timeout", None)
+            timeout = (drain_timeout or 0.0) + constants.SHUTDOWN_GRACE
         self.server._stop_receivers()
         for pid in self._workers:
             _signal_worker(pid, signal.SIGTERM)

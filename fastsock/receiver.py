@@ -183,6 +183,7 @@ def _serve_datagrams(server, handler, registry, poll_interval):
         batch=handler.datagram_batch,
         receive_buffer=handler.receive_buffer,
         busy_poll=handler.datagram_busy_poll,
+        drain_timeout=handler.drain_timeout or 0.0,
     )
     registry.running = receiver
     try:
@@ -407,9 +408,14 @@ def receiver(
     ``max_datagram``).  The options are checked here, so a bad one fails before the server
     starts.
 
-    ``drain_timeout``: after ``server_close()`` or ``shutdown()`` asks the loops to stop,
-    how long a loop whose ring is full still waits for room to publish what it already
-    framed (None or 0: drop and count at once).  ``evict_idle_after``: when
+    ``drain_timeout``: after ``server_close()`` (or, under prefork, a stop signal) asks the
+    loops to stop, how long they still hand over what their peers sent before the stop:
+    each connection is shut both ways (its peer can send no more; TCP answers further data
+    with a reset, not an acknowledgement), then what the kernel holds is read, framed and
+    published while the consumer drains the ring; the datagram loop reads what is queued on
+    its socket.  What is left at the deadline is counted (``bytes_unread``,
+    ``messages_dropped``, ``bytes_discarded``; ``datagrams_unread``).  None or 0: count at
+    once.  ``evict_idle_after``: when
     ``max_connections`` are open (or every ``max_threads`` thread is busy), the connection
     silent longest is closed for a new one if it has been silent this long.
     ``max_partial_bytes``: incomplete messages held by all connections of the process

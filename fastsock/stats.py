@@ -33,7 +33,12 @@ class ReceiveStats:
     Every byte received is in a delivered message, in the framing overhead (delimiters,
     length prefixes), or in ``bytes_discarded``; every framed message is in
     ``messages_received`` (published to the ring) or ``messages_dropped`` (the ring was
-    closed under it, or the drain time after a stop ran out).  ``idle_evictions`` and
+    closed under it, or the drain time after a stop ran out).  ``bytes_unread`` counts
+    what the kernel had accepted for a connection that its loop never read: left at a
+    graceful stop's deadline, or behind an end the loop chose (a protocol error, an
+    eviction).  So after a graceful stop, the bytes each peer was told were delivered (TCP's
+    acknowledgements) are exactly the delivered messages, their framing, ``bytes_discarded``
+    and ``bytes_unread``.  ``idle_evictions`` and
     ``memory_evictions`` count connections closed to admit a new one when
     ``max_connections`` was reached, and as the largest holder of partial messages when
     their total passed the budget; ``partial_bytes`` is that total now (a gauge).
@@ -56,6 +61,7 @@ class ReceiveStats:
     idle_evictions: int = 0
     memory_evictions: int = 0
     partial_bytes: int = 0
+    bytes_unread: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":
@@ -80,7 +86,9 @@ class DatagramStats:
     (``dropped_queue_full``), longer than the receive buffer (``truncated``, never delivered
     cut), or dropped by the kernel before the loop could read it (``kernel_drops``, read
     back from the kernel's own counter).  ``receive_calls`` counts the system calls that
-    returned datagrams.
+    returned datagrams.  ``datagrams_unread``: datagrams still queued on the socket when a
+    graceful stop's drain time ran out (a sender still flooding), read and counted instead
+    of delivered.
     """
 
     datagrams_received: int
@@ -90,6 +98,7 @@ class DatagramStats:
     truncated: int
     kernel_drops: int
     receive_calls: int
+    datagrams_unread: int = 0
 
     @classmethod
     def zero(cls) -> "DatagramStats":

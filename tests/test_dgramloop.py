@@ -570,3 +570,23 @@ def test_the_address_cache_stays_bounded():
     for port in range(10_000):
         address_from_sockaddr(sockaddr_from_address(("127.0.0.1", port), socket.AF_INET))
     assert len(addresses._cache) <= addresses._CACHE_SIZE
+
+
+@pytest.mark.parametrize("drain_timeout", [GENEROUS, 0.0])
+def test_a_stop_reads_what_is_queued_on_the_socket_or_counts_it(impl, drain_timeout):
+    server_side, client_side = _udp_pair()
+    with server_side, client_side:
+        receiver, ring, counters = _receiver(impl, server_side, drain_timeout=drain_timeout)
+        sent = 200
+        for number in range(sent):
+            client_side.send(SEQUENCE.pack(number))
+        receiver.stop()
+        assert receiver.run() == "stopped"
+        stats = counters.snapshot()
+        if drain_timeout:
+            assert [SEQUENCE.unpack(data)[0] for data in ring.get_many()] == list(range(sent))
+            assert (stats.datagrams_received, stats.datagrams_unread) == (sent, 0)
+        else:
+            assert ring.qsize() == 0
+            assert (stats.datagrams_received, stats.datagrams_unread) == (0, sent)
+        assert stats.kernel_drops == 0

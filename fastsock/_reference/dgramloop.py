@@ -65,6 +65,7 @@ class DatagramReceiver:
         check_interval=RECEIVE_CHECK_INTERVAL,
         receive_buffer=None,
         busy_poll=DATAGRAM_BUSY_POLL,
+        drain_timeout=0.0,
     ):
         # batch and busy_poll are checked as the compiled loop checks them; one recvmsg()
         # per datagram has neither batches to take nor a reason to poll.
@@ -86,6 +87,8 @@ class DatagramReceiver:
                 f"check_interval must be > 0 and <= {_MAX_CHECK_INTERVAL} seconds, "
                 f"not {check_interval}"
             )
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
         if not 0 <= busy_poll <= check_interval:
             raise ValueError(
                 f"busy_poll must be between 0 and check_interval ({check_interval}) seconds, "
@@ -118,6 +121,7 @@ class DatagramReceiver:
         self._counters = counters
         self._max_datagram = max_datagram
         self._check_interval = check_interval
+        self._drain_timeout = drain_timeout
         self._stop_requested = False
         self._running = False
         self.last_errno = 0
@@ -141,7 +145,7 @@ class DatagramReceiver:
             self._running = False
 
     def stop(self):
-        """Ask run() to return "stopped" within one check interval; safe from any thread."""
+        """Stop gracefully (see _drain()); safe from any thread."""
         self._stop_requested = True
 
     def _receive(self, view):
@@ -150,7 +154,7 @@ class DatagramReceiver:
             if self._ring.closed:
                 return "ring_closed"
             if self._stop_requested:
-                return "stopped"
+                return self._drain(view)
             if time.monotonic() >= check_at:
                 check_at = time.monotonic() + self._check_interval
                 self._observe_drops(_read_drops(view))
@@ -161,23 +165,54 @@ class DatagramReceiver:
                 self._observe_drops(_read_drops(view))
                 continue
             except OSError as exc:
-                self.last_errno = exc.errno
-                return "no_memory" if exc.errno == errno.ENOMEM else "os_error"
-            self._counters.add("receive_calls", 1)
-            if flags & socket.MSG_TRUNC:
-                self._counters.add("truncated", 1)
-                continue
-            source = sockaddr_from_address(address, view.family) or None
+                return self._failed(exc)
+            self._deliver(view, data, flags, address)
+
+    def _drain(self, view):
+        # As the compiled loop's drain(): what is queued is delivered until the socket is
+        # empty or drain_timeout passes; then, for one check interval at most, counted.
+        deadline = time.monotonic() + self._drain_timeout
+        while time.monotonic() < deadline:
+            if self._ring.closed:
+                return "ring_closed"
             try:
-                published = self._ring.offer(data, source=source)
-            except QueueClosed:
-                published = False
-            if published:
-                self._counters.add("datagrams_received", 1)
-                self._counters.add("bytes_received", len(data))
-            else:
-                self._counters.add("dropped_queue_full", 1)
-                self._counters.add("dropped_queue_full_bytes", len(data))
+                data, _, flags, address = view.recvmsg(self._max_datagram, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return "stopped"
+            except OSError as exc:
+                return self._failed(exc)
+            self._deliver(view, data, flags, address)
+        deadline = time.monotonic() + self._check_interval
+        while time.monotonic() < deadline:
+            try:
+                view.recvmsg(self._max_datagram, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return "stopped"
+            except OSError as exc:
+                return self._failed(exc)
+            self._counters.add("datagrams_unread", 1)
+        return "stopped"
+
+    def _failed(self, error):
+        self.last_errno = error.errno
+        return "no_memory" if error.errno == errno.ENOMEM else "os_error"
+
+    def _deliver(self, view, data, flags, address):
+        self._counters.add("receive_calls", 1)
+        if flags & socket.MSG_TRUNC:
+            self._counters.add("truncated", 1)
+            return
+        source = sockaddr_from_address(address, view.family) or None
+        try:
+            published = self._ring.offer(data, source=source)
+        except QueueClosed:
+            published = False
+        if published:
+            self._counters.add("datagrams_received", 1)
+            self._counters.add("bytes_received", len(data))
+        else:
+            self._counters.add("dropped_queue_full", 1)
+            self._counters.add("dropped_queue_full_bytes", len(data))
 
     def _observe_drops(self, drops):
         # The kernel's counter is 32 bits wide and wraps; it never gains 2**31 between two

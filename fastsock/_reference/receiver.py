@@ -4,12 +4,15 @@ Same constructor, methods and counters; it frames with whichever Framer and publ
 whichever RingQueue it is given.
 """
 
+import array
 import dataclasses
 import errno
+import fcntl
 import os
 import queue
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -122,6 +125,8 @@ class StreamReceiver:
         self._check_interval = check_interval
         self._drain_timeout = drain_timeout
         self._drain_deadline = None
+        self._stop_asked = False
+        self._unread_counted = False
         self._partial_budget = partial_budget
         self._on_over_budget = on_over_budget
         self.held_bytes = 0
@@ -139,6 +144,11 @@ class StreamReceiver:
         if self._closed:
             raise ValueError("the receiver is closed")
         self._last_data = time.monotonic()
+        end = self._receive()
+        self._count_unread()
+        return end
+
+    def _receive(self):
         while True:
             end = self._publish() or self._stop_end()
             if end is not None:
@@ -163,6 +173,9 @@ class StreamReceiver:
                     return "reset"
                 return "os_error"
             if not data:
+                if self._drain_deadline is not None:
+                    # Everything the peer sent before the stop has been handed over.
+                    return "stopped"
                 return self._stop_end() or "eof"
             self._last_data = time.monotonic()
             self._counters.add("bytes_received", len(data))
@@ -189,17 +202,39 @@ class StreamReceiver:
                 self._on_over_budget()
 
     def _stop_end(self):
+        """None unless an eviction was asked for, or a stop's drain is over; the first stop
+        seen shuts the socket both ways, as the compiled loop does (see its stop_end)."""
         if self._stop_reason is not None:
             return self._stop_reason
-        if self._counters.stop_requested:
+        if self._drain_deadline is None:
+            if not (self._stop_asked or self._counters.stop_requested):
+                return None
+            self._drain_deadline = time.monotonic() + self._drain_timeout
+            self._shutdown_socket(socket.SHUT_RDWR)
+        if time.monotonic() >= self._drain_deadline:
             return "stopped"
         return None
 
-    def _drain_expired(self):
-        now = time.monotonic()
-        if self._drain_deadline is None:
-            self._drain_deadline = now + self._drain_timeout
-        return now >= self._drain_deadline
+    def _shutdown_socket(self, how):
+        view = socket.socket(fileno=self._fd)
+        try:
+            view.shutdown(how)
+        except OSError:
+            pass
+        finally:
+            view.detach()
+
+    def _count_unread(self):
+        if self._unread_counted:
+            return
+        self._unread_counted = True
+        queued = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, queued)
+        except OSError:
+            return
+        if queued[0] > 0:
+            self._counters.add("bytes_unread", queued[0])
 
     def _keep_sample(self, error, pending_start, data):
         # The offending message began in data unless the framer discarded more than data.
@@ -246,8 +281,6 @@ class StreamReceiver:
                 time.sleep(min(self._check_interval, 0.005))
                 self._counters.add("paused_seconds", time.monotonic_ns() - paused_at)
                 end = self._stop_end()
-                if end == "stopped" and not self._drain_expired():
-                    continue
                 if end is not None:
                     return end
                 continue
@@ -257,9 +290,8 @@ class StreamReceiver:
         return None
 
     def stop(self):
-        """Ask run() to return "stopped" within one check interval; safe from any thread."""
-        if self._stop_reason is None:
-            self._stop_reason = "stopped"
+        """Stop gracefully (see the compiled loop's stop()); safe from any thread."""
+        self._stop_asked = True
 
     def evict(self, reason):
         """End run() now with "evicted_idle" or "evicted_memory"."""
@@ -267,11 +299,7 @@ class StreamReceiver:
             raise ValueError(f"reason must be 'idle' or 'memory', not {reason!r}")
         self._stop_reason = STOP_REASONS[reason]
         self._counters.add(f"{reason}_evictions", 1)
-        view = socket.socket(fileno=self._fd)
-        try:
-            view.shutdown(socket.SHUT_RD)
-        finally:
-            view.detach()
+        self._shutdown_socket(socket.SHUT_RD)
 
     @property
     def idle_seconds(self):

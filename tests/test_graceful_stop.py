@@ -1,0 +1,210 @@
+"""A graceful stop loses nothing a sender was told was delivered.
+
+A client streams numbered lines as fast as it can while the consumer drains the ring more
+slowly than they arrive; the server is stopped mid-stream with a short drain deadline.
+Afterwards, for every way of serving, the bytes the client's TCP saw acknowledged (or the
+bytes a Unix socket accepted from it) are exactly the delivered lines, their delimiters and
+what the counters name: ``messages_dropped`` (framed, never published), ``bytes_discarded``
+and ``bytes_unread`` (still in the kernel at the deadline).
+"""
+
+import os
+import queue
+import signal
+import socket
+import struct
+import threading
+import time
+import warnings
+
+import pytest
+
+import fastsock
+
+GENEROUS = 20.0
+HOST = "127.0.0.1"
+# A slow consumer gets long enough to make the loop read again after the stop (one recv
+# frames thousands of lines); a stalled one a short deadline that surely leaves bytes.
+DRAIN_TIMEOUTS = {"slow": 1.5, "stalls-at-stop": 0.3}
+LINE = b"%040d\n"
+LINE_SIZE = len(LINE % 0)
+STREAM_LINES = 400_000
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at byte 120.
+TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
+TCP_INFO_BYTES_ACKED_OFFSET = 120
+
+pytestmark = pytest.mark.skipif(
+    fastsock.IMPLEMENTATION != "compiled", reason="forking and prefork need the shared ring"
+)
+
+
+class Client(threading.Thread):
+    """Sends the numbered lines until the server refuses more (or it sent them all)."""
+
+    def __init__(self, address, family):
+        super().__init__(name="streaming-client", daemon=True)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(GENEROUS)
+        self.sock.connect(address)
+        self.stream = memoryview(b"".join(LINE % n for n in range(STREAM_LINES)))
+        self.sent = 0
+        self.ended_by = None
+
+    def run(self):
+        try:
+            while self.sent < len(self.stream):
+                self.sent += self.sock.send(self.stream[self.sent : self.sent + 65536])
+        except OSError as exc:
+            self.ended_by = exc
+
+    def delivered_to_server(self):
+        """What the server side took responsibility for: TCP's acknowledged bytes, or what a
+        Unix socket accepted."""
+        if self.sock.family == socket.AF_UNIX:
+            return self.sent
+        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        # The count includes the SYN's one sequence number.
+        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0] - 1
+
+
+class SlowConsumer(threading.Thread):
+    """Takes 128 messages every 10 ms; with stall_on_stop, none from the stop until past
+    the drain deadline, so that something is surely left to count."""
+
+    def __init__(self, ring, stall_for):
+        super().__init__(name="slow-consumer", daemon=True)
+        self.ring = ring
+        self.stall_for = stall_for
+        self.stop_started = threading.Event()
+        self.stop_finished = threading.Event()
+        self.messages = []
+
+    def run(self):
+        stalled = False
+        while True:
+            if self.stall_for and self.stop_started.is_set() and not stalled:
+                stalled = True
+                time.sleep(self.stall_for)
+            try:
+                self.messages.extend(self.ring.get_many(max_items=128, timeout=0.05))
+            except queue.Empty:
+                if self.stop_finished.is_set():
+                    return
+                continue
+            if not self.stop_finished.is_set():
+                time.sleep(0.01)
+
+
+class Threaded:
+    server_class = fastsock.ThreadingTCPServer
+    family = socket.AF_INET
+
+    def start(self, handler, sock_dir):
+        address = os.path.join(sock_dir, "s") if self.family == socket.AF_UNIX else (HOST, 0)
+        self.server = self.server_class(address, handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+        return self.server.server_address
+
+    def stats(self):
+        return self.server.stats()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(GENEROUS)
+
+
+class ThreadedUnix(Threaded):
+    server_class = fastsock.ThreadingUnixStreamServer
+    family = socket.AF_UNIX
+
+
+class Forking(Threaded):
+    """ForkingTCPServer in a process of its own (forked before any thread starts), stopped
+    with SIGTERM: its request processes drain while this process consumes."""
+
+    def start(self, handler, sock_dir):
+        self.server = fastsock.ForkingTCPServer((HOST, 0), handler)
+        self.pid = os.fork()
+        if self.pid == 0:
+            status = 1
+            try:
+                signal.signal(signal.SIGTERM, lambda signum, frame: self.server.shutdown())
+                self.server.serve_forever(poll_interval=0.05)
+                self.server.server_close()
+                status = 0
+            finally:
+                os._exit(status)
+        self.server.socket.close()
+        return self.server.server_address
+
+    def stop(self):
+        os.kill(self.pid, signal.SIGTERM)
+        _, status = os.waitpid(self.pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+class Prefork(Threaded):
+    def start(self, handler, sock_dir):
+        self.server = fastsock.PreforkServer((HOST, 0), handler, workers=2)
+        self.server.start()
+        return self.server.server_address
+
+    def stop(self):
+        self.server.server_close()
+        assert self.server.worker_crashes == 0
+
+
+MODES = {"threaded": Threaded, "threaded-unix": ThreadedUnix, "forking": Forking}
+MODES["prefork"] = Prefork
+
+
+@pytest.mark.parametrize("consumer", sorted(DRAIN_TIMEOUTS))
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consumer, sock_dir):
+    server = MODES[mode]()
+    ring = fastsock.RingQueue(max_messages=2048)
+    drain_timeout = DRAIN_TIMEOUTS[consumer]
+    handler = fastsock.receiver(ring, framing="lines", drain_timeout=drain_timeout)
+    with warnings.catch_warnings():
+        # The forking modes fork here, before this test starts a thread.
+        warnings.simplefilter("error", DeprecationWarning)
+        address = server.start(handler, sock_dir)
+    client = Client(address, server.family)
+    reader = SlowConsumer(ring, stall_for=drain_timeout + 0.3 if consumer != "slow" else 0)
+    reader.start()
+    client.start()
+    deadline = time.monotonic() + GENEROUS
+    while server.stats().pauses == 0 or client.sent < 4 * 1024 * 1024:
+        assert time.monotonic() < deadline, "the consumer never held the stream back"
+        assert client.is_alive(), f"the client stopped early: {client.ended_by!r}"
+        time.sleep(0.02)
+    before_stop = server.stats()
+    reader.stop_started.set()
+    server.stop()
+    reader.stop_finished.set()
+    client.join(GENEROUS)
+    reader.join(GENEROUS)
+    assert not client.is_alive() and not reader.is_alive()
+    assert client.ended_by is not None, "the stop refused the client's further bytes"
+
+    stats = server.stats()
+    delivered = reader.messages
+    delivered_to_server = client.delivered_to_server()
+    client.sock.close()
+    assert delivered == [LINE[:-1] % n for n in range(len(delivered))], "in order, no gap"
+    accounted = (
+        len(delivered) * LINE_SIZE
+        + stats.messages_dropped
+        + stats.bytes_discarded
+        + stats.bytes_unread
+    )
+    assert delivered_to_server == accounted, stats
+    assert stats.connections_active == 0
+    if consumer == "slow":
+        assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
+    else:
+        assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"
