@@ -9,6 +9,7 @@ import os
 
 __all__ = [
     "IMPLEMENTATION",
+    "ConnectionLedger",
     "DatagramCounters",
     "DatagramReceiver",
     "Framer",
@@ -27,7 +28,7 @@ if _choice not in ("", "0", "1"):
 if _choice == "1":
     from ._reference.dgramloop import DatagramCounters, DatagramReceiver
     from ._reference.framing import Framer
-    from ._reference.receiver import ReceiveCounters, StreamReceiver
+    from ._reference.receiver import ConnectionLedger, ReceiveCounters, StreamReceiver
     from ._reference.ring import RingQueue
 
     IMPLEMENTATION = "python"
@@ -35,7 +36,7 @@ else:
     try:
         from ._dgramloop import DatagramCounters, DatagramReceiver
         from ._framing import Framer
-        from ._recvloop import ReceiveCounters, StreamReceiver
+        from ._recvloop import ConnectionLedger, ReceiveCounters, StreamReceiver
         from ._ring import RingQueue
     except ImportError as exc:
         raise ImportError(

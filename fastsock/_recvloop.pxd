@@ -65,11 +65,19 @@ cdef class ReceiveCounters:
     cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil
 
 
+cdef class ConnectionLedger:
+    # Two words in an anonymous shared mapping, made before a request process is forked:
+    # whether its connection is open, and the partial-message bytes its loop holds, so that
+    # the parent can settle the counters if the process dies without closing it.
+    cdef uint64_t* words
+
+
 cdef class StreamReceiver:
     cdef int fd
     cdef Framer framer
     cdef RingQueue ring
     cdef ReceiveCounters counters
+    cdef ConnectionLedger ledger      # None unless the loop runs in a forked request process
     cdef readonly uint32_t source_id
     cdef Py_ssize_t recv_size
     cdef uint64_t check_interval_ns

@@ -36,6 +36,17 @@ class ReceiveCounters:
         """A connection id unique among every process sharing these counters, starting at
         1 and wrapping at 2**32."""
 
+class ConnectionLedger:
+    """Whether one connection's loop still has it open, and the partial-message bytes it
+    holds, in memory shared with the parent of the forked request process it runs in:
+    ``ForkingMixIn`` makes one before each fork and settles it when it reaps the child."""
+
+    def __init__(self) -> None: ...
+    def settle(self, counters: ReceiveCounters) -> bool:
+        """If the loop never closed its connection (its process was killed): count it
+        closed in ``counters`` and its partial message discarded (and out of the
+        ``partial_bytes`` gauge); True if it had to."""
+
 class StreamReceiver:
     """Receives one stream connection into its framer and publishes the messages to a ring.
 
@@ -69,6 +80,7 @@ class StreamReceiver:
         on_over_budget: Callable[[], object] | None = None,
         check_interval: float = ...,
         spans_per_publish: int = ...,
+        ledger: ConnectionLedger | None = None,
     ) -> None:
         """``recv_size`` defaults to ``constants.RECV_SIZE``, ``check_interval`` to
         ``constants.RECEIVE_CHECK_INTERVAL``, ``spans_per_publish`` to
@@ -81,7 +93,8 @@ class StreamReceiver:
         still in the kernel in ``bytes_unread``.  ``partial_budget``: when the
         partial-message bytes of every loop sharing ``counters`` pass it, and this loop
         holds some, ``run()`` calls ``on_over_budget()`` with the GIL (a server's registry
-        evicts its largest holder there)."""
+        evicts its largest holder there).  ``ledger``: in a forked request process, the
+        ledger its parent settles if this process dies before ``close()``."""
 
     def run(self) -> str:
         """Receive with the GIL released until the connection ends; return how it ended.

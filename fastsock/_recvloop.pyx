@@ -168,6 +168,39 @@ cdef class ReceiveCounters:
         )
 
 
+cdef enum:
+    LEDGER_OPEN
+    LEDGER_HELD_BYTES
+    LEDGER_WORDS
+
+
+cdef class ConnectionLedger:
+
+    def __cinit__(self):
+        cdef void* mapping = mmap(NULL, LEDGER_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                                  MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        if mapping == MAP_FAILED:
+            raise OSError(errno, os.strerror(errno))
+        self.words = <uint64_t*>mapping
+
+    def __dealloc__(self):
+        if self.words != NULL:
+            munmap(self.words, LEDGER_WORDS * sizeof(uint64_t))
+
+    def settle(self, ReceiveCounters counters not None):
+        """Count the connection closed, and its partial message discarded, if its loop never
+        closed it (its process was killed); True if it had to."""
+        cdef uint64_t held = fastsock_counter_load(&self.words[<int>LEDGER_HELD_BYTES])
+        if not fastsock_counter_load(&self.words[<int>LEDGER_OPEN]):
+            return False
+        counters.add(COUNT_BYTES_DISCARDED, held)
+        counters.hold_partial(held, 0)
+        counters.add(COUNT_CONNECTIONS_CLOSED, 1)
+        fastsock_counter_store(&self.words[<int>LEDGER_HELD_BYTES], 0)
+        fastsock_counter_store(&self.words[<int>LEDGER_OPEN], 0)
+        return True
+
+
 cdef class StreamReceiver:
 
     def __cinit__(self, int fd, Framer framer not None, RingQueue ring not None,
@@ -175,7 +208,8 @@ cdef class StreamReceiver:
                   Py_ssize_t recv_size=RECV_SIZE, idle_timeout=None, message_timeout=None,
                   double drain_timeout=0.0, partial_budget=None, on_over_budget=None,
                   double check_interval=RECEIVE_CHECK_INTERVAL,
-                  Py_ssize_t spans_per_publish=SPANS_PER_PUBLISH):
+                  Py_ssize_t spans_per_publish=SPANS_PER_PUBLISH,
+                  ConnectionLedger ledger=None):
         if fd < 0:
             raise ValueError(f"fd must be an open file descriptor, not {fd}")
         if recv_size < 1 or spans_per_publish < 1 or not check_interval > 0:
@@ -210,6 +244,9 @@ cdef class StreamReceiver:
         self.status = FRAMER_OK
         self.last_data_ns = monotonic_ns()
         counters.add(COUNT_CONNECTIONS_OPENED, 1)
+        self.ledger = ledger
+        if ledger is not None:
+            fastsock_counter_store(&ledger.words[<int>LEDGER_OPEN], 1)
 
     def __dealloc__(self):
         PyMem_RawFree(self.spans)
@@ -284,6 +321,11 @@ cdef class StreamReceiver:
         self.counters.hold_partial(self.held_bytes, 0)
         self.held_bytes = 0
         self.counters.add(COUNT_CONNECTIONS_CLOSED, 1)
+        # Last: a process killed between the counts above and this store is settled twice,
+        # one killed before them not at all; the window is a few instructions either way.
+        if self.ledger is not None:
+            fastsock_counter_store(&self.ledger.words[<int>LEDGER_HELD_BYTES], 0)
+            fastsock_counter_store(&self.ledger.words[<int>LEDGER_OPEN], 0)
 
     cdef StreamEnd pump(self) noexcept nogil:
         cdef uint64_t check_at = monotonic_ns() + self.check_interval_ns
@@ -325,6 +367,8 @@ cdef class StreamReceiver:
                     # boundary).  A loop whose share grows sees the total it makes.
                     total = self.counters.hold_partial(self.held_bytes, held)
                     self.held_bytes = held
+                    if self.ledger is not None:
+                        fastsock_counter_store(&self.ledger.words[<int>LEDGER_HELD_BYTES], held)
                     if self.partial_budget and held and total > self.partial_budget:
                         self.over_budget = True
                 if self.message_overdue(now):

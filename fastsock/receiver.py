@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 from . import constants
 from ._impl import (
+    ConnectionLedger,
     DatagramCounters,
     DatagramReceiver,
     Framer,
@@ -44,6 +45,8 @@ class ReceiveRegistry:
     def __init__(self):
         self.counters = ReceiveCounters()
         self.connections_refused = 0
+        # In a forked request process: the ledger its parent keeps for its connection.
+        self.request_ledger = None
         self._lock = threading.Lock()
         self._receivers = {}
         self._evicting = {}
@@ -138,8 +141,18 @@ class ReceiveRegistry:
         receiver.evict(reason)
 
     def stop_all(self):
-        """Ask every loop of the server, in any process, to return within a check interval."""
+        """Ask every loop of the server, in any process, to stop gracefully."""
         self.counters.request_stop()
+
+    def ledger_for_request(self):
+        """Before a request process is forked: the ledger of its connection, which the
+        child's loop keeps (as ``request_ledger``) and the parent settles when it reaps."""
+        self.request_ledger = ConnectionLedger()
+        return self.request_ledger
+
+    def settle(self, ledger):
+        """A request process was reaped: count what its loop did not close."""
+        ledger.settle(self.counters)
 
     def peer(self, connection_id):
         """The client address of a connection, open or among the recently closed."""
@@ -298,6 +311,7 @@ class ReceiveHandler(BaseRequestHandler):
                 on_over_budget=functools.partial(
                     self.registry.relieve_memory, self.max_partial_bytes
                 ),
+                ledger=self.registry.request_ledger,
             ),
             self.client_address,
             max_connections,

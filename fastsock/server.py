@@ -568,6 +568,8 @@ if hasattr(os, "fork"):
         block_on_close = True
         # fastsock: request processes that a signal ended (a crash, or kill -9).
         killed_children = 0
+        # fastsock: pid -> the ledger of a request process's compiled receive loop.
+        _request_ledgers = None
 
         def collect_children(self, *, blocking=False):
             """Internal routine to wait for children that have exited."""
@@ -579,8 +581,8 @@ if hasattr(os, "fork"):
             while len(self.active_children) >= self.max_children:
                 try:
                     pid, status = os.waitpid(-1, 0)
-                    if pid in self.active_children and os.WIFSIGNALED(status):
-                        self._note_killed_child(pid, status)
+                    if pid in self.active_children:
+                        self._reaped_child(pid, status)
                     self.active_children.discard(pid)
                 except ChildProcessError:
                     self.active_children.clear()
@@ -593,12 +595,20 @@ if hasattr(os, "fork"):
                     pid, status = os.waitpid(pid, flags)
                     # pid is 0 for a child still running: discard() ignores it.
                     self.active_children.discard(pid)
-                    if pid and os.WIFSIGNALED(status):
-                        self._note_killed_child(pid, status)
+                    if pid:
+                        self._reaped_child(pid, status)
                 except ChildProcessError:
                     self.active_children.discard(pid)
                 except OSError:
                     pass
+
+        def _reaped_child(self, pid, status):
+            ledger = self._request_ledgers.pop(pid, None) if self._request_ledgers else None
+            if ledger is not None:
+                # A killed child never closed its connection: its parent counts it closed.
+                self._receive_registry.settle(ledger)
+            if os.WIFSIGNALED(status):
+                self._note_killed_child(pid, status)
 
         def _note_killed_child(self, pid, status):
             self.killed_children += 1
@@ -623,11 +633,17 @@ if hasattr(os, "fork"):
 
         def process_request(self, request, client_address):
             """Fork a new subprocess to process the request."""
+            make_ledger = getattr(self._receive_registry, "ledger_for_request", None)
+            ledger = make_ledger() if make_ledger is not None else None
             pid = os.fork()
             if pid:
                 if self.active_children is None:
                     self.active_children = set()
                 self.active_children.add(pid)
+                if ledger is not None:
+                    if self._request_ledgers is None:
+                        self._request_ledgers = {}
+                    self._request_ledgers[pid] = ledger
                 self.close_request(request)
                 return
             # The child must never return into the serving loop, hence os._exit().

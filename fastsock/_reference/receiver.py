@@ -20,7 +20,7 @@ from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBL
 from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
 from fastsock.stats import ReceiveStats
 
-__all__ = ["ReceiveCounters", "StreamReceiver"]
+__all__ = ["ConnectionLedger", "ReceiveCounters", "StreamReceiver"]
 
 # The reference remembers this much of an offending message for offending_sample().
 SAMPLE_KEPT = 4096
@@ -69,6 +69,26 @@ class ReceiveCounters:
         return ReceiveStats(**values)
 
 
+class ConnectionLedger:
+    """Whether a loop's connection is open and the partial bytes it holds, for its parent to
+    settle if its process dies (the reference's is not shared across fork: API parity)."""
+
+    def __init__(self):
+        self.open = False
+        self.held_bytes = 0
+
+    def settle(self, counters):
+        """Count the connection closed and its partial message discarded if its loop never
+        closed it; True if it had to."""
+        if not self.open:
+            return False
+        counters.add("bytes_discarded", self.held_bytes)
+        counters.hold_partial(self.held_bytes, 0)
+        counters.add("connections_closed", 1)
+        self.open, self.held_bytes = False, 0
+        return True
+
+
 class StreamReceiver:
     """Receives one connection, frames it and publishes the messages to a ring."""
 
@@ -88,6 +108,7 @@ class StreamReceiver:
         on_over_budget=None,
         check_interval=RECEIVE_CHECK_INTERVAL,
         spans_per_publish=SPANS_PER_PUBLISH,
+        ledger=None,
     ):
         if fd < 0:
             raise ValueError(f"fd must be an open file descriptor, not {fd}")
@@ -138,6 +159,9 @@ class StreamReceiver:
         self._paused = False
         self.last_errno = 0
         counters.add("connections_opened", 1)
+        self._ledger = ledger
+        if ledger is not None:
+            ledger.open = True
 
     def run(self):
         """Receive until the connection ends; return the name of the end."""
@@ -194,6 +218,8 @@ class StreamReceiver:
                 # As the compiled loop: the shared total moves only when this share does.
                 total = self._counters.hold_partial(self.held_bytes, held)
                 self.held_bytes = held
+                if self._ledger is not None:
+                    self._ledger.held_bytes = held
                 over_budget = self._partial_budget and held and total > self._partial_budget
             if self._message_overdue(self._last_data):
                 end = self._publish()
@@ -325,3 +351,5 @@ class StreamReceiver:
         self._counters.hold_partial(self.held_bytes, 0)
         self.held_bytes = 0
         self._counters.add("connections_closed", 1)
+        if self._ledger is not None:
+            self._ledger.open, self._ledger.held_bytes = False, 0
