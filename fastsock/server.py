@@ -10,6 +10,7 @@ what the stdlib needs subclassing for (see ``TCPServer``, ``UDPServer`` and
 """
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -376,6 +377,27 @@ def _remove_stale_socket_file(path, socket_type):
     raise OSError(errno.EADDRINUSE, f"a live server is bound to {path!r}")
 
 
+# struct sock_filter {u16 code; u8 jt, jf; u32 k}: BPF_RET | BPF_K with k = 0, "keep no byte".
+_DROP_EVERY_PACKET = (ctypes.c_ubyte * 8).from_buffer_copy(bytes([6, 0, 0, 0, 0, 0, 0, 0]))
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+class _SocketFilterProgram(ctypes.Structure):
+    _fields_ = [("length", ctypes.c_ushort), ("instructions", ctypes.c_void_p)]
+
+
+def _refuse_new_connections(sock):
+    """Make the kernel complete no new connection on a listening socket, leaving those in
+    its backlog to accept(): a Unix listener shut for reading refuses connect(); a TCP one
+    gets a filter that drops every packet, so no handshake completes and nothing new is
+    acknowledged (shutting a TCP listener would reset its backlog, data and all)."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        sock.shutdown(socket.SHUT_RD)
+        return
+    program = _SocketFilterProgram(1, ctypes.addressof(_DROP_EVERY_PACKET))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(program))
+
+
 def _drain(sock):
     try:
         while sock.recv(4096):
@@ -475,11 +497,29 @@ class TCPServer(BaseServer):
     def server_close(self):
         """Called to clean-up the server.  May be overridden.
 
-        fastsock also stops its compiled receive loops, so that ``block_on_close`` does
-        not wait for peers that never hang up.
+        fastsock also stops its compiled receive loops gracefully, so that
+        ``block_on_close`` does not wait for peers that never hang up.  A stream server
+        with a ``fastsock.receiver`` handler first stops the kernel from completing new
+        connections and serves the ones already in its backlog (their data was already
+        acknowledged), which stop at once, handing over what they sent.
         """
+        if self._receive_registry is not None and self.socket_type == socket.SOCK_STREAM:
+            self._stop_receivers()
+            self._serve_backlog()
         self.socket.close()
         self._stop_receivers()
+
+    def _serve_backlog(self):
+        try:
+            _refuse_new_connections(self.socket)
+        except OSError:
+            return
+        with _ServerSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            for _ in range(max(self.request_queue_size, 1)):
+                if not selector.select(0):
+                    return
+                self._handle_request_noblock()
 
     def fileno(self):
         """Return socket file number.  Interface required by selector."""

@@ -33,10 +33,6 @@ STREAM_LINES = 400_000
 TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
 TCP_INFO_BYTES_ACKED_OFFSET = 120
 
-pytestmark = pytest.mark.skipif(
-    fastsock.IMPLEMENTATION != "compiled", reason="forking and prefork need the shared ring"
-)
-
 
 class Client(threading.Thread):
     """Sends the numbered lines until the server refuses more (or it sent them all)."""
@@ -165,6 +161,8 @@ MODES["prefork"] = Prefork
 @pytest.mark.parametrize("consumer", sorted(DRAIN_TIMEOUTS))
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consumer, sock_dir):
+    if mode in ("forking", "prefork") and fastsock.IMPLEMENTATION != "compiled":
+        pytest.skip("the reference ring is not shared across fork")
     server = MODES[mode]()
     ring = fastsock.RingQueue(max_messages=2048)
     drain_timeout = DRAIN_TIMEOUTS[consumer]
@@ -208,3 +206,26 @@ def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consum
         assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
     else:
         assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_server_close_serves_the_connections_waiting_in_the_backlog(family, sock_dir):
+    ring = fastsock.RingQueue()
+    handler = fastsock.receiver(ring, framing="lines", drain_timeout=GENEROUS)
+    if family == "unix":
+        server = fastsock.ThreadingUnixStreamServer(os.path.join(sock_dir, "s"), handler)
+    else:
+        server = fastsock.ThreadingTCPServer((HOST, 0), handler)
+    waiting = []
+    for number in range(5):
+        client = socket.socket(server.address_family, socket.SOCK_STREAM)
+        client.connect(server.server_address)
+        client.sendall(b"waiting %d\n" % number)
+        waiting.append(client)
+    # Never served: the five wait in the kernel's backlog, their lines acknowledged.
+    server.server_close()
+    assert sorted(ring.get_many(timeout=GENEROUS)) == [b"waiting %d" % n for n in range(5)]
+    stats = server.stats()
+    assert (stats.connections_opened, stats.connections_closed) == (5, 5)
+    for client in waiting:
+        client.close()
