@@ -439,6 +439,15 @@ def format_address(address):
     return str(address)
 
 
+def write_all(fd, data):
+    """os.write() until all of data is written.  Not a buffered stream's write(): when a
+    signal (the SIGTERM that stops the server) interrupts a large write to a pipe part way,
+    CPython's BufferedWriter (3.10-3.13) loses part of the data without an error."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class MessageWriter:
     """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
 
@@ -457,8 +466,7 @@ class MessageWriter:
             data = ("\n".join(lines) + "\n").encode()
         else:
             data = b"".join(payload + self.separator for _, _, payload in messages)
-        self.stream.write(data)
-        self.stream.flush()
+        write_all(self.stream.fileno(), data)
         self.written += len(messages)
 
     def record(self, taken, source_id, source, payload):
