@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -16,6 +17,13 @@ NETWORK_TIMEOUT = 10.0
 """Seconds any single network wait may take: far above what loopback ever needs."""
 
 LOCALHOST = "127.0.0.1"
+
+NUMBERED_LINE = b"%040d\n"
+NUMBERED_LINE_SIZE = len(NUMBERED_LINE % 0)
+STREAM_LINES = 400_000
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at byte 120.
+TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
+TCP_INFO_BYTES_ACKED_OFFSET = 120
 
 
 def connect(address, family=socket.AF_INET):
@@ -123,3 +131,33 @@ def kill_and_reap(pids):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+class StreamingClient(threading.Thread):
+    """Streams numbered lines as fast as it can until the server refuses more (or all
+    STREAM_LINES are sent); then tells what the server took responsibility for."""
+
+    def __init__(self, address, family):
+        super().__init__(name="streaming-client", daemon=True)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(NETWORK_TIMEOUT)
+        self.sock.connect(address)
+        self.stream = memoryview(b"".join(NUMBERED_LINE % n for n in range(STREAM_LINES)))
+        self.sent = 0
+        self.ended_by = None
+
+    def run(self):
+        try:
+            while self.sent < len(self.stream):
+                self.sent += self.sock.send(self.stream[self.sent : self.sent + 65536])
+        except OSError as exc:
+            self.ended_by = exc
+
+    def delivered_to_server(self):
+        """What the server side took responsibility for: TCP's acknowledged bytes, or what a
+        Unix socket accepted."""
+        if self.sock.family == socket.AF_UNIX:
+            return self.sent
+        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        # The count includes the SYN's one sequence number.
+        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0] - 1

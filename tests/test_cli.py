@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,13 @@ import pytest
 
 import fastsock
 from fastsock import _cli_serve, benchmark, cli
-from tests.support import LOCALHOST, NETWORK_TIMEOUT
+from tests.support import (
+    LOCALHOST,
+    NETWORK_TIMEOUT,
+    NUMBERED_LINE,
+    NUMBERED_LINE_SIZE,
+    StreamingClient,
+)
 
 PACKAGE_ROOT = str(Path(fastsock.__file__).resolve().parent.parent)
 
@@ -539,3 +546,60 @@ def test_serve_hands_its_stream_limits_to_the_receiver():
     assert handler.max_connections == 3
     assert (handler.evict_idle_after, handler.max_partial_bytes) == (7.0, 12345)
     assert handler.idle_timeout == 9.0
+
+
+class SlowPipeReader(threading.Thread):
+    """Reads a pipe at about 2 MB/s: a downstream slower than the sender."""
+
+    def __init__(self, pipe):
+        super().__init__(name="slow-pipe-reader", daemon=True)
+        self.pipe = pipe
+        self.data = bytearray()
+
+    def run(self):
+        while chunk := os.read(self.pipe.fileno(), 32768):
+            self.data += chunk
+            time.sleep(0.015)
+
+
+@pytest.mark.parametrize("mode", ["threaded", "prefork"])
+def test_serve_sigterm_writes_or_counts_every_acknowledged_byte(tmp_path, mode):
+    command, environment = fastsock_command(
+        "serve", "tcp://127.0.0.1:0", "--framing", "lines", "--format", "jsonl", "--output", "-"
+    )
+    command += ["--stats-interval", "0", "--drain-timeout", "0.5", "--mode", mode]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        try:
+            announcement = process.stderr.readline().decode()
+            host, _, port = re.search(r" on tcp://(\S+) \(", announcement).group(1).rpartition(":")
+            reader = SlowPipeReader(process.stdout)
+            reader.start()
+            client = StreamingClient((host, int(port)), socket.AF_INET)
+            client.start()
+            deadline = time.monotonic() + NETWORK_TIMEOUT
+            while client.sent < 8 * 1024 * 1024:
+                assert time.monotonic() < deadline and client.is_alive(), client.ended_by
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            # Not communicate(): the slow reader owns stdout.  With no stats interval, stderr
+            # holds a few lines only.
+            process.wait(timeout=4 * NETWORK_TIMEOUT)
+            stderr = process.stderr.read().decode()
+            reader.join(NETWORK_TIMEOUT)
+            client.join(NETWORK_TIMEOUT)
+            acknowledged = client.delivered_to_server()
+            client.sock.close()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, stderr
+    final = stderr.splitlines()[-1]
+    assert "stopped by SIGTERM" in final
+    counted = re.search(r"dropped ([\d,]+), discarded ([\d,]+) B, unread ([\d,]+) B", final)
+    dropped, discarded, unread = (int(number.replace(",", "")) for number in counted.groups())
+    written = [json.loads(line)["text"].encode() for line in reader.data.splitlines()]
+    assert written == [NUMBERED_LINE[:-1] % n for n in range(len(written))], "in order, no gap"
+    assert acknowledged == len(written) * NUMBERED_LINE_SIZE + dropped + discarded + unread, final
+    assert unread > 0, "the writer was slower than the drain: the rest is counted"

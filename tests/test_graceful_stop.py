@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import socket
-import struct
 import threading
 import time
 import warnings
@@ -20,47 +19,13 @@ import warnings
 import pytest
 
 import fastsock
+from tests.support import NUMBERED_LINE, NUMBERED_LINE_SIZE, StreamingClient
 
 GENEROUS = 20.0
 HOST = "127.0.0.1"
 # A slow consumer gets long enough to make the loop read again after the stop (one recv
 # frames thousands of lines); a stalled one a short deadline that surely leaves bytes.
 DRAIN_TIMEOUTS = {"slow": 1.5, "stalls-at-stop": 0.3}
-LINE = b"%040d\n"
-LINE_SIZE = len(LINE % 0)
-STREAM_LINES = 400_000
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at byte 120.
-TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
-TCP_INFO_BYTES_ACKED_OFFSET = 120
-
-
-class Client(threading.Thread):
-    """Sends the numbered lines until the server refuses more (or it sent them all)."""
-
-    def __init__(self, address, family):
-        super().__init__(name="streaming-client", daemon=True)
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(GENEROUS)
-        self.sock.connect(address)
-        self.stream = memoryview(b"".join(LINE % n for n in range(STREAM_LINES)))
-        self.sent = 0
-        self.ended_by = None
-
-    def run(self):
-        try:
-            while self.sent < len(self.stream):
-                self.sent += self.sock.send(self.stream[self.sent : self.sent + 65536])
-        except OSError as exc:
-            self.ended_by = exc
-
-    def delivered_to_server(self):
-        """What the server side took responsibility for: TCP's acknowledged bytes, or what a
-        Unix socket accepted."""
-        if self.sock.family == socket.AF_UNIX:
-            return self.sent
-        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        # The count includes the SYN's one sequence number.
-        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0] - 1
 
 
 class SlowConsumer(threading.Thread):
@@ -171,7 +136,7 @@ def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consum
         # The forking modes fork here, before this test starts a thread.
         warnings.simplefilter("error", DeprecationWarning)
         address = server.start(handler, sock_dir)
-    client = Client(address, server.family)
+    client = StreamingClient(address, server.family)
     reader = SlowConsumer(ring, stall_for=drain_timeout + 0.3 if consumer != "slow" else 0)
     reader.start()
     client.start()
@@ -193,9 +158,9 @@ def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consum
     delivered = reader.messages
     delivered_to_server = client.delivered_to_server()
     client.sock.close()
-    assert delivered == [LINE[:-1] % n for n in range(len(delivered))], "in order, no gap"
+    assert delivered == [NUMBERED_LINE[:-1] % n for n in range(len(delivered))], "in order"
     accounted = (
-        len(delivered) * LINE_SIZE
+        len(delivered) * NUMBERED_LINE_SIZE
         + stats.messages_dropped
         + stats.bytes_discarded
         + stats.bytes_unread
