@@ -1,12 +1,12 @@
 """Compiled stream framer; fastsock/_framing.pyi documents it.
 
-feed() runs on the same C-level API as the recv loop (see _framing.pxd), so what the tests
-prove of feed() holds for the loop too.
+feed() runs on the same C-level functions as the recv loop (see _framing.pxd), so what the
+tests prove of feed() holds for the loop too.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memmove
@@ -107,39 +107,277 @@ cdef Py_ssize_t checked_limit(str name, object value) except -1:
     return value
 
 
+cdef int framer_configure(FramerConfig* config, object framing, object delimiter,
+                          object keep_delimiter, object max_line, object max_frame) except -1:
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be 'raw', 'lines' or 'length', not {framing!r}")
+    cdef bytes delimiter_bytes = bytes(memoryview(delimiter))
+    if not delimiter_bytes:
+        raise ValueError("delimiter must not be empty")
+    cdef FramingKind kind = <FramingKind><int>FRAMINGS.index(framing)
+    cdef bint keep = keep_delimiter
+    cdef Py_ssize_t line_limit = checked_limit("max_line", max_line)
+    cdef Py_ssize_t frame_limit = checked_limit("max_frame", max_frame)
+    cdef Py_ssize_t delimiter_length = len(delimiter_bytes)
+    # Last, once nothing can fail but the allocation: a config is never half made.
+    cdef char* delimiter_copy = <char*>PyMem_RawMalloc(delimiter_length)
+    if delimiter_copy == NULL:
+        raise MemoryError()
+    memcpy(delimiter_copy, <const char*>delimiter_bytes, delimiter_length)
+    config.kind = kind
+    config.keep_delimiter = keep
+    config.delimiter = delimiter_copy
+    config.delimiter_length = delimiter_length
+    config.max_line = line_limit
+    config.max_frame = frame_limit
+    if kind == FRAMING_LINES:
+        config.message_room = line_limit + delimiter_length
+    elif kind == FRAMING_LENGTH:
+        config.message_room = PREFIX_SIZE + frame_limit
+    else:
+        config.message_room = 0
+    return 0
+
+
+cdef void framer_config_clear(FramerConfig* config) noexcept nogil:
+    PyMem_RawFree(config.delimiter)
+    config.delimiter = NULL
+    config.delimiter_length = 0
+
+
+cdef int framer_reserve(FramerState* state, const FramerConfig* config,
+                        Py_ssize_t minimum) noexcept nogil:
+    cdef Py_ssize_t pending = state.tail - state.head
+    cdef Py_ssize_t target
+    cdef char* grown
+    if state.capacity - state.tail >= minimum:
+        return 0
+    if state.head > 0:
+        # Only when the free tail runs short: the incomplete message then stays at the
+        # front until it completes, so no message is ever moved twice.
+        memmove(state.buffer, state.buffer + state.head, pending)
+        state.scan_pos -= state.head
+        state.head = 0
+        state.tail = pending
+        if state.capacity - state.tail >= minimum:
+            return 0
+    if minimum > PY_SSIZE_T_MAX // 4:
+        # No allocator grants that much, and the sums below stay clear of overflow.
+        return -1
+    target = min(max(2 * state.capacity, INITIAL_BUFFER), config.message_room + minimum)
+    target = max(target, state.tail + minimum)
+    grown = <char*>PyMem_RawRealloc(state.buffer, target)
+    if grown == NULL:
+        return -1
+    state.buffer = grown
+    state.capacity = target
+    return 0
+
+
+cdef FramerStatus framer_commit(FramerState* state, const FramerConfig* config,
+                                Py_ssize_t nbytes, MessageSpan* spans, Py_ssize_t max_spans,
+                                Py_ssize_t* nspans) noexcept nogil:
+    cdef FramerStatus status
+    nspans[0] = 0
+    state.bytes_in += nbytes
+    if state.failed:
+        state.bytes_discarded += nbytes
+        return FRAMER_FAILED
+    state.tail += nbytes
+    if config.kind == FRAMING_LINES:
+        status = frame_lines(state, config, spans, max_spans, nspans)
+    elif config.kind == FRAMING_LENGTH:
+        status = frame_length(state, config, spans, max_spans, nspans)
+    else:
+        status = frame_raw(state, spans, max_spans, nspans)
+    state.messages_out += nspans[0]
+    state.failed = status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
+    return status
+
+
+cdef bint framer_release_if_empty(FramerState* state) noexcept nogil:
+    if state.head != state.tail:
+        return False
+    framer_free(state)
+    return True
+
+
+cdef Py_ssize_t framer_discard_pending(FramerState* state) noexcept nogil:
+    cdef Py_ssize_t discarded = state.tail - state.head
+    state.bytes_discarded += discarded
+    state.head = state.scan_pos = state.tail
+    return discarded
+
+
+cdef void framer_free(FramerState* state) noexcept nogil:
+    PyMem_RawFree(state.buffer)
+    state.buffer = NULL
+    state.capacity = state.head = state.tail = state.scan_pos = 0
+
+
+cdef FramerStatus frame_raw(FramerState* state, MessageSpan* spans, Py_ssize_t max_spans,
+                            Py_ssize_t* nspans) noexcept nogil:
+    if state.head == state.tail:
+        return FRAMER_OK
+    if max_spans == 0:
+        return FRAMER_SPANS_FULL
+    add_span(spans, nspans, state.head, state.tail - state.head)
+    state.head = state.tail
+    return FRAMER_OK
+
+
+cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
+                              MessageSpan* spans, Py_ssize_t max_spans,
+                              Py_ssize_t* nspans) noexcept nogil:
+    # The loop keeps its cursors in locals: stores through spans could otherwise alias the
+    # state's fields and force a reload of each on every line.
+    cdef char* buffer = state.buffer
+    cdef const char* delimiter = config.delimiter
+    cdef Py_ssize_t delimiter_length = config.delimiter_length
+    cdef Py_ssize_t longest = config.max_line + delimiter_length
+    cdef Py_ssize_t kept = delimiter_length if config.keep_delimiter else 0
+    cdef bint by_block = BLOCK_SCAN and delimiter_length == 1
+    cdef Py_ssize_t head = state.head
+    cdef Py_ssize_t scan = state.scan_pos
+    cdef Py_ssize_t tail = state.tail
+    cdef Py_ssize_t count = nspans[0]
+    cdef Py_ssize_t window_end, line_end
+    cdef uint64_t hits
+    cdef const char* found
+    while True:
+        # A delimiter starting past head + max_line would end a line that is too long, so
+        # the search never looks further: the error shows without waiting for it.
+        window_end = min(tail, head + longest)
+        if by_block and window_end - scan >= 64:
+            # Every line ending in the block is within max_line: head only moves on.
+            hits = block_hits(buffer + scan, delimiter[0])
+            while hits:
+                line_end = scan + count_trailing_zeros(hits)
+                if count == max_spans:
+                    return frame_stopped(state, head, line_end, count, nspans,
+                                         FRAMER_SPANS_FULL)
+                spans[count].offset = head
+                spans[count].length = line_end - head + kept
+                count += 1
+                head = line_end + 1
+                hits &= hits - 1
+            scan += 64
+            continue
+        if delimiter_length == 1:
+            found = <const char*>memchr(buffer + scan, delimiter[0], window_end - scan)
+        else:
+            found = <const char*>memmem(buffer + scan, window_end - scan, delimiter,
+                                        delimiter_length)
+        if found == NULL:
+            if tail - head >= longest:
+                return frame_stopped(state, head, scan, count, nspans, FRAMER_LINE_TOO_LONG)
+            return frame_stopped(state, head, max(head, tail - delimiter_length + 1), count,
+                                 nspans, FRAMER_OK)
+        line_end = found - buffer
+        if count == max_spans:
+            return frame_stopped(state, head, line_end, count, nspans, FRAMER_SPANS_FULL)
+        spans[count].offset = head
+        spans[count].length = line_end - head + kept
+        count += 1
+        head = scan = line_end + delimiter_length
+
+
+cdef FramerStatus frame_stopped(FramerState* state, Py_ssize_t head, Py_ssize_t scan,
+                                Py_ssize_t count, Py_ssize_t* nspans,
+                                FramerStatus status) noexcept nogil:
+    # Saves frame_lines' cursors and returns status.
+    state.head = head
+    state.scan_pos = scan
+    nspans[0] = count
+    return status
+
+
+cdef FramerStatus frame_length(FramerState* state, const FramerConfig* config,
+                               MessageSpan* spans, Py_ssize_t max_spans,
+                               Py_ssize_t* nspans) noexcept nogil:
+    cdef unsigned long long length
+    while state.tail - state.head >= PREFIX_SIZE:
+        length = read_length(state.buffer + state.head)
+        if length > <unsigned long long>config.max_frame:
+            return FRAMER_FRAME_TOO_LARGE
+        if state.tail - state.head - PREFIX_SIZE < <Py_ssize_t>length:
+            return FRAMER_OK
+        if nspans[0] == max_spans:
+            return FRAMER_SPANS_FULL
+        add_span(spans, nspans, state.head + PREFIX_SIZE, <Py_ssize_t>length)
+        state.head += PREFIX_SIZE + <Py_ssize_t>length
+    return FRAMER_OK
+
+
+cdef int copy_and_commit(FramerState* state, const FramerConfig* config, const char* data,
+                         Py_ssize_t size, MessageSpan* spans, Py_ssize_t* nspans,
+                         FramerStatus* status) noexcept nogil:
+    if framer_reserve(state, config, size) != 0:
+        return -1
+    memcpy(framer_write_pointer(state), data, size)
+    status[0] = framer_commit(state, config, size, spans, FEED_SPANS, nspans)
+    return 0
+
+
 cdef class Framer:
 
     def __cinit__(self, framing="lines", *, delimiter=LINE_DELIMITER, keep_delimiter=False,
                   max_line=MAX_LINE_LENGTH, max_frame=MAX_FRAME_SIZE):
-        if framing not in FRAMINGS:
-            raise ValueError(f"framing must be 'raw', 'lines' or 'length', not {framing!r}")
-        self.delimiter = bytes(memoryview(delimiter))
-        if not self.delimiter:
-            raise ValueError("delimiter must not be empty")
-        self.kind = <FramingKind><int>FRAMINGS.index(framing)
-        self.framing = FRAMINGS[self.kind]
-        self.delimiter_data = self.delimiter
-        self.delimiter_length = len(self.delimiter)
-        self.keep_delimiter = keep_delimiter
-        self.max_line = checked_limit("max_line", max_line)
-        self.max_frame = checked_limit("max_frame", max_frame)
-        if self.kind == FRAMING_LINES:
-            self.message_room = self.max_line + self.delimiter_length
-        elif self.kind == FRAMING_LENGTH:
-            self.message_room = PREFIX_SIZE + self.max_frame
+        framer_configure(&self.config, framing, delimiter, keep_delimiter, max_line, max_frame)
 
     def __dealloc__(self):
-        PyMem_RawFree(self.buffer)
+        framer_free(&self.state)
+        framer_config_clear(&self.config)
+
+    @property
+    def framing(self):
+        return FRAMINGS[self.config.kind]
+
+    @property
+    def delimiter(self):
+        return PyBytes_FromStringAndSize(self.config.delimiter, self.config.delimiter_length)
+
+    @property
+    def keep_delimiter(self):
+        return self.config.keep_delimiter
+
+    @property
+    def max_line(self):
+        return self.config.max_line
+
+    @property
+    def max_frame(self):
+        return self.config.max_frame
+
+    @property
+    def failed(self):
+        return self.state.failed
+
+    @property
+    def bytes_in(self):
+        return self.state.bytes_in
+
+    @property
+    def messages_out(self):
+        return self.state.messages_out
+
+    @property
+    def bytes_discarded(self):
+        return self.state.bytes_discarded
+
+    @property
+    def capacity(self):
+        return self.state.capacity
 
     @property
     def pending(self):
-        return self.tail - self.head
+        return framer_held_bytes(&self.state)
 
     def peek_pending(self, Py_ssize_t limit):
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
-        return PyBytes_FromStringAndSize(self.buffer + self.head,
-                                         min(limit, self.tail - self.head))
+        return PyBytes_FromStringAndSize(self.state.buffer + self.state.head,
+                                         min(limit, framer_held_bytes(&self.state)))
 
     def feed(self, data):
         cdef Py_buffer view
@@ -159,178 +397,34 @@ cdef class Framer:
     def eof(self):
         if self.feeding:
             raise RuntimeError(BUSY_TEXT)
-        discarded = self.discard_pending()
-        self.consume()
+        discarded = framer_discard_pending(&self.state)
+        framer_consume(&self.state)
         return discarded
 
     cdef char* base(self) noexcept nogil:
-        return self.buffer
+        return framer_base(&self.state)
 
     cdef char* write_pointer(self) noexcept nogil:
-        return self.buffer + self.tail
+        return framer_write_pointer(&self.state)
 
     cdef Py_ssize_t write_space(self) noexcept nogil:
-        return self.capacity - self.tail
+        return framer_write_space(&self.state)
 
     cdef int reserve(self, Py_ssize_t minimum) noexcept nogil:
-        cdef Py_ssize_t pending = self.tail - self.head
-        cdef Py_ssize_t target
-        cdef char* grown
-        if self.capacity - self.tail >= minimum:
-            return 0
-        if self.head > 0:
-            # Only when the free tail runs short: the incomplete message then stays at the
-            # front until it completes, so no message is ever moved twice.
-            memmove(self.buffer, self.buffer + self.head, pending)
-            self.scan_pos -= self.head
-            self.head = 0
-            self.tail = pending
-            if self.capacity - self.tail >= minimum:
-                return 0
-        if minimum > PY_SSIZE_T_MAX // 4:
-            # No allocator grants that much, and the sums below stay clear of overflow.
-            return -1
-        target = min(max(2 * self.capacity, INITIAL_BUFFER), self.message_room + minimum)
-        target = max(target, self.tail + minimum)
-        grown = <char*>PyMem_RawRealloc(self.buffer, target)
-        if grown == NULL:
-            return -1
-        self.buffer = grown
-        self.capacity = target
-        return 0
+        return framer_reserve(&self.state, &self.config, minimum)
 
     cdef FramerStatus commit(self, Py_ssize_t nbytes, MessageSpan* spans, Py_ssize_t max_spans,
                              Py_ssize_t* nspans) noexcept nogil:
-        cdef FramerStatus status
-        nspans[0] = 0
-        self.bytes_in += nbytes
-        if self.failed:
-            self.bytes_discarded += nbytes
-            return FRAMER_FAILED
-        self.tail += nbytes
-        if self.kind == FRAMING_LINES:
-            status = self.frame_lines(spans, max_spans, nspans)
-        elif self.kind == FRAMING_LENGTH:
-            status = self.frame_length(spans, max_spans, nspans)
-        else:
-            status = self.frame_raw(spans, max_spans, nspans)
-        self.messages_out += nspans[0]
-        self.failed = status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
-        return status
+        return framer_commit(&self.state, &self.config, nbytes, spans, max_spans, nspans)
 
     cdef void consume(self) noexcept nogil:
-        # Published spans lie before head, so dropping them moves nothing; the incomplete
-        # message is left in place until reserve() runs short of room.
-        if self.head == self.tail:
-            self.head = self.tail = self.scan_pos = 0
+        framer_consume(&self.state)
 
     cdef bint release_if_empty(self) noexcept nogil:
-        if self.head != self.tail:
-            return False
-        PyMem_RawFree(self.buffer)
-        self.buffer = NULL
-        self.capacity = self.head = self.tail = self.scan_pos = 0
-        return True
+        return framer_release_if_empty(&self.state)
 
     cdef Py_ssize_t discard_pending(self) noexcept nogil:
-        cdef Py_ssize_t discarded = self.tail - self.head
-        self.bytes_discarded += discarded
-        self.head = self.scan_pos = self.tail
-        return discarded
-
-    cdef FramerStatus frame_raw(self, MessageSpan* spans, Py_ssize_t max_spans,
-                                Py_ssize_t* nspans) noexcept nogil:
-        if self.head == self.tail:
-            return FRAMER_OK
-        if max_spans == 0:
-            return FRAMER_SPANS_FULL
-        add_span(spans, nspans, self.head, self.tail - self.head)
-        self.head = self.tail
-        return FRAMER_OK
-
-    cdef FramerStatus frame_lines(self, MessageSpan* spans, Py_ssize_t max_spans,
-                                  Py_ssize_t* nspans) noexcept nogil:
-        # The loop keeps its cursors in locals: stores through spans could otherwise alias
-        # the framer's fields and force a reload of each on every line.
-        cdef char* buffer = self.buffer
-        cdef const char* delimiter = self.delimiter_data
-        cdef Py_ssize_t delimiter_length = self.delimiter_length
-        cdef Py_ssize_t longest = self.max_line + delimiter_length
-        cdef Py_ssize_t kept = delimiter_length if self.keep_delimiter else 0
-        cdef bint by_block = BLOCK_SCAN and delimiter_length == 1
-        cdef Py_ssize_t head = self.head
-        cdef Py_ssize_t scan = self.scan_pos
-        cdef Py_ssize_t tail = self.tail
-        cdef Py_ssize_t count = nspans[0]
-        cdef Py_ssize_t window_end, line_end
-        cdef uint64_t hits
-        cdef const char* found
-        while True:
-            # A delimiter starting past head + max_line would end a line that is too long, so
-            # the search never looks further: the error shows without waiting for it.
-            window_end = min(tail, head + longest)
-            if by_block and window_end - scan >= 64:
-                # Every line ending in the block is within max_line: head only moves on.
-                hits = block_hits(buffer + scan, delimiter[0])
-                while hits:
-                    line_end = scan + count_trailing_zeros(hits)
-                    if count == max_spans:
-                        return self.frame_stopped(head, line_end, count, nspans,
-                                                  FRAMER_SPANS_FULL)
-                    spans[count].offset = head
-                    spans[count].length = line_end - head + kept
-                    count += 1
-                    head = line_end + 1
-                    hits &= hits - 1
-                scan += 64
-                continue
-            if delimiter_length == 1:
-                found = <const char*>memchr(buffer + scan, delimiter[0], window_end - scan)
-            else:
-                found = <const char*>memmem(buffer + scan, window_end - scan, delimiter,
-                                            delimiter_length)
-            if found == NULL:
-                if tail - head >= longest:
-                    return self.frame_stopped(head, scan, count, nspans, FRAMER_LINE_TOO_LONG)
-                return self.frame_stopped(head, max(head, tail - delimiter_length + 1), count,
-                                          nspans, FRAMER_OK)
-            line_end = found - buffer
-            if count == max_spans:
-                return self.frame_stopped(head, line_end, count, nspans, FRAMER_SPANS_FULL)
-            spans[count].offset = head
-            spans[count].length = line_end - head + kept
-            count += 1
-            head = scan = line_end + delimiter_length
-
-    cdef FramerStatus frame_stopped(self, Py_ssize_t head, Py_ssize_t scan, Py_ssize_t count,
-                                    Py_ssize_t* nspans, FramerStatus status) noexcept nogil:
-        self.head = head
-        self.scan_pos = scan
-        nspans[0] = count
-        return status
-
-    cdef FramerStatus frame_length(self, MessageSpan* spans, Py_ssize_t max_spans,
-                                   Py_ssize_t* nspans) noexcept nogil:
-        cdef unsigned long long length
-        while self.tail - self.head >= PREFIX_SIZE:
-            length = read_length(self.buffer + self.head)
-            if length > <unsigned long long>self.max_frame:
-                return FRAMER_FRAME_TOO_LARGE
-            if self.tail - self.head - PREFIX_SIZE < <Py_ssize_t>length:
-                return FRAMER_OK
-            if nspans[0] == max_spans:
-                return FRAMER_SPANS_FULL
-            add_span(spans, nspans, self.head + PREFIX_SIZE, <Py_ssize_t>length)
-            self.head += PREFIX_SIZE + <Py_ssize_t>length
-        return FRAMER_OK
-
-    cdef int copy_and_commit(self, const char* data, Py_ssize_t size, MessageSpan* spans,
-                             Py_ssize_t* nspans, FramerStatus* status) noexcept nogil:
-        if self.reserve(size) != 0:
-            return -1
-        memcpy(self.write_pointer(), data, size)
-        status[0] = self.commit(size, spans, FEED_SPANS, nspans)
-        return 0
+        return framer_discard_pending(&self.state)
 
     cdef list feed_buffer(self, const char* data, Py_ssize_t size):
         cdef MessageSpan spans[FEED_SPANS]
@@ -338,21 +432,23 @@ cdef class Framer:
         cdef Py_ssize_t copied = 0
         cdef Py_ssize_t piece
         # A raw message is the whole feed; the other framings keep their buffer bounded.
-        cdef Py_ssize_t largest_piece = size if self.kind == FRAMING_RAW else FEED_PIECE
+        cdef Py_ssize_t largest_piece = size if self.config.kind == FRAMING_RAW else FEED_PIECE
         cdef FramerStatus status = FRAMER_OK
         cdef int reserved
         cdef list messages = []
-        if self.failed:
-            self.bytes_in += size
-            self.bytes_discarded += size
+        if self.state.failed:
+            self.state.bytes_in += size
+            self.state.bytes_discarded += size
             raise FramingError(FAILED_TEXT, messages, size)
         while copied < size or status == FRAMER_SPANS_FULL:
             piece = 0 if status == FRAMER_SPANS_FULL else min(size - copied, largest_piece)
             if size > RELEASE_GIL_ABOVE:
                 with nogil:
-                    reserved = self.copy_and_commit(data + copied, piece, spans, &nspans, &status)
+                    reserved = copy_and_commit(&self.state, &self.config, data + copied, piece,
+                                               spans, &nspans, &status)
             else:
-                reserved = self.copy_and_commit(data + copied, piece, spans, &nspans, &status)
+                reserved = copy_and_commit(&self.state, &self.config, data + copied, piece,
+                                           spans, &nspans, &status)
             if reserved != 0:
                 raise MemoryError()
             copied += piece
@@ -364,19 +460,19 @@ cdef class Framer:
     cdef int publish(self, const MessageSpan* spans, Py_ssize_t nspans, list messages) except -1:
         cdef Py_ssize_t i
         for i in range(nspans):
-            messages.append(PyBytes_FromStringAndSize(self.buffer + spans[i].offset,
+            messages.append(PyBytes_FromStringAndSize(self.state.buffer + spans[i].offset,
                                                       spans[i].length))
-        self.consume()
+        framer_consume(&self.state)
         return 0
 
     cdef object framing_error(self, FramerStatus status, list messages, Py_ssize_t unread):
         if status == FRAMER_LINE_TOO_LONG:
             error_type = LineTooLongError
-            text = LINE_TOO_LONG_TEXT.format(self.max_line)
+            text = LINE_TOO_LONG_TEXT.format(self.config.max_line)
         else:
             error_type = FrameTooLargeError
-            text = FRAME_TOO_LARGE_TEXT.format(read_length(self.buffer + self.head),
-                                               self.max_frame)
-        self.bytes_in += unread
-        self.bytes_discarded += unread
-        return error_type(text, messages, self.discard_pending() + unread)
+            text = FRAME_TOO_LARGE_TEXT.format(read_length(self.state.buffer + self.state.head),
+                                               self.config.max_frame)
+        self.state.bytes_in += unread
+        self.state.bytes_discarded += unread
+        return error_type(text, messages, framer_discard_pending(&self.state) + unread)

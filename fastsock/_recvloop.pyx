@@ -36,6 +36,7 @@ from fastsock._framing cimport (
     FRAMER_LINE_TOO_LONG,
     FRAMER_OK,
     FRAMER_SPANS_FULL,
+    framer_held_bytes,
 )
 
 import os
@@ -360,7 +361,7 @@ cdef class StreamReceiver:
                 if end != END_RECEIVING:
                     return end
                 now = monotonic_ns()
-                held = self.framer.tail - self.framer.head
+                held = framer_held_bytes(&self.framer.state)
                 if held != self.held_bytes:
                     # The shared gauge is one cache line for every loop of the process: left
                     # alone while this loop's share stands still (most recvs end on a message
@@ -438,12 +439,12 @@ cdef class StreamReceiver:
     cdef bint message_overdue(self, uint64_t now) noexcept nogil:
         # The deadline is per message: a trickle that keeps the connection busy cannot
         # stretch one message forever, while a stream of complete messages never trips it.
-        if self.framer.tail == self.framer.head:
+        if framer_held_bytes(&self.framer.state) == 0:
             self.message_started_ns = 0
             return False
-        if self.message_started_ns == 0 or self.framer.messages_out != self.messages_at_start:
+        if self.message_started_ns == 0 or self.framer.state.messages_out != self.messages_at_start:
             self.message_started_ns = now
-            self.messages_at_start = self.framer.messages_out
+            self.messages_at_start = self.framer.state.messages_out
             return False
         if self.message_timeout_ns and now - self.message_started_ns >= self.message_timeout_ns:
             self.counters.add(COUNT_MESSAGE_TIMEOUTS, 1)

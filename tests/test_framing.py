@@ -553,6 +553,36 @@ def test_properties(framer_class):
             setattr(framer, name, getattr(framer, name))
 
 
+def test_framers_share_nothing(framer_class):
+    delimiter = bytearray(b"\r\n")
+    crlf = framer_class(delimiter=delimiter, max_line=8)
+    delimiter[:] = b"||"
+    pipes = framer_class(delimiter=delimiter, keep_delimiter=True)
+    assert crlf.feed(b"a||b\r\nc") == [b"a||b"]
+    assert pipes.feed(b"x\r\ny||z") == [b"x\r\ny||"]
+    with pytest.raises(LineTooLongError):
+        crlf.feed(b"c" * 9)
+    assert pipes.feed(b"||") == [b"z||"]
+    assert (crlf.delimiter, pipes.delimiter) == (b"\r\n", b"||")
+    assert crlf.failed and not pipes.failed
+
+
+def test_a_framer_leaves_no_memory_behind(framer_class):
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        framer = framer_class(delimiter=b"|" * MiB, max_line=4 * MiB)
+        framer.feed(b"x" * (2 * MiB))
+        held = tracemalloc.get_traced_memory()[0] - before
+        del framer
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The delimiter's copy and the partial line.
+    assert held > 3 * MiB
+    assert left < 64 * 1024
+
+
 @pytest.mark.parametrize("framing", ["lines", "length"])
 def test_memory_stays_bounded_under_a_long_stream(framer_class, framing):
     if framing == "lines":
