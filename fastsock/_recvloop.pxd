@@ -63,6 +63,8 @@ cdef class ReceiveCounters:
     cdef bint stopping(self) noexcept nogil
     # Moves this loop's share of the partial bytes from held to now; returns the new total.
     cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil
+    # A connection id unique among every process sharing these counters (wraps at 2**32).
+    cdef uint32_t take_connection_id(self) noexcept nogil
 
 
 cdef class ConnectionLedger:

@@ -138,10 +138,12 @@ cdef class ReceiveCounters:
     def stop_requested(self):
         return bool(self.stopping())
 
+    cdef uint32_t take_connection_id(self) noexcept nogil:
+        return <uint32_t>fastsock_counter_add_fetch(&self.values[<int>LAST_CONNECTION_ID_WORD], 1)
+
     def next_connection_id(self):
         """A connection id unique among every process sharing these counters (wraps at 2**32)."""
-        cdef uint64_t* last = &self.values[<int>LAST_CONNECTION_ID_WORD]
-        return <uint32_t>(fastsock_counter_add_fetch(last, 1))
+        return self.take_connection_id()
 
     def snapshot(self):
         cdef uint64_t[COUNTER_SLOTS] values

@@ -90,6 +90,10 @@ RECENT_PEERS = 4096
 """Closed connections whose client address a server still remembers, so a consumer can
 name the sender of messages that were queued just before their connection closed."""
 
+ENGINE_EVENTS_KEPT = 4096
+"""Events (protocol errors, evictions, refusals) an event engine keeps until Python takes
+them: a burst of bad clients is reported whole, a flood beyond it only counted."""
+
 SHUTDOWN_DRAIN_TIMEOUT = 20.0
 """Seconds a gracefully stopping server gives its receive loops to hand over what their
 peers sent before the stop (the kernel's buffers, then ring room for it): a full 64 MiB ring

@@ -1,0 +1,192 @@
+# The compiled event engine: one epoll loop, run without the GIL, that accepts, reads,
+# frames and publishes for every connection it owns.  A connection is a plain C struct
+# (its framer state, its clocks, its links in the timer lists); the engine finds it by
+# descriptor, and its peer address by connection id in the PeerTable.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from fastsock._framing cimport FramerConfig, FramerState, FramerStatus
+from fastsock._recvloop cimport ReceiveCounters
+from fastsock._ring cimport RingQueue
+from fastsock._sockets cimport socklen_t
+from fastsock._span cimport MessageSpan
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    cdef union epoll_data:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data data
+
+
+cdef enum:
+    # Room for any sockaddr (sizeof(struct sockaddr_storage)).
+    ADDRESS_ROOM = 128
+
+
+cdef struct PeerAddress:
+    socklen_t length
+    uint8_t bytes[ADDRESS_ROOM]
+
+
+cdef enum ConnectionListKind:
+    # Every connection is in the idle list, ordered by last_data_ns (silent longest first);
+    # one with a partial message also in the message list, by message_started_ns; one
+    # holding a receive buffer also in the buffer list, by last_data_ns.
+    IDLE_LIST
+    MESSAGE_LIST
+    BUFFER_LIST
+    LIST_KINDS
+
+
+cdef struct Connection:
+    int fd                        # -1 once ended, until the end of the turn frees it
+    uint32_t id
+    FramerState framer
+    uint64_t last_data_ns         # the last byte received (or the accept)
+    uint64_t message_started_ns   # when the partial message began; 0: none pending
+    unsigned long long messages_at_start  # the framer's messages_out then
+    uint64_t held_bytes           # this connection's share of the partial-bytes gauge
+    Connection* prev[LIST_KINDS]
+    Connection* next[LIST_KINDS]
+    bint listed[LIST_KINDS]
+    Connection* next_ended        # the turn's ended connections, freed after it
+
+
+cdef struct ConnectionList:
+    ConnectionListKind kind
+    Connection* head
+    Connection* tail
+
+
+cdef struct PeerSlot:
+    # An open-addressing slot: used says whether id and address are meaningful.
+    uint32_t id
+    bint used
+    PeerAddress address
+
+
+cdef struct PeerTable:
+    # Connection id -> peer address, for the open connections and the last RECENT_PEERS
+    # closed ones (a ring of their ids says which to forget next).  Linear probing with
+    # backward-shift deletion, so there are no tombstones to clean up.
+    PeerSlot* slots
+    size_t mask
+    uint32_t* closed_ids
+    size_t closed_capacity
+    size_t closed_count
+    size_t closed_next
+
+
+cdef struct EngineEventRecord:
+    int kind                      # an EventKind
+    uint32_t connection_id        # 0: none
+    PeerAddress address           # length 0: none
+    double seconds                # message_timeout, evicted_idle, accept_paused
+    uint64_t number               # evicted_memory bytes, refused's limit, errno
+    Py_ssize_t sample_length
+    char sample[64]               # a framing error's offending bytes, first ones
+
+
+cdef enum EngineEnd:
+    ENGINE_EVENTS
+    ENGINE_STOPPED
+    ENGINE_EMPTY
+    ENGINE_INTERRUPTED            # a signal: the caller checks for it, then resumes
+
+
+cdef class StreamEngine:
+    cdef RingQueue ring
+    cdef ReceiveCounters counters
+    cdef FramerConfig framer_config
+    cdef bint framer_configured
+    cdef int epoll_fd
+    cdef int wake_fd                  # an eventfd: stop() writes it
+    cdef int* listeners
+    cdef Py_ssize_t listener_count
+    cdef bint accepting               # the listeners are in the epoll set
+    cdef uint64_t accept_resume_ns    # accepting paused after EMFILE until then; 0: not
+    cdef double accept_backoff
+
+    # Options, in nanoseconds where they are durations; 0: none.
+    cdef Py_ssize_t recv_size
+    cdef uint64_t idle_timeout_ns
+    cdef uint64_t message_timeout_ns
+    cdef uint64_t drain_timeout_ns
+    cdef uint64_t evict_idle_after_ns
+    cdef uint64_t buffer_release_ns
+    cdef Py_ssize_t max_connections
+    cdef uint64_t partial_budget
+
+    # Connections, by descriptor.
+    cdef Connection** by_fd
+    cdef Py_ssize_t by_fd_capacity
+    cdef Py_ssize_t connection_count
+    cdef ConnectionList idle_list
+    cdef ConnectionList message_list
+    cdef ConnectionList buffer_list
+    cdef Connection* ended            # ended this turn: freed once no event can name them
+
+    # The connection whose messages the full ring holds back, with its framed spans
+    # spans[published:nspans] and the status that came with them.
+    cdef Connection* blocked
+    cdef MessageSpan* spans
+    cdef Py_ssize_t max_spans
+    cdef Py_ssize_t nspans
+    cdef Py_ssize_t published
+    cdef FramerStatus status
+    cdef bint paused
+    cdef uint64_t paused_at_ns
+    cdef uint64_t resumed_at_ns       # clocks that started before this restart here
+
+    cdef epoll_event* events
+    cdef int max_events
+
+    cdef pthread_mutex_t lock         # guards peers and the event records
+    cdef PeerTable peers
+    cdef EngineEventRecord* event_records
+    cdef Py_ssize_t event_count
+    cdef Py_ssize_t event_capacity
+    cdef readonly unsigned long long events_lost
+    cdef readonly unsigned long long wakeups
+
+    cdef volatile bint stop_requested
+    cdef bint ring_closed
+    cdef bint draining
+    cdef uint64_t drain_deadline_ns
+    cdef bint finished                # stopped and drained: run() returns "stopped"
+    cdef bint running
+    cdef bint closed
+
+    cdef object event_detail(self, EngineEventRecord* event)
+    cdef void release(self)
+    cdef Connection* connection_of(self, int fd) noexcept
+    cdef EngineEnd loop(self) noexcept nogil
+    cdef int wait_timeout(self, uint64_t now) noexcept nogil
+    cdef void expire(self, uint64_t now) noexcept nogil
+    cdef void accept_from(self, int listener, uint64_t now) noexcept nogil
+    cdef void set_accepting(self, bint accepting) noexcept nogil
+    cdef int adopt(self, int fd, const PeerAddress* address, uint64_t now) noexcept nogil
+    cdef bint make_room(self, uint64_t now) noexcept nogil
+    cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil
+    cdef bint deliver(self, Connection* connection) noexcept nogil
+    cdef bint publish_pending(self, Connection* connection) noexcept nogil
+    cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil
+    cdef void after_read(self, Connection* connection, uint64_t now) noexcept nogil
+    cdef void relieve_memory(self) noexcept nogil
+    cdef void resume(self) noexcept nogil
+    cdef void begin_drain(self, uint64_t now) noexcept nogil
+    cdef void end_connection(self, Connection* connection) noexcept nogil
+    cdef void free_ended(self) noexcept nogil
+    cdef void record(self, int kind, Connection* connection, const PeerAddress* address,
+                     double seconds, uint64_t number) noexcept nogil

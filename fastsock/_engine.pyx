@@ -1,0 +1,957 @@
+"""Compiled event engine; fastsock/_engine.pyi documents it.
+
+One epoll loop per engine, run with the GIL released.  It wakes only for readiness, for
+its nearest deadline (kept in lists ordered by time, so the nearest is at a list's head),
+or for stop() through its eventfd; Python runs only when there are events to report.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.errno cimport (
+    EAGAIN,
+    ECONNABORTED,
+    ECONNRESET,
+    EINTR,
+    EMFILE,
+    ENFILE,
+    ENOBUFS,
+    ENOMEM,
+    ENOTCONN,
+    EPROTO,
+    ETIMEDOUT,
+    errno,
+)
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.unistd cimport close, read, write
+
+from fastsock._framing cimport (
+    FRAMER_FRAME_TOO_LARGE,
+    FRAMER_LINE_TOO_LONG,
+    FRAMER_SPANS_FULL,
+    framer_base,
+    framer_commit,
+    framer_config_clear,
+    framer_configure,
+    framer_consume,
+    framer_discard_pending,
+    framer_free,
+    framer_held_bytes,
+    framer_release_if_empty,
+    framer_reserve,
+    framer_write_pointer,
+    framer_write_space,
+)
+from fastsock._native cimport monotonic_ns, seconds_to_ns
+from fastsock._recvloop cimport (
+    COUNT_BYTES_DISCARDED,
+    COUNT_BYTES_RECEIVED,
+    COUNT_BYTES_UNREAD,
+    COUNT_CONNECTIONS_CLOSED,
+    COUNT_CONNECTIONS_OPENED,
+    COUNT_FRAMES_TOO_LARGE,
+    COUNT_IDLE_EVICTIONS,
+    COUNT_IDLE_TIMEOUTS,
+    COUNT_LINES_TOO_LONG,
+    COUNT_MEMORY_EVICTIONS,
+    COUNT_MESSAGE_TIMEOUTS,
+    COUNT_MESSAGES_DROPPED,
+    COUNT_MESSAGES_RECEIVED,
+    COUNT_PAUSED_NS,
+    COUNT_PAUSES,
+    COUNT_RESETS,
+)
+from fastsock._sockets cimport sockaddr, socklen_t
+
+from collections import namedtuple
+
+from fastsock import constants
+from fastsock.addresses import address_from_sockaddr
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int EPOLL_CLOEXEC
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_DEL
+    uint32_t EPOLLIN
+    uint32_t EPOLLEXCLUSIVE
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int accept4(int fd, sockaddr* address, socklen_t* length, int flags)
+    int getpeername(int fd, sockaddr* address, socklen_t* length)
+    ssize_t recv(int fd, void* buffer, size_t length, int flags)
+    int shutdown(int fd, int how)
+    int SHUT_RDWR
+    int SOCK_NONBLOCK
+    int SOCK_CLOEXEC
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, int* value)
+    unsigned long FIONREAD
+
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+
+
+cdef enum EventKind:
+    EVENT_LINE_TOO_LONG
+    EVENT_FRAME_TOO_LARGE
+    EVENT_MESSAGE_TIMEOUT
+    EVENT_EVICTED_IDLE
+    EVENT_EVICTED_MEMORY
+    EVENT_REFUSED
+    EVENT_ACCEPT_PAUSED
+    EVENT_NO_MEMORY
+    EVENT_OS_ERROR
+
+
+EVENT_NAMES = {
+    EVENT_LINE_TOO_LONG: "line_too_long",
+    EVENT_FRAME_TOO_LARGE: "frame_too_large",
+    EVENT_MESSAGE_TIMEOUT: "message_timeout",
+    EVENT_EVICTED_IDLE: "evicted_idle",
+    EVENT_EVICTED_MEMORY: "evicted_memory",
+    EVENT_REFUSED: "refused",
+    EVENT_ACCEPT_PAUSED: "accept_paused",
+    EVENT_NO_MEMORY: "no_memory",
+    EVENT_OS_ERROR: "os_error",
+}
+
+END_NAMES = {ENGINE_EVENTS: "events", ENGINE_STOPPED: "stopped", ENGINE_EMPTY: "empty"}
+
+EngineEvent = namedtuple("EngineEvent", ["kind", "connection_id", "address", "detail"])
+
+# epoll tags: 0 is the wake-up eventfd, 1..listener_count the listeners; any larger value is
+# a Connection pointer (no allocation lies in the first pages of the address space).
+cdef uint64_t WAKE_TAG = 0
+# Connections accepted from one listener per turn at most: a connect flood then still
+# leaves the turn to the connections that have data.
+cdef int ACCEPTS_PER_TURN = 1024
+cdef int EVENTS_PER_WAIT = 1024
+cdef double PAUSED_WAIT_SLICE = constants.RING_WAIT_SLICE
+cdef Py_ssize_t SAMPLE_LENGTH = constants.PROTOCOL_ERROR_SAMPLE
+cdef double BACKOFF_INITIAL = constants.ACCEPT_BACKOFF_INITIAL
+cdef double BACKOFF_MAX = constants.ACCEPT_BACKOFF_MAX
+
+
+# -- Connection lists: intrusive, doubly linked, ordered by the time of the last move -----
+
+cdef inline void list_remove(ConnectionList* connections, Connection* connection) noexcept nogil:
+    cdef int kind = connections.kind
+    if not connection.listed[kind]:
+        return
+    if connection.prev[kind] != NULL:
+        connection.prev[kind].next[kind] = connection.next[kind]
+    else:
+        connections.head = connection.next[kind]
+    if connection.next[kind] != NULL:
+        connection.next[kind].prev[kind] = connection.prev[kind]
+    else:
+        connections.tail = connection.prev[kind]
+    connection.prev[kind] = connection.next[kind] = NULL
+    connection.listed[kind] = False
+
+
+cdef inline void list_append(ConnectionList* connections, Connection* connection) noexcept nogil:
+    # Appends, or moves to the end: the list stays ordered by the time of this call.
+    cdef int kind = connections.kind
+    if connection.listed[kind]:
+        if connections.tail == connection:
+            return
+        list_remove(connections, connection)
+    connection.prev[kind] = connections.tail
+    connection.next[kind] = NULL
+    if connections.tail != NULL:
+        connections.tail.next[kind] = connection
+    else:
+        connections.head = connection
+    connections.tail = connection
+    connection.listed[kind] = True
+
+
+# -- The peer table ------------------------------------------------------------------------
+
+cdef inline size_t peer_home(const PeerTable* table, uint32_t connection_id) noexcept nogil:
+    return (<size_t>connection_id * <size_t>2654435761) & table.mask
+
+
+cdef int peer_table_init(PeerTable* table, size_t entries, size_t recent) noexcept nogil:
+    cdef size_t capacity = 16
+    while capacity < 2 * entries:
+        capacity *= 2
+    table.slots = <PeerSlot*>PyMem_RawCalloc(capacity, sizeof(PeerSlot))
+    table.closed_ids = <uint32_t*>PyMem_RawCalloc(max(recent, <size_t>1), sizeof(uint32_t))
+    if table.slots == NULL or table.closed_ids == NULL:
+        return -1
+    table.mask = capacity - 1
+    table.closed_capacity = recent
+    return 0
+
+
+cdef void peer_table_free(PeerTable* table) noexcept nogil:
+    PyMem_RawFree(table.slots)
+    PyMem_RawFree(table.closed_ids)
+    table.slots = NULL
+    table.closed_ids = NULL
+
+
+cdef PeerSlot* peer_find(PeerTable* table, uint32_t connection_id) noexcept nogil:
+    cdef size_t index = peer_home(table, connection_id)
+    while table.slots[index].used:
+        if table.slots[index].id == connection_id:
+            return &table.slots[index]
+        index = (index + 1) & table.mask
+    return NULL
+
+
+cdef void peer_put(PeerTable* table, uint32_t connection_id,
+                   const PeerAddress* address) noexcept nogil:
+    cdef size_t index = peer_home(table, connection_id)
+    while table.slots[index].used and table.slots[index].id != connection_id:
+        index = (index + 1) & table.mask
+    table.slots[index].used = True
+    table.slots[index].id = connection_id
+    table.slots[index].address = address[0]
+
+
+cdef void peer_forget(PeerTable* table, uint32_t connection_id) noexcept nogil:
+    # Backward-shift deletion: an entry after the hole moves into it unless its home lies
+    # cyclically between the hole and itself, so every probe sequence stays unbroken.
+    cdef PeerSlot* found = peer_find(table, connection_id)
+    cdef size_t hole, index, home
+    if found == NULL:
+        return
+    hole = <size_t>(found - table.slots)
+    table.slots[hole].used = False
+    index = hole
+    while True:
+        index = (index + 1) & table.mask
+        if not table.slots[index].used:
+            return
+        home = peer_home(table, table.slots[index].id)
+        if (hole <= index and hole < home <= index) or (
+                hole > index and (home > hole or home <= index)):
+            continue
+        table.slots[hole] = table.slots[index]
+        table.slots[index].used = False
+        hole = index
+
+
+cdef void peer_closed(PeerTable* table, uint32_t connection_id) noexcept nogil:
+    # The closed connection's address stays known until RECENT_PEERS more have closed.
+    if table.closed_capacity == 0:
+        peer_forget(table, connection_id)
+        return
+    if table.closed_count == table.closed_capacity:
+        peer_forget(table, table.closed_ids[table.closed_next])
+    else:
+        table.closed_count += 1
+    table.closed_ids[table.closed_next] = connection_id
+    table.closed_next = (table.closed_next + 1) % table.closed_capacity
+
+
+cdef object address_object(const PeerAddress* address):
+    if address.length == 0:
+        return None
+    return address_from_sockaddr(
+        (<const char*>address.bytes)[:min(<Py_ssize_t>address.length, ADDRESS_ROOM)])
+
+
+cdef inline bint is_reset(int error) noexcept nogil:
+    return (error == ECONNRESET or error == ETIMEDOUT or error == ECONNABORTED
+            or error == ENOTCONN)
+
+
+cdef inline bint out_of_descriptors(int error) noexcept nogil:
+    return error == EMFILE or error == ENFILE or error == ENOBUFS or error == ENOMEM
+
+
+cdef class StreamEngine:
+
+    def __cinit__(self, RingQueue ring not None, ReceiveCounters counters not None, *,
+                  listeners=(), framing="raw", delimiter=constants.LINE_DELIMITER,
+                  keep_delimiter=False, max_line=constants.MAX_LINE_LENGTH,
+                  max_frame=constants.MAX_FRAME_SIZE, Py_ssize_t recv_size=constants.RECV_SIZE,
+                  idle_timeout=None, message_timeout=None, double drain_timeout=0.0,
+                  max_connections=None, double evict_idle_after=constants.EVICT_IDLE_AFTER,
+                  partial_budget=None):
+        cdef Py_ssize_t index
+        cdef int flags
+        cdef epoll_event registration
+        cdef list listener_list
+        pthread_mutex_init(&self.lock, NULL)
+        self.epoll_fd = -1
+        self.wake_fd = -1
+        if recv_size < 1:
+            raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        if message_timeout is not None and not message_timeout > 0:
+            raise ValueError(
+                f"message_timeout must be positive or None, not {message_timeout!r}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
+        if not evict_idle_after >= 0:
+            raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
+        if max_connections is None:
+            max_connections = constants.default_max_connections()
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
+        if partial_budget is not None and not partial_budget > 0:
+            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
+        framer_configure(&self.framer_config, framing, delimiter, keep_delimiter, max_line,
+                         max_frame)
+        self.framer_configured = True
+        self.ring = ring
+        self.counters = counters
+        self.recv_size = recv_size
+        self.idle_timeout_ns = 0 if idle_timeout is None else seconds_to_ns(idle_timeout)
+        self.message_timeout_ns = (
+            0 if message_timeout is None else seconds_to_ns(message_timeout))
+        self.drain_timeout_ns = seconds_to_ns(drain_timeout)
+        self.evict_idle_after_ns = seconds_to_ns(evict_idle_after)
+        self.buffer_release_ns = seconds_to_ns(constants.RECEIVE_CHECK_INTERVAL)
+        self.max_connections = max_connections
+        self.partial_budget = 0 if partial_budget is None else partial_budget
+        self.idle_list.kind = IDLE_LIST
+        self.message_list.kind = MESSAGE_LIST
+        self.buffer_list.kind = BUFFER_LIST
+        self.max_spans = constants.SPANS_PER_PUBLISH
+        self.max_events = EVENTS_PER_WAIT
+        self.event_capacity = constants.ENGINE_EVENTS_KEPT
+        self.spans = <MessageSpan*>PyMem_RawMalloc(self.max_spans * sizeof(MessageSpan))
+        self.events = <epoll_event*>PyMem_RawMalloc(self.max_events * sizeof(epoll_event))
+        self.event_records = <EngineEventRecord*>PyMem_RawMalloc(
+            self.event_capacity * sizeof(EngineEventRecord))
+        if (self.spans == NULL or self.events == NULL or self.event_records == NULL
+                or peer_table_init(&self.peers, max_connections + constants.RECENT_PEERS,
+                                   constants.RECENT_PEERS) != 0):
+            raise MemoryError()
+
+        self.epoll_fd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epoll_fd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            raise OSError(errno, "eventfd")
+        registration.events = EPOLLIN
+        registration.data.u64 = WAKE_TAG
+        if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.wake_fd, &registration) != 0:
+            raise OSError(errno, "epoll_ctl")
+
+        listener_list = [int(fd) for fd in listeners]
+        self.listeners = <int*>PyMem_RawMalloc(max(len(listener_list), 1) * sizeof(int))
+        if self.listeners == NULL:
+            raise MemoryError()
+        for index in range(len(listener_list)):
+            self.listeners[index] = listener_list[index]
+            # Non-blocking: with several engines on one listener, another may take the
+            # connection that woke this one.
+            flags = fcntl(self.listeners[index], F_GETFL)
+            if flags < 0 or fcntl(self.listeners[index], F_SETFL, flags | O_NONBLOCK) != 0:
+                raise OSError(errno, f"listener {self.listeners[index]}")
+        self.listener_count = len(listener_list)
+        self.set_accepting(True)
+
+    def __dealloc__(self):
+        if not self.closed:
+            self.release()
+        PyMem_RawFree(self.spans)
+        PyMem_RawFree(self.events)
+        PyMem_RawFree(self.event_records)
+        PyMem_RawFree(self.listeners)
+        peer_table_free(&self.peers)
+        if self.framer_configured:
+            framer_config_clear(&self.framer_config)
+        pthread_mutex_destroy(&self.lock)
+
+    # -- Python API --------------------------------------------------------------------------
+
+    def add_connection(self, int fd):
+        cdef PeerAddress address
+        cdef int flags
+        if self.running:
+            raise RuntimeError("add_connection() while run() runs in another thread")
+        if self.closed or self.finished:
+            raise ValueError("the engine is stopped")
+        address.length = ADDRESS_ROOM
+        if getpeername(fd, <sockaddr*>address.bytes, &address.length) != 0:
+            raise OSError(errno, "getpeername")
+        flags = fcntl(fd, F_GETFL)
+        if flags < 0 or fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0:
+            raise OSError(errno, "fcntl")
+        if self.adopt(fd, &address, monotonic_ns()) != 0:
+            raise ConnectionRefusedError(
+                f"already receiving max_connections={self.max_connections} connections")
+        return self.connection_of(fd).id
+
+    def run(self):
+        cdef EngineEnd end
+        if self.running:
+            raise RuntimeError("run() is already running in another thread")
+        if self.closed:
+            raise ValueError("the engine is closed")
+        if self.finished:
+            return "stopped"
+        self.running = True
+        try:
+            while True:
+                with nogil:
+                    end = self.loop()
+                if end != ENGINE_INTERRUPTED:
+                    return END_NAMES[end]
+                PyErr_CheckSignals()
+        finally:
+            self.running = False
+
+    def stop(self):
+        cdef uint64_t one = 1
+        self.stop_requested = True
+        if self.wake_fd >= 0:
+            write(self.wake_fd, &one, sizeof(one))
+
+    def take_events(self):
+        cdef EngineEventRecord* records
+        cdef Py_ssize_t count, index
+        cdef EngineEventRecord* event
+        pthread_mutex_lock(&self.lock)
+        count = self.event_count
+        records = <EngineEventRecord*>PyMem_RawMalloc(max(count, 1) * sizeof(EngineEventRecord))
+        if records != NULL:
+            memcpy(records, self.event_records, count * sizeof(EngineEventRecord))
+            self.event_count = 0
+        pthread_mutex_unlock(&self.lock)
+        if records == NULL:
+            raise MemoryError()
+        try:
+            taken = []
+            for index in range(count):
+                event = &records[index]
+                taken.append(EngineEvent(
+                    EVENT_NAMES[event.kind],
+                    event.connection_id or None,
+                    address_object(&event.address),
+                    self.event_detail(event),
+                ))
+            return taken
+        finally:
+            PyMem_RawFree(records)
+
+    cdef object event_detail(self, EngineEventRecord* event):
+        if event.kind == EVENT_LINE_TOO_LONG or event.kind == EVENT_FRAME_TOO_LARGE:
+            return event.sample[:event.sample_length]
+        if (event.kind == EVENT_MESSAGE_TIMEOUT or event.kind == EVENT_EVICTED_IDLE
+                or event.kind == EVENT_ACCEPT_PAUSED):
+            return event.seconds
+        return event.number
+
+    def peer(self, uint32_t connection_id):
+        cdef PeerAddress address
+        cdef PeerSlot* slot
+        address.length = 0
+        pthread_mutex_lock(&self.lock)
+        slot = peer_find(&self.peers, connection_id) if self.peers.slots != NULL else NULL
+        if slot != NULL:
+            address = slot.address
+        pthread_mutex_unlock(&self.lock)
+        if slot == NULL:
+            return None
+        return address_object(&address)
+
+    @property
+    def connections(self):
+        return self.connection_count
+
+    def close(self):
+        if self.running:
+            raise RuntimeError("close() while run() runs in another thread")
+        if not self.closed:
+            self.release()
+
+    cdef void release(self):
+        # Every connection ends as at a drain's deadline.  The listeners stay non-blocking:
+        # another engine may still accept from them.
+        while self.idle_list.head != NULL:
+            self.end_connection(self.idle_list.head)
+        self.free_ended()
+        if self.epoll_fd >= 0:
+            close(self.epoll_fd)
+            self.epoll_fd = -1
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
+        PyMem_RawFree(self.by_fd)
+        self.by_fd = NULL
+        self.by_fd_capacity = 0
+        self.closed = True
+
+    cdef Connection* connection_of(self, int fd) noexcept:
+        return self.by_fd[fd] if fd < self.by_fd_capacity else NULL
+
+    # -- The loop ----------------------------------------------------------------------------
+
+    cdef EngineEnd loop(self) noexcept nogil:
+        cdef uint64_t now
+        cdef uint64_t tag
+        cdef uint64_t drained
+        cdef int ready, index
+        cdef Connection* connection
+        while True:
+            now = monotonic_ns()
+            if not self.draining and (self.stop_requested or self.ring_closed
+                                      or self.counters.stopping()):
+                self.begin_drain(now)
+            if self.draining and (self.connection_count == 0 or now >= self.drain_deadline_ns):
+                while self.idle_list.head != NULL:
+                    self.end_connection(self.idle_list.head)
+                self.free_ended()
+                self.finished = True
+                return ENGINE_STOPPED
+            if self.event_count:
+                return ENGINE_EVENTS
+            if not self.draining and self.listener_count == 0 and self.connection_count == 0:
+                return ENGINE_EMPTY
+            if self.paused:
+                self.resume()
+                continue
+            ready = epoll_wait(self.epoll_fd, self.events, self.max_events,
+                               self.wait_timeout(now))
+            self.wakeups += 1
+            if ready < 0:
+                if errno == EINTR:
+                    return ENGINE_INTERRUPTED
+                # EBADF or EINVAL: the engine's own descriptors are gone; nothing to wait on.
+                self.stop_requested = True
+                continue
+            now = monotonic_ns()
+            for index in range(ready):
+                tag = self.events[index].data.u64
+                if tag == WAKE_TAG:
+                    read(self.wake_fd, &drained, sizeof(drained))
+                elif tag <= <uint64_t>self.listener_count:
+                    if self.accepting:
+                        self.accept_from(self.listeners[tag - 1], now)
+                elif not self.paused:
+                    # Level-triggered: what a pause leaves unread is reported again.
+                    connection = <Connection*>tag
+                    if connection.fd >= 0:
+                        self.serve(connection, now)
+            self.free_ended()
+            if not self.paused:
+                self.expire(now)
+                self.free_ended()
+
+    cdef int wait_timeout(self, uint64_t now) noexcept nogil:
+        # Milliseconds to the nearest deadline, rounded up; -1 when there is none.
+        cdef uint64_t deadline = 0
+        cdef uint64_t candidate
+        cdef Connection* head
+        if self.draining:
+            deadline = self.drain_deadline_ns
+        else:
+            head = self.idle_list.head
+            if self.idle_timeout_ns and head != NULL:
+                deadline = max(head.last_data_ns, self.resumed_at_ns) + self.idle_timeout_ns
+            head = self.message_list.head
+            if self.message_timeout_ns and head != NULL:
+                candidate = (max(head.message_started_ns, self.resumed_at_ns)
+                             + self.message_timeout_ns)
+                if deadline == 0 or candidate < deadline:
+                    deadline = candidate
+            head = self.buffer_list.head
+            if head != NULL:
+                candidate = head.last_data_ns + self.buffer_release_ns
+                if deadline == 0 or candidate < deadline:
+                    deadline = candidate
+            if self.accept_resume_ns and (deadline == 0 or self.accept_resume_ns < deadline):
+                deadline = self.accept_resume_ns
+        if deadline == 0:
+            return -1
+        if deadline <= now:
+            return 0
+        return <int>min((deadline - now + 999999) // 1000000, <uint64_t>86400000)
+
+    cdef void expire(self, uint64_t now) noexcept nogil:
+        # The lists are ordered by their clocks, so only their heads can be due.
+        cdef Connection* head
+        if self.draining:
+            return
+        while self.idle_timeout_ns and self.idle_list.head != NULL:
+            head = self.idle_list.head
+            if now - max(head.last_data_ns, self.resumed_at_ns) < self.idle_timeout_ns:
+                break
+            self.counters.add(COUNT_IDLE_TIMEOUTS, 1)
+            self.end_connection(head)
+        while self.message_timeout_ns and self.message_list.head != NULL:
+            head = self.message_list.head
+            if (now - max(head.message_started_ns, self.resumed_at_ns)
+                    < self.message_timeout_ns):
+                break
+            self.counters.add(COUNT_MESSAGE_TIMEOUTS, 1)
+            self.record(EVENT_MESSAGE_TIMEOUT, head, NULL, self.message_timeout_ns / 1e9, 0)
+            self.end_connection(head)
+        while self.buffer_list.head != NULL:
+            head = self.buffer_list.head
+            if now - head.last_data_ns < self.buffer_release_ns:
+                break
+            # Silent for a while: a connection with no partial message gives its buffer
+            # back (the next read allocates again); one with a partial keeps it.
+            framer_release_if_empty(&head.framer)
+            list_remove(&self.buffer_list, head)
+        if self.accept_resume_ns and now >= self.accept_resume_ns:
+            self.accept_resume_ns = 0
+            self.set_accepting(True)
+
+    # -- Accepting ---------------------------------------------------------------------------
+
+    cdef void set_accepting(self, bint accepting) noexcept nogil:
+        cdef epoll_event registration
+        cdef Py_ssize_t index
+        if accepting == self.accepting:
+            return
+        for index in range(self.listener_count):
+            if accepting:
+                # EPOLLEXCLUSIVE: of several engines on one listener, one wakes per
+                # connection instead of all.
+                registration.events = EPOLLIN | EPOLLEXCLUSIVE
+                registration.data.u64 = <uint64_t>(index + 1)
+                epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.listeners[index], &registration)
+            else:
+                epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.listeners[index], NULL)
+        self.accepting = accepting
+
+    cdef void accept_from(self, int listener, uint64_t now) noexcept nogil:
+        cdef PeerAddress address
+        cdef int fd, error, _
+        for _ in range(ACCEPTS_PER_TURN):
+            address.length = ADDRESS_ROOM
+            fd = accept4(listener, <sockaddr*>address.bytes, &address.length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                error = errno
+                if error == EINTR or error == ECONNABORTED or error == EPROTO:
+                    continue
+                if out_of_descriptors(error):
+                    self.accept_backoff = min(max(self.accept_backoff * 2, BACKOFF_INITIAL),
+                                              BACKOFF_MAX)
+                    self.accept_resume_ns = now + seconds_to_ns(self.accept_backoff)
+                    self.set_accepting(False)
+                    self.record(EVENT_ACCEPT_PAUSED, NULL, NULL, self.accept_backoff, error)
+                return
+            self.accept_backoff = 0
+            self.adopt(fd, &address, now)
+
+    cdef int adopt(self, int fd, const PeerAddress* address, uint64_t now) noexcept nogil:
+        # 0, or -1 with fd closed: refused (max_connections) or out of memory.
+        cdef Connection* connection
+        cdef Connection** grown
+        cdef Py_ssize_t capacity
+        cdef epoll_event registration
+        if self.connection_count >= self.max_connections and not self.make_room(now):
+            self.record(EVENT_REFUSED, NULL, address, 0, <uint64_t>self.max_connections)
+            close(fd)
+            return -1
+        if fd >= self.by_fd_capacity:
+            capacity = max(fd + 1, 2 * self.by_fd_capacity, 64)
+            grown = <Connection**>PyMem_RawRealloc(self.by_fd, capacity * sizeof(Connection*))
+            if grown == NULL:
+                self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
+                close(fd)
+                return -1
+            memset(grown + self.by_fd_capacity, 0,
+                   (capacity - self.by_fd_capacity) * sizeof(Connection*))
+            self.by_fd = grown
+            self.by_fd_capacity = capacity
+        connection = <Connection*>PyMem_RawCalloc(1, sizeof(Connection))
+        if connection == NULL:
+            self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
+            close(fd)
+            return -1
+        registration.events = EPOLLIN
+        registration.data.u64 = <uint64_t>connection
+        if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
+            self.record(EVENT_OS_ERROR, NULL, address, 0, errno)
+            PyMem_RawFree(connection)
+            close(fd)
+            return -1
+        connection.fd = fd
+        connection.id = self.counters.take_connection_id()
+        connection.last_data_ns = now
+        self.by_fd[fd] = connection
+        self.connection_count += 1
+        self.counters.add(COUNT_CONNECTIONS_OPENED, 1)
+        list_append(&self.idle_list, connection)
+        pthread_mutex_lock(&self.lock)
+        peer_put(&self.peers, connection.id, address)
+        pthread_mutex_unlock(&self.lock)
+        if self.draining:
+            # Accepted from the backlog by a stop: it hands over what it sent, like the rest.
+            shutdown(fd, SHUT_RDWR)
+        return 0
+
+    cdef bint make_room(self, uint64_t now) noexcept nogil:
+        # Evicts the connection silent longest if it has been silent evict_idle_after.
+        cdef Connection* idlest = self.idle_list.head
+        cdef uint64_t silent
+        while idlest != NULL and idlest == self.blocked:
+            idlest = idlest.next[<int>IDLE_LIST]
+        if idlest == NULL:
+            return False
+        silent = now - max(idlest.last_data_ns, self.resumed_at_ns)
+        if silent < self.evict_idle_after_ns:
+            return False
+        self.counters.add(COUNT_IDLE_EVICTIONS, 1)
+        self.record(EVENT_EVICTED_IDLE, idlest, NULL, silent / 1e9, 0)
+        self.end_connection(idlest)
+        return True
+
+    # -- Receiving ---------------------------------------------------------------------------
+
+    cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil:
+        # One recv() of at most recv_size bytes: the fairness budget of a turn.
+        cdef ssize_t received
+        cdef int error
+        if framer_reserve(&connection.framer, &self.framer_config, self.recv_size) != 0:
+            self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
+            self.end_connection(connection)
+            return
+        received = recv(connection.fd, framer_write_pointer(&connection.framer),
+                        min(framer_write_space(&connection.framer), self.recv_size), 0)
+        if received > 0:
+            connection.last_data_ns = now
+            list_append(&self.idle_list, connection)
+            list_append(&self.buffer_list, connection)
+            self.counters.add(COUNT_BYTES_RECEIVED, <uint64_t>received)
+            self.published = 0
+            self.status = framer_commit(&connection.framer, &self.framer_config, received,
+                                        self.spans, self.max_spans, &self.nspans)
+            if self.deliver(connection):
+                self.after_read(connection, now)
+            return
+        if received == 0:
+            # The peer finished, or a stop's drain read everything it had sent.
+            self.end_connection(connection)
+            return
+        error = errno
+        if error == EAGAIN or error == EINTR:
+            return
+        if is_reset(error):
+            self.counters.add(COUNT_RESETS, 1)
+        else:
+            self.record(EVENT_OS_ERROR, connection, NULL, 0, error)
+        self.end_connection(connection)
+
+    cdef bint deliver(self, Connection* connection) noexcept nogil:
+        # Publishes the framed spans; False when the ring held them back (the engine is
+        # paused) or the connection ended on a framing error.
+        while True:
+            if not self.publish_pending(connection):
+                return False
+            framer_consume(&connection.framer)
+            if self.status == FRAMER_SPANS_FULL:
+                self.published = 0
+                self.status = framer_commit(&connection.framer, &self.framer_config, 0,
+                                            self.spans, self.max_spans, &self.nspans)
+                continue
+            if self.status == FRAMER_LINE_TOO_LONG:
+                self.framing_failed(connection, EVENT_LINE_TOO_LONG)
+                return False
+            if self.status == FRAMER_FRAME_TOO_LARGE:
+                self.framing_failed(connection, EVENT_FRAME_TOO_LARGE)
+                return False
+            self.nspans = self.published = 0
+            return True
+
+    cdef bint publish_pending(self, Connection* connection) noexcept nogil:
+        cdef Py_ssize_t published
+        while self.published < self.nspans:
+            published = self.ring.put_spans(
+                framer_base(&connection.framer), self.spans + self.published,
+                self.nspans - self.published, connection.id)
+            if published < 0:
+                self.ring_closed = True
+                self.blocked = connection
+                return False
+            if published == 0:
+                # Full: no connection is read until the ring drains to its resume mark, so
+                # TCP's windows push back on every sender.
+                self.blocked = connection
+                self.paused = True
+                self.paused_at_ns = monotonic_ns()
+                self.counters.add(COUNT_PAUSES, 1)
+                return False
+            self.counters.add(COUNT_MESSAGES_RECEIVED, <uint64_t>published)
+            self.published += published
+        return True
+
+    cdef void resume(self) noexcept nogil:
+        # Waits one slice for ring room, then delivers the rest of the held-back messages;
+        # meanwhile the loop looks at stop requests and the drain deadline between slices.
+        cdef Connection* connection = self.blocked
+        cdef int resumed = self.ring.wait_resume(self.spans[self.published].length,
+                                                 PAUSED_WAIT_SLICE)
+        cdef uint64_t now
+        if resumed < 0:
+            self.ring_closed = True
+            return
+        if resumed == 0:
+            return
+        now = monotonic_ns()
+        self.counters.add(COUNT_PAUSED_NS, now - self.paused_at_ns)
+        self.paused = False
+        self.resumed_at_ns = now
+        self.blocked = NULL
+        connection.last_data_ns = now
+        list_append(&self.idle_list, connection)
+        if self.deliver(connection):
+            self.after_read(connection, now)
+
+    cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil:
+        self.counters.add(COUNT_LINES_TOO_LONG if kind == EVENT_LINE_TOO_LONG
+                          else COUNT_FRAMES_TOO_LARGE, 1)
+        self.nspans = self.published = 0
+        self.record(kind, connection, NULL, 0, 0)
+        self.end_connection(connection)
+
+    cdef void after_read(self, Connection* connection, uint64_t now) noexcept nogil:
+        cdef uint64_t held = framer_held_bytes(&connection.framer)
+        cdef uint64_t total
+        cdef bint over_budget = False
+        if held != connection.held_bytes:
+            total = self.counters.hold_partial(connection.held_bytes, held)
+            connection.held_bytes = held
+            over_budget = self.partial_budget and held and total > self.partial_budget
+        if held == 0:
+            connection.message_started_ns = 0
+            list_remove(&self.message_list, connection)
+        elif (connection.message_started_ns == 0
+                or connection.framer.messages_out != connection.messages_at_start):
+            # The deadline is per message: completing one restarts the clock.
+            connection.message_started_ns = now
+            connection.messages_at_start = connection.framer.messages_out
+            list_append(&self.message_list, connection)
+        if over_budget:
+            self.relieve_memory()
+
+    cdef void relieve_memory(self) noexcept nogil:
+        cdef Connection* candidate = self.idle_list.head
+        cdef Connection* largest = NULL
+        while candidate != NULL:
+            if candidate != self.blocked and (
+                    largest == NULL or candidate.held_bytes > largest.held_bytes):
+                largest = candidate
+            candidate = candidate.next[<int>IDLE_LIST]
+        if largest == NULL or largest.held_bytes == 0:
+            return
+        self.counters.add(COUNT_MEMORY_EVICTIONS, 1)
+        self.record(EVENT_EVICTED_MEMORY, largest, NULL, 0, largest.held_bytes)
+        self.end_connection(largest)
+
+    # -- Stopping and ending -----------------------------------------------------------------
+
+    cdef void begin_drain(self, uint64_t now) noexcept nogil:
+        # Connections still in the listeners' backlogs were acknowledged by the kernel:
+        # they are accepted and drained like the others, then accepting stops.
+        cdef Connection* connection
+        cdef Py_ssize_t index
+        self.draining = True
+        self.drain_deadline_ns = now + (0 if self.ring_closed else self.drain_timeout_ns)
+        if self.accepting and not self.ring_closed:
+            for index in range(self.listener_count):
+                self.accept_from(self.listeners[index], now)
+        self.set_accepting(False)
+        self.accept_resume_ns = 0
+        connection = self.idle_list.head
+        while connection != NULL:
+            # Our FIN puts TCP in FIN-WAIT, where the kernel answers further data with a
+            # reset instead of acknowledging it: what it holds now is all the peer was told
+            # was delivered.  A Unix peer's sends fail.
+            shutdown(connection.fd, SHUT_RDWR)
+            connection = connection.next[<int>IDLE_LIST]
+
+    cdef void end_connection(self, Connection* connection) noexcept nogil:
+        cdef int queued = 0
+        cdef Py_ssize_t index
+        cdef uint64_t unpublished_bytes = 0
+        if ioctl(connection.fd, FIONREAD, &queued) == 0 and queued > 0:
+            self.counters.add(COUNT_BYTES_UNREAD, <uint64_t>queued)
+        if connection == self.blocked:
+            for index in range(self.published, self.nspans):
+                unpublished_bytes += self.spans[index].length
+            self.counters.add(COUNT_MESSAGES_DROPPED, <uint64_t>(self.nspans - self.published))
+            if self.paused:
+                self.counters.add(COUNT_PAUSED_NS, monotonic_ns() - self.paused_at_ns)
+            self.blocked = NULL
+            self.paused = False
+            self.nspans = self.published = 0
+        self.counters.add(COUNT_BYTES_DISCARDED,
+                          unpublished_bytes + framer_discard_pending(&connection.framer))
+        self.counters.hold_partial(connection.held_bytes, 0)
+        connection.held_bytes = 0
+        framer_free(&connection.framer)
+        self.counters.add(COUNT_CONNECTIONS_CLOSED, 1)
+        close(connection.fd)
+        self.by_fd[connection.fd] = NULL
+        self.connection_count -= 1
+        list_remove(&self.idle_list, connection)
+        list_remove(&self.message_list, connection)
+        list_remove(&self.buffer_list, connection)
+        pthread_mutex_lock(&self.lock)
+        peer_closed(&self.peers, connection.id)
+        pthread_mutex_unlock(&self.lock)
+        # Freed after the turn: a later event of the same epoll_wait may still name it.
+        connection.fd = -1
+        connection.next_ended = self.ended
+        self.ended = connection
+
+    cdef void free_ended(self) noexcept nogil:
+        cdef Connection* connection
+        while self.ended != NULL:
+            connection = self.ended
+            self.ended = connection.next_ended
+            PyMem_RawFree(connection)
+
+    cdef void record(self, int kind, Connection* connection, const PeerAddress* address,
+                     double seconds, uint64_t number) noexcept nogil:
+        cdef EngineEventRecord* event
+        cdef PeerSlot* slot
+        pthread_mutex_lock(&self.lock)
+        if self.event_count == self.event_capacity:
+            self.events_lost += 1
+            pthread_mutex_unlock(&self.lock)
+            return
+        event = &self.event_records[self.event_count]
+        self.event_count += 1
+        event.kind = kind
+        event.connection_id = 0 if connection == NULL else connection.id
+        event.seconds = seconds
+        event.number = number
+        event.sample_length = 0
+        event.address.length = 0
+        if address != NULL:
+            event.address = address[0]
+        elif connection != NULL:
+            slot = peer_find(&self.peers, connection.id)
+            if slot != NULL:
+                event.address = slot.address
+        if connection != NULL and (kind == EVENT_LINE_TOO_LONG or kind == EVENT_FRAME_TOO_LARGE):
+            event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
+            memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,
+                   event.sample_length)
+        pthread_mutex_unlock(&self.lock)
