@@ -446,6 +446,20 @@ def _is_linked_at(fd, path):
         return False
 
 
+def _unlink_own_socket_file(path, bound):
+    """Unlink the socket file at ``path`` if it is still ``bound`` (its lstat() taken while
+    its server was live), under the lock that starting servers take: once its server has
+    closed, the file is stale, and a server started since may have replaced it with its
+    own, which must stay."""
+    with _SocketPathLock(path, stat.S_IMODE(bound.st_mode)):
+        try:
+            unchanged = os.path.samestat(os.lstat(path), bound)
+        except FileNotFoundError:
+            return
+        if unchanged:
+            os.unlink(path)
+
+
 def _is_stale_socket_file(path, socket_type):
     """True if ``path`` is a socket file that refuses connections: no server is bound to it.
     Raises for a live server's socket, and for a file that is not a socket."""
