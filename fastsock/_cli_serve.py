@@ -21,6 +21,7 @@ from fastsock import constants
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
 from fastsock._ratelimit import RateLimitedLogger
 from fastsock.addresses import address_from_sockaddr
+from fastsock.server import _unlink_own_socket_file
 
 __all__ = ["SERVE_DETAILS", "add_serve_arguments", "run_serve"]
 
@@ -583,14 +584,13 @@ def start_and_serve(options, endpoint, stop):
             raise CommandError(
                 SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}"
             ) from None
+        # Taken while the server is live, when the file at the path can only be its own.
+        bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
         try:
             return Session(options, endpoint, ring, receiver, stream, output_name, stop).run()
         finally:
-            if endpoint.family == socket.AF_UNIX:
-                try:
-                    os.unlink(endpoint.address)
-                except FileNotFoundError:
-                    pass
+            if bound_file is not None:
+                _unlink_own_socket_file(endpoint.address, bound_file)
     finally:
         if stream is not sys.stdout.buffer:
             stream.close()

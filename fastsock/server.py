@@ -12,6 +12,7 @@ what the stdlib needs subclassing for (see ``TCPServer``, ``UDPServer`` and
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import queue
@@ -341,27 +342,132 @@ class BaseServer:
 _umask_lock = threading.Lock()
 
 
-def _bind_unix(sock, path, mode):
+def _bind_unix(sock, path, mode, backlog):
     """Bind a Unix socket, replacing a stale socket file but never a live one or another
-    kind of file, and with the file created at ``mode`` from the start."""
-    if isinstance(path, str) and path and not path.startswith("\0"):
-        _remove_stale_socket_file(path, sock.type)
+    kind of file, and with the file created at ``mode`` from the start.  A stream socket on
+    a file path is also listening on return."""
+    if not (isinstance(path, str) and path and not path.startswith("\0")):
+        with _created_with_mode(mode):
+            sock.bind(path)
+        return
+    # Probe (is a server live there?), unlink (no: the file is stale), bind and listen are
+    # four steps that the kernel does not make conditional on one another: two starters
+    # interleaving them could both find the same stale file, and the second unlink the
+    # first one's new socket, which then served a path no client could reach.  So starters
+    # take turns, through a lock held across all four.  Listening is inside: until a stream
+    # socket listens, a connection to it is refused as to a stale file, and the next
+    # starter would unlink it.  (Binding to a temporary name and renaming it over the path
+    # would need the same turns between two renamers, since rename replaces a live file.)
+    try:
+        lock = _SocketPathLock(path, mode)
+    except OSError:
+        # Without the lock the file is not replaced; but a live server or another kind of
+        # file there is still reported as such, so that in a directory the user cannot
+        # write to the start fails as it did before the lock.
+        _is_stale_socket_file(path, sock.type)
+        raise
+    with lock:
+        if _is_stale_socket_file(path, sock.type):
+            os.unlink(path)
+        with _created_with_mode(mode):
+            sock.bind(path)
+        if sock.type != socket.SOCK_DGRAM:
+            sock.listen(backlog)
+
+
+@contextlib.contextmanager
+def _created_with_mode(mode):
+    """Files created in the block get exactly ``mode`` from the start (the umask is its
+    complement meanwhile); with None, the umask applies as usual."""
     if mode is None:
-        sock.bind(path)
+        yield
         return
     with _umask_lock:
         previous = os.umask(0o777 & ~mode)
         try:
-            sock.bind(path)
+            yield
         finally:
             os.umask(previous)
 
 
-def _remove_stale_socket_file(path, socket_type):
+class _SocketPathLock:
+    """An exclusive flock() on a lock file beside a Unix socket path, taken on creation; on
+    exit, the file is removed and the lock released.
+
+    Removing the file keeps it from cluttering the directory, but opens a race: a starter
+    may open the file just before its holder removes it and lock it just after, while a
+    third creates and locks a new one; both would hold "the" lock.  So a starter keeps a
+    lock only on the file still at the lock path, and starts over otherwise; and a holder
+    removes the file before it unlocks.  A file left behind by a starter killed while
+    holding it is harmless: the next starter locks and removes it.  The file is created
+    with the socket's mode: whoever may use the socket may take the lock.
+    """
+
+    # Unlikely to be any other program's file: whatever is at the lock path is removed.
+    SUFFIX = ".fastsock-lock"
+
+    def __init__(self, socket_path, mode):
+        self.path = socket_path + self.SUFFIX
+        while True:
+            try:
+                with _created_with_mode(mode):
+                    fd = os.open(
+                        self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
+                    )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open the lock file {self.path!r}: {exc.strerror}"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = _is_linked_at(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if locked:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        # A lock file that cannot be removed is only left behind: it must not replace the
+        # outcome of the start.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def _is_linked_at(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _unlink_own_socket_file(path, bound):
+    """Unlink the socket file at ``path`` if it is still ``bound`` (its lstat() taken while
+    its server was live), under the lock that starting servers take: once its server has
+    closed, the file is stale, and a server started since may have replaced it with its
+    own, which must stay."""
+    with _SocketPathLock(path, stat.S_IMODE(bound.st_mode)):
+        try:
+            unchanged = os.path.samestat(os.lstat(path), bound)
+        except FileNotFoundError:
+            return
+        if unchanged:
+            os.unlink(path)
+
+
+def _is_stale_socket_file(path, socket_type):
+    """True if ``path`` is a socket file that refuses connections: no server is bound to it.
+    Raises for a live server's socket, and for a file that is not a socket."""
     try:
         status = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(status.st_mode):
         raise FileExistsError(
             errno.EEXIST, f"{path!r} exists and is not a socket: refusing to replace it"
@@ -370,10 +476,9 @@ def _remove_stale_socket_file(path, socket_type):
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(path)
-            return
+            return True
         except OSError:
-            return
+            return False
     raise OSError(errno.EADDRINUSE, f"a live server is bound to {path!r}")
 
 
@@ -485,7 +590,7 @@ class TCPServer(BaseServer):
                 socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self._dual_stack else 1
             )
         if self.address_family == getattr(socket, "AF_UNIX", None):
-            _bind_unix(self.socket, self.server_address, self.socket_mode)
+            _bind_unix(self.socket, self.server_address, self.socket_mode, self.request_queue_size)
         else:
             self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()

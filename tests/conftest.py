@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite: the stdlib-versus-fastsock parametrization, a
-per-test watchdog, and a short temporary directory for Unix socket paths."""
+per-test watchdog, a short temporary directory for Unix socket paths, and a process fit to
+fork."""
 
 import faulthandler
 import importlib
@@ -8,6 +9,8 @@ import shutil
 import socketserver
 import sys
 import tempfile
+import threading
+import warnings
 
 import pytest
 
@@ -71,6 +74,17 @@ def sock_dir():
     path = tempfile.mkdtemp(prefix="fastsock-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def thread_free():
+    """No thread but this one, so fork is safe, with fork warnings turned into errors.  The
+    watchdog is a thread too: it is cancelled, so every wait of the test must be bounded."""
+    faulthandler.cancel_dump_traceback_later()
+    assert threading.active_count() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        yield
 
 
 @pytest.fixture

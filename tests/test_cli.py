@@ -536,6 +536,21 @@ def test_serve_raw_over_a_unix_socket_copies_lines_and_removes_its_socket(serve,
     assert not os.path.exists(path)
 
 
+def test_serve_leaves_a_socket_file_that_replaced_its_own(serve, sock_dir):
+    path = os.path.join(sock_dir, "serve.sock")
+    server = serve(f"unix://{path}")
+    # As a server started once this one has closed its socket would replace the then
+    # stale file, before this one removes it on its way out.
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as successor:
+        successor.bind(path)
+        successor.listen()
+        successor_file = os.lstat(path)
+        assert server.stop() == 0
+        assert os.path.samestat(os.lstat(path), successor_file)
+    assert os.listdir(sock_dir) == ["serve.sock"]
+
+
 def test_serve_hands_its_stream_limits_to_the_receiver():
     options = cli.build_parser().parse_args(
         ["serve", "tcp://127.0.0.1:0", "--max-connections", "3", "--evict-idle-after", "7"]

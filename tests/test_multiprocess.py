@@ -6,7 +6,6 @@ watchdog thread is cancelled first), with fork warnings turned into errors, as a
 server process would run.
 """
 
-import faulthandler
 import os
 import queue
 import random
@@ -32,16 +31,6 @@ HOST = "127.0.0.1"
 pytestmark = pytest.mark.skipif(
     fastsock.IMPLEMENTATION != "compiled", reason="the reference ring is not shared across fork"
 )
-
-
-@pytest.fixture
-def thread_free():
-    """No thread but this one, so fork is safe, with fork warnings turned into errors."""
-    faulthandler.cancel_dump_traceback_later()
-    assert threading.active_count() == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        yield
 
 
 @pytest.fixture

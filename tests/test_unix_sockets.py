@@ -1,7 +1,9 @@
-"""Unix socket files: stale ones replaced, live ones and other files never touched, and
-private permissions from the moment the file exists."""
+"""Unix socket files: stale ones replaced, by exactly one of the servers starting at once,
+live ones and other files never touched, and private permissions from the moment the file
+exists."""
 
 import errno
+import multiprocessing
 import os
 import socket
 import stat
@@ -12,6 +14,8 @@ import pytest
 import fastsock
 
 GENEROUS = 10.0
+RACERS = 4
+RACE_ROUNDS = 300
 
 SERVERS = [
     (fastsock.UnixStreamServer, fastsock.StreamRequestHandler, socket.SOCK_STREAM),
@@ -67,6 +71,27 @@ def test_a_regular_file_is_never_unlinked(kind, sock_dir):
         server_class(path, handler)
     with open(path) as precious:
         assert precious.read() == "keep me"
+
+
+def test_where_no_lock_file_can_be_made_a_stale_socket_is_kept(kind, sock_dir):
+    server_class, handler, socket_type = kind
+    path = os.path.join(sock_dir, "s")
+    # A directory where the lock file goes: open() fails as in a directory the user cannot
+    # write to, which cannot be tested as root.
+    os.mkdir(path + ".fastsock-lock")
+    _leave_stale_socket(path, socket_type)
+    inode = os.lstat(path).st_ino
+    with pytest.raises(IsADirectoryError, match="cannot open the lock file"):
+        server_class(path, handler)
+    assert os.lstat(path).st_ino == inode
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket_type) as live:
+        live.bind(path)
+        if socket_type == socket.SOCK_STREAM:
+            live.listen()
+        with pytest.raises(OSError, match="a live server is bound") as raised:
+            server_class(path, handler)
+        assert raised.value.errno == errno.EADDRINUSE
 
 
 def test_drop_in_servers_keep_the_stdlib_permissions(kind, sock_dir):
@@ -139,3 +164,86 @@ def test_concurrent_binds_with_modes_do_not_leak_their_umask(sock_dir):
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(umask)
+
+
+def _race_to_bind(server_class, handler, path, barrier, results, rounds):
+    """One racer: each round, when the barrier releases everyone, start a server on
+    ``path``, report the outcome, and keep a bound server until the checks are done."""
+    for _ in range(rounds):
+        barrier.wait(GENEROUS)
+        try:
+            server = server_class(path, handler)
+        except OSError as exc:
+            results.send((exc.errno, str(exc)))
+            barrier.wait(GENEROUS)
+            continue
+        results.send(("bound", None))
+        barrier.wait(GENEROUS)
+        # Closed, the server leaves its file behind: the next round's stale socket.
+        server.server_close()
+
+
+def _reachable(path, socket_type):
+    with socket.socket(socket.AF_UNIX, socket_type) as client:
+        client.settimeout(GENEROUS)
+        try:
+            client.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def test_racers_on_a_stale_socket_file_start_exactly_one_server(kind, sock_dir, thread_free):
+    server_class, handler, socket_type = kind
+    path = os.path.join(sock_dir, "s")
+    _leave_stale_socket(path, socket_type)
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(RACERS + 1)
+    pipes = [context.Pipe(duplex=False) for _ in range(RACERS)]
+    racers = [
+        context.Process(
+            target=_race_to_bind,
+            args=(server_class, handler, path, barrier, sender, RACE_ROUNDS),
+        )
+        for _, sender in pipes
+    ]
+    for racer in racers:
+        racer.start()
+    bad_rounds = []
+    try:
+        for round_number in range(RACE_ROUNDS):
+            barrier.wait(GENEROUS)
+            outcomes = []
+            for receiver, _ in pipes:
+                assert receiver.poll(GENEROUS), f"round {round_number}: a racer went silent"
+                outcomes.append(receiver.recv())
+            winners = [outcome for outcome in outcomes if outcome[0] == "bound"]
+            losers = [outcome for outcome in outcomes if outcome[0] != "bound"]
+            refused_as_live = all(
+                code == errno.EADDRINUSE and "a live server is bound to" in message
+                for code, message in losers
+            )
+            reachable = _reachable(path, socket_type)
+            if len(winners) != 1 or not refused_as_live or not reachable:
+                bad_rounds.append((round_number, len(winners), reachable, losers))
+            barrier.wait(GENEROUS)
+    except BaseException:
+        # Racers still waiting for this process stop at once.
+        barrier.abort()
+        raise
+    finally:
+        for racer in racers:
+            racer.join(GENEROUS)
+            if racer.is_alive():
+                racer.kill()
+                racer.join()
+        for receiver, sender in pipes:
+            receiver.close()
+            sender.close()
+    assert [racer.exitcode for racer in racers] == [0] * RACERS
+    assert bad_rounds == [], (
+        f"{len(bad_rounds)} of {RACE_ROUNDS} rounds went wrong: "
+        f"{sum(winners != 1 for _, winners, _, _ in bad_rounds)} without exactly one "
+        f"winner, {sum(not reachable for _, _, reachable, _ in bad_rounds)} unreachable"
+    )
+    assert os.listdir(sock_dir) == ["s"], "the lock file is not left behind"
