@@ -115,6 +115,7 @@ cdef class StreamEngine:
     cdef int* listeners
     cdef Py_ssize_t listener_count
     cdef bint accepting               # the listeners are in the epoll set
+    cdef volatile bint accepting_wanted  # accept_connections()
     cdef uint64_t accept_resume_ns    # accepting paused after EMFILE until then; 0: not
     cdef double accept_backoff
 
@@ -171,6 +172,7 @@ cdef class StreamEngine:
     cdef object event_detail(self, EngineEventRecord* event)
     cdef void release(self)
     cdef Connection* connection_of(self, int fd) noexcept
+    cdef void wake(self) noexcept nogil
     cdef EngineEnd loop(self) noexcept nogil
     cdef int wait_timeout(self, uint64_t now) noexcept nogil
     cdef void expire(self, uint64_t now) noexcept nogil

@@ -72,21 +72,22 @@ class StreamEngine:
         evict_idle_after: float = ...,
         partial_budget: int | None = None,
     ) -> None:
-        """``listeners``: file descriptors of listening stream sockets (TCP, IPv4 or IPv6,
-        or Unix); the engine makes them non-blocking and accepts from them, but does not
-        close them.  The framing options are ``Framer``'s; the limits
+        """``listeners``: file descriptors of listening stream sockets (TCP, IPv4 or IPv6, or Unix);
+        the engine makes them non-blocking (for good: several engines may share one) and accepts
+        from them, but does not close them. The framing options are ``Framer``'s; the limits
         ``fastsock.receiver()``'s, with the same defaults (``max_connections`` None:
-        ``constants.default_max_connections()``).  ``recv_size`` is also the fairness
-        budget: each ready connection gets one ``recv()`` of at most that many bytes per
-        turn of the loop, so a connection sending without pause cannot starve the others.
-        Bad options raise ``ValueError``/``TypeError`` as ``fastsock.receiver()`` does."""
+        ``constants.default_max_connections()``). ``recv_size`` is also the fairness budget: each
+        ready connection gets one ``recv()`` of at most that many bytes per turn of the loop, so a
+        connection sending without pause cannot starve the others. Bad options raise
+        ``ValueError``/``TypeError`` as ``fastsock.receiver()`` does."""
 
     def add_connection(self, fd: int) -> int:
         """Receive an already accepted, connected stream socket too, as if the engine had
         accepted it; returns its connection id.  The engine owns the descriptor from now
         on and closes it when the connection ends (call ``socket.detach()`` first).  Counts
         toward ``max_connections`` (evicting or refusing as for an accepted one:
-        ``ConnectionRefusedError`` then, the descriptor closed)."""
+        ``ConnectionRefusedError`` then, the descriptor closed).  Not while ``run()`` runs
+        (``RuntimeError``)."""
 
     def run(self) -> str:
         """Receive with the GIL released; return why it returned:
@@ -109,6 +110,11 @@ class StreamEngine:
         connection has been read to its end or ``drain_timeout`` passed, counts the rest
         (``bytes_unread``, ``messages_dropped``, ``bytes_discarded``), closes every
         connection, and ``run()`` returns "stopped"."""
+
+    def accept_connections(self, accepting: bool) -> None:
+        """Stop (False) or resume (True) accepting from the listeners; any thread may call
+        it.  Connections already accepted are served either way, and a stop still accepts
+        what the backlogs hold (the kernel acknowledged it).  On by default."""
 
     def take_events(self) -> list[EngineEvent]:
         """The events since the last call, oldest first (at most

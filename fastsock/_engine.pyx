@@ -367,6 +367,7 @@ cdef class StreamEngine:
             if flags < 0 or fcntl(self.listeners[index], F_SETFL, flags | O_NONBLOCK) != 0:
                 raise OSError(errno, f"listener {self.listeners[index]}")
         self.listener_count = len(listener_list)
+        self.accepting_wanted = True
         self.set_accepting(True)
 
     def __dealloc__(self):
@@ -421,8 +422,15 @@ cdef class StreamEngine:
             self.running = False
 
     def stop(self):
-        cdef uint64_t one = 1
         self.stop_requested = True
+        self.wake()
+
+    def accept_connections(self, bint accepting):
+        self.accepting_wanted = accepting
+        self.wake()
+
+    cdef void wake(self) noexcept nogil:
+        cdef uint64_t one = 1
         if self.wake_fd >= 0:
             write(self.wake_fd, &one, sizeof(one))
 
@@ -525,9 +533,16 @@ cdef class StreamEngine:
                 return ENGINE_STOPPED
             if self.event_count:
                 return ENGINE_EVENTS
+            if (not self.draining and self.accepting_wanted != self.accepting
+                    and self.accept_resume_ns == 0):
+                self.set_accepting(self.accepting_wanted)
             if not self.draining and self.listener_count == 0 and self.connection_count == 0:
                 return ENGINE_EMPTY
             if self.paused:
+                # Reading waits for ring room; accepting goes on between the waits.
+                if self.accepting and self.accepting_wanted:
+                    for index in range(self.listener_count):
+                        self.accept_from(self.listeners[index], now)
                 self.resume()
                 continue
             ready = epoll_wait(self.epoll_fd, self.events, self.max_events,
@@ -545,7 +560,7 @@ cdef class StreamEngine:
                 if tag == WAKE_TAG:
                     read(self.wake_fd, &drained, sizeof(drained))
                 elif tag <= <uint64_t>self.listener_count:
-                    if self.accepting:
+                    if self.accepting and self.accepting_wanted:
                         self.accept_from(self.listeners[tag - 1], now)
                 elif not self.paused:
                     # Level-triggered: what a pause leaves unread is reported again.
@@ -867,12 +882,13 @@ cdef class StreamEngine:
 
     cdef void begin_drain(self, uint64_t now) noexcept nogil:
         # Connections still in the listeners' backlogs were acknowledged by the kernel:
-        # they are accepted and drained like the others, then accepting stops.
+        # they are accepted and drained like the others (also when accepting was off), then
+        # accepting stops.
         cdef Connection* connection
         cdef Py_ssize_t index
         self.draining = True
         self.drain_deadline_ns = now + (0 if self.ring_closed else self.drain_timeout_ns)
-        if self.accepting and not self.ring_closed:
+        if not self.ring_closed:
             for index in range(self.listener_count):
                 self.accept_from(self.listeners[index], now)
         self.set_accepting(False)

@@ -15,6 +15,7 @@ __all__ = [
     "Framer",
     "ReceiveCounters",
     "RingQueue",
+    "StreamEngine",
     "StreamReceiver",
 ]
 
@@ -35,6 +36,7 @@ if _choice == "1":
 else:
     try:
         from ._dgramloop import DatagramCounters, DatagramReceiver
+        from ._engine import StreamEngine
         from ._framing import Framer
         from ._recvloop import ConnectionLedger, ReceiveCounters, StreamReceiver
         from ._ring import RingQueue

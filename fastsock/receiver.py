@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 
 from . import constants
+from . import server as _server
 from ._impl import (
     ConnectionLedger,
     DatagramCounters,
@@ -18,6 +19,7 @@ from ._impl import (
     Framer,
     ReceiveCounters,
     RingQueue,
+    StreamEngine,
     StreamReceiver,
 )
 from ._ratelimit import RateLimitedLogger
@@ -47,6 +49,7 @@ class ReceiveRegistry:
         self.connections_refused = 0
         # In a forked request process: the ledger its parent keeps for its connection.
         self.request_ledger = None
+        self._engine_group = None
         self._lock = threading.Lock()
         self._receivers = {}
         self._evicting = {}
@@ -141,8 +144,28 @@ class ReceiveRegistry:
         receiver.evict(reason)
 
     def stop_all(self):
-        """Ask every loop of the server, in any process, to stop gracefully."""
+        """Ask every loop and engine of the server, in any process, to stop gracefully."""
         self.counters.request_stop()
+        group = self._engine_group
+        if group is not None:
+            group.stop()
+
+    def engines_for(self, server, handler):
+        """The server's EngineGroup, started by the first call."""
+        with self._lock:
+            if self._engine_group is None:
+                self._engine_group = EngineGroup(server, handler, self)
+            return self._engine_group
+
+    def finish_engines(self):
+        """Stop the engines, wait for their drains and release them; False if there were
+        none (the server never served on engines)."""
+        with self._lock:
+            group, self._engine_group = self._engine_group, None
+        if group is None:
+            return False
+        group.close()
+        return True
 
     def ledger_for_request(self):
         """Before a request process is forked: the ledger of its connection, which the
@@ -157,7 +180,11 @@ class ReceiveRegistry:
     def peer(self, connection_id):
         """The client address of a connection, open or among the recently closed."""
         with self._lock:
-            return self._peers.get(connection_id)
+            address = self._peers.get(connection_id)
+            group = self._engine_group
+        if address is None and group is not None:
+            address = group.peer(connection_id)
+        return address
 
     def stats(self):
         return dataclasses.replace(
@@ -211,6 +238,203 @@ def _serve_datagrams(server, handler, registry, poll_interval):
         raise OSError(error, f"receiving datagrams: {os.strerror(error)}")
 
 
+# The request hooks the event engine replaces (see _runs_on_engines).
+_ENGINE_REPLACES = {
+    "get_request": (_server.TCPServer.get_request,),
+    "verify_request": (_server.BaseServer.verify_request,),
+    "process_request": (_server.BaseServer.process_request, _server.ThreadingMixIn.process_request),
+    "finish_request": (_server.BaseServer.finish_request,),
+    "service_actions": (_server.BaseServer.service_actions,),
+}
+
+
+def _runs_on_engines(server, handler):
+    """True unless the server overrides a request hook or the handler class its setup(),
+    handle() or finish(): overrides run per connection, so they keep a handler per
+    connection (thread or process) and run as they always did."""
+    server_keeps_hooks = all(
+        getattr(type(server), name) in defaults for name, defaults in _ENGINE_REPLACES.items()
+    )
+    handler_keeps_steps = all(
+        getattr(handler, name) is getattr(ReceiveHandler, name)
+        for name in ("setup", "handle", "finish")
+    )
+    return server_keeps_hooks and handler_keeps_steps
+
+
+def _serve_streams(server, handler, registry, poll_interval):
+    """serve_forever() of a stream server on event engines: they accept until shutdown();
+    the connections they hold are served until server_close(), as handler threads would
+    serve theirs."""
+    # poll_interval is not needed: nothing here polls; shutdown() wakes this thread.
+    engines = registry.engines_for(server, handler)
+    shut_down = threading.Event()
+    engines.accept_connections(True)
+    try:
+        with server._interruptible_by_shutdown(shut_down.set):
+            shut_down.wait()
+    finally:
+        engines.accept_connections(False)
+    engines.raise_failure()
+
+
+class EngineGroup:
+    """A stream server's event engines on its listening socket (``engine_threads`` under
+    ThreadingMixIn, else one), each driven by a thread of its own from the first
+    serve_forever() until server_close()."""
+
+    def __init__(self, server, handler, registry):
+        count = handler.engine_threads if isinstance(server, _server.ThreadingMixIn) else 1
+        self._server = server
+        self._handler = handler
+        self._registry = registry
+        self._failures = []
+        self.engines = [_make_engine(server, handler, registry) for _ in range(count)]
+        self._threads = [
+            threading.Thread(
+                target=self._drive, args=(engine,), name=f"fastsock-engine-{index}", daemon=True
+            )
+            for index, engine in enumerate(self.engines)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _drive(self, engine):
+        try:
+            while True:
+                end = engine.run()
+                for event in engine.take_events():
+                    _report(self._server, self._handler, self._registry, event)
+                if end != "events":
+                    return
+        except BaseException as exc:  # noqa: B036 - raised again by serve_forever()
+            self._failures.append(exc)
+            self._server._request_shutdown()
+
+    def accept_connections(self, accepting):
+        for engine in self.engines:
+            engine.accept_connections(accepting)
+
+    def raise_failure(self):
+        if self._failures:
+            raise self._failures.pop(0)
+
+    def stop(self):
+        """Every engine stops gracefully (see StreamEngine.stop), without waiting."""
+        for engine in self.engines:
+            engine.stop()
+
+    def peer(self, connection_id):
+        for engine in self.engines:
+            address = engine.peer(connection_id)
+            if address is not None:
+                return address
+        return None
+
+    def close(self):
+        """Stop, wait for the drains, release the engines."""
+        self.stop()
+        for thread in self._threads:
+            thread.join()
+        for engine in self.engines:
+            engine.close()
+
+
+def _make_engine(server, handler, registry):
+    return StreamEngine(
+        handler.queue,
+        registry.counters,
+        listeners=[server.socket.fileno()],
+        framing=handler.framing,
+        delimiter=handler.delimiter,
+        keep_delimiter=handler.keep_delimiter,
+        max_line=handler.max_line,
+        max_frame=handler.max_frame,
+        recv_size=handler.recv_size,
+        idle_timeout=handler.idle_timeout,
+        message_timeout=handler.message_timeout,
+        drain_timeout=handler.drain_timeout or 0.0,
+        max_connections=handler.max_connections,
+        evict_idle_after=handler.evict_idle_after,
+        partial_budget=handler.max_partial_bytes,
+    )
+
+
+_FRAMING_ERRORS = {
+    "line_too_long": (LineTooLongError, "sent a line longer than max_line={} bytes", "max_line"),
+    "frame_too_large": (
+        FrameTooLargeError,
+        "announced a frame larger than max_frame={} bytes",
+        "max_frame",
+    ),
+}
+
+
+def _report(server, handler, registry, event):
+    """Log an engine's event as the per-connection handler does, and pass the errors that
+    handle() would have raised to the server's handle_error()."""
+    peer = _escaped(event.address)
+    if event.kind in _FRAMING_ERRORS:
+        error_class, what, limit = _FRAMING_ERRORS[event.kind]
+        message = f"{peer} {what.format(getattr(handler, limit))}; the connection was closed"
+        _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
+        _handle_error(server, error_class(message), event.address)
+    elif event.kind == "message_timeout":
+        _log.warning(
+            "message-timeout",
+            "closed %s: a message took longer than message_timeout=%s s to arrive",
+            peer,
+            event.detail,
+        )
+    elif event.kind == "evicted_idle":
+        _log.log(
+            logging.INFO,
+            "idle-eviction",
+            "evicted %s, silent for %.1f s, to admit a new connection",
+            peer,
+            event.detail,
+        )
+    elif event.kind == "evicted_memory":
+        _log.warning(
+            "memory-eviction",
+            "closed %s: largest holder of partial messages (%d bytes) over the budget",
+            peer,
+            event.detail,
+        )
+    elif event.kind == "refused":
+        registry.connections_refused += 1
+        _log.warning(
+            "too-many-connections",
+            "refused %s: already receiving max_connections=%d connections",
+            peer,
+            event.detail,
+        )
+    elif event.kind == "accept_paused":
+        _log.warning(
+            "accept-exhausted",
+            "%s: accepting paused for %.3f s: out of file descriptors or memory",
+            type(server).__name__,
+            event.detail,
+        )
+    elif event.kind == "no_memory":
+        _handle_error(
+            server, MemoryError(f"no memory to receive from {event.address!r}"), event.address
+        )
+    else:
+        error = OSError(
+            event.detail, f"receiving from {event.address!r}: {os.strerror(event.detail)}"
+        )
+        _handle_error(server, error, event.address)
+
+
+def _handle_error(server, error, client_address):
+    # handle_error() reads the exception being handled, as when handle() raised it.
+    try:
+        raise error
+    except Exception:
+        server.handle_error(None, client_address)
+
+
 _registry_lock = threading.Lock()
 
 
@@ -253,6 +477,7 @@ class ReceiveHandler(BaseRequestHandler):
     datagram_batch = constants.DATAGRAM_BATCH
     datagram_busy_poll = constants.DATAGRAM_BUSY_POLL
     receive_buffer = None
+    engine_threads = 1
 
     @classmethod
     def fastsock_prepare_server(cls, server):
@@ -273,6 +498,9 @@ class ReceiveHandler(BaseRequestHandler):
         if "request_queue_size" not in vars(server) and server.request_queue_size == 5:
             server.request_queue_size = constants.COMPILED_BACKLOG
         registry = receive_registry(server)
+        if _runs_on_engines(server, cls):
+            server._compiled_serve = functools.partial(_serve_streams, server, cls, registry)
+            return
         server._make_room_for_connection = functools.partial(
             registry.make_room, cls.evict_idle_after
         )
@@ -412,6 +640,7 @@ def receiver(
     datagram_batch=constants.DATAGRAM_BATCH,
     datagram_busy_poll=constants.DATAGRAM_BUSY_POLL,
     receive_buffer=None,
+    engine_threads=1,
 ):
     """A ReceiveHandler class that receives into ``queue``.
 
@@ -466,6 +695,8 @@ def receiver(
         )
     if max_partial_bytes is not None and not max_partial_bytes > 0:
         raise ValueError(f"max_partial_bytes must be positive or None, not {max_partial_bytes!r}")
+    if not isinstance(engine_threads, int) or engine_threads < 1:
+        raise ValueError(f"engine_threads must be a positive int, not {engine_threads!r}")
     return type(
         "ReceiveHandler",
         (ReceiveHandler,),
@@ -487,5 +718,6 @@ def receiver(
             "datagram_batch": datagram_batch,
             "datagram_busy_poll": datagram_busy_poll,
             "receive_buffer": receive_buffer,
+            "engine_threads": engine_threads,
         },
     )

@@ -608,17 +608,18 @@ class TCPServer(BaseServer):
         connections and serves the ones already in its backlog (their data was already
         acknowledged), which stop at once, handing over what they sent.
         """
-        if self._receive_registry is not None and self.socket_type == socket.SOCK_STREAM:
+        registry = self._receive_registry
+        if registry is not None and self.socket_type == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                _refuse_new_connections(self.socket)
             self._stop_receivers()
-            self._serve_backlog()
+            # Event engines accept what the backlog holds as they stop.
+            if not registry.finish_engines():
+                self._serve_backlog()
         self.socket.close()
         self._stop_receivers()
 
     def _serve_backlog(self):
-        try:
-            _refuse_new_connections(self.socket)
-        except OSError:
-            return
         with _ServerSelector() as selector:
             selector.register(self.socket, selectors.EVENT_READ)
             for _ in range(max(self.request_queue_size, 1)):

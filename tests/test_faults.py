@@ -47,16 +47,18 @@ def _server_cpu_share(server):
     return (server.cpu_seconds() - cpu) / (time.monotonic() - wall)
 
 
-def _settled(server, messages=None):
+def _settled(server, messages=None, errors=0):
     """The server's stats once every connection has closed and the consumer has taken every
-    message the loops published (and `messages` of them, when given)."""
+    message the loops published (and `messages` of them, when given), and `errors` reached
+    handle_error (an engine reports them just after it closed their connection)."""
 
     def settled():
         reply = server.stats()
         published = reply["stats"]["messages_received"]
         consumed = reply["consumed"]["messages"]
         expected = published if messages is None else messages
-        return reply["active"] == 0 and consumed == published == expected and reply
+        reported = len(reply["errors"]) >= errors
+        return reply["active"] == 0 and consumed == published == expected and reported and reply
 
     return wait_until(settled, what="connections closed and their messages consumed")
 
@@ -184,7 +186,7 @@ def test_an_endless_line_is_cut_at_max_line_with_bounded_memory(tmp_path):
         rss_before = server.status()["VmRSS"]
         with connect(server.port) as client:
             sent = _stream_until_refused(client, b"x" * MiB, attack)
-        stats = _settled(server)
+        stats = _settled(server, errors=1)
         peak_growth = server.status()["VmHWM"] - rss_before
     assert sent < attack, "the server must close the connection, not read 300 MiB"
     assert stats["errors"] == ["LineTooLongError"]
@@ -215,7 +217,7 @@ def test_a_hostile_length_prefix_is_refused_at_the_header(tmp_path, header):
             client.sendall(good_frame + header)
             # A server that believed the header would now read this payload into memory.
             sent = _stream_until_refused(client, b"\0" * MiB, max_frame + 8 * MiB)
-        stats = _settled(server)
+        stats = _settled(server, errors=1)
         after = server.status()
     assert sent < max_frame, "the server must close the connection at the header"
     assert stats["errors"] == ["FrameTooLargeError"]

@@ -298,6 +298,10 @@ def test_silent_connections_cannot_starve_max_threads():
     class Pooled(fastsock.ThreadingTCPServer):
         max_threads = 2
 
+        def verify_request(self, request, client_address):
+            # An override of a request hook keeps a handler thread per connection.
+            return True
+
     with Pooled((HOST, 0), handler) as server:
         thread = _serve(server)
         squatters = [socket.create_connection(server.server_address) for _ in range(2)]
@@ -414,3 +418,27 @@ def test_a_stale_budget_report_evicts_nobody():
         registry.close(receiver)
         assert registry.stats().memory_evictions == 1
         assert registry.counters.partial_bytes == 0
+
+
+def test_on_event_engines_silent_connections_hold_no_thread():
+    ring = fastsock.RingQueue()
+    handler = fastsock.receiver(ring, framing="lines", evict_idle_after=0.3)
+
+    class Pooled(fastsock.ThreadingTCPServer):
+        max_threads = 2
+
+    with Pooled((HOST, 0), handler) as server:
+        thread = _serve(server)
+        squatters = [socket.create_connection(server.server_address) for _ in range(4)]
+        try:
+            wait_until(lambda: server.stats().connections_active == 4, what="four squatters")
+            with socket.create_connection(server.server_address) as good:
+                good.sendall(b"served\n")
+                assert ring.get(timeout=GENEROUS) == b"served"
+            assert server.stats().idle_evictions == 0
+            assert not select.select(squatters, [], [], 0.5)[0], "no squatter was closed"
+        finally:
+            for squatter in squatters:
+                squatter.close()
+            server.shutdown()
+            thread.join(GENEROUS)
