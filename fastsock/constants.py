@@ -133,6 +133,11 @@ PROTOCOL_ERROR_SAMPLE = 32
 """Bytes of an offending line or frame shown, escaped, in the log line about it: enough to
 recognise b"GET / HTTP/1.1" or a binary header, too few to copy a payload into the logs."""
 
+ENGINE_EVENTS_KEPT = 4096
+"""Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
+between two takes is reported whole, while a caller that stops taking them costs at most
+this many; beyond it they are only counted (``events_lost``)."""
+
 
 def default_max_connections():
     """min(MAX_CONNECTIONS_CAP, the file-descriptor limit - FD_RESERVE), at least 1."""

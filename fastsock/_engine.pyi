@@ -1,0 +1,137 @@
+"""The compiled event engine: one loop receiving many stream connections.
+
+A ``StreamEngine`` owns listening sockets and every connection it accepts from them (or is
+given): one ``epoll`` loop, run with the GIL released, accepts in batches, reads each ready
+connection up to a fairness budget per turn, frames what arrives with one framer state per
+connection and publishes the messages to a ``RingQueue``.  No thread, Python object or
+Python call per connection or per message; a server whose peers are all silent sleeps in
+the kernel until its next deadline (idle or message timeout) or until ``stop()``.
+
+It keeps every promise of the per-connection loop (``StreamReceiver``): the same framing
+and limits, the same counters (a ``ReceiveCounters`` shared with forked processes), per-
+connection FIFO, backpressure (a full ring stops all reading until it drains to its resume
+mark, so TCP pushes back on every sender), and the graceful stop of issue 12 (stop
+accepting, shut each connection both ways, hand over what the kernel holds within
+``drain_timeout``, count the rest in ``bytes_unread``).
+"""
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from fastsock._recvloop import ReceiveCounters
+from fastsock._ring import RingQueue
+
+class EngineEvent(NamedTuple):
+    """Something the engine did that Python reports (logs, or passes to ``handle_error``).
+
+    ``kind`` is one of:
+
+    - "line_too_long", "frame_too_large": the connection was closed for a protocol error;
+      ``detail`` is the start of the offending line or frame (at most
+      ``constants.PROTOCOL_ERROR_SAMPLE`` bytes);
+    - "message_timeout": closed, one message took longer than ``message_timeout``;
+      ``detail`` is the timeout in seconds;
+    - "evicted_idle": closed to admit a new connection when ``max_connections`` were open;
+      ``detail`` is how long it had been silent, in seconds;
+    - "evicted_memory": closed as the largest holder of partial messages when the shared
+      total passed ``partial_budget``; ``detail`` is the bytes it held;
+    - "refused": a new connection was closed at once, ``max_connections`` being open and
+      none silent for ``evict_idle_after``; ``connection_id`` is None, ``detail`` is
+      ``max_connections``;
+    - "accept_paused": ``accept()`` failed for lack of descriptors or memory (EMFILE,
+      ENFILE, ENOBUFS, ENOMEM); accepting pauses ``detail`` seconds (10 ms doubling to 1 s)
+      while the open connections are served; ``connection_id`` and ``address`` are None;
+    - "no_memory", "os_error": receiving from the connection failed and it was closed;
+      ``detail`` is the errno.
+
+    ``address`` is the peer's address as ``socket.accept()`` gives it.
+    """
+
+    kind: str
+    connection_id: int | None
+    address: object
+    detail: object
+
+class StreamEngine:
+    def __init__(
+        self,
+        ring: RingQueue,
+        counters: ReceiveCounters,
+        *,
+        listeners: Sequence[int] = (),
+        framing: str = "raw",
+        delimiter: bytes = b"\n",
+        keep_delimiter: bool = False,
+        max_line: int = ...,
+        max_frame: int = ...,
+        recv_size: int = ...,
+        idle_timeout: float | None = None,
+        message_timeout: float | None = None,
+        drain_timeout: float = 0.0,
+        max_connections: int | None = None,
+        evict_idle_after: float = ...,
+        partial_budget: int | None = None,
+    ) -> None:
+        """``listeners``: file descriptors of listening stream sockets (TCP, IPv4 or IPv6,
+        or Unix); the engine makes them non-blocking and accepts from them, but does not
+        close them.  The framing options are ``Framer``'s; the limits
+        ``fastsock.receiver()``'s, with the same defaults (``max_connections`` None:
+        ``constants.default_max_connections()``).  ``recv_size`` is also the fairness
+        budget: each ready connection gets one ``recv()`` of at most that many bytes per
+        turn of the loop, so a connection sending without pause cannot starve the others.
+        Bad options raise ``ValueError``/``TypeError`` as ``fastsock.receiver()`` does."""
+
+    def add_connection(self, fd: int) -> int:
+        """Receive an already accepted, connected stream socket too, as if the engine had
+        accepted it; returns its connection id.  The engine owns the descriptor from now
+        on and closes it when the connection ends (call ``socket.detach()`` first).  Counts
+        toward ``max_connections`` (evicting or refusing as for an accepted one:
+        ``ConnectionRefusedError`` then, the descriptor closed)."""
+
+    def run(self) -> str:
+        """Receive with the GIL released; return why it returned:
+
+        - "events": there are events to take (``take_events()``); call ``run()`` again;
+        - "stopped": ``stop()`` was called and the drain is over: every connection is
+          closed and its leftovers counted; later calls return "stopped" at once;
+        - "empty": the engine has no listener and no connection left (an engine given
+          connections only, after they all ended).
+
+        A signal handler's exception (KeyboardInterrupt) propagates at once (the wait is
+        interrupted by the signal); ``run()`` may then be called again and resumes.
+        ``RuntimeError`` if another thread is running it.
+        """
+
+    def stop(self) -> None:
+        """Stop gracefully; any thread may call it (it writes to the engine's eventfd, so a
+        sleeping loop wakes at once).  The loop stops accepting, shuts every connection
+        both ways, keeps reading, framing and publishing what the kernel holds until each
+        connection has been read to its end or ``drain_timeout`` passed, counts the rest
+        (``bytes_unread``, ``messages_dropped``, ``bytes_discarded``), closes every
+        connection, and ``run()`` returns "stopped"."""
+
+    def take_events(self) -> list[EngineEvent]:
+        """The events since the last call, oldest first (at most
+        ``constants.ENGINE_EVENTS_KEPT``; beyond that only counted in ``events_lost``)."""
+
+    def peer(self, connection_id: int) -> object:
+        """The client address of a connection, open or among the
+        ``constants.RECENT_PEERS`` closed last; None otherwise."""
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+
+    @property
+    def events_lost(self) -> int:
+        """Events not kept because ``take_events()`` was not called often enough."""
+
+    @property
+    def wakeups(self) -> int:
+        """Times the loop returned from ``epoll_wait()``: over a silent second it should
+        stay at a handful."""
+
+    def close(self) -> None:
+        """Close every connection (counting what each leaves behind, as ``stop()`` with no
+        drain) and release the engine's descriptors; not the listeners.  Idempotent; not
+        while ``run()`` runs."""
