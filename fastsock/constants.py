@@ -90,10 +90,6 @@ RECENT_PEERS = 4096
 """Closed connections whose client address a server still remembers, so a consumer can
 name the sender of messages that were queued just before their connection closed."""
 
-ENGINE_EVENTS_KEPT = 4096
-"""Events (protocol errors, evictions, refusals) an event engine keeps until Python takes
-them: a burst of bad clients is reported whole, a flood beyond it only counted."""
-
 SHUTDOWN_DRAIN_TIMEOUT = 20.0
 """Seconds a gracefully stopping server gives its receive loops to hand over what their
 peers sent before the stop (the kernel's buffers, then ring room for it): a full 64 MiB ring
@@ -136,6 +132,11 @@ trickling one would otherwise hold a gigabyte."""
 PROTOCOL_ERROR_SAMPLE = 32
 """Bytes of an offending line or frame shown, escaped, in the log line about it: enough to
 recognise b"GET / HTTP/1.1" or a binary header, too few to copy a payload into the logs."""
+
+ENGINE_EVENTS_KEPT = 4096
+"""Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
+between two takes is reported whole, while a caller that stops taking them costs at most
+this many; beyond it they are only counted (``events_lost``)."""
 
 
 def default_max_connections():

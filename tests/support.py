@@ -7,10 +7,12 @@ test fail instead of hanging it.
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 NETWORK_TIMEOUT = 10.0
@@ -161,3 +163,32 @@ class StreamingClient(threading.Thread):
         info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
         # The count includes the SYN's one sequence number.
         return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0] - 1
+
+
+class SlowConsumer(threading.Thread):
+    """Takes 128 messages every 10 ms; with stall_for, none for that many seconds from the
+    stop (set stop_started), past the drain deadline, so that something is surely left to
+    count; returns once the ring is empty after stop_finished is set."""
+
+    def __init__(self, ring, stall_for):
+        super().__init__(name="slow-consumer", daemon=True)
+        self.ring = ring
+        self.stall_for = stall_for
+        self.stop_started = threading.Event()
+        self.stop_finished = threading.Event()
+        self.messages = []
+
+    def run(self):
+        stalled = False
+        while True:
+            if self.stall_for and self.stop_started.is_set() and not stalled:
+                stalled = True
+                time.sleep(self.stall_for)
+            try:
+                self.messages.extend(self.ring.get_many(max_items=128, timeout=0.05))
+            except queue.Empty:
+                if self.stop_finished.is_set():
+                    return
+                continue
+            if not self.stop_finished.is_set():
+                time.sleep(0.01)

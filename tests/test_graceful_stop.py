@@ -9,7 +9,6 @@ and ``bytes_unread`` (still in the kernel at the deadline).
 """
 
 import os
-import queue
 import signal
 import socket
 import threading
@@ -19,41 +18,13 @@ import warnings
 import pytest
 
 import fastsock
-from tests.support import NUMBERED_LINE, NUMBERED_LINE_SIZE, StreamingClient
+from tests.support import NUMBERED_LINE, NUMBERED_LINE_SIZE, SlowConsumer, StreamingClient
 
 GENEROUS = 20.0
 HOST = "127.0.0.1"
 # A slow consumer gets long enough to make the loop read again after the stop (one recv
 # frames thousands of lines); a stalled one a short deadline that surely leaves bytes.
 DRAIN_TIMEOUTS = {"slow": 1.5, "stalls-at-stop": 0.3}
-
-
-class SlowConsumer(threading.Thread):
-    """Takes 128 messages every 10 ms; with stall_on_stop, none from the stop until past
-    the drain deadline, so that something is surely left to count."""
-
-    def __init__(self, ring, stall_for):
-        super().__init__(name="slow-consumer", daemon=True)
-        self.ring = ring
-        self.stall_for = stall_for
-        self.stop_started = threading.Event()
-        self.stop_finished = threading.Event()
-        self.messages = []
-
-    def run(self):
-        stalled = False
-        while True:
-            if self.stall_for and self.stop_started.is_set() and not stalled:
-                stalled = True
-                time.sleep(self.stall_for)
-            try:
-                self.messages.extend(self.ring.get_many(max_items=128, timeout=0.05))
-            except queue.Empty:
-                if self.stop_finished.is_set():
-                    return
-                continue
-            if not self.stop_finished.is_set():
-                time.sleep(0.01)
 
 
 class Threaded:

@@ -1,0 +1,664 @@
+"""Pure-Python reference of the compiled event engine (fastsock/_engine.pyx, documented in
+fastsock/_engine.pyi): one ``selectors`` loop receiving many stream connections.
+
+Same constructor, methods, counters and events.  It frames with the reference Framer and
+publishes to the reference RingQueue, and it is a model of the semantics, not of the
+speed: where the compiled engine waits on the ring's resume mark, this one polls the ring
+(as the reference StreamReceiver does).
+"""
+
+import array
+import contextlib
+import errno
+import fcntl
+import operator
+import os
+import queue
+import selectors
+import socket
+import termios
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import NamedTuple
+
+from fastsock import constants
+from fastsock._reference.framing import Framer
+from fastsock._reference.receiver import ReceiveCounters
+from fastsock._reference.ring import RingQueue
+from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
+
+__all__ = ["EngineEvent", "StreamEngine"]
+
+# Seconds between two tries to publish while the ring is full: the reference receiver's.
+RING_POLL_INTERVAL = 0.005
+ACCEPT_EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2): Linux hands a new connection's pending network error to accept(); the next
+# connection in the backlog may be fine.
+ACCEPT_RETRY_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EPERM,
+    }
+)
+RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
+WAKEUP = "wakeup"
+
+
+class EngineEvent(NamedTuple):
+    """Something the engine did that Python reports; see fastsock/_engine.pyi."""
+
+    kind: str
+    connection_id: int | None
+    address: object
+    detail: object
+
+
+class _Connection:
+    __slots__ = (
+        "id",
+        "sock",
+        "address",
+        "framer",
+        "last_data",
+        "message_started",
+        "messages_at_start",
+        "held_bytes",
+        "unpublished",
+        "ending",
+        "watched",
+    )
+
+    def __init__(self, connection_id, sock, address, framer, now):
+        self.id = connection_id
+        self.sock = sock
+        self.address = address
+        self.framer = framer
+        self.last_data = now
+        self.message_started = None
+        self.messages_at_start = 0
+        self.held_bytes = 0
+        # Framed, not yet published: only the connection the ring refused holds any.
+        self.unpublished = deque()
+        # The event its close will report, once its framed messages are published.
+        self.ending = None
+        self.watched = True
+
+
+class StreamEngine:
+    """Receives many stream connections in one loop; documented in fastsock/_engine.pyi."""
+
+    def __init__(
+        self,
+        ring,
+        counters,
+        *,
+        listeners=(),
+        framing="raw",
+        delimiter=constants.LINE_DELIMITER,
+        keep_delimiter=False,
+        max_line=constants.MAX_LINE_LENGTH,
+        max_frame=constants.MAX_FRAME_SIZE,
+        recv_size=constants.RECV_SIZE,
+        idle_timeout=None,
+        message_timeout=None,
+        drain_timeout=0.0,
+        max_connections=None,
+        evict_idle_after=constants.EVICT_IDLE_AFTER,
+        partial_budget=None,
+    ):
+        if not isinstance(ring, RingQueue):
+            raise TypeError(f"ring must be a reference RingQueue, not {ring!r}")
+        if not isinstance(counters, ReceiveCounters):
+            raise TypeError(f"counters must be reference ReceiveCounters, not {counters!r}")
+        self._framer_options = {
+            "framing": framing,
+            "delimiter": delimiter,
+            "keep_delimiter": keep_delimiter,
+            "max_line": max_line,
+            "max_frame": max_frame,
+        }
+        Framer(**self._framer_options)
+        if not isinstance(recv_size, int) or recv_size < 1:
+            raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        if message_timeout is not None and not message_timeout > 0:
+            raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
+        if max_connections is not None and (
+            not isinstance(max_connections, int) or max_connections < 1
+        ):
+            raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
+        if not evict_idle_after >= 0:
+            raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
+        if partial_budget is not None and not partial_budget > 0:
+            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
+        largest = {"raw": recv_size, "lines": max_line + len(delimiter), "length": max_frame}
+        if largest[framing] > ring.max_bytes:
+            raise ValueError(
+                f"a {framing!r} message may reach {largest[framing]} bytes, more than the "
+                f"ring's max_bytes={ring.max_bytes}: raise max_bytes or lower the limit"
+            )
+        listener_fds = [operator.index(fd) for fd in listeners]
+        self._ring = ring
+        self._counters = counters
+        self._recv_size = recv_size
+        self._idle_timeout = idle_timeout
+        self._message_timeout = message_timeout
+        self._drain_timeout = drain_timeout
+        self._max_connections = max_connections or constants.default_max_connections()
+        self._evict_idle_after = evict_idle_after
+        self._partial_budget = partial_budget
+
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, WAKEUP)
+        # What a loop paused by a full ring waits on: only stop() may end the wait early.
+        self._wakeup_selector = selectors.DefaultSelector()
+        self._wakeup_selector.register(self._wake_reader, selectors.EVENT_READ)
+        # Duplicates, so that closing the engine never closes the caller's listeners; they
+        # share the open file, so the caller's descriptors become non-blocking too.
+        self._listeners = []
+        for fd in listener_fds:
+            listener = socket.socket(fileno=os.dup(fd))
+            listener.setblocking(False)
+            self._listeners.append(listener)
+        self._accepting = False
+        self._watch_listeners(True)
+        self._accept_backoff = 0.0
+        self._accept_resumes_at = None
+
+        self._connections = {}
+        # Connection id -> connection, silent longest first: the front holds the nearest idle
+        # deadline and is the one an eviction picks.
+        self._by_silence = OrderedDict()
+        # Connection id -> connection holding a partial message, oldest message first.
+        self._by_message_start = OrderedDict()
+        self._closed_peers = OrderedDict()
+        # The connection whose messages the ring refused: while set, nothing is read.
+        self._blocked = None
+        # Clocks that started before the last pause restart at its end.
+        self._resumed_at = float("-inf")
+
+        self._events = []
+        self._events_lock = threading.Lock()
+        self._events_lost = 0
+        self._unannounced = False
+        self._wakeups = 0
+        self._run_lock = threading.Lock()
+        self._stop_asked = False
+        self._draining = False
+        self._drain_deadline = None
+        self._ring_closed = False
+        self._stopped = False
+        self._closed = False
+
+    # -- Public API ----------------------------------------------------------------------
+
+    def add_connection(self, fd):
+        """Adopt a connected stream socket; see fastsock/_engine.pyi."""
+        fd = operator.index(fd)
+        with self._exclusive("add_connection"):
+            sock = socket.socket(fileno=fd)
+            if self._stopped or self._closed:
+                sock.close()
+                raise ConnectionRefusedError(errno.ECONNREFUSED, "the engine has stopped")
+            sock.setblocking(False)
+            try:
+                address = sock.getpeername()
+            except OSError:
+                address = None
+            connection = self._admit(sock, address, time.monotonic())
+            if connection is None:
+                sock.close()
+                raise ConnectionRefusedError(
+                    errno.ECONNREFUSED,
+                    f"already receiving max_connections={self._max_connections} connections",
+                )
+            return connection.id
+
+    def run(self):
+        """Receive until there are events, the engine stopped, or it has nothing left."""
+        if self._closed:
+            raise ValueError("the engine is closed")
+        with self._exclusive("run"):
+            return self._run()
+
+    def stop(self):
+        """Stop gracefully; safe from any thread, wakes a sleeping run() at once."""
+        self._stop_asked = True
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # a wake-up is already pending, or the engine is closed
+
+    def take_events(self):
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
+
+    def peer(self, connection_id):
+        connection = self._connections.get(connection_id)
+        if connection is not None:
+            return connection.address
+        return self._closed_peers.get(connection_id)
+
+    @property
+    def connections(self):
+        return len(self._connections)
+
+    @property
+    def events_lost(self):
+        return self._events_lost
+
+    @property
+    def wakeups(self):
+        return self._wakeups
+
+    def close(self):
+        """Close every connection, counting what each leaves, and the engine's descriptors."""
+        with self._exclusive("close"):
+            if self._closed:
+                return
+            self._closed = True
+            self._end_all()
+            self._selector.close()
+            self._wakeup_selector.close()
+            for listener in self._listeners:
+                listener.close()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    # -- The loop ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self, what):
+        if not self._run_lock.acquire(blocking=False):
+            raise RuntimeError(f"{what}() while another thread runs the engine")
+        try:
+            yield
+        finally:
+            self._run_lock.release()
+
+    def _run(self):
+        while True:
+            if not self._stopped and (self._ring_closed or self._drain_over()):
+                self._end_all()
+                self._stopped = True
+            if self._stopped:
+                return "stopped"
+            if self._unannounced:
+                self._unannounced = False
+                return "events"
+            if self._stop_asked and not self._draining:
+                self._begin_drain()
+                continue
+            if not self._listeners and not self._connections:
+                return "empty"
+            if self._blocked is not None:
+                self._wait_for_ring()
+            else:
+                self._turn()
+
+    def _turn(self):
+        ready = self._selector.select(self._timeout(time.monotonic()))
+        self._wakeups += 1
+        for key, _ in ready:
+            if key.data is WAKEUP:
+                self._take_wakeups()
+            elif self._blocked is not None:
+                # The ring is full: the others stay ready (level-triggered) for later turns.
+                continue
+            elif isinstance(key.data, _Connection):
+                if key.data.watched:
+                    self._receive(key.data)
+            elif self._accepting:
+                self._accept(key.data)
+        now = time.monotonic()
+        if self._accept_resumes_at is not None and now >= self._accept_resumes_at:
+            self._accept_resumes_at = None
+            self._watch_listeners(True)
+        self._fire_timers(now)
+
+    def _timeout(self, now):
+        deadlines = []
+        if self._idle_timeout is not None and self._by_silence:
+            oldest = next(iter(self._by_silence.values()))
+            deadlines.append(self._clock_start(oldest.last_data) + self._idle_timeout)
+        if self._message_timeout is not None and self._by_message_start:
+            oldest = next(iter(self._by_message_start.values()))
+            deadlines.append(self._clock_start(oldest.message_started) + self._message_timeout)
+        if self._accept_resumes_at is not None:
+            deadlines.append(self._accept_resumes_at)
+        if self._draining:
+            deadlines.append(self._drain_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _clock_start(self, started):
+        # A connection is not silent, nor its message late, because a full ring kept the
+        # engine from reading it.
+        return max(started, self._resumed_at)
+
+    def _fire_timers(self, now):
+        if self._blocked is not None:
+            return  # no clock runs while the ring holds the engine back
+        if self._idle_timeout is not None:
+            while self._by_silence:
+                connection = next(iter(self._by_silence.values()))
+                if now - self._clock_start(connection.last_data) < self._idle_timeout:
+                    break
+                self._counters.add("idle_timeouts", 1)
+                self._close(connection)
+        if self._message_timeout is not None:
+            while self._by_message_start:
+                connection = next(iter(self._by_message_start.values()))
+                started = self._clock_start(connection.message_started)
+                if now - started < self._message_timeout:
+                    break
+                self._counters.add("message_timeouts", 1)
+                self._end(connection, "message_timeout", self._message_timeout)
+
+    def _wait_for_ring(self):
+        """The ring refused a message: read nothing, retry it every RING_POLL_INTERVAL."""
+        timeout = RING_POLL_INTERVAL
+        if self._draining:
+            timeout = max(0.0, min(timeout, self._drain_deadline - time.monotonic()))
+        paused_at = time.monotonic_ns()
+        ready = self._wakeup_selector.select(timeout)
+        self._wakeups += 1
+        self._counters.add("paused_seconds", time.monotonic_ns() - paused_at)
+        if ready:
+            self._take_wakeups()
+        self._resumed_at = time.monotonic()
+        self._publish(self._blocked)
+
+    def _take_wakeups(self):
+        while True:
+            try:
+                if not self._wake_reader.recv(4096):
+                    return
+            except BlockingIOError:
+                return
+
+    def _watch_listeners(self, watch):
+        if watch == self._accepting:
+            return
+        self._accepting = watch
+        for listener in self._listeners:
+            if watch:
+                self._selector.register(listener, selectors.EVENT_READ, listener)
+            else:
+                self._selector.unregister(listener)
+
+    # -- Connections ---------------------------------------------------------------------
+
+    def _accept(self, listener):
+        while True:
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_EXHAUSTION_ERRNOS:
+                    self._pause_accepting()
+                    return
+                if exc.errno in ACCEPT_RETRY_ERRNOS:
+                    continue
+                raise
+            self._accept_backoff = 0.0
+            sock.setblocking(False)
+            if self._admit(sock, address, time.monotonic()) is None:
+                sock.close()
+                self._record(EngineEvent("refused", None, address, self._max_connections))
+
+    def _pause_accepting(self):
+        self._accept_backoff = min(
+            max(self._accept_backoff * 2, constants.ACCEPT_BACKOFF_INITIAL),
+            constants.ACCEPT_BACKOFF_MAX,
+        )
+        self._accept_resumes_at = time.monotonic() + self._accept_backoff
+        self._watch_listeners(False)
+        self._record(EngineEvent("accept_paused", None, None, self._accept_backoff))
+
+    def _admit(self, sock, address, now):
+        """The new connection, or None when max_connections are open and none may go."""
+        if len(self._connections) >= self._max_connections and not self._evict_idlest(now):
+            return None
+        connection = _Connection(
+            self._counters.next_connection_id(),
+            sock,
+            address,
+            Framer(**self._framer_options),
+            now,
+        )
+        self._counters.add("connections_opened", 1)
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+        self._connections[connection.id] = connection
+        self._by_silence[connection.id] = connection
+        if self._draining:
+            self._shutdown(connection)
+        return connection
+
+    def _evict_idlest(self, now):
+        if self._blocked is not None or not self._by_silence:
+            return False
+        idlest = next(iter(self._by_silence.values()))
+        silent = now - self._clock_start(idlest.last_data)
+        if silent < self._evict_idle_after:
+            return False
+        self._counters.add("idle_evictions", 1)
+        self._end(idlest, "evicted_idle", silent)
+        return True
+
+    def _receive(self, connection):
+        try:
+            data = connection.sock.recv(self._recv_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in RESET_ERRNOS:
+                self._counters.add("resets", 1)
+                self._close(connection)
+            else:
+                self._end(connection, "os_error", exc.errno)
+            return
+        if not data:
+            # The peer's end, or, in a drain, everything it sent before the stop.
+            self._close(connection)
+            return
+        now = time.monotonic()
+        connection.last_data = now
+        self._by_silence.move_to_end(connection.id)
+        self._counters.add("bytes_received", len(data))
+        framer = connection.framer
+        pending_start = framer.peek_pending(constants.PROTOCOL_ERROR_SAMPLE)
+        try:
+            connection.unpublished.extend(framer.feed(data))
+        except LineTooLongError as exc:
+            self._fail(connection, exc, "lines_too_long", "line_too_long", pending_start, data)
+            return
+        except FrameTooLargeError as exc:
+            self._fail(connection, exc, "frames_too_large", "frame_too_large", pending_start, data)
+            return
+        except MemoryError:
+            self._end(connection, "no_memory", errno.ENOMEM)
+            return
+        self._publish(connection)
+        over_budget = self._hold_partial(connection)
+        if self._message_overdue(connection, now):
+            self._counters.add("message_timeouts", 1)
+            self._end(connection, "message_timeout", self._message_timeout)
+        elif over_budget:
+            self._relieve_memory()
+
+    def _fail(self, connection, error, counter, kind, pending_start, data):
+        self._counters.add(counter, 1)
+        self._counters.add("bytes_discarded", error.discarded)
+        connection.unpublished.extend(error.messages)
+        self._publish(connection)
+        self._hold_partial(connection)
+        self._end(connection, kind, _offending_sample(error, pending_start, data))
+
+    def _publish(self, connection):
+        while connection.unpublished:
+            try:
+                self._ring.put_nowait(connection.unpublished[0], source_id=connection.id)
+            except queue.Full:
+                if self._blocked is None:
+                    self._blocked = connection
+                    self._counters.add("pauses", 1)
+                return
+            except QueueClosed:
+                self._ring_closed = True
+                return
+            connection.unpublished.popleft()
+            self._counters.add("messages_received", 1)
+        if self._blocked is connection:
+            self._blocked = None
+        if connection.ending is not None:
+            self._close(connection)
+
+    def _hold_partial(self, connection):
+        """Move the shared gauge to this connection's share; True if that passed the budget."""
+        held = connection.framer.pending
+        if held == connection.held_bytes:
+            return False
+        total = self._counters.hold_partial(connection.held_bytes, held)
+        connection.held_bytes = held
+        return bool(self._partial_budget and held and total > self._partial_budget)
+
+    def _message_overdue(self, connection, now):
+        # Per message: completing any message restarts the clock of the partial one.
+        framer = connection.framer
+        if not framer.pending:
+            connection.message_started = None
+            self._by_message_start.pop(connection.id, None)
+            return False
+        if (
+            connection.message_started is None
+            or framer.messages_out != connection.messages_at_start
+        ):
+            connection.message_started = now
+            connection.messages_at_start = framer.messages_out
+            self._by_message_start[connection.id] = connection
+            self._by_message_start.move_to_end(connection.id)
+            return False
+        started = self._clock_start(connection.message_started)
+        return self._message_timeout is not None and now - started >= self._message_timeout
+
+    def _relieve_memory(self):
+        # Another connection's end may already have brought the shared total back.
+        if self._counters.partial_bytes <= self._partial_budget:
+            return
+        holders = [c for c in self._connections.values() if c.held_bytes and c.ending is None]
+        if not holders:
+            return
+        largest = max(holders, key=operator.attrgetter("held_bytes"))
+        self._counters.add("memory_evictions", 1)
+        self._end(largest, "evicted_memory", largest.held_bytes)
+
+    def _end(self, connection, kind, detail):
+        """Close the connection with an event, once the messages it framed are published."""
+        connection.ending = EngineEvent(kind, connection.id, connection.address, detail)
+        self._unwatch(connection)
+        if self._blocked is not connection:
+            self._close(connection)
+
+    def _unwatch(self, connection):
+        if not connection.watched:
+            return
+        connection.watched = False
+        self._selector.unregister(connection.sock)
+        self._by_silence.pop(connection.id, None)
+        self._by_message_start.pop(connection.id, None)
+
+    def _close(self, connection):
+        """Count what the connection leaves behind (the kernel's unread bytes, messages framed
+        but not published, a partial message) and close it."""
+        if self._connections.get(connection.id) is not connection:
+            return
+        self._unwatch(connection)
+        if self._blocked is connection:
+            self._blocked = None
+        unread = array.array("i", [0])
+        try:
+            fcntl.ioctl(connection.sock.fileno(), termios.FIONREAD, unread)
+        except OSError:
+            unread[0] = 0
+        if unread[0] > 0:
+            self._counters.add("bytes_unread", unread[0])
+        self._counters.add("messages_dropped", len(connection.unpublished))
+        discarded = sum(map(len, connection.unpublished)) + connection.framer.eof()
+        self._counters.add("bytes_discarded", discarded)
+        connection.unpublished.clear()
+        self._counters.hold_partial(connection.held_bytes, 0)
+        connection.held_bytes = 0
+        self._counters.add("connections_closed", 1)
+        # Remembered before it leaves the open ones, so peer() always finds it.
+        self._closed_peers[connection.id] = connection.address
+        while len(self._closed_peers) > constants.RECENT_PEERS:
+            self._closed_peers.popitem(last=False)
+        del self._connections[connection.id]
+        connection.sock.close()
+        if connection.ending is not None:
+            self._record(connection.ending)
+
+    def _end_all(self):
+        for connection in list(self._connections.values()):
+            self._close(connection)
+
+    # -- Stopping ------------------------------------------------------------------------
+
+    def _begin_drain(self):
+        self._draining = True
+        self._drain_deadline = time.monotonic() + self._drain_timeout
+        self._accept_resumes_at = None
+        self._watch_listeners(False)
+        for connection in self._connections.values():
+            self._shutdown(connection)
+
+    def _drain_over(self):
+        if not self._draining:
+            return False
+        return not self._connections or time.monotonic() >= self._drain_deadline
+
+    @staticmethod
+    def _shutdown(connection):
+        # Both ways, as the receive loop does: the peer's further data is refused, not
+        # acknowledged, so what the kernel holds now is all it was told was delivered.
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer is already gone: what is queued is still read
+
+    def _record(self, event):
+        with self._events_lock:
+            if len(self._events) < constants.ENGINE_EVENTS_KEPT:
+                self._events.append(event)
+            else:
+                self._events_lost += 1
+        self._unannounced = True
+
+
+def _offending_sample(error, pending_start, data):
+    """The start of the offending line or frame, as StreamReceiver.offending_sample gives it:
+    it began in data unless the framer discarded more than data."""
+    limit = constants.PROTOCOL_ERROR_SAMPLE
+    if error.discarded <= len(data):
+        start = len(data) - error.discarded
+        return bytes(data[start : start + limit])
+    return (pending_start + bytes(data[:limit]))[:limit]
