@@ -98,6 +98,12 @@ cdef struct EngineEventRecord:
     char sample[64]               # a framing error's offending bytes, first ones
 
 
+cdef enum AdoptResult:
+    ADOPTED
+    REFUSED                       # max_connections are open and none could be evicted
+    FAILED                        # out of memory, or epoll refused the descriptor
+
+
 cdef enum EngineEnd:
     ENGINE_EVENTS
     ENGINE_STOPPED
@@ -158,6 +164,8 @@ cdef class StreamEngine:
     cdef EngineEventRecord* event_records
     cdef Py_ssize_t event_count
     cdef Py_ssize_t event_capacity
+    cdef unsigned long long events_recorded   # kept ones, ever
+    cdef unsigned long long events_announced  # events_recorded when run() last said so
     cdef readonly unsigned long long events_lost
     cdef readonly unsigned long long wakeups
 
@@ -178,7 +186,8 @@ cdef class StreamEngine:
     cdef void expire(self, uint64_t now) noexcept nogil
     cdef void accept_from(self, int listener, uint64_t now) noexcept nogil
     cdef void set_accepting(self, bint accepting) noexcept nogil
-    cdef int adopt(self, int fd, const PeerAddress* address, uint64_t now) noexcept nogil
+    cdef AdoptResult adopt(self, int fd, const PeerAddress* address,
+                           uint64_t now) noexcept nogil
     cdef bint make_room(self, uint64_t now) noexcept nogil
     cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil
     cdef bint deliver(self, Connection* connection) noexcept nogil

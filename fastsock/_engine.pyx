@@ -318,6 +318,11 @@ cdef class StreamEngine:
         framer_configure(&self.framer_config, framing, delimiter, keep_delimiter, max_line,
                          max_frame)
         self.framer_configured = True
+        largest = {"raw": recv_size, "lines": max_line + len(delimiter), "length": max_frame}
+        if largest[framing] > ring.max_bytes:
+            raise ValueError(
+                f"a {framing!r} message may reach {largest[framing]} bytes, more than the "
+                f"ring's max_bytes={ring.max_bytes}: raise max_bytes or lower the limit")
         self.ring = ring
         self.counters = counters
         self.recv_size = recv_size
@@ -390,14 +395,15 @@ cdef class StreamEngine:
         if self.running:
             raise RuntimeError("add_connection() while run() runs in another thread")
         if self.closed or self.finished:
-            raise ValueError("the engine is stopped")
+            close(fd)
+            raise ConnectionRefusedError("the engine is stopped")
         address.length = ADDRESS_ROOM
         if getpeername(fd, <sockaddr*>address.bytes, &address.length) != 0:
             raise OSError(errno, "getpeername")
         flags = fcntl(fd, F_GETFL)
         if flags < 0 or fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0:
             raise OSError(errno, "fcntl")
-        if self.adopt(fd, &address, monotonic_ns()) != 0:
+        if self.adopt(fd, &address, monotonic_ns()) != ADOPTED:
             raise ConnectionRefusedError(
                 f"already receiving max_connections={self.max_connections} connections")
         return self.connection_of(fd).id
@@ -531,7 +537,10 @@ cdef class StreamEngine:
                 self.free_ended()
                 self.finished = True
                 return ENGINE_STOPPED
-            if self.event_count:
+            if self.events_recorded != self.events_announced:
+                # Once per batch of new events: a caller that leaves them untaken is not
+                # woken again for them.
+                self.events_announced = self.events_recorded
                 return ENGINE_EVENTS
             if (not self.draining and self.accepting_wanted != self.accepting
                     and self.accept_resume_ns == 0):
@@ -670,25 +679,26 @@ cdef class StreamEngine:
                     self.record(EVENT_ACCEPT_PAUSED, NULL, NULL, self.accept_backoff, error)
                 return
             self.accept_backoff = 0
-            self.adopt(fd, &address, now)
+            if self.adopt(fd, &address, now) == REFUSED:
+                self.record(EVENT_REFUSED, NULL, &address, 0, <uint64_t>self.max_connections)
 
-    cdef int adopt(self, int fd, const PeerAddress* address, uint64_t now) noexcept nogil:
-        # 0, or -1 with fd closed: refused (max_connections) or out of memory.
+    cdef AdoptResult adopt(self, int fd, const PeerAddress* address,
+                           uint64_t now) noexcept nogil:
+        # Unless ADOPTED, fd is closed.
         cdef Connection* connection
         cdef Connection** grown
         cdef Py_ssize_t capacity
         cdef epoll_event registration
         if self.connection_count >= self.max_connections and not self.make_room(now):
-            self.record(EVENT_REFUSED, NULL, address, 0, <uint64_t>self.max_connections)
             close(fd)
-            return -1
+            return REFUSED
         if fd >= self.by_fd_capacity:
             capacity = max(fd + 1, 2 * self.by_fd_capacity, 64)
             grown = <Connection**>PyMem_RawRealloc(self.by_fd, capacity * sizeof(Connection*))
             if grown == NULL:
                 self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
                 close(fd)
-                return -1
+                return FAILED
             memset(grown + self.by_fd_capacity, 0,
                    (capacity - self.by_fd_capacity) * sizeof(Connection*))
             self.by_fd = grown
@@ -697,14 +707,14 @@ cdef class StreamEngine:
         if connection == NULL:
             self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
             close(fd)
-            return -1
+            return FAILED
         registration.events = EPOLLIN
         registration.data.u64 = <uint64_t>connection
         if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
             self.record(EVENT_OS_ERROR, NULL, address, 0, errno)
             PyMem_RawFree(connection)
             close(fd)
-            return -1
+            return FAILED
         connection.fd = fd
         connection.id = self.counters.take_connection_id()
         connection.last_data_ns = now
@@ -718,7 +728,7 @@ cdef class StreamEngine:
         if self.draining:
             # Accepted from the backlog by a stop: it hands over what it sent, like the rest.
             shutdown(fd, SHUT_RDWR)
-        return 0
+        return ADOPTED
 
     cdef bint make_room(self, uint64_t now) noexcept nogil:
         # Evicts the connection silent longest if it has been silent evict_idle_after.
@@ -954,6 +964,7 @@ cdef class StreamEngine:
             return
         event = &self.event_records[self.event_count]
         self.event_count += 1
+        self.events_recorded += 1
         event.kind = kind
         event.connection_id = 0 if connection == NULL else connection.id
         event.seconds = seconds

@@ -28,8 +28,8 @@ if _choice not in ("", "0", "1"):
 
 if _choice == "1":
     from ._reference.dgramloop import DatagramCounters, DatagramReceiver
-    from ._reference.framing import Framer
     from ._reference.engine import StreamEngine
+    from ._reference.framing import Framer
     from ._reference.receiver import ConnectionLedger, ReceiveCounters, StreamReceiver
     from ._reference.ring import RingQueue
 
