@@ -176,6 +176,7 @@ class StreamEngine:
             listener.setblocking(False)
             self._listeners.append(listener)
         self._accepting = False
+        self._accepting_wanted = True
         self._watch_listeners(True)
         self._accept_backoff = 0.0
         self._accept_resumes_at = None
@@ -239,6 +240,14 @@ class StreamEngine:
     def stop(self):
         """Stop gracefully; safe from any thread, wakes a sleeping run() at once."""
         self._stop_asked = True
+        self._wake()
+
+    def accept_connections(self, accepting):
+        """Stop or resume accepting; safe from any thread."""
+        self._accepting_wanted = accepting
+        self._wake()
+
+    def _wake(self):
         try:
             self._wake_writer.send(b"\0")
         except OSError:
@@ -302,9 +311,15 @@ class StreamEngine:
             if self._unannounced:
                 self._unannounced = False
                 return "events"
-            if self._stop_asked and not self._draining:
+            if (self._stop_asked or self._counters.stop_requested) and not self._draining:
                 self._begin_drain()
                 continue
+            if (
+                not self._draining
+                and self._accept_resumes_at is None
+                and self._accepting_wanted != self._accepting
+            ):
+                self._watch_listeners(self._accepting_wanted)
             if not self._listeners and not self._connections:
                 return "empty"
             if self._blocked is not None:
@@ -377,6 +392,10 @@ class StreamEngine:
         timeout = RING_POLL_INTERVAL
         if self._draining:
             timeout = max(0.0, min(timeout, self._drain_deadline - time.monotonic()))
+        # Reading waits for ring room; accepting goes on between the waits.
+        if self._accepting and self._accepting_wanted:
+            for listener in self._listeners:
+                self._accept(listener)
         paused_at = time.monotonic_ns()
         ready = self._wakeup_selector.select(timeout)
         self._wakeups += 1
@@ -624,8 +643,11 @@ class StreamEngine:
     # -- Stopping ------------------------------------------------------------------------
 
     def _begin_drain(self):
+        # What the backlogs hold was acknowledged by the kernel: it is drained like the rest.
         self._draining = True
         self._drain_deadline = time.monotonic() + self._drain_timeout
+        for listener in self._listeners:
+            self._accept(listener)
         self._accept_resumes_at = None
         self._watch_listeners(False)
         for connection in self._connections.values():
