@@ -531,7 +531,8 @@ cdef class StreamEngine:
             if not self.draining and (self.stop_requested or self.ring_closed
                                       or self.counters.stopping()):
                 self.begin_drain(now)
-            if self.draining and (self.connection_count == 0 or now >= self.drain_deadline_ns):
+            if self.draining and (self.connection_count == 0 or self.ring_closed
+                                  or now >= self.drain_deadline_ns):
                 while self.idle_list.head != NULL:
                     self.end_connection(self.idle_list.head)
                 self.free_ended()
