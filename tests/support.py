@@ -192,3 +192,25 @@ class SlowConsumer(threading.Thread):
                 continue
             if not self.stop_finished.is_set():
                 time.sleep(0.01)
+
+
+def check_stop_accounting(client, delivered, before_stop, stats, consumer):
+    """After a graceful stop of a StreamingClient's server: the lines delivered are a whole
+    prefix, in order, and what the server took responsibility for is exactly those lines
+    plus what the counters name.  A "slow" consumer let the server read after the stop; a
+    stalled one left bytes in the kernel, counted."""
+    delivered_to_server = client.delivered_to_server()
+    client.sock.close()
+    assert delivered == [NUMBERED_LINE[:-1] % n for n in range(len(delivered))], "in order"
+    accounted = (
+        len(delivered) * NUMBERED_LINE_SIZE
+        + stats.messages_dropped
+        + stats.bytes_discarded
+        + stats.bytes_unread
+    )
+    assert delivered_to_server == accounted, stats
+    assert stats.connections_active == 0
+    if consumer == "slow":
+        assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
+    else:
+        assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"

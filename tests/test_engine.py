@@ -27,11 +27,10 @@ from fastsock import constants
 from tests.fault_helpers import wait_until
 from tests.support import (
     NETWORK_TIMEOUT,
-    NUMBERED_LINE,
-    NUMBERED_LINE_SIZE,
     SlowConsumer,
     StreamingClient,
     call_bounded,
+    check_stop_accounting,
     start_thread,
 )
 
@@ -734,23 +733,7 @@ def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(
     assert engine.run() == "stopped", "and at once on later calls"
     engine.close()
 
-    stats = counters.snapshot()
-    delivered = reader.messages
-    delivered_to_server = client.delivered_to_server()
-    client.sock.close()
-    assert delivered == [NUMBERED_LINE[:-1] % n for n in range(len(delivered))], "in order"
-    accounted = (
-        len(delivered) * NUMBERED_LINE_SIZE
-        + stats.messages_dropped
-        + stats.bytes_discarded
-        + stats.bytes_unread
-    )
-    assert delivered_to_server == accounted, stats
-    assert stats.connections_active == 0
-    if consumer == "slow":
-        assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
-    else:
-        assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"
+    check_stop_accounting(client, reader.messages, before_stop, counters.snapshot(), consumer)
 
 
 def test_stop_from_another_thread_wakes_a_sleeping_run(engine_impl, listener):

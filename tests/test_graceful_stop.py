@@ -18,7 +18,7 @@ import warnings
 import pytest
 
 import fastsock
-from tests.support import NUMBERED_LINE, NUMBERED_LINE_SIZE, SlowConsumer, StreamingClient
+from tests.support import SlowConsumer, StreamingClient, check_stop_accounting
 
 GENEROUS = 20.0
 HOST = "127.0.0.1"
@@ -125,23 +125,7 @@ def test_a_graceful_stop_delivers_or_counts_every_acknowledged_byte(mode, consum
     assert not client.is_alive() and not reader.is_alive()
     assert client.ended_by is not None, "the stop refused the client's further bytes"
 
-    stats = server.stats()
-    delivered = reader.messages
-    delivered_to_server = client.delivered_to_server()
-    client.sock.close()
-    assert delivered == [NUMBERED_LINE[:-1] % n for n in range(len(delivered))], "in order"
-    accounted = (
-        len(delivered) * NUMBERED_LINE_SIZE
-        + stats.messages_dropped
-        + stats.bytes_discarded
-        + stats.bytes_unread
-    )
-    assert delivered_to_server == accounted, stats
-    assert stats.connections_active == 0
-    if consumer == "slow":
-        assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
-    else:
-        assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"
+    check_stop_accounting(client, reader.messages, before_stop, server.stats(), consumer)
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
