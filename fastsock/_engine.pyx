@@ -62,7 +62,18 @@ from fastsock._recvloop cimport (
     COUNT_PAUSES,
     COUNT_RESETS,
 )
-from fastsock._sockets cimport sockaddr, socklen_t
+from fastsock._sockets cimport (
+    FIONREAD,
+    SHUT_RDWR,
+    SOCK_CLOEXEC,
+    SOCK_NONBLOCK,
+    accept4,
+    getpeername,
+    ioctl,
+    recv,
+    shutdown,
+    sockaddr,
+)
 
 from collections import namedtuple
 
@@ -85,21 +96,6 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     int EFD_NONBLOCK
     int EFD_CLOEXEC
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    int accept4(int fd, sockaddr* address, socklen_t* length, int flags)
-    int getpeername(int fd, sockaddr* address, socklen_t* length)
-    ssize_t recv(int fd, void* buffer, size_t length, int flags)
-    int shutdown(int fd, int how)
-    int SHUT_RDWR
-    int SOCK_NONBLOCK
-    int SOCK_CLOEXEC
-
-
-cdef extern from "<sys/ioctl.h>" nogil:
-    int ioctl(int fd, unsigned long request, int* value)
-    unsigned long FIONREAD
 
 
 cdef extern from "<pthread.h>" nogil:

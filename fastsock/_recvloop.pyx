@@ -30,7 +30,18 @@ from fastsock._native cimport (
     seconds_to_timeval,
     timeval,
 )
-from fastsock._sockets cimport socklen_t
+from fastsock._sockets cimport (
+    FIONREAD,
+    MSG_PEEK,
+    SHUT_RD,
+    SHUT_RDWR,
+    SO_RCVTIMEO,
+    SOL_SOCKET,
+    ioctl,
+    recv,
+    setsockopt,
+    shutdown,
+)
 from fastsock._framing cimport (
     FRAMER_FRAME_TOO_LARGE,
     FRAMER_LINE_TOO_LONG,
@@ -47,22 +58,6 @@ from fastsock.stats import ReceiveStats
 
 cdef extern from "<errno.h>" nogil:
     int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t recv(int fd, void* buffer, size_t length, int flags)
-    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
-    int SOL_SOCKET
-    int SO_RCVTIMEO
-    int shutdown(int fd, int how)
-    int SHUT_RD
-    int SHUT_RDWR
-    int MSG_PEEK
-
-
-cdef extern from "<sys/ioctl.h>" nogil:
-    int ioctl(int fd, unsigned long request, int* value)
-    unsigned long FIONREAD
 
 
 cdef enum:

@@ -1,5 +1,6 @@
-# The <sys/socket.h> types the compiled loops share (Cython ships no declarations for
-# sockets): the batched receive and send calls take arrays of mmsghdr.
+# The <sys/socket.h> declarations the compiled loops share (Cython ships none for
+# sockets): the batched receive and send calls take arrays of mmsghdr; the stream loops
+# receive, shut down and measure what the kernel still holds (FIONREAD).
 
 from posix.uio cimport iovec
 
@@ -25,3 +26,21 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+
+    int accept4(int fd, sockaddr* address, socklen_t* length, int flags)
+    int getpeername(int fd, sockaddr* address, socklen_t* length)
+    ssize_t recv(int fd, void* buffer, size_t length, int flags)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
+    int shutdown(int fd, int how)
+    int SOL_SOCKET
+    int SO_RCVTIMEO
+    int SHUT_RD
+    int SHUT_RDWR
+    int MSG_PEEK
+    int SOCK_NONBLOCK
+    int SOCK_CLOEXEC
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, int* value)
+    unsigned long FIONREAD
