@@ -23,6 +23,7 @@ from .errors import (
     LineTooLongError,
     QueueClosed,
 )
+from .options import ReceiveOptions
 from .prefork import PreforkServer
 from .receiver import ReceiveHandler, receiver
 from .server import *  # noqa: F403

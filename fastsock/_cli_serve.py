@@ -122,8 +122,8 @@ def add_serve_arguments(parser):
         "--max-connections",
         type=positive_int,
         metavar="N",
-        help="most stream connections received at once, per process (default: "
-        f"{constants.MAX_CONNECTIONS_CAP} or the file-descriptor limit, whichever is lower); "
+        help="most stream connections received at once, per process (default: the "
+        "file-descriptor limit, less a reserve); "
         "then the connection silent longest is evicted for a new one if it has been silent "
         "--evict-idle-after seconds, or the new one is refused",
     )
@@ -273,8 +273,8 @@ def check_serve_options(options, endpoint):
         )
 
 
-def make_handler(options, endpoint, ring):
-    """The receive handler class: fastsock.receiver with the options' limits."""
+def receive_options(options, endpoint):
+    """The ReceiveOptions of the command line's limits (a UsageError if one is refused)."""
     limits = {}
     if options.drain_timeout is not None:
         limits["drain_timeout"] = options.drain_timeout
@@ -287,20 +287,9 @@ def make_handler(options, endpoint, ring):
             if getattr(options, name) is not None:
                 limits[name] = getattr(options, name)
     try:
-        return fastsock.receiver(ring, **limits)
+        return fastsock.ReceiveOptions(**limits)
     except (TypeError, ValueError) as exc:
         raise UsageError(SERVE, str(exc)) from None
-
-
-def largest_message(options, endpoint):
-    if endpoint.datagram:
-        return options.max_datagram or constants.DATAGRAM_MAX_SIZE
-    framing = options.framing or DEFAULT_FRAMING
-    if framing == "lines":
-        return (options.max_line or constants.MAX_LINE_LENGTH) + len(constants.LINE_DELIMITER)
-    if framing == "length":
-        return options.max_frame or constants.MAX_FRAME_SIZE
-    return constants.RECV_SIZE
 
 
 # -- fastsock serve: servers -----------------------------------------------------------------
@@ -566,10 +555,10 @@ def run_serve(options):
 
 
 def start_and_serve(options, endpoint, stop):
-    ring = fastsock.RingQueue(
-        max_bytes=max(constants.RING_MAX_BYTES, largest_message(options, endpoint))
-    )
-    handler = make_handler(options, endpoint, ring)
+    limits = receive_options(options, endpoint)
+    largest = limits.max_datagram if endpoint.datagram else limits.largest_message
+    ring = fastsock.RingQueue(max_bytes=max(constants.RING_MAX_BYTES, largest))
+    handler = fastsock.receiver(ring, limits)
     stream, output_name = open_output(options.output)
     if _stderr_lines not in _log.handlers:
         _log.addHandler(_stderr_lines)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from fastsock._recvloop import ReceiveCounters
 from fastsock._ring import RingQueue
+from fastsock.options import ReceiveOptions
 
 class EngineEvent(NamedTuple):
     """Something the engine did that Python reports (logs, or passes to ``handle_error``).
@@ -34,9 +35,10 @@ class EngineEvent(NamedTuple):
     - "evicted_idle": closed to admit a new connection when ``max_connections`` were open;
       ``detail`` is how long it had been silent, in seconds;
     - "evicted_memory": closed as the largest holder of partial messages when the shared
-      total passed ``partial_budget``; ``detail`` is the bytes it held;
+      total passed ``max_partial_bytes``; ``detail`` is the bytes it held;
     - "refused": a new connection was closed at once, ``max_connections`` being open and
-      none silent for ``evict_idle_after``; ``connection_id`` is None, ``detail`` is
+      none silent for ``evict_idle_after`` (counted in ``connections_refused``, as a
+      refused ``add_connection()`` is); ``connection_id`` is None, ``detail`` is
       ``max_connections``;
     - "accept_paused": ``accept()`` failed for lack of descriptors or memory (EMFILE,
       ENFILE, ENOBUFS, ENOMEM); accepting pauses ``detail`` seconds (10 ms doubling to 1 s)
@@ -57,29 +59,19 @@ class StreamEngine:
         self,
         ring: RingQueue,
         counters: ReceiveCounters,
+        options: ReceiveOptions,
         *,
         listeners: Sequence[int] = (),
-        framing: str = "raw",
-        delimiter: bytes = b"\n",
-        keep_delimiter: bool = False,
-        max_line: int = ...,
-        max_frame: int = ...,
-        recv_size: int = ...,
-        idle_timeout: float | None = None,
-        message_timeout: float | None = None,
-        drain_timeout: float = 0.0,
-        max_connections: int | None = None,
-        evict_idle_after: float = ...,
-        partial_budget: int | None = None,
     ) -> None:
-        """``listeners``: file descriptors of listening stream sockets (TCP, IPv4 or IPv6, or Unix);
-        the engine makes them non-blocking (for good: several engines may share one) and accepts
-        from them, but does not close them. The framing options are ``Framer``'s; the limits
-        ``fastsock.receiver()``'s, with the same defaults (``max_connections`` None:
-        ``constants.default_max_connections()``). ``recv_size`` is also the fairness budget: each
-        ready connection gets one ``recv()`` of at most that many bytes per turn of the loop, so a
-        connection sending without pause cannot starve the others. Bad options raise
-        ``ValueError``/``TypeError`` as ``fastsock.receiver()`` does."""
+        """``options``: the framing and the limits (``fastsock.ReceiveOptions``, checked when
+        it was made; the datagram fields are not used); ``max_connections`` None means the
+        file-descriptor limit less ``constants.FD_RESERVE``.  ``listeners``: file descriptors
+        of listening stream sockets (TCP, IPv4 or IPv6, or Unix); the engine makes them
+        non-blocking (for good: several engines may share one) and accepts from them, but does
+        not close them.  ``recv_size`` is also the fairness budget: each ready connection gets
+        one ``recv()`` of at most that many bytes per turn of the loop, so a connection sending
+        without pause cannot starve the others.  ``TypeError`` for a ring, counters or options
+        of another kind; ``ValueError`` if the ring cannot take the largest message."""
 
     def add_connection(self, fd: int) -> int:
         """Receive an already accepted, connected stream socket too, as if the engine had

@@ -50,6 +50,7 @@ from fastsock._recvloop cimport (
     COUNT_BYTES_UNREAD,
     COUNT_CONNECTIONS_CLOSED,
     COUNT_CONNECTIONS_OPENED,
+    COUNT_CONNECTIONS_REFUSED,
     COUNT_FRAMES_TOO_LARGE,
     COUNT_IDLE_EVICTIONS,
     COUNT_IDLE_TIMEOUTS,
@@ -79,6 +80,7 @@ from collections import namedtuple
 
 from fastsock import constants
 from fastsock.addresses import address_from_sockaddr
+from fastsock.options import ReceiveOptions
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -280,13 +282,8 @@ cdef inline bint out_of_descriptors(int error) noexcept nogil:
 
 cdef class StreamEngine:
 
-    def __cinit__(self, RingQueue ring not None, ReceiveCounters counters not None, *,
-                  listeners=(), framing="raw", delimiter=constants.LINE_DELIMITER,
-                  keep_delimiter=False, max_line=constants.MAX_LINE_LENGTH,
-                  max_frame=constants.MAX_FRAME_SIZE, Py_ssize_t recv_size=constants.RECV_SIZE,
-                  idle_timeout=None, message_timeout=None, double drain_timeout=0.0,
-                  max_connections=None, double evict_idle_after=constants.EVICT_IDLE_AFTER,
-                  partial_budget=None):
+    def __cinit__(self, RingQueue ring not None, ReceiveCounters counters not None,
+                  options not None, *, listeners=()):
         cdef Py_ssize_t index
         cdef int flags
         cdef epoll_event registration
@@ -294,42 +291,26 @@ cdef class StreamEngine:
         pthread_mutex_init(&self.lock, NULL)
         self.epoll_fd = -1
         self.wake_fd = -1
-        if recv_size < 1:
-            raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
-        if idle_timeout is not None and not idle_timeout > 0:
-            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
-        if message_timeout is not None and not message_timeout > 0:
-            raise ValueError(
-                f"message_timeout must be positive or None, not {message_timeout!r}")
-        if not drain_timeout >= 0:
-            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
-        if not evict_idle_after >= 0:
-            raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
-        if max_connections is None:
-            max_connections = constants.default_max_connections()
-        if not isinstance(max_connections, int) or max_connections < 1:
-            raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
-        if partial_budget is not None and not partial_budget > 0:
-            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
-        framer_configure(&self.framer_config, framing, delimiter, keep_delimiter, max_line,
-                         max_frame)
+        if not isinstance(options, ReceiveOptions):
+            raise TypeError(f"options must be a fastsock.ReceiveOptions, not {options!r}")
+        options.check_ring(ring)
+        framer_configure(&self.framer_config, options.framing, options.delimiter,
+                         options.keep_delimiter, options.max_line, options.max_frame)
         self.framer_configured = True
-        largest = {"raw": recv_size, "lines": max_line + len(delimiter), "length": max_frame}
-        if largest[framing] > ring.max_bytes:
-            raise ValueError(
-                f"a {framing!r} message may reach {largest[framing]} bytes, more than the "
-                f"ring's max_bytes={ring.max_bytes}: raise max_bytes or lower the limit")
+        max_connections = options.connections_limit(thread_each=False)
         self.ring = ring
         self.counters = counters
-        self.recv_size = recv_size
-        self.idle_timeout_ns = 0 if idle_timeout is None else seconds_to_ns(idle_timeout)
+        self.recv_size = options.recv_size
+        self.idle_timeout_ns = (
+            0 if options.idle_timeout is None else seconds_to_ns(options.idle_timeout))
         self.message_timeout_ns = (
-            0 if message_timeout is None else seconds_to_ns(message_timeout))
-        self.drain_timeout_ns = seconds_to_ns(drain_timeout)
-        self.evict_idle_after_ns = seconds_to_ns(evict_idle_after)
+            0 if options.message_timeout is None else seconds_to_ns(options.message_timeout))
+        self.drain_timeout_ns = seconds_to_ns(options.drain_seconds)
+        self.evict_idle_after_ns = seconds_to_ns(options.evict_idle_after)
         self.buffer_release_ns = seconds_to_ns(constants.RECEIVE_CHECK_INTERVAL)
         self.max_connections = max_connections
-        self.partial_budget = 0 if partial_budget is None else partial_budget
+        self.partial_budget = (
+            0 if options.max_partial_bytes is None else options.max_partial_bytes)
         self.idle_list.kind = IDLE_LIST
         self.message_list.kind = MESSAGE_LIST
         self.buffer_list.kind = BUFFER_LIST
@@ -688,6 +669,7 @@ cdef class StreamEngine:
         cdef epoll_event registration
         if self.connection_count >= self.max_connections and not self.make_room(now):
             close(fd)
+            self.counters.add(COUNT_CONNECTIONS_REFUSED, 1)
             return REFUSED
         if fd >= self.by_fd_capacity:
             capacity = max(fd + 1, 2 * self.by_fd_capacity, 64)

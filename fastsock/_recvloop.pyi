@@ -32,6 +32,9 @@ class ReceiveCounters:
     @property
     def partial_bytes(self) -> int:
         """Bytes of incomplete messages held by every loop counting here, now."""
+    def count_refusal(self) -> None:
+        """A connection was refused: ``max_connections`` were open and none could be evicted
+        (``connections_refused``)."""
     def next_connection_id(self) -> int:
         """A connection id unique among every process sharing these counters, starting at
         1 and wrapping at 2**32."""

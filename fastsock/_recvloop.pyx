@@ -136,6 +136,10 @@ cdef class ReceiveCounters:
     cdef uint32_t take_connection_id(self) noexcept nogil:
         return <uint32_t>fastsock_counter_add_fetch(&self.values[<int>LAST_CONNECTION_ID_WORD], 1)
 
+    def count_refusal(self):
+        """A connection was refused: max_connections were open and none could be evicted."""
+        self.add(COUNT_CONNECTIONS_REFUSED, 1)
+
     def next_connection_id(self):
         """A connection id unique among every process sharing these counters (wraps at 2**32)."""
         return self.take_connection_id()
@@ -160,6 +164,7 @@ cdef class ReceiveCounters:
             idle_evictions=values[<int>COUNT_IDLE_EVICTIONS],
             memory_evictions=values[<int>COUNT_MEMORY_EVICTIONS],
             bytes_unread=values[<int>COUNT_BYTES_UNREAD],
+            connections_refused=values[<int>COUNT_CONNECTIONS_REFUSED],
             partial_bytes=fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD]),
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,

@@ -4,7 +4,6 @@ The compiled modules read these at import time through their Python callers; not
 here is re-read after import, so change them by passing explicit arguments instead.
 """
 
-import resource
 
 # -- Framing -----------------------------------------------------------------------------
 
@@ -113,8 +112,9 @@ COMPILED_BACKLOG = 511
 connects): nginx's and Redis's default, and within Linux's usual somaxconn."""
 
 MAX_CONNECTIONS_CAP = 1024
-"""Connections one process receives at most by default: bounds the framers' memory (a
-partial message each) and keeps file descriptors for everything else."""
+"""Connections one process receives at most by default where each costs a thread (a server
+that overrides a request hook, ForkingMixIn): a thread's stack and wake-ups bound it there;
+event engines take as many as the file-descriptor limit allows."""
 
 FD_RESERVE = 32
 """File descriptors kept free of connections for logs, files and the server itself."""
@@ -137,14 +137,6 @@ ENGINE_EVENTS_KEPT = 4096
 """Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
 between two takes is reported whole, while a caller that stops taking them costs at most
 this many; beyond it they are only counted (``events_lost``)."""
-
-
-def default_max_connections():
-    """min(MAX_CONNECTIONS_CAP, the file-descriptor limit - FD_RESERVE), at least 1."""
-    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft_limit == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS_CAP
-    return max(1, min(MAX_CONNECTIONS_CAP, soft_limit - FD_RESERVE))
 
 
 # -- Datagram loop -----------------------------------------------------------------------

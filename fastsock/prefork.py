@@ -165,7 +165,8 @@ class PreforkServer:
         if timeout is None:
             drain_timeout = getattr(self.server.RequestHandlerClass, "drain_timeout", None)
             timeout = (drain_timeout or 0.0) + constants.SHUTDOWN_GRACE
-        self.server._stop_receivers()
+        if self.server.receive_path is not None:
+            self.server.receive_path.stop()
         for pid in self._workers:
             _signal_worker(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -216,8 +217,7 @@ def _stop_with_parent(parent):
 
 def _stop_worker(server):
     # The handler may run before serve_forever() starts, where shutdown() would wait forever.
-    server._stop_receivers()
-    server._request_shutdown()
+    server.request_stop()
 
 
 def _signal_worker(pid, signum):

@@ -16,7 +16,6 @@ from ._impl import (
     ConnectionLedger,
     DatagramCounters,
     DatagramReceiver,
-    Framer,
     ReceiveCounters,
     RingQueue,
     StreamEngine,
@@ -24,32 +23,32 @@ from ._impl import (
 )
 from ._ratelimit import RateLimitedLogger
 from .errors import FrameTooLargeError, LineTooLongError
+from .options import ReceiveOptions
 from .server import BaseRequestHandler
 
 _log = RateLimitedLogger(logging.getLogger("fastsock"), constants.ERROR_LOG_INTERVAL)
 
 __all__ = [
-    "DatagramRegistry",
+    "DatagramPath",
     "ReceiveHandler",
+    "ReceiveOptions",
     "ReceiveRegistry",
-    "receive_registry",
+    "StreamPath",
+    "receive_path",
     "receiver",
 ]
 
 
 class ReceiveRegistry:
-    """A server's compiled receive loops: their shared counters, connection ids and peers.
+    """The connections of a server received each by a loop of its own (a handler thread or
+    process): admission under ``max_connections``, idle and memory eviction, their peers.
 
-    Created before any fork, its counters live in shared memory, so forked children add to
-    the same numbers the parent reads.
+    Its counters are created before any fork and live in shared memory, so forked children
+    add to the same numbers the parent reads.
     """
 
-    def __init__(self):
-        self.counters = ReceiveCounters()
-        self.connections_refused = 0
-        # In a forked request process: the ledger its parent keeps for its connection.
-        self.request_ledger = None
-        self._engine_group = None
+    def __init__(self, counters=None):
+        self.counters = ReceiveCounters() if counters is None else counters
         self._lock = threading.Lock()
         self._receivers = {}
         self._evicting = {}
@@ -60,13 +59,12 @@ class ReceiveRegistry:
 
         When this process already receives ``max_connections`` connections, the one silent
         longest is evicted if it has been silent ``evict_idle_after`` seconds; otherwise
-        None: the refusal is counted in ``connections_refused``.
+        None: the caller counts the refusal.
         """
         with self._lock:
             if len(self._receivers) >= max_connections:
                 evicted = self._evict_idlest(evict_idle_after)
                 if evicted is None:
-                    self.connections_refused += 1
                     return None
                 del self._receivers[evicted.source_id]
             connection_id = self.counters.next_connection_id()
@@ -143,29 +141,129 @@ class ReceiveRegistry:
         self._evicting[receiver.source_id] = reason
         receiver.evict(reason)
 
-    def stop_all(self):
+    def peer(self, connection_id):
+        with self._lock:
+            return self._peers.get(connection_id)
+
+
+class StreamPath:
+    """The compiled receive path of a stream server: the one object the server calls.
+
+    The handler class (``fastsock.receiver(...)``) creates it with the server
+    (``ReceiveHandler.fastsock_receive_path``), and the server keeps it as
+    ``receive_path``.  Its connections run on event engines (``on_engines``) unless the
+    server or the handler overrides a step that runs per connection (see
+    ``_runs_on_engines``); then each runs the compiled loop in its own handler thread or
+    process, admitted by ``connections`` (a ReceiveRegistry).
+
+    The server calls: ``serve(interruptible)`` from serve_forever() when ``serves_itself``;
+    ``stop()`` to stop every loop gracefully without waiting; ``finish()`` from
+    server_close() to wait for the engines' drains; ``stats()``; ``peer(connection_id)``;
+    ``make_room()`` when every pooled handler thread is busy; ``ledger_for_request()``
+    and ``settle(ledger)`` around a request process of ForkingMixIn.
+    """
+
+    def __init__(self, server, handler):
+        self.options = _checked_options(handler)
+        self.queue = handler.queue
+        self.counters = ReceiveCounters()
+        self.connections = ReceiveRegistry(self.counters)
+        # In a forked request process: the ledger its parent keeps for its connection.
+        self.request_ledger = None
+        self.on_engines = _runs_on_engines(server, handler)
+        self._server = server
+        self._handler = handler
+        self._engines_lock = threading.Lock()
+        self._engines = None
+
+    @property
+    def serves_itself(self):
+        """True when serve_forever() runs the engines instead of the server's select loop."""
+        return self.on_engines
+
+    def serve(self, interruptible):
+        """serve_forever() of a server on event engines: they accept until shutdown(); the
+        connections they hold are served until server_close(), as handler threads would
+        serve theirs.  ``interruptible(interrupt)`` is the server's context manager under
+        which shutdown() calls interrupt()."""
+        engines = self._engine_group()
+        engines.serving.clear()
+        engines.accept_connections(True)
+        try:
+            with interruptible(engines.serving.set):
+                engines.serving.wait()
+        finally:
+            engines.accept_connections(False)
+        engines.raise_failure()
+
+    def _engine_group(self):
+        with self._engines_lock:
+            if self._engines is None:
+                # Started once it is known here: peer() must find a connection it accepted.
+                self._engines = EngineGroup(self)
+                self._engines.start()
+            return self._engines
+
+    def stop(self):
         """Ask every loop and engine of the server, in any process, to stop gracefully."""
         self.counters.request_stop()
-        group = self._engine_group
-        if group is not None:
-            group.stop()
+        engines = self._engines
+        if engines is not None:
+            engines.stop()
 
-    def engines_for(self, server, handler):
-        """The server's EngineGroup, started by the first call."""
-        with self._lock:
-            if self._engine_group is None:
-                self._engine_group = EngineGroup(server, handler, self)
-            return self._engine_group
-
-    def finish_engines(self):
+    def finish(self):
         """Stop the engines, wait for their drains and release them; False if there were
         none (the server never served on engines)."""
-        with self._lock:
-            group, self._engine_group = self._engine_group, None
-        if group is None:
+        with self._engines_lock:
+            engines, self._engines = self._engines, None
+        if engines is None:
             return False
-        group.close()
+        engines.close()
         return True
+
+    def open_connection(self, sock, client_address, ledger):
+        """A StreamReceiver for a connection served by its own handler, or None when
+        ``max_connections`` are open and none could be evicted (refused and logged)."""
+        options = self.options
+        max_connections = options.connections_limit(thread_each=True)
+        receiver = self.connections.open(
+            lambda connection_id: StreamReceiver(
+                sock.fileno(),
+                options.framer(),
+                self.queue,
+                self.counters,
+                connection_id,
+                recv_size=options.recv_size,
+                idle_timeout=options.idle_timeout,
+                message_timeout=options.message_timeout,
+                drain_timeout=options.drain_seconds,
+                partial_budget=options.max_partial_bytes,
+                on_over_budget=functools.partial(
+                    self.connections.relieve_memory, options.max_partial_bytes
+                ),
+                ledger=ledger,
+            ),
+            client_address,
+            max_connections,
+            options.evict_idle_after,
+        )
+        if receiver is None:
+            self._refused(client_address, max_connections)
+        return receiver
+
+    def _refused(self, client_address, max_connections):
+        self.counters.count_refusal()
+        _log.warning(
+            "too-many-connections",
+            "refused %s: already receiving max_connections=%d connections",
+            _escaped(client_address),
+            max_connections,
+        )
+
+    def make_room(self):
+        """Every handler thread is busy: evict the connection silent longest if it has been
+        silent ``evict_idle_after`` seconds."""
+        self.connections.make_room(self.options.evict_idle_after)
 
     def ledger_for_request(self):
         """Before a request process is forked: the ledger of its connection, which the
@@ -179,30 +277,65 @@ class ReceiveRegistry:
 
     def peer(self, connection_id):
         """The client address of a connection, open or among the recently closed."""
-        with self._lock:
-            address = self._peers.get(connection_id)
-            group = self._engine_group
-        if address is None and group is not None:
-            address = group.peer(connection_id)
+        address = self.connections.peer(connection_id)
+        engines = self._engines
+        if address is None and engines is not None:
+            address = engines.peer(connection_id)
         return address
 
     def stats(self):
-        return dataclasses.replace(
-            self.counters.snapshot(), connections_refused=self.connections_refused
-        )
+        return self.counters.snapshot()
 
 
-class DatagramRegistry:
-    """A datagram server's compiled loop: its shared counters and the loop now running."""
+class DatagramPath:
+    """The compiled receive path of a datagram server: serve() runs the datagram loop on the
+    server's socket (the same interface as StreamPath)."""
 
-    def __init__(self):
+    serves_itself = True
+
+    def __init__(self, server, handler):
+        self.options = _checked_options(handler, datagrams=True)
+        self.queue = handler.queue
         self.counters = DatagramCounters()
         self.running = None
+        self._server = server
 
-    def stop_all(self):
+    def serve(self, interruptible):
+        sock = self._server.socket
+        sock.setblocking(True)
+        options = self.options
+        receiver = DatagramReceiver(
+            sock.fileno(),
+            self.queue,
+            self.counters,
+            max_datagram=options.max_datagram,
+            batch=options.datagram_batch,
+            receive_buffer=options.receive_buffer,
+            busy_poll=options.datagram_busy_poll,
+            drain_timeout=options.drain_seconds,
+        )
+        self.running = receiver
+        try:
+            with interruptible(receiver.stop):
+                end = receiver.run()
+        finally:
+            self.running = None
+        if end == "no_memory":
+            raise MemoryError("no memory for the datagram receive loop")
+        if end == "os_error":
+            error = receiver.last_errno
+            raise OSError(error, f"receiving datagrams: {os.strerror(error)}")
+
+    def stop(self):
         running = self.running
         if running is not None:
             running.stop()
+
+    def finish(self):
+        return False
+
+    def make_room(self):
+        """Datagrams take no connection slots."""
 
     def peer(self, connection_id):
         """Datagrams carry their sender in the message's source, not a connection id."""
@@ -210,32 +343,6 @@ class DatagramRegistry:
 
     def stats(self):
         return self.counters.snapshot()
-
-
-def _serve_datagrams(server, handler, registry, poll_interval):
-    # poll_interval is not needed: shutdown() interrupts the loop directly.
-    server.socket.setblocking(True)
-    receiver = DatagramReceiver(
-        server.socket.fileno(),
-        handler.queue,
-        registry.counters,
-        max_datagram=handler.max_datagram,
-        batch=handler.datagram_batch,
-        receive_buffer=handler.receive_buffer,
-        busy_poll=handler.datagram_busy_poll,
-        drain_timeout=handler.drain_timeout or 0.0,
-    )
-    registry.running = receiver
-    try:
-        with server._interruptible_by_shutdown(receiver.stop):
-            end = receiver.run()
-    finally:
-        registry.running = None
-    if end == "no_memory":
-        raise MemoryError("no memory for the datagram receive loop")
-    if end == "os_error":
-        error = receiver.last_errno
-        raise OSError(error, f"receiving datagrams: {os.strerror(error)}")
 
 
 # The request hooks the event engine replaces (see _runs_on_engines).
@@ -262,40 +369,35 @@ def _runs_on_engines(server, handler):
     return server_keeps_hooks and handler_keeps_steps
 
 
-def _serve_streams(server, handler, registry, poll_interval):
-    """serve_forever() of a stream server on event engines: they accept until shutdown();
-    the connections they hold are served until server_close(), as handler threads would
-    serve theirs."""
-    # poll_interval is not needed: nothing here polls; shutdown() wakes this thread.
-    engines = registry.engines_for(server, handler)
-    shut_down = threading.Event()
-    engines.accept_connections(True)
-    try:
-        with server._interruptible_by_shutdown(shut_down.set):
-            shut_down.wait()
-    finally:
-        engines.accept_connections(False)
-    engines.raise_failure()
-
-
 class EngineGroup:
     """A stream server's event engines on its listening socket (``engine_threads`` under
-    ThreadingMixIn, else one), each driven by a thread of its own from the first
-    serve_forever() until server_close()."""
+    ThreadingMixIn, else one), each driven by a thread of its own from start() (the first
+    serve_forever()) until server_close()."""
 
-    def __init__(self, server, handler, registry):
-        count = handler.engine_threads if isinstance(server, _server.ThreadingMixIn) else 1
-        self._server = server
-        self._handler = handler
-        self._registry = registry
+    def __init__(self, path):
+        server = path._server
+        count = path.options.engine_threads if isinstance(server, _server.ThreadingMixIn) else 1
+        self._path = path
         self._failures = []
-        self.engines = [_make_engine(server, handler, registry) for _ in range(count)]
+        # Set to end serve(): by shutdown(), or by an engine that failed.
+        self.serving = threading.Event()
+        self.engines = [
+            StreamEngine(
+                path.queue,
+                path.counters,
+                path.options,
+                listeners=[server.socket.fileno()],
+            )
+            for _ in range(count)
+        ]
         self._threads = [
             threading.Thread(
                 target=self._drive, args=(engine,), name=f"fastsock-engine-{index}", daemon=True
             )
             for index, engine in enumerate(self.engines)
         ]
+
+    def start(self):
         for thread in self._threads:
             thread.start()
 
@@ -304,12 +406,12 @@ class EngineGroup:
             while True:
                 end = engine.run()
                 for event in engine.take_events():
-                    _report(self._server, self._handler, self._registry, event)
+                    _report(self._path, event)
                 if end != "events":
                     return
         except BaseException as exc:  # noqa: B036 - raised again by serve_forever()
             self._failures.append(exc)
-            self._server._request_shutdown()
+            self.serving.set()
 
     def accept_connections(self, accepting):
         for engine in self.engines:
@@ -340,26 +442,6 @@ class EngineGroup:
             engine.close()
 
 
-def _make_engine(server, handler, registry):
-    return StreamEngine(
-        handler.queue,
-        registry.counters,
-        listeners=[server.socket.fileno()],
-        framing=handler.framing,
-        delimiter=handler.delimiter,
-        keep_delimiter=handler.keep_delimiter,
-        max_line=handler.max_line,
-        max_frame=handler.max_frame,
-        recv_size=handler.recv_size,
-        idle_timeout=handler.idle_timeout,
-        message_timeout=handler.message_timeout,
-        drain_timeout=handler.drain_timeout or 0.0,
-        max_connections=handler.max_connections,
-        evict_idle_after=handler.evict_idle_after,
-        partial_budget=handler.max_partial_bytes,
-    )
-
-
 _FRAMING_ERRORS = {
     "line_too_long": (LineTooLongError, "sent a line longer than max_line={} bytes", "max_line"),
     "frame_too_large": (
@@ -370,13 +452,14 @@ _FRAMING_ERRORS = {
 }
 
 
-def _report(server, handler, registry, event):
+def _report(path, event):
     """Log an engine's event as the per-connection handler does, and pass the errors that
     handle() would have raised to the server's handle_error()."""
+    server = path._server
     peer = _escaped(event.address)
     if event.kind in _FRAMING_ERRORS:
         error_class, what, limit = _FRAMING_ERRORS[event.kind]
-        message = f"{peer} {what.format(getattr(handler, limit))}; the connection was closed"
+        message = f"{peer} {what.format(getattr(path.options, limit))}; the connection was closed"
         _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
         _handle_error(server, error_class(message), event.address)
     elif event.kind == "message_timeout":
@@ -402,7 +485,6 @@ def _report(server, handler, registry, event):
             event.detail,
         )
     elif event.kind == "refused":
-        registry.connections_refused += 1
         _log.warning(
             "too-many-connections",
             "refused %s: already receiving max_connections=%d connections",
@@ -435,75 +517,58 @@ def _handle_error(server, error, client_address):
         server.handle_error(None, client_address)
 
 
-_registry_lock = threading.Lock()
+_path_lock = threading.Lock()
 
 
-def receive_registry(server):
-    """The server's ReceiveRegistry, created on first use."""
-    registry = vars(server).get("_receive_registry")
-    if registry is None:
-        with _registry_lock:
-            registry = vars(server).get("_receive_registry")
-            if registry is None:
-                registry = server._receive_registry = ReceiveRegistry()
-    return registry
+def receive_path(server, handler):
+    """The server's receive path: made by a fastsock server's constructor, or here on first
+    use when a stdlib server runs a ReceiveHandler."""
+    path = getattr(server, "receive_path", None)
+    if path is None:
+        with _path_lock:
+            path = getattr(server, "receive_path", None)
+            if path is None:
+                path = server.receive_path = StreamPath(server, handler)
+    return path
 
 
 class ReceiveHandler(BaseRequestHandler):
     """Receives a stream connection with the compiled loop and frames it into ``queue``.
 
-    Configure it with ``receiver(queue, ...)`` or by subclassing and setting the class
-    attributes below.  The handler returns when the peer closes the connection, breaks it,
-    stays silent for ``idle_timeout`` seconds, or when the server is closed.  A line or
-    frame over its limit raises ``LineTooLongError`` / ``FrameTooLargeError`` from
-    ``handle()``, so the server reports it through ``handle_error`` and closes only that
-    connection; the messages before it were delivered.
+    Configure it with ``receiver(queue, ...)`` or by subclassing and setting ``queue`` and
+    any of the class attributes named after the fields of ``ReceiveOptions`` (their
+    defaults are its defaults).  A connection ends when the peer closes it, breaks it, stays
+    silent for ``idle_timeout`` seconds, or when the server is closed.  A line or frame over
+    its limit closes only that connection and reaches the server's ``handle_error`` as a
+    ``LineTooLongError`` / ``FrameTooLargeError``; the messages before it were delivered.
+
+    Served by event engines unless the server overrides a request hook or this class its
+    setup(), handle() or finish(); then each connection runs the compiled loop in its own
+    handler thread or process, and the errors are raised from ``handle()``.
     """
 
     queue = None
-    framing = "raw"
-    delimiter = constants.LINE_DELIMITER
-    keep_delimiter = False
-    max_line = constants.MAX_LINE_LENGTH
-    max_frame = constants.MAX_FRAME_SIZE
-    recv_size = constants.RECV_SIZE
-    idle_timeout = constants.IDLE_TIMEOUT
-    message_timeout = constants.MESSAGE_TIMEOUT
-    drain_timeout = constants.SHUTDOWN_DRAIN_TIMEOUT
-    max_connections = None
-    evict_idle_after = constants.EVICT_IDLE_AFTER
-    max_partial_bytes = constants.MAX_PARTIAL_BYTES
-    max_datagram = constants.DATAGRAM_MAX_SIZE
-    datagram_batch = constants.DATAGRAM_BATCH
-    datagram_busy_poll = constants.DATAGRAM_BUSY_POLL
-    receive_buffer = None
-    engine_threads = 1
 
     @classmethod
-    def fastsock_prepare_server(cls, server):
-        """Called by the server's constructor: the counters must exist before any fork, and
-        a Unix socket file of the compiled path is private unless the server says
-        otherwise."""
+    def receive_options(cls):
+        """The class's options, checked: a ReceiveOptions of its attributes."""
+        return ReceiveOptions(
+            **{field.name: getattr(cls, field.name) for field in dataclasses.fields(ReceiveOptions)}
+        )
+
+    @classmethod
+    def fastsock_receive_path(cls, server):
+        """Called by the server's constructor: the receive path it keeps as
+        ``receive_path``, made before any fork so that its counters are shared.  A Unix
+        socket file of the compiled path is private unless the server says otherwise."""
         if server.address_family == getattr(socket, "AF_UNIX", None):
             if server.socket_mode is None:
                 server.socket_mode = constants.UNIX_SOCKET_MODE
         if server.socket_type == socket.SOCK_DGRAM:
-            _check_message_size(cls.queue, "datagram", cls.max_datagram)
-            registry = server._receive_registry = DatagramRegistry()
-            server._compiled_serve = functools.partial(_serve_datagrams, server, cls, registry)
-            return
-        _check_fits(
-            cls.queue, cls.framing, cls.delimiter, cls.max_line, cls.max_frame, cls.recv_size
-        )
+            return DatagramPath(server, cls)
         if "request_queue_size" not in vars(server) and server.request_queue_size == 5:
             server.request_queue_size = constants.COMPILED_BACKLOG
-        registry = receive_registry(server)
-        if _runs_on_engines(server, cls):
-            server._compiled_serve = functools.partial(_serve_streams, server, cls, registry)
-            return
-        server._make_room_for_connection = functools.partial(
-            registry.make_room, cls.evict_idle_after
-        )
+        return receive_path(server, cls)
 
     def setup(self):
         if self.server.socket_type == socket.SOCK_DGRAM:
@@ -511,72 +576,35 @@ class ReceiveHandler(BaseRequestHandler):
                 "the compiled datagram path receives in serve_forever(); "
                 "handle_request() has no datagram to give it"
             )
-        _check_fits(
-            self.queue, self.framing, self.delimiter, self.max_line, self.max_frame, self.recv_size
-        )
-        framer = Framer(
-            self.framing,
-            delimiter=self.delimiter,
-            keep_delimiter=self.keep_delimiter,
-            max_line=self.max_line,
-            max_frame=self.max_frame,
-        )
         self.request.settimeout(None)
-        self.registry = receive_registry(self.server)
-        max_connections = self.max_connections or constants.default_max_connections()
-        self.receiver = self.registry.open(
-            lambda connection_id: StreamReceiver(
-                self.request.fileno(),
-                framer,
-                self.queue,
-                self.registry.counters,
-                connection_id,
-                recv_size=self.recv_size,
-                idle_timeout=self.idle_timeout,
-                message_timeout=self.message_timeout,
-                drain_timeout=self.drain_timeout or 0.0,
-                partial_budget=self.max_partial_bytes,
-                on_over_budget=functools.partial(
-                    self.registry.relieve_memory, self.max_partial_bytes
-                ),
-                ledger=self.registry.request_ledger,
-            ),
-            self.client_address,
-            max_connections,
-            self.evict_idle_after,
+        self.path = receive_path(self.server, type(self))
+        self.receiver = self.path.open_connection(
+            self.request, self.client_address, self.path.request_ledger
         )
-        if self.receiver is None:
-            _log.warning(
-                "too-many-connections",
-                "refused %s: already receiving max_connections=%d connections",
-                _escaped(self.client_address),
-                max_connections,
-            )
-            self.connection_id = None
-            return
-        self.connection_id = self.receiver.source_id
+        self.connection_id = None if self.receiver is None else self.receiver.source_id
 
     def handle(self):
         if self.receiver is None:
             self.end = "refused"
             return
         self.end = self.receiver.run()
+        options = self.path.options
         if self.end == "line_too_long":
             self._reject(
                 LineTooLongError,
-                f"sent a line longer than max_line={self.max_line} bytes",
+                f"sent a line longer than max_line={options.max_line} bytes",
             )
         if self.end == "frame_too_large":
             self._reject(
                 FrameTooLargeError,
-                f"announced a frame larger than max_frame={self.max_frame} bytes",
+                f"announced a frame larger than max_frame={options.max_frame} bytes",
             )
         if self.end == "message_timeout":
             _log.warning(
                 "message-timeout",
                 "closed %s: a message took longer than message_timeout=%s s to arrive",
                 _escaped(self.client_address),
-                self.message_timeout,
+                options.message_timeout,
             )
         if self.end == "no_memory":
             raise MemoryError(f"no memory to receive from {self.client_address!r}")
@@ -586,14 +614,31 @@ class ReceiveHandler(BaseRequestHandler):
 
     def _reject(self, error_class, what):
         sample = self.receiver.offending_sample(constants.PROTOCOL_ERROR_SAMPLE)
-        self.registry.close(self.receiver)
+        self.path.connections.close(self.receiver)
         message = f"{_escaped(self.client_address)} {what}; the connection was closed"
         _log.warning("protocol-error", "%s (it began %s)", message, _escaped(sample))
         raise error_class(message)
 
     def finish(self):
         if self.receiver is not None:
-            self.registry.close(self.receiver)
+            self.path.connections.close(self.receiver)
+
+
+for _field in dataclasses.fields(ReceiveOptions):
+    setattr(ReceiveHandler, _field.name, _field.default)
+del _field
+
+
+def _checked_options(handler, datagrams=False):
+    options = handler.receive_options()
+    _check_queue(handler.queue, options, datagrams)
+    return options
+
+
+def _check_queue(queue, options, datagrams=False):
+    if not isinstance(queue, RingQueue):
+        raise TypeError(f"ReceiveHandler.queue must be a fastsock.RingQueue, not {queue!r}")
+    options.check_ring(queue, datagrams=datagrams)
 
 
 def _escaped(value, limit=80):
@@ -602,54 +647,16 @@ def _escaped(value, limit=80):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size):
-    largest = {
-        "raw": recv_size,
-        "lines": max_line + len(delimiter),
-        "length": max_frame,
-    }.get(framing, 0)
-    _check_message_size(queue, repr(framing), largest)
+def receiver(queue, options=None, **overrides):
+    """A ReceiveHandler class that receives into ``queue`` (a RingQueue).
 
-
-def _check_message_size(queue, kind, largest):
-    if not isinstance(queue, RingQueue):
-        raise TypeError(f"ReceiveHandler.queue must be a fastsock.RingQueue, not {queue!r}")
-    if largest > queue.max_bytes:
-        raise ValueError(
-            f"a {kind} message may reach {largest} bytes, more than the queue's "
-            f"max_bytes={queue.max_bytes}: raise max_bytes or lower the limit"
-        )
-
-
-def receiver(
-    queue,
-    *,
-    framing="raw",
-    delimiter=constants.LINE_DELIMITER,
-    keep_delimiter=False,
-    max_line=constants.MAX_LINE_LENGTH,
-    max_frame=constants.MAX_FRAME_SIZE,
-    recv_size=constants.RECV_SIZE,
-    idle_timeout=constants.IDLE_TIMEOUT,
-    message_timeout=constants.MESSAGE_TIMEOUT,
-    drain_timeout=constants.SHUTDOWN_DRAIN_TIMEOUT,
-    max_connections=None,
-    evict_idle_after=constants.EVICT_IDLE_AFTER,
-    max_partial_bytes=constants.MAX_PARTIAL_BYTES,
-    max_datagram=constants.DATAGRAM_MAX_SIZE,
-    datagram_batch=constants.DATAGRAM_BATCH,
-    datagram_busy_poll=constants.DATAGRAM_BUSY_POLL,
-    receive_buffer=None,
-    engine_threads=1,
-):
-    """A ReceiveHandler class that receives into ``queue``.
-
-    Pass it to any server as its RequestHandlerClass.  On a stream server every
-    connection is framed (``framing`` through ``max_partial_bytes``); on a datagram server
-    ``serve_forever()`` runs the compiled datagram loop on the server's socket, each
-    datagram one message with its sender as the message's source (the options from
-    ``max_datagram``).  The options are checked here, so a bad one fails before the server
-    starts.
+    Pass it to any server as its RequestHandlerClass.  ``options`` is a ReceiveOptions
+    (default: its defaults); keyword arguments replace single fields of it, e.g.
+    ``receiver(ring, framing="lines", max_line=4096)``.  ReceiveOptions documents each one.
+    On a stream server every connection is framed; on a datagram server ``serve_forever()``
+    runs the compiled datagram loop on the server's socket, each datagram one message with
+    its sender as the message's source.  The options are checked here, so a bad one fails
+    before the server starts.
 
     ``drain_timeout``: after ``server_close()`` (or, under prefork, a stop signal) asks the
     loops to stop, how long they still hand over what their peers sent before the stop:
@@ -657,67 +664,12 @@ def receiver(
     with a reset, not an acknowledgement), then what the kernel holds is read, framed and
     published while the consumer drains the ring; the datagram loop reads what is queued on
     its socket.  What is left at the deadline is counted (``bytes_unread``,
-    ``messages_dropped``, ``bytes_discarded``; ``datagrams_unread``).  None or 0: count at
-    once.  ``evict_idle_after``: when
-    ``max_connections`` are open (or every ``max_threads`` thread is busy), the connection
-    silent longest is closed for a new one if it has been silent this long.
-    ``max_partial_bytes``: incomplete messages held by all connections of the process
-    together; above it the largest holder is closed (None: no cap).
-    ``datagram_busy_poll``: seconds the datagram loop keeps asking for more, without
-    sleeping, after a busy batch (0: sleep at once; see constants.DATAGRAM_BUSY_POLL).
+    ``messages_dropped``, ``bytes_discarded``; ``datagrams_unread``).
     """
-    _check_fits(queue, framing, delimiter, max_line, max_frame, recv_size)
-    Framer(
-        framing,
-        delimiter=delimiter,
-        keep_delimiter=keep_delimiter,
-        max_line=max_line,
-        max_frame=max_frame,
-    )
-    if not isinstance(recv_size, int) or recv_size < 1:
-        raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
-    if idle_timeout is not None and not idle_timeout > 0:
-        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
-    if message_timeout is not None and not message_timeout > 0:
-        raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
-    if max_connections is not None and (
-        not isinstance(max_connections, int) or max_connections < 1
-    ):
-        raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
-    if drain_timeout is not None and not drain_timeout >= 0:
-        raise ValueError(f"drain_timeout must be >= 0 or None, not {drain_timeout!r}")
-    if not evict_idle_after >= 0:
-        raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
-    if not 0 <= datagram_busy_poll <= constants.RECEIVE_CHECK_INTERVAL:
-        raise ValueError(
-            f"datagram_busy_poll must be between 0 and {constants.RECEIVE_CHECK_INTERVAL} "
-            f"seconds, not {datagram_busy_poll!r}"
-        )
-    if max_partial_bytes is not None and not max_partial_bytes > 0:
-        raise ValueError(f"max_partial_bytes must be positive or None, not {max_partial_bytes!r}")
-    if not isinstance(engine_threads, int) or engine_threads < 1:
-        raise ValueError(f"engine_threads must be a positive int, not {engine_threads!r}")
+    options = dataclasses.replace(options if options is not None else ReceiveOptions(), **overrides)
+    _check_queue(queue, options)
     return type(
         "ReceiveHandler",
         (ReceiveHandler,),
-        {
-            "queue": queue,
-            "framing": framing,
-            "delimiter": delimiter,
-            "keep_delimiter": keep_delimiter,
-            "max_line": max_line,
-            "max_frame": max_frame,
-            "recv_size": recv_size,
-            "idle_timeout": idle_timeout,
-            "message_timeout": message_timeout,
-            "drain_timeout": drain_timeout,
-            "max_connections": max_connections,
-            "evict_idle_after": evict_idle_after,
-            "max_partial_bytes": max_partial_bytes,
-            "max_datagram": max_datagram,
-            "datagram_batch": datagram_batch,
-            "datagram_busy_poll": datagram_busy_poll,
-            "receive_buffer": receive_buffer,
-            "engine_threads": engine_threads,
-        },
+        {"queue": queue, **dataclasses.asdict(options)},
     )

@@ -80,10 +80,9 @@ class BaseServer:
 
     timeout = None
 
-    # Set by the compiled receive path (fastsock.receiver) when it first serves.
-    _receive_registry = None
-    # Set by the compiled datagram path: serve_forever runs it instead of the select loop.
-    _compiled_serve = None
+    # fastsock: the compiled receive path of a fastsock.receiver handler (StreamPath or
+    # DatagramPath, fastsock/receiver.py), made by the constructor; None for other handlers.
+    receive_path = None
 
     def __init__(self, server_address, RequestHandlerClass):
         """Constructor.  May be extended, do not override."""
@@ -97,9 +96,9 @@ class BaseServer:
         self.__interrupt_compiled_loop = None
         self.__accept_paused_until = 0.0
         self.__accept_backoff = 0.0
-        prepare = getattr(RequestHandlerClass, "fastsock_prepare_server", None)
-        if prepare is not None:
-            prepare(self)
+        make_receive_path = getattr(RequestHandlerClass, "fastsock_receive_path", None)
+        if make_receive_path is not None:
+            self.receive_path = make_receive_path(self)
 
     def server_activate(self):
         """Called by constructor to activate the server.  May be overridden."""
@@ -114,8 +113,10 @@ class BaseServer:
         self.__is_shut_down.clear()
         self.__serving_thread = threading.get_ident()
         try:
-            if self._compiled_serve is not None:
-                self._compiled_serve(poll_interval)
+            path = self.receive_path
+            if path is not None and path.serves_itself:
+                # Nothing polls there: shutdown() interrupts the path at once.
+                path.serve(self._interruptible_by_shutdown)
             else:
                 self.__serve_selected(poll_interval)
         finally:
@@ -169,6 +170,15 @@ class BaseServer:
         if self.__serving_thread == threading.get_ident():
             return
         self.__is_shut_down.wait()
+
+    def request_stop(self):
+        """fastsock: ask serve_forever() to return and the compiled receive path to stop
+        gracefully, without waiting: safe in a signal handler, and before serve_forever()
+        starts (it then returns at once).  server_close() still waits for the drains."""
+        path = self.receive_path
+        if path is not None:
+            path.stop()
+        self._request_shutdown()
 
     def _request_shutdown(self):
         # Without waiting: serve_forever() returns at once, even if it starts only later.
@@ -320,8 +330,8 @@ class BaseServer:
 
         All zero until a ``fastsock.receiver`` handler has served a connection.
         """
-        registry = self._receive_registry
-        return ReceiveStats.zero() if registry is None else registry.stats()
+        path = self.receive_path
+        return ReceiveStats.zero() if path is None else path.stats()
 
     def connection_address(self, connection_id):
         """fastsock: the client address behind a message's ``source_id``.
@@ -329,13 +339,8 @@ class BaseServer:
         Known while the connection is open and for a while after it closed
         (``constants.RECENT_PEERS`` connections); None otherwise.
         """
-        registry = self._receive_registry
-        return None if registry is None else registry.peer(connection_id)
-
-    def _stop_receivers(self):
-        registry = self._receive_registry
-        if registry is not None:
-            registry.stop_all()
+        path = self.receive_path
+        return None if path is None else path.peer(connection_id)
 
 
 # The umask is process-wide: binds that change it take turns.
@@ -608,16 +613,17 @@ class TCPServer(BaseServer):
         connections and serves the ones already in its backlog (their data was already
         acknowledged), which stop at once, handing over what they sent.
         """
-        registry = self._receive_registry
-        if registry is not None and self.socket_type == socket.SOCK_STREAM:
+        path = self.receive_path
+        if path is not None and self.socket_type == socket.SOCK_STREAM:
             with contextlib.suppress(OSError):
                 _refuse_new_connections(self.socket)
-            self._stop_receivers()
+            path.stop()
             # Event engines accept what the backlog holds as they stop.
-            if not registry.finish_engines():
+            if not path.finish():
                 self._serve_backlog()
         self.socket.close()
-        self._stop_receivers()
+        if path is not None:
+            path.stop()
 
     def _serve_backlog(self):
         with _ServerSelector() as selector:
@@ -752,7 +758,7 @@ if hasattr(os, "fork"):
             ledger = self._request_ledgers.pop(pid, None) if self._request_ledgers else None
             if ledger is not None:
                 # A killed child never closed its connection: its parent counts it closed.
-                self._receive_registry.settle(ledger)
+                self.receive_path.settle(ledger)
             if os.WIFSIGNALED(status):
                 self._note_killed_child(pid, status)
 
@@ -779,7 +785,7 @@ if hasattr(os, "fork"):
 
         def process_request(self, request, client_address):
             """Fork a new subprocess to process the request."""
-            make_ledger = getattr(self._receive_registry, "ledger_for_request", None)
+            make_ledger = getattr(self.receive_path, "ledger_for_request", None)
             ledger = make_ledger() if make_ledger is not None else None
             pid = os.fork()
             if pid:
@@ -971,7 +977,7 @@ class ThreadingMixIn:
             self.process_request_thread,
             (request, client_address),
             self._shutdown_requested,
-            getattr(self, "_make_room_for_connection", None),
+            None if self.receive_path is None else self.receive_path.make_room,
         )
         if not submitted:
             self.shutdown_request(request)

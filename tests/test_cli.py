@@ -557,10 +557,10 @@ def test_serve_hands_its_stream_limits_to_the_receiver():
         + ["--max-partial-bytes", "12345", "--idle-timeout", "9"]
     )
     endpoint = _cli_serve.parse_endpoint(options.url, allow_remote=False)
-    handler = _cli_serve.make_handler(options, endpoint, fastsock.RingQueue())
-    assert handler.max_connections == 3
-    assert (handler.evict_idle_after, handler.max_partial_bytes) == (7.0, 12345)
-    assert handler.idle_timeout == 9.0
+    limits = _cli_serve.receive_options(options, endpoint)
+    assert limits.max_connections == 3
+    assert (limits.evict_idle_after, limits.max_partial_bytes) == (7.0, 12345)
+    assert limits.idle_timeout == 9.0
 
 
 class SlowPipeReader(threading.Thread):

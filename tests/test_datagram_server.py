@@ -22,7 +22,7 @@ def _start(server):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     deadline = time.monotonic() + GENEROUS
-    while server._receive_registry.running is None:
+    while server.receive_path.running is None:
         assert time.monotonic() < deadline, "the datagram loop did not start"
         time.sleep(0.001)
     return thread

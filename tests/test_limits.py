@@ -2,7 +2,6 @@
 counted and logged."""
 
 import logging
-import resource
 import socket
 import sys
 import threading
@@ -34,19 +33,6 @@ def test_compiled_path_defaults():
         assert server.request_queue_size == 50
     with fastsock.ThreadingTCPServer((HOST, 0), fastsock.StreamRequestHandler) as server:
         assert server.request_queue_size == 5, "the drop-in classes keep the stdlib's default"
-
-
-def test_default_max_connections_follows_the_descriptor_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
-        assert constants.default_max_connections() == 100 - constants.FD_RESERVE
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 100_000), hard))
-        assert constants.default_max_connections() == min(
-            constants.MAX_CONNECTIONS_CAP, min(hard, 100_000) - constants.FD_RESERVE
-        )
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_connections_over_max_connections_are_refused_counted_and_logged(caplog, monkeypatch):

@@ -27,6 +27,7 @@ from fastsock._reference.framing import Framer
 from fastsock._reference.receiver import ReceiveCounters
 from fastsock._reference.ring import RingQueue
 from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
+from fastsock.options import ReceiveOptions
 
 __all__ = ["EngineEvent", "StreamEngine"]
 
@@ -96,69 +97,31 @@ class _Connection:
 class StreamEngine:
     """Receives many stream connections in one loop; documented in fastsock/_engine.pyi."""
 
-    def __init__(
-        self,
-        ring,
-        counters,
-        *,
-        listeners=(),
-        framing="raw",
-        delimiter=constants.LINE_DELIMITER,
-        keep_delimiter=False,
-        max_line=constants.MAX_LINE_LENGTH,
-        max_frame=constants.MAX_FRAME_SIZE,
-        recv_size=constants.RECV_SIZE,
-        idle_timeout=None,
-        message_timeout=None,
-        drain_timeout=0.0,
-        max_connections=None,
-        evict_idle_after=constants.EVICT_IDLE_AFTER,
-        partial_budget=None,
-    ):
+    def __init__(self, ring, counters, options, *, listeners=()):
         if not isinstance(ring, RingQueue):
             raise TypeError(f"ring must be a reference RingQueue, not {ring!r}")
         if not isinstance(counters, ReceiveCounters):
             raise TypeError(f"counters must be reference ReceiveCounters, not {counters!r}")
+        if not isinstance(options, ReceiveOptions):
+            raise TypeError(f"options must be a fastsock.ReceiveOptions, not {options!r}")
+        options.check_ring(ring)
         self._framer_options = {
-            "framing": framing,
-            "delimiter": delimiter,
-            "keep_delimiter": keep_delimiter,
-            "max_line": max_line,
-            "max_frame": max_frame,
+            "framing": options.framing,
+            "delimiter": options.delimiter,
+            "keep_delimiter": options.keep_delimiter,
+            "max_line": options.max_line,
+            "max_frame": options.max_frame,
         }
-        Framer(**self._framer_options)
-        if not isinstance(recv_size, int) or recv_size < 1:
-            raise ValueError(f"recv_size must be a positive int, not {recv_size!r}")
-        if idle_timeout is not None and not idle_timeout > 0:
-            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
-        if message_timeout is not None and not message_timeout > 0:
-            raise ValueError(f"message_timeout must be positive or None, not {message_timeout!r}")
-        if not drain_timeout >= 0:
-            raise ValueError(f"drain_timeout must not be negative, not {drain_timeout!r}")
-        if max_connections is not None and (
-            not isinstance(max_connections, int) or max_connections < 1
-        ):
-            raise ValueError(f"max_connections must be a positive int, not {max_connections!r}")
-        if not evict_idle_after >= 0:
-            raise ValueError(f"evict_idle_after must be >= 0, not {evict_idle_after!r}")
-        if partial_budget is not None and not partial_budget > 0:
-            raise ValueError(f"partial_budget must be positive or None, not {partial_budget!r}")
-        largest = {"raw": recv_size, "lines": max_line + len(delimiter), "length": max_frame}
-        if largest[framing] > ring.max_bytes:
-            raise ValueError(
-                f"a {framing!r} message may reach {largest[framing]} bytes, more than the "
-                f"ring's max_bytes={ring.max_bytes}: raise max_bytes or lower the limit"
-            )
         listener_fds = [operator.index(fd) for fd in listeners]
         self._ring = ring
         self._counters = counters
-        self._recv_size = recv_size
-        self._idle_timeout = idle_timeout
-        self._message_timeout = message_timeout
-        self._drain_timeout = drain_timeout
-        self._max_connections = max_connections or constants.default_max_connections()
-        self._evict_idle_after = evict_idle_after
-        self._partial_budget = partial_budget
+        self._recv_size = options.recv_size
+        self._idle_timeout = options.idle_timeout
+        self._message_timeout = options.message_timeout
+        self._drain_timeout = options.drain_seconds
+        self._max_connections = options.connections_limit(thread_each=False)
+        self._evict_idle_after = options.evict_idle_after
+        self._partial_budget = options.max_partial_bytes
 
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -456,6 +419,7 @@ class StreamEngine:
     def _admit(self, sock, address, now):
         """The new connection, or None when max_connections are open and none may go."""
         if len(self._connections) >= self._max_connections and not self._evict_idlest(now):
+            self._counters.count_refusal()
             return None
         connection = _Connection(
             self._counters.next_connection_id(),

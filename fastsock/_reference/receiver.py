@@ -42,6 +42,10 @@ class ReceiveCounters:
             self._last_connection_id += 1
             return self._last_connection_id & 0xFFFFFFFF
 
+    def count_refusal(self):
+        """A connection was refused: max_connections were open and none could be evicted."""
+        self.add("connections_refused", 1)
+
     def request_stop(self):
         """Stop every loop counting here (in this process: the reference is not shared)."""
         self.stop_requested = True
