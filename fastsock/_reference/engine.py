@@ -7,16 +7,13 @@ speed: where the compiled engine waits on the ring's resume mark, this one polls
 (as the reference StreamReceiver does).
 """
 
-import array
 import contextlib
 import errno
-import fcntl
 import operator
 import os
 import queue
 import selectors
 import socket
-import termios
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,7 +21,7 @@ from typing import NamedTuple
 
 from fastsock import constants
 from fastsock._reference.framing import Framer
-from fastsock._reference.receiver import ReceiveCounters
+from fastsock._reference.receiver import ReceiveCounters, count_leftovers, count_unread
 from fastsock._reference.ring import RingQueue
 from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
 from fastsock.options import ReceiveOptions
@@ -577,20 +574,11 @@ class StreamEngine:
         self._unwatch(connection)
         if self._blocked is connection:
             self._blocked = None
-        unread = array.array("i", [0])
-        try:
-            fcntl.ioctl(connection.sock.fileno(), termios.FIONREAD, unread)
-        except OSError:
-            unread[0] = 0
-        if unread[0] > 0:
-            self._counters.add("bytes_unread", unread[0])
-        self._counters.add("messages_dropped", len(connection.unpublished))
-        discarded = sum(map(len, connection.unpublished)) + connection.framer.eof()
-        self._counters.add("bytes_discarded", discarded)
-        connection.unpublished.clear()
-        self._counters.hold_partial(connection.held_bytes, 0)
+        count_unread(self._counters, connection.sock.fileno())
+        count_leftovers(
+            self._counters, connection.unpublished, connection.framer, connection.held_bytes
+        )
         connection.held_bytes = 0
-        self._counters.add("connections_closed", 1)
         # Remembered before it leaves the open ones, so peer() always finds it.
         self._closed_peers[connection.id] = connection.address
         while len(self._closed_peers) > constants.RECENT_PEERS:

@@ -27,6 +27,28 @@ SAMPLE_KEPT = 4096
 STOP_REASONS = {"idle": "evicted_idle", "memory": "evicted_memory"}
 
 
+def count_unread(counters, fd):
+    """Count the bytes the kernel still holds for fd: what a closing loop leaves unread."""
+    queued = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, queued)
+    except OSError:
+        return
+    if queued[0] > 0:
+        counters.add("bytes_unread", queued[0])
+
+
+def count_leftovers(counters, unpublished, framer, held_bytes):
+    """Count what a closing connection leaves behind: its framed messages not published
+    (dropped), their bytes and its incomplete message (discarded), its share of the
+    partial-bytes gauge, and the connection itself as closed."""
+    counters.add("messages_dropped", len(unpublished))
+    counters.add("bytes_discarded", sum(map(len, unpublished)) + framer.eof())
+    unpublished.clear()
+    counters.hold_partial(held_bytes, 0)
+    counters.add("connections_closed", 1)
+
+
 class ReceiveCounters:
     """The counters of a server's receive loops (thread-safe, not shared across fork)."""
 
@@ -258,13 +280,7 @@ class StreamReceiver:
         if self._unread_counted:
             return
         self._unread_counted = True
-        queued = array.array("i", [0])
-        try:
-            fcntl.ioctl(self._fd, termios.FIONREAD, queued)
-        except OSError:
-            return
-        if queued[0] > 0:
-            self._counters.add("bytes_unread", queued[0])
+        count_unread(self._counters, self._fd)
 
     def _keep_sample(self, error, pending_start, data):
         # The offending message began in data unless the framer discarded more than data.
@@ -348,12 +364,7 @@ class StreamReceiver:
         if self._closed:
             return
         self._closed = True
-        self._counters.add("messages_dropped", len(self._unpublished))
-        discarded = sum(map(len, self._unpublished)) + self._framer.eof()
-        self._counters.add("bytes_discarded", discarded)
-        self._unpublished.clear()
-        self._counters.hold_partial(self.held_bytes, 0)
+        count_leftovers(self._counters, self._unpublished, self._framer, self.held_bytes)
         self.held_bytes = 0
-        self._counters.add("connections_closed", 1)
         if self._ledger is not None:
             self._ledger.open, self._ledger.held_bytes = False, 0
