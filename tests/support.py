@@ -80,6 +80,19 @@ def recv_line(sock):
     return bytes(line)
 
 
+def skip_without_ipv6_loopback():
+    """Skip the test on a machine without an IPv6 loopback address (::1)."""
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pass
+        else:
+            return
+    pytest.skip("this machine has no IPv6 loopback (::1)")
+
+
 def start_thread(target, *args, **kwargs):
     """Start `target` in a daemon thread, so that a hung call cannot keep pytest alive."""
     thread = threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True)
