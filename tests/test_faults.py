@@ -438,6 +438,9 @@ def test_connection_churn_leaves_nothing_behind(tmp_path):
     assert stats["errors"] == []
     assert after["fds"] == baseline["fds"]
     assert after["threads"] == baseline["threads"]
+    # The child's main and consumer threads, serve_forever()'s, and the one event engine
+    # (engine_threads=1) that receives every connection: at most a few more, none per client.
+    assert after["threads"] <= 3 + 1 + 3
     assert after["rss"] - baseline["rss"] < 8 * MiB
 
 
