@@ -16,6 +16,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,7 +102,8 @@ class ServerProcess:
 
     Keyword arguments configure the child (see ``ChildConfig``).  ``pid`` and ``port`` name
     it; ``stats()`` returns its counters and its consumer's tally; the child's stderr is kept
-    in a file, read by ``stderr_text()``.
+    in a file, read by ``stderr_text()``; ``fds_at_start`` is how many descriptors it held
+    before it made its server.
     """
 
     def __init__(self, directory, label="server", **config):
@@ -129,17 +131,18 @@ class ServerProcess:
             raise
         self.pid = hello["pid"]
         self.port = hello["port"]
+        self.fds_at_start = hello["fds_at_start"]
 
     def _read_replies(self):
         for line in self.process.stdout:
             self._replies.put(json.loads(line))
         self._replies.put(None)
 
-    def _reply(self):
+    def _reply(self, timeout=GENEROUS):
         try:
-            reply = self._replies.get(timeout=GENEROUS)
+            reply = self._replies.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"the server process did not answer within {GENEROUS} s") from None
+            raise AssertionError(f"the server process did not answer within {timeout} s") from None
         if reply is None:
             raise AssertionError(f"the server process exited:\n{self.stderr_text()}")
         return reply
@@ -151,6 +154,14 @@ class ServerProcess:
 
     def stats(self):
         return self.command("stats")
+
+    def interrupt(self, timeout=GENEROUS):
+        """Ctrl-C: SIGINT to a child that serves in its main thread (serve_in_main_thread).
+        Its answer, once the server is closed and the consumer has taken every message the
+        server published (or `timeout` seconds), is the final stats with ``fds``, the
+        descriptors it then holds; the child then exits."""
+        self.process.send_signal(signal.SIGINT)
+        return self._reply(timeout)
 
     def resume_consumer(self):
         self.command("resume")
@@ -204,7 +215,10 @@ class ChildConfig:
     consumer checks that each client's messages (see ``numbered_message``) arrive with
     consecutive sequence numbers from 0.  ``occupied_fds``: descriptors the application
     holds for itself (opened on /dev/null).  ``fd_headroom``: when set, RLIMIT_NOFILE is
-    lowered to the descriptors open before serving plus this many.
+    lowered to the descriptors open before serving plus this many.  ``max_connections``,
+    ``drain_timeout`` and ``engine_threads`` go to ``fastsock.receiver`` when set.
+    ``serve_in_main_thread``: serve_forever() runs in the main thread, as in a program that
+    Ctrl-C stops, within the server's ``with`` block; commands are answered by a thread.
     """
 
     module: str = "fastsock"
@@ -220,6 +234,10 @@ class ChildConfig:
     ordered: bool = False
     occupied_fds: int = 0
     fd_headroom: int | None = None
+    max_connections: int | None = None
+    drain_timeout: float | None = None
+    engine_threads: int | None = None
+    serve_in_main_thread: bool = False
 
 
 class Tally:
@@ -300,7 +318,13 @@ def _build_server(config, errors):
         source = fastsock.RingQueue(**ring_bounds)
         limits = {
             name: value
-            for name, value in (("max_line", config.max_line), ("max_frame", config.max_frame))
+            for name, value in (
+                ("max_line", config.max_line),
+                ("max_frame", config.max_frame),
+                ("max_connections", config.max_connections),
+                ("drain_timeout", config.drain_timeout),
+                ("engine_threads", config.engine_threads),
+            )
             if value is not None
         }
         handler = fastsock.receiver(source, framing=config.framing, **limits)
@@ -331,7 +355,61 @@ def _consume(source, tally, resumed, stopping):
         tally.add(batch)
 
 
+def _reply(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def _report(server, tally, errors, **fields):
+    stats = server.stats() if hasattr(server, "stats") else None
+    _reply(
+        stats=None if stats is None else dataclasses.asdict(stats),
+        active=None if stats is None else stats.connections_active,
+        consumed=tally.snapshot(),
+        errors=list(errors),
+        **fields,
+    )
+
+
+def _answer_commands(server, tally, errors, resumed, serving):
+    """Answer the commands read on stdin; "exit" stops the `serving` thread's server."""
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "resume":
+            resumed.set()
+            _reply(ok=True)
+            continue
+        if command == "exit" and serving is not None:
+            server.shutdown()
+            serving.join()
+            server.server_close()
+        _report(server, tally, errors)
+        if command == "exit":
+            break
+
+
+def _serve_until_interrupted(server, tally, errors, resumed):
+    """serve_forever() in the main thread until Ctrl-C, in the server's ``with`` block; then
+    the final report, once the consumer has taken what the server published."""
+    threading.Thread(
+        target=_answer_commands, args=(server, tally, errors, resumed, None), daemon=True
+    ).start()
+    try:
+        with server:
+            server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
+    deadline = time.monotonic() + GENEROUS
+    while tally.snapshot()["messages"] < server.stats().messages_received:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(STATS_POLL_INTERVAL)
+    _report(server, tally, errors, interrupted=interrupted, fds=open_fd_count())
+
+
 def _child_main(config):
+    fds_at_start = open_fd_count()
     errors = []
     server, source = _build_server(config, errors)
     tally = Tally(config.ordered)
@@ -345,32 +423,14 @@ def _child_main(config):
     if config.fd_headroom is not None:
         limit = open_fd_count() + config.fd_headroom
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5})
-    serving.start()
-
-    def reply(**fields):
-        print(json.dumps(fields), flush=True)
-
-    reply(pid=os.getpid(), port=server.server_address[1])
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "resume":
-            resumed.set()
-            reply(ok=True)
-            continue
-        if command == "exit":
-            server.shutdown()
-            serving.join()
-            server.server_close()
-        stats = server.stats() if hasattr(server, "stats") else None
-        reply(
-            stats=None if stats is None else dataclasses.asdict(stats),
-            active=None if stats is None else stats.connections_active,
-            consumed=tally.snapshot(),
-            errors=list(errors),
-        )
-        if command == "exit":
-            break
+    if config.serve_in_main_thread:
+        _reply(pid=os.getpid(), port=server.server_address[1], fds_at_start=fds_at_start)
+        _serve_until_interrupted(server, tally, errors, resumed)
+    else:
+        serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5})
+        serving.start()
+        _reply(pid=os.getpid(), port=server.server_address[1], fds_at_start=fds_at_start)
+        _answer_commands(server, tally, errors, resumed, serving)
     stopping.set()
     resumed.set()
     consumer.join()

@@ -1,5 +1,6 @@
-"""Helpers shared by the test modules: bounded clients, a background serve_forever(), and
-a look at this process's file descriptors and children.
+"""Helpers shared by the test modules: bounded clients (many of them in a child process, or
+one flooding among trickling ones), a background serve_forever(), a ring's consumer, the
+descriptor limit raised, and a look at this process's file descriptors and children.
 
 Every blocking call here is bounded by NETWORK_TIMEOUT, so that a broken server makes a
 test fail instead of hanging it.
@@ -8,12 +9,19 @@ test fail instead of hanging it.
 import contextlib
 import os
 import queue
+import resource
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
+
+from tests.fault_helpers import wait_until
 
 NETWORK_TIMEOUT = 10.0
 """Seconds any single network wait may take: far above what loopback ever needs."""
@@ -70,6 +78,19 @@ def recv_line(sock):
             raise EOFError(f"connection closed after {bytes(line)!r}")
         line += byte
     return bytes(line)
+
+
+def skip_without_ipv6_loopback():
+    """Skip the test on a machine without an IPv6 loopback address (::1)."""
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pass
+        else:
+            return
+    pytest.skip("this machine has no IPv6 loopback (::1)")
 
 
 def start_thread(target, *args, **kwargs):
@@ -214,3 +235,142 @@ def check_stop_accounting(client, delivered, before_stop, stats, consumer):
         assert stats.bytes_received > before_stop.bytes_received, "it read after the stop"
     else:
         assert stats.bytes_unread > 0, "the deadline left bytes in the kernel, counted"
+
+
+class Consumer:
+    """A thread that drains the ring until told to stop, then takes what is left."""
+
+    def __init__(self, ring):
+        self.ring = ring
+        self.taken = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._consume, daemon=True)
+        self.thread.start()
+
+    def _consume(self):
+        while not self.stopping.is_set():
+            with contextlib.suppress(queue.Empty):
+                self.taken += self.ring.get_many(timeout=0.05, with_source=True)
+        while not self.ring.empty():
+            self.taken += self.ring.get_many(block=False, with_source=True)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(NETWORK_TIMEOUT)
+        assert not self.thread.is_alive()
+        return self.taken
+
+
+@contextlib.contextmanager
+def descriptor_limit(needed):
+    """RLIMIT_NOFILE raised to at least `needed` (the hard limit too, as root) for the block;
+    the test fails if it cannot be.  Child processes started in the block inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
+        except (ValueError, OSError) as exc:
+            pytest.fail(f"cannot raise RLIMIT_NOFILE from {(soft, hard)} to {needed}: {exc}")
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# Many clients live in a process of their own: with them, the test process would need a
+# descriptor for each end, 20,000 for 10,000 connections, more than a container's hard limit
+# often allows (raising it takes CAP_SYS_RESOURCE, which root in a container may lack).
+MANY_CLIENTS_SCRIPT = """
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+clients = []
+for number in range(count):
+    clients.append(socket.create_connection((host, port), timeout=10.0))
+    clients[-1].sendall(b"%05d\\n" % number)
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+def many_clients_lines(count):
+    """What many_clients(address, count) sends, one line per client."""
+    return [b"%05d" % number for number in range(count)]
+
+
+@contextlib.contextmanager
+def many_clients(address, count):
+    """`count` TCP clients of `address` in a child process, each connected and having sent
+    its number as a line (many_clients_lines) when the block starts; they close when it
+    ends (run it within descriptor_limit(count + ...) for a large count)."""
+    host, port = address[:2]
+    with subprocess.Popen(
+        [sys.executable, "-c", MANY_CLIENTS_SCRIPT, host, str(port), str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as clients:
+        try:
+            assert call_bounded(clients.stdout.readline) == b"connected\n"
+            yield
+        finally:
+            clients.stdin.close()
+            try:
+                clients.wait(2 * NETWORK_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                clients.kill()
+                raise
+    assert clients.returncode == 0
+
+
+def slowest_trickle(connect_client, ring, trickling, rounds=20, interval=0.05):
+    """The longest a trickling line waited behind a flood: one client sends 4 KiB lines as
+    fast as it can while `trickling` others each send a timestamped line every `interval`
+    seconds for `rounds` rounds, and a thread consumes `ring`; the wait is from the send to
+    the get_many() that took the line.  connect_client() returns a connected client."""
+    flood_line = b"f" * 4095 + b"\n"
+    generous = 2 * NETWORK_TIMEOUT
+    flooding = threading.Event()
+    flooded = []
+    latencies = {}
+
+    def flood(client):
+        block = flood_line * 256
+        with contextlib.suppress(OSError):
+            while flooding.is_set():
+                client.sendall(block)
+
+    def consume():
+        while flooding.is_set() or len(latencies) < trickling * rounds:
+            try:
+                messages = ring.get_many(timeout=0.05)
+            except queue.Empty:
+                continue
+            arrived = time.monotonic()
+            for message in messages:
+                if message.startswith(b"t "):
+                    _, index, number, sent = message.split()
+                    latencies[int(index), int(number)] = arrived - float(sent)
+                else:
+                    flooded.append(len(message))
+
+    flooder = connect_client()
+    clients = [connect_client() for _ in range(trickling)]
+    flooding.set()
+    flood_thread = start_thread(flood, flooder)
+    consumer = start_thread(consume)
+    wait_until(lambda: sum(flooded) > 4 * 1024 * 1024, generous, what="the flood arriving")
+    started = time.monotonic()
+    for number in range(rounds):
+        for index, client in enumerate(clients):
+            client.sendall(b"t %d %d %.6f\n" % (index, number, time.monotonic()))
+        time.sleep(max(0.0, started + (number + 1) * interval - time.monotonic()))
+    wait_until(lambda: len(latencies) == trickling * rounds, generous, what="every trickle")
+    flooding.clear()
+    consumer.join(generous)
+    # Wakes a sendall() that the server holds back now that nobody consumes.
+    flooder.shutdown(socket.SHUT_RDWR)
+    flood_thread.join(generous)
+    for client in clients + [flooder]:
+        client.close()
+    assert not consumer.is_alive() and not flood_thread.is_alive()
+    return max(latencies.values())

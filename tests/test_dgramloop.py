@@ -16,6 +16,7 @@ from fastsock import _dgramloop, _ring, addresses
 from fastsock._reference import dgramloop as reference_dgramloop
 from fastsock._reference import ring as reference_ring
 from fastsock.addresses import address_from_sockaddr, sockaddr_from_address
+from tests.support import skip_without_ipv6_loopback
 
 GENEROUS = 10.0
 LARGEST_UDP_PAYLOAD = 65507
@@ -108,17 +109,6 @@ def _udp_pair(host="127.0.0.1"):
     return server, client
 
 
-def _ipv6_loopback_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 # -- delivery and sender addresses -------------------------------------------------------
 
 
@@ -128,8 +118,7 @@ def _sockets(kind, sock_dir):
         server, client = _udp_pair("127.0.0.1")
         return server, client, client.getsockname()
     if kind == "udp6":
-        if not _ipv6_loopback_available():
-            pytest.skip("no IPv6 loopback")
+        skip_without_ipv6_loopback()
         server, client = _udp_pair("::1")
         return server, client, client.getsockname()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -11,12 +11,9 @@ import contextlib
 import os
 import queue
 import random
-import resource
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from typing import NamedTuple
@@ -29,8 +26,11 @@ from tests.support import (
     NETWORK_TIMEOUT,
     SlowConsumer,
     StreamingClient,
-    call_bounded,
     check_stop_accounting,
+    descriptor_limit,
+    many_clients,
+    many_clients_lines,
+    slowest_trickle,
     start_thread,
 )
 
@@ -307,57 +307,11 @@ def test_end_of_stream_and_reset_end_their_connection_and_are_counted(engine_imp
 
 
 def test_a_flooding_connection_does_not_starve_trickling_ones(engine_impl, listener):
-    trickling, rounds, interval = 50, 20, 0.05
-    flood_line = b"f" * 4095 + b"\n"
     engine, ring, _ = make_engine(
         engine_impl, listeners=[listener.fileno()], framing="lines", max_line=8192
     )
-    flooding = threading.Event()
-    flooded = []
-    latencies = {}
-
-    def flood(client):
-        block = flood_line * 256
-        with contextlib.suppress(OSError):
-            while flooding.is_set():
-                client.sendall(block)
-
-    def consume():
-        while flooding.is_set() or len(latencies) < trickling * rounds:
-            try:
-                messages = ring.get_many(timeout=0.05)
-            except queue.Empty:
-                continue
-            arrived = time.monotonic()
-            for message in messages:
-                if message.startswith(b"t "):
-                    _, index, number, sent = message.split()
-                    latencies[int(index), int(number)] = arrived - float(sent)
-                else:
-                    flooded.append(len(message))
-
     with running(engine):
-        flooder = client_of(listener)
-        clients = [client_of(listener) for _ in range(trickling)]
-        flooding.set()
-        flood_thread = start_thread(flood, flooder)
-        consumer = start_thread(consume)
-        wait_until(lambda: sum(flooded) > 4 * 1024 * 1024, GENEROUS, what="the flood arriving")
-        started = time.monotonic()
-        for number in range(rounds):
-            for index, client in enumerate(clients):
-                client.sendall(b"t %d %d %.6f\n" % (index, number, time.monotonic()))
-            time.sleep(max(0.0, started + (number + 1) * interval - time.monotonic()))
-        wait_until(lambda: len(latencies) == trickling * rounds, GENEROUS, what="every trickle")
-        flooding.clear()
-        consumer.join(GENEROUS)
-        # Wakes a sendall() that the engine holds back now that nobody consumes.
-        flooder.shutdown(socket.SHUT_RDWR)
-        flood_thread.join(GENEROUS)
-        for client in clients + [flooder]:
-            client.close()
-    assert not consumer.is_alive() and not flood_thread.is_alive()
-    slowest = max(latencies.values())
+        slowest = slowest_trickle(lambda: client_of(listener), ring, trickling=50)
     assert slowest < 2.0, f"a trickling line waited {slowest:.2f} s behind the flood"
 
 
@@ -794,37 +748,6 @@ def test_a_signal_interrupts_a_sleeping_run_which_can_then_resume(engine_impl):
 
 # -- Scale ----------------------------------------------------------------------------------
 
-# The clients of the 10,000-connection test live in a process of their own: with them, this
-# process would need 20,000 descriptors, more than a container's hard limit often allows
-# (raising it takes CAP_SYS_RESOURCE, which root in a container may lack).
-CLIENTS_SCRIPT = """
-import socket, sys
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-clients = []
-for number in range(count):
-    clients.append(socket.create_connection((host, port), timeout=10.0))
-    clients[-1].sendall(b"%05d\\n" % number)
-print("connected", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextlib.contextmanager
-def descriptor_limit(needed):
-    """RLIMIT_NOFILE raised to at least `needed` (the hard limit too, as root) for the block;
-    the test fails if it cannot be."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
-        except (ValueError, OSError) as exc:
-            pytest.fail(f"cannot raise RLIMIT_NOFILE from {(soft, hard)} to {needed}: {exc}")
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
 
 @pytest.mark.slow
 @pytest.mark.watchdog(180)
@@ -834,31 +757,13 @@ def test_ten_thousand_connections(engine_impl, listener, reap_children):
         engine, ring, counters = make_engine(
             engine_impl, listeners=[listener.fileno()], framing="lines", max_connections=count
         )
-        host, port = listener.getsockname()
-        with (
-            running(engine) as runner,
-            subprocess.Popen(
-                [sys.executable, "-c", CLIENTS_SCRIPT, host, str(port), str(count)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            ) as clients,
-        ):
-            try:
-                assert call_bounded(clients.stdout.readline) == b"connected\n"
-                got = take(ring, count, timeout=60.0)
-                assert sorted(payload for _, payload in got) == [b"%05d" % n for n in range(count)]
-                assert len({connection_id for connection_id, _ in got}) == count
-                wait_until(lambda: engine.connections == count, GENEROUS, what="all open")
-                engine.stop()
-                assert runner.join_bounded() == "stopped"
-            finally:
-                clients.stdin.close()
-                try:
-                    clients.wait(GENEROUS)
-                except subprocess.TimeoutExpired:
-                    clients.kill()
-                    raise
-        assert clients.returncode == 0
+        with running(engine) as runner, many_clients(listener.getsockname(), count):
+            got = take(ring, count, timeout=60.0)
+            assert sorted(payload for _, payload in got) == many_clients_lines(count)
+            assert len({connection_id for connection_id, _ in got}) == count
+            wait_until(lambda: engine.connections == count, GENEROUS, what="all open")
+            engine.stop()
+            assert runner.join_bounded() == "stopped"
         assert runner.events == []
         stats = counters.snapshot()
         assert stats.connections_opened == stats.connections_closed == count
