@@ -614,7 +614,12 @@ class TCPServer(BaseServer):
         acknowledged), which stop at once, handing over what they sent.
         """
         path = self.receive_path
-        if path is not None and self.socket_type == socket.SOCK_STREAM:
+        # A second call finds the socket closed and everything already done, as the stdlib's.
+        if (
+            path is not None
+            and self.socket_type == socket.SOCK_STREAM
+            and self.socket.fileno() >= 0
+        ):
             with contextlib.suppress(OSError):
                 _refuse_new_connections(self.socket)
             path.stop()

@@ -389,12 +389,6 @@ def test_every_address_family_is_served_on_the_engines(kind, sock_dir):
 # -- Closing ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="TCPServer.server_close() called again serves the backlog of its closed socket "
-    "and raises ValueError (fastsock/server.py, reported)",
-)
 def test_server_close_may_be_called_again_as_with_the_stdlib():
     ring = fastsock.RingQueue()
     server = fastsock.ThreadingTCPServer((HOST, 0), fastsock.receiver(ring, framing="lines"))
