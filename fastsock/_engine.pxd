@@ -153,6 +153,7 @@ cdef class StreamEngine:
     cdef Py_ssize_t published
     cdef FramerStatus status
     cdef bint paused
+    cdef uint64_t unannounced         # messages put since the consumers were last woken
     cdef uint64_t paused_at_ns
     cdef uint64_t resumed_at_ns       # clocks that started before this restart here
 

@@ -140,6 +140,7 @@ cdef uint64_t WAKE_TAG = 0
 # leaves the turn to the connections that have data.
 cdef int ACCEPTS_PER_TURN = 1024
 cdef int EVENTS_PER_WAIT = 1024
+cdef uint64_t ANNOUNCE_AFTER = constants.ENGINE_ANNOUNCE_AFTER
 cdef double PAUSED_WAIT_SLICE = constants.RING_WAIT_SLICE
 cdef Py_ssize_t SAMPLE_LENGTH = constants.PROTOCOL_ERROR_SAMPLE
 cdef double BACKOFF_INITIAL = constants.ACCEPT_BACKOFF_INITIAL
@@ -523,6 +524,11 @@ cdef class StreamEngine:
         cdef int ready, index
         cdef Connection* connection
         while True:
+            if self.unannounced:
+                # Before the loop waits or returns: a consumer sleeping on an empty ring gets
+                # the whole turn's messages in one wake-up.
+                self.ring.wake_consumers()
+                self.unannounced = 0
             now = monotonic_ns()
             if not self.draining and (self.stop_requested or self.ring_closed
                                       or self.counters.stopping()):
@@ -805,7 +811,7 @@ cdef class StreamEngine:
         while self.published < self.nspans:
             published = self.ring.put_spans(
                 framer_base(&connection.framer), self.spans + self.published,
-                self.nspans - self.published, connection.id)
+                self.nspans - self.published, connection.id, False)
             if published < 0:
                 self.ring_closed = True
                 self.blocked = connection
@@ -820,6 +826,10 @@ cdef class StreamEngine:
                 return False
             self.counters.add(COUNT_MESSAGES_RECEIVED, <uint64_t>published)
             self.published += published
+            self.unannounced += <uint64_t>published
+            if self.unannounced >= ANNOUNCE_AFTER:
+                self.ring.wake_consumers()
+                self.unannounced = 0
         return True
 
     cdef void resume(self) noexcept nogil:

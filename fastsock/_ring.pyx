@@ -649,7 +649,7 @@ cdef class RingQueue:
     # -- C-level producer API ------------------------------------------------------------
 
     cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
-                              uint32_t source_id) noexcept nogil:
+                              uint32_t source_id, bint wake=True) noexcept nogil:
         cdef RingState state
         cdef Py_ssize_t published
         lock_ring(self.header)
@@ -658,7 +658,8 @@ cdef class RingQueue:
             return -1
         state = committed(self.header)[0]
         published = self.append_spans(&state, base, spans, n, source_id)
-        self.publish(&state, published)
+        # publish() wakes the sleepers only for a count above zero.
+        self.publish(&state, published if wake else 0)
         return published
 
     cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
@@ -672,11 +673,8 @@ cdef class RingQueue:
             return -1
         state = committed(self.header)[0]
         published = self.append_views(&state, messages, n, source_id, True, published_bytes)
-        if wake:
-            self.publish(&state, published)
-        else:
-            commit(self.header, &state)
-            unlock_ring(self.header)
+        # publish() wakes the sleepers only for a count above zero.
+        self.publish(&state, published if wake else 0)
         return published
 
     cdef void wake_consumers(self) noexcept nogil:
