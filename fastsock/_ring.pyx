@@ -493,15 +493,29 @@ cdef void drain_payloads(RingQueue ring, RingState* state, Batch batch) noexcept
     cdef uint64_t lengths
     cdef uint64_t index
     cdef uint64_t done = 0
+    cdef int64_t total = 0
+    cdef uint32_t source_id
+    cdef const uint32_t* contiguous
     offsets[0] = 0
     while done < <uint64_t>batch.count:
         head_portion(ring, state, batch.count - done, &portion)
-        read_at(ring, portion.payload, batch.payloads + offsets[done], portion.payload_bytes)
+        read_at(ring, portion.payload, batch.payloads + total, portion.payload_bytes)
         lengths = portion.lengths
-        for index in range(done, done + portion.count):
-            offsets[index + 1] = offsets[index] + length_at(ring, lengths)
-            source_ids[index] = portion.record.source_id
-            lengths = advance(ring, lengths, sizeof(uint32_t))
+        # In locals: the stores through offsets and source_ids could alias the ring's and
+        # the portion's fields, which the compiler would then reload for every message.
+        source_id = portion.record.source_id
+        if lengths + portion.count * sizeof(uint32_t) <= ring.capacity:
+            contiguous = <const uint32_t*>(ring.records + lengths)
+            for index in range(portion.count):
+                total += contiguous[index]
+                offsets[done + index + 1] = total
+                source_ids[done + index] = source_id
+        else:
+            for index in range(done, done + portion.count):
+                total += length_at(ring, lengths)
+                offsets[index + 1] = total
+                source_ids[index] = source_id
+                lengths = advance(ring, lengths, sizeof(uint32_t))
         done += portion.count
         consume(ring, state, &portion)
     ring.release(state)
