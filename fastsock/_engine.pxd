@@ -70,18 +70,20 @@ cdef struct ConnectionList:
 
 
 cdef struct PeerSlot:
-    # An open-addressing slot: used says whether id and address are meaningful.
+    # An open-addressing slot, free while address is NULL; the address, allocated as long
+    # as it is, belongs to the table.
     uint32_t id
-    bint used
-    PeerAddress address
+    PeerAddress* address
 
 
 cdef struct PeerTable:
     # Connection id -> peer address, for the open connections and the last RECENT_PEERS
     # closed ones (a ring of their ids says which to forget next).  Linear probing with
-    # backward-shift deletion, so there are no tombstones to clean up.
+    # backward-shift deletion, so there are no tombstones to clean up; the slots double
+    # when half of them are taken.
     PeerSlot* slots
     size_t mask
+    size_t count
     uint32_t* closed_ids
     size_t closed_capacity
     size_t closed_count
@@ -153,6 +155,7 @@ cdef class StreamEngine:
     cdef Py_ssize_t published
     cdef FramerStatus status
     cdef bint paused
+    cdef uint64_t unannounced         # messages put since the consumers were last woken
     cdef uint64_t paused_at_ns
     cdef uint64_t resumed_at_ns       # clocks that started before this restart here
 

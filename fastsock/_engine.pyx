@@ -142,6 +142,7 @@ cdef uint64_t WAKE_TAG = 0
 # leaves the turn to the connections that have data.
 cdef int ACCEPTS_PER_TURN = 1024
 cdef int EVENTS_PER_WAIT = 1024
+cdef uint64_t ANNOUNCE_AFTER = constants.ENGINE_ANNOUNCE_AFTER
 cdef double PAUSED_WAIT_SLICE = constants.RING_WAIT_SLICE
 cdef Py_ssize_t SAMPLE_LENGTH = constants.PROTOCOL_ERROR_SAMPLE
 cdef double BACKOFF_INITIAL = constants.ACCEPT_BACKOFF_INITIAL
@@ -189,20 +190,23 @@ cdef inline size_t peer_home(const PeerTable* table, uint32_t connection_id) noe
     return (<size_t>connection_id * <size_t>2654435761) & table.mask
 
 
-cdef int peer_table_init(PeerTable* table, size_t entries, size_t recent) noexcept nogil:
-    cdef size_t capacity = 16
-    while capacity < 2 * entries:
-        capacity *= 2
-    table.slots = <PeerSlot*>PyMem_RawCalloc(capacity, sizeof(PeerSlot))
+cdef int peer_table_init(PeerTable* table, size_t recent) noexcept nogil:
+    # Small at first: the slots grow with the entries, so that a server allowed many
+    # connections pays for the ones it has, not for its limit.
+    table.slots = <PeerSlot*>PyMem_RawCalloc(16, sizeof(PeerSlot))
     table.closed_ids = <uint32_t*>PyMem_RawCalloc(max(recent, <size_t>1), sizeof(uint32_t))
     if table.slots == NULL or table.closed_ids == NULL:
         return -1
-    table.mask = capacity - 1
+    table.mask = 15
     table.closed_capacity = recent
     return 0
 
 
 cdef void peer_table_free(PeerTable* table) noexcept nogil:
+    cdef size_t index
+    if table.slots != NULL:
+        for index in range(table.mask + 1):
+            PyMem_RawFree(table.slots[index].address)
     PyMem_RawFree(table.slots)
     PyMem_RawFree(table.closed_ids)
     table.slots = NULL
@@ -211,21 +215,61 @@ cdef void peer_table_free(PeerTable* table) noexcept nogil:
 
 cdef PeerSlot* peer_find(PeerTable* table, uint32_t connection_id) noexcept nogil:
     cdef size_t index = peer_home(table, connection_id)
-    while table.slots[index].used:
+    while table.slots[index].address != NULL:
         if table.slots[index].id == connection_id:
             return &table.slots[index]
         index = (index + 1) & table.mask
     return NULL
 
 
-cdef void peer_put(PeerTable* table, uint32_t connection_id,
-                   const PeerAddress* address) noexcept nogil:
+cdef PeerAddress* peer_address_copy(const PeerAddress* address) noexcept nogil:
+    # Only as long as the address: most are 16 or 28 bytes of a 128-byte room.
+    cdef socklen_t length = min(address.length, <socklen_t>ADDRESS_ROOM)
+    cdef PeerAddress* stored = <PeerAddress*>PyMem_RawMalloc(
+        sizeof(PeerAddress) - ADDRESS_ROOM + length)
+    if stored != NULL:
+        stored.length = length
+        memcpy(stored.bytes, address.bytes, length)
+    return stored
+
+
+cdef void peer_address_get(PeerAddress* out, const PeerAddress* stored) noexcept nogil:
+    out.length = stored.length
+    memcpy(out.bytes, stored.bytes, stored.length)
+
+
+cdef bint peer_reserve(PeerTable* table) noexcept nogil:
+    # Room for one more entry at a load of at most a half; False out of memory.
+    cdef size_t capacity = table.mask + 1
+    cdef PeerSlot* old = table.slots
+    cdef size_t index, slot
+    if 2 * (table.count + 1) <= capacity:
+        return True
+    table.slots = <PeerSlot*>PyMem_RawCalloc(2 * capacity, sizeof(PeerSlot))
+    if table.slots == NULL:
+        table.slots = old
+        return False
+    table.mask = 2 * capacity - 1
+    for index in range(capacity):
+        if old[index].address != NULL:
+            slot = peer_home(table, old[index].id)
+            while table.slots[slot].address != NULL:
+                slot = (slot + 1) & table.mask
+            table.slots[slot] = old[index]
+    PyMem_RawFree(old)
+    return True
+
+
+cdef void peer_put(PeerTable* table, uint32_t connection_id, PeerAddress* stored) noexcept nogil:
+    # Takes stored (a peer_address_copy()); peer_reserve() made room.
     cdef size_t index = peer_home(table, connection_id)
-    while table.slots[index].used and table.slots[index].id != connection_id:
+    while table.slots[index].address != NULL and table.slots[index].id != connection_id:
         index = (index + 1) & table.mask
-    table.slots[index].used = True
+    if table.slots[index].address == NULL:
+        table.count += 1
+    PyMem_RawFree(table.slots[index].address)
     table.slots[index].id = connection_id
-    table.slots[index].address = address[0]
+    table.slots[index].address = stored
 
 
 cdef void peer_forget(PeerTable* table, uint32_t connection_id) noexcept nogil:
@@ -236,18 +280,20 @@ cdef void peer_forget(PeerTable* table, uint32_t connection_id) noexcept nogil:
     if found == NULL:
         return
     hole = <size_t>(found - table.slots)
-    table.slots[hole].used = False
+    PyMem_RawFree(found.address)
+    table.slots[hole].address = NULL
+    table.count -= 1
     index = hole
     while True:
         index = (index + 1) & table.mask
-        if not table.slots[index].used:
+        if table.slots[index].address == NULL:
             return
         home = peer_home(table, table.slots[index].id)
         if (hole <= index and hole < home <= index) or (
                 hole > index and (home > hole or home <= index)):
             continue
         table.slots[hole] = table.slots[index]
-        table.slots[index].used = False
+        table.slots[index].address = NULL
         hole = index
 
 
@@ -322,8 +368,7 @@ cdef class StreamEngine:
         self.event_records = <EngineEventRecord*>PyMem_RawMalloc(
             self.event_capacity * sizeof(EngineEventRecord))
         if (self.spans == NULL or self.events == NULL or self.event_records == NULL
-                or peer_table_init(&self.peers, max_connections + constants.RECENT_PEERS,
-                                   constants.RECENT_PEERS) != 0):
+                or peer_table_init(&self.peers, constants.RECENT_PEERS) != 0):
             raise MemoryError()
 
         self.epoll_fd = epoll_create1(EPOLL_CLOEXEC)
@@ -459,7 +504,7 @@ cdef class StreamEngine:
         pthread_mutex_lock(&self.lock)
         slot = peer_find(&self.peers, connection_id) if self.peers.slots != NULL else NULL
         if slot != NULL:
-            address = slot.address
+            peer_address_get(&address, slot.address)
         pthread_mutex_unlock(&self.lock)
         if slot == NULL:
             return None
@@ -504,6 +549,11 @@ cdef class StreamEngine:
         cdef int ready, index
         cdef Connection* connection
         while True:
+            if self.unannounced:
+                # Before the loop waits or returns: a consumer sleeping on an empty ring gets
+                # the whole turn's messages in one wake-up.
+                self.ring.wake_consumers()
+                self.unannounced = 0
             now = monotonic_ns()
             if not self.draining and (self.stop_requested or self.ring_closed
                                       or self.counters.stopping()):
@@ -667,6 +717,8 @@ cdef class StreamEngine:
         cdef Connection** grown
         cdef Py_ssize_t capacity
         cdef epoll_event registration
+        cdef PeerAddress* stored
+        cdef bint reserved
         if self.connection_count >= self.max_connections and not self.make_room(now):
             close(fd)
             self.counters.add(COUNT_CONNECTIONS_REFUSED, 1)
@@ -683,14 +735,21 @@ cdef class StreamEngine:
             self.by_fd = grown
             self.by_fd_capacity = capacity
         connection = <Connection*>PyMem_RawCalloc(1, sizeof(Connection))
-        if connection == NULL:
+        stored = peer_address_copy(address)
+        pthread_mutex_lock(&self.lock)
+        reserved = peer_reserve(&self.peers)
+        pthread_mutex_unlock(&self.lock)
+        if connection == NULL or stored == NULL or not reserved:
             self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
+            PyMem_RawFree(stored)
+            PyMem_RawFree(connection)
             close(fd)
             return FAILED
         registration.events = EPOLLIN
         registration.data.u64 = <uint64_t>connection
         if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
             self.record(EVENT_OS_ERROR, NULL, address, 0, errno)
+            PyMem_RawFree(stored)
             PyMem_RawFree(connection)
             close(fd)
             return FAILED
@@ -702,7 +761,7 @@ cdef class StreamEngine:
         self.counters.add(COUNT_CONNECTIONS_OPENED, 1)
         list_append(&self.idle_list, connection)
         pthread_mutex_lock(&self.lock)
-        peer_put(&self.peers, connection.id, address)
+        peer_put(&self.peers, connection.id, stored)
         pthread_mutex_unlock(&self.lock)
         if self.draining:
             # Accepted from the backlog by a stop: it hands over what it sent, like the rest.
@@ -787,7 +846,7 @@ cdef class StreamEngine:
         while self.published < self.nspans:
             published = self.ring.put_spans(
                 framer_base(&connection.framer), self.spans + self.published,
-                self.nspans - self.published, connection.id)
+                self.nspans - self.published, connection.id, False)
             if published < 0:
                 self.ring_closed = True
                 self.blocked = connection
@@ -802,6 +861,10 @@ cdef class StreamEngine:
                 return False
             self.counters.add(COUNT_MESSAGES_RECEIVED, <uint64_t>published)
             self.published += published
+            self.unannounced += <uint64_t>published
+            if self.unannounced >= ANNOUNCE_AFTER:
+                self.ring.wake_consumers()
+                self.unannounced = 0
         return True
 
     cdef void resume(self) noexcept nogil:
@@ -955,7 +1018,7 @@ cdef class StreamEngine:
         elif connection != NULL:
             slot = peer_find(&self.peers, connection.id)
             if slot != NULL:
-                event.address = slot.address
+                peer_address_get(&event.address, slot.address)
         if connection != NULL and (kind == EVENT_LINE_TOO_LONG or kind == EVENT_FRAME_TOO_LARGE):
             event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
             memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,

@@ -110,9 +110,10 @@ cdef class RingQueue:
 
     # C-level producer API.  None of these raises or needs the GIL.
     # Publishes spans in order until one does not fit (a span longer than max_bytes never
-    # does): returns how many were published, or -1 if the ring is closed.
+    # does): returns how many were published, or -1 if the ring is closed.  Without wake,
+    # as offer_messages().
     cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
-                              uint32_t source_id) noexcept nogil
+                              uint32_t source_id, bint wake=*) noexcept nogil
     # Publishes, in order and under one lock acquisition, every message that fits, and drops
     # every one that does not, counting it as offer() does: returns how many were published
     # and stores their payload bytes in published_bytes, or returns -1 if the ring is closed.

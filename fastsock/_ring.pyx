@@ -493,15 +493,29 @@ cdef void drain_payloads(RingQueue ring, RingState* state, Batch batch) noexcept
     cdef uint64_t lengths
     cdef uint64_t index
     cdef uint64_t done = 0
+    cdef int64_t total = 0
+    cdef uint32_t source_id
+    cdef const uint32_t* contiguous
     offsets[0] = 0
     while done < <uint64_t>batch.count:
         head_portion(ring, state, batch.count - done, &portion)
-        read_at(ring, portion.payload, batch.payloads + offsets[done], portion.payload_bytes)
+        read_at(ring, portion.payload, batch.payloads + total, portion.payload_bytes)
         lengths = portion.lengths
-        for index in range(done, done + portion.count):
-            offsets[index + 1] = offsets[index] + length_at(ring, lengths)
-            source_ids[index] = portion.record.source_id
-            lengths = advance(ring, lengths, sizeof(uint32_t))
+        # In locals: the stores through offsets and source_ids could alias the ring's and
+        # the portion's fields, which the compiler would then reload for every message.
+        source_id = portion.record.source_id
+        if lengths + portion.count * sizeof(uint32_t) <= ring.capacity:
+            contiguous = <const uint32_t*>(ring.records + lengths)
+            for index in range(portion.count):
+                total += contiguous[index]
+                offsets[done + index + 1] = total
+                source_ids[done + index] = source_id
+        else:
+            for index in range(done, done + portion.count):
+                total += length_at(ring, lengths)
+                offsets[index + 1] = total
+                source_ids[index] = source_id
+                lengths = advance(ring, lengths, sizeof(uint32_t))
         done += portion.count
         consume(ring, state, &portion)
     ring.release(state)
@@ -649,7 +663,7 @@ cdef class RingQueue:
     # -- C-level producer API ------------------------------------------------------------
 
     cdef Py_ssize_t put_spans(self, const char* base, const MessageSpan* spans, Py_ssize_t n,
-                              uint32_t source_id) noexcept nogil:
+                              uint32_t source_id, bint wake=True) noexcept nogil:
         cdef RingState state
         cdef Py_ssize_t published
         lock_ring(self.header)
@@ -658,7 +672,8 @@ cdef class RingQueue:
             return -1
         state = committed(self.header)[0]
         published = self.append_spans(&state, base, spans, n, source_id)
-        self.publish(&state, published)
+        # publish() wakes the sleepers only for a count above zero.
+        self.publish(&state, published if wake else 0)
         return published
 
     cdef Py_ssize_t offer_messages(self, const MessageView* messages, Py_ssize_t n,
@@ -672,11 +687,8 @@ cdef class RingQueue:
             return -1
         state = committed(self.header)[0]
         published = self.append_views(&state, messages, n, source_id, True, published_bytes)
-        if wake:
-            self.publish(&state, published)
-        else:
-            commit(self.header, &state)
-            unlock_ring(self.header)
+        # publish() wakes the sleepers only for a count above zero.
+        self.publish(&state, published if wake else 0)
         return published
 
     cdef void wake_consumers(self) noexcept nogil:

@@ -81,6 +81,12 @@ SPANS_PER_PUBLISH = 1024
 """Messages the receive loop hands to the ring in one locked publish: amortises the lock and
 the consumer wake-up over many small messages, and bounds the loop's span array to 16 KiB."""
 
+ENGINE_ANNOUNCE_AFTER = 4096
+"""Messages an event engine publishes before it wakes a sleeping consumer (it wakes it anyway
+at the end of each turn, before it waits): a wake-up per publish of SPANS_PER_PUBLISH
+messages made the engine and a consumer on one core switch every thousand 64-byte lines;
+GET_MANY_DEFAULT messages are one take of the consumer."""
+
 RECEIVE_CHECK_INTERVAL = 0.05
 """Seconds between the receive loop's checks, with the GIL, for signals (Ctrl-C), a stop
 request and the idle timeout; it wakes this often only while its peer is silent."""

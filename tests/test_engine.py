@@ -760,10 +760,15 @@ def test_ten_thousand_connections(engine_impl, listener, reap_children):
         with running(engine) as runner, many_clients(listener.getsockname(), count):
             got = take(ring, count, timeout=60.0)
             assert sorted(payload for _, payload in got) == many_clients_lines(count)
-            assert len({connection_id for connection_id, _ in got}) == count
+            ids = {connection_id for connection_id, _ in got}
+            assert len(ids) == count
             wait_until(lambda: engine.connections == count, GENEROUS, what="all open")
+            assert all(engine.peer(connection_id) is not None for connection_id in ids)
             engine.stop()
             assert runner.join_bounded() == "stopped"
+            # The peers, grown to 10,000 entries, forget all but the last closed ones.
+            known = [engine.peer(connection_id) is not None for connection_id in ids]
+            assert sum(known) == constants.RECENT_PEERS
         assert runner.events == []
         stats = counters.snapshot()
         assert stats.connections_opened == stats.connections_closed == count
