@@ -78,9 +78,9 @@ log rotation (SIGHUP):
 metrics (--metrics [HOST:]PORT):
   GET http://HOST:PORT/metrics answers the counters (the server's, summed over the prefork
   workers, and the ring's) in Prometheus's text format 0.0.4, from a thread of its own, so a
-  scrape never holds up receiving; each scrape has {constants.METRICS_REQUEST_TIMEOUT:g} s and
-  {constants.METRICS_MAX_REQUEST_BYTES} bytes of request. HOST defaults to
-  {constants.METRICS_DEFAULT_HOST}; the README lists the metric names.
+  scrape never holds up receiving. Per scrape: {constants.METRICS_REQUEST_TIMEOUT:g} s in all,
+  {constants.METRICS_MAX_REQUEST_BYTES:,} bytes of request. HOST, unless given:
+  {constants.METRICS_DEFAULT_HOST}. The README lists the metric names.
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
