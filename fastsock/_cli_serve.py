@@ -17,7 +17,7 @@ import time
 import urllib.parse
 
 import fastsock
-from fastsock import constants
+from fastsock import constants, metrics
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
 from fastsock._ratelimit import RateLimitedLogger
 from fastsock.addresses import address_from_sockaddr
@@ -67,6 +67,20 @@ stopping (SIGINT, SIGTERM):
   stderr: "unread" (bytes the kernel held, or datagrams), "dropped" (framed messages) and
   "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
   is written or counted. The exit status is 0.
+
+log rotation (SIGHUP):
+  with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
+  messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
+  every message before the reopen is in the renamed file, every one after in the new FILE,
+  none lost or written twice. Writing to stdout, SIGHUP is ignored (a line on stderr says
+  so). Prefork workers ignore SIGHUP; only this process writes.
+
+metrics (--metrics [HOST:]PORT):
+  GET http://HOST:PORT/metrics answers the counters (the server's, summed over the prefork
+  workers, and the ring's) in Prometheus's text format 0.0.4, from a thread of its own, so a
+  scrape never holds up receiving. Per scrape: {constants.METRICS_REQUEST_TIMEOUT:g} s in all,
+  {constants.METRICS_MAX_REQUEST_BYTES:,} bytes of request. HOST, unless given:
+  {constants.METRICS_DEFAULT_HOST}. The README lists the metric names.
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
@@ -160,7 +174,8 @@ def add_serve_arguments(parser):
     output.add_argument(
         "--output",
         metavar="FILE",
-        help="append the messages to FILE (default: stdout; - is stdout)",
+        help="append the messages to FILE (default: stdout; - is stdout); SIGHUP reopens "
+        "FILE, for logrotate's postrotate kill -HUP",
     )
     output.add_argument(
         "--format",
@@ -177,6 +192,13 @@ def add_serve_arguments(parser):
         help="seconds between two counter lines on stderr (default 5; 0: none)",
     )
     parser.add_argument(
+        "--metrics",
+        type=metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve the counters for Prometheus at http://HOST:PORT/metrics (HOST: "
+        f"{constants.METRICS_DEFAULT_HOST} unless given; port 0 picks a free port)",
+    )
+    parser.add_argument(
         "--allow-remote",
         action="store_true",
         help="allow a host that is not a loopback address (0.0.0.0, a LAN address...): the "
@@ -189,6 +211,28 @@ def _seconds(text):
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
     return value
+
+
+def metrics_address(text):
+    """``PORT`` or ``HOST:PORT`` (IPv6: ``[::1]:9108``) of --metrics, resolved."""
+    if text.isdigit():
+        text = f"{constants.METRICS_DEFAULT_HOST}:{text}"
+    try:
+        parts = urllib.parse.urlsplit("//" + text)
+        port = parts.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: {exc}") from None
+    if parts.path or parts.query or parts.fragment or parts.username is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
+    if not parts.hostname or port is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a port: [HOST:]PORT")
+    try:
+        sockaddr = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)[0][4]
+    except socket.gaierror as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot resolve {parts.hostname!r}: {exc.strerror}"
+        ) from None
+    return sockaddr[:2]
 
 
 class Endpoint:
@@ -343,6 +387,7 @@ class ThreadedReceiver(Receiver):
         super().__init__(endpoint, handler)
         self.server = self.server_class(endpoint.address, self.handler, **self.server_options)
         self.address = self.server.server_address
+        self.counters = self.server
         self.failure = None
         self.thread = threading.Thread(target=self._serve, name="fastsock-serve", daemon=True)
 
@@ -392,6 +437,9 @@ class PreforkReceiver(Receiver):
             **self.server_options,
         )
         self.address = self.prefork.server_address
+        # What the metrics thread reads: the same shared counters as self.stats(), without
+        # the reaping that PreforkServer.stats() does, which only the serving loop may do.
+        self.counters = self.prefork.server
 
     def start(self):
         self.prefork.start()
@@ -438,11 +486,45 @@ def write_all(fd, data):
         view = view[os.write(fd, view) :]
 
 
+class Output:
+    """Where the messages go: stdout, or a file appended to, which ``reopen()`` opens anew
+    (after logrotate renamed it)."""
+
+    def __init__(self, name):
+        self.path = None if name in (None, "-") else name
+        self.name = self.path or "stdout"
+        self.stream = sys.stdout.buffer if self.path is None else self.open()
+
+    @property
+    def is_stdout(self):
+        return self.path is None
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def open(self):
+        try:
+            return open(self.path, "ab")
+        except OSError as exc:
+            raise CommandError(SERVE, f"cannot open {self.path}: {exc.strerror}") from None
+
+    def reopen(self):
+        """Open the path again and close the file written so far; if it cannot be opened,
+        keep writing to that one (CommandError says why)."""
+        new = self.open()
+        old, self.stream = self.stream, new
+        old.close()
+
+    def close(self):
+        if not self.is_stdout:
+            self.stream.close()
+
+
 class MessageWriter:
     """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
 
-    def __init__(self, stream, output_format, separator, peer_of, datagram):
-        self.stream = stream
+    def __init__(self, output, output_format, separator, peer_of, datagram):
+        self.output = output
         self.jsonl = output_format == "jsonl"
         self.separator = separator
         self.peer_of = peer_of
@@ -456,7 +538,7 @@ class MessageWriter:
             data = ("\n".join(lines) + "\n").encode()
         else:
             data = b"".join(payload + self.separator for _, _, payload in messages)
-        write_all(self.stream.fileno(), data)
+        write_all(self.output.fileno(), data)
         self.written += len(messages)
 
     def record(self, taken, source_id, source, payload):
@@ -519,13 +601,19 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def open_output(name):
-    if name in (None, "-"):
-        return sys.stdout.buffer, "stdout"
-    try:
-        return open(name, "ab"), name
-    except OSError as exc:
-        raise CommandError(SERVE, f"cannot open {name}: {exc.strerror}") from None
+class ReopenRequest:
+    """The SIGHUP handler: it only notes the request; the writer reopens its file between
+    two batches, so that every message is whole in the old file or in the new one."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def say(text):
+    print(f"{SERVE}: {text}", file=sys.stderr, flush=True)
 
 
 class StderrLines(logging.Handler):
@@ -547,6 +635,9 @@ def run_serve(options):
     previous_handlers = {
         signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
     }
+    # Ignored until the server runs: prefork workers, forked meanwhile, keep ignoring it (only
+    # this process writes), and the writer's handler is set once there is a writer.
+    previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return start_and_serve(options, endpoint, stop)
     finally:
@@ -559,7 +650,7 @@ def start_and_serve(options, endpoint, stop):
     largest = limits.max_datagram if endpoint.datagram else limits.largest_message
     ring = fastsock.RingQueue(max_bytes=max(constants.RING_MAX_BYTES, largest))
     handler = fastsock.receiver(ring, limits)
-    stream, output_name = open_output(options.output)
+    output = Output(options.output)
     if _stderr_lines not in _log.handlers:
         _log.addHandler(_stderr_lines)
     try:
@@ -576,31 +667,32 @@ def start_and_serve(options, endpoint, stop):
         # Taken while the server is live, when the file at the path can only be its own.
         bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
         try:
-            return Session(options, endpoint, ring, receiver, stream, output_name, stop).run()
+            return Session(options, endpoint, ring, receiver, output, stop).run()
         finally:
             if bound_file is not None:
                 _unlink_own_socket_file(endpoint.address, bound_file)
     finally:
-        if stream is not sys.stdout.buffer:
-            stream.close()
+        output.close()
 
 
 class Session:
     """A running ``fastsock serve``: consume, write, report, and stop on a signal."""
 
-    def __init__(self, options, endpoint, ring, receiver, stream, output_name, stop):
+    def __init__(self, options, endpoint, ring, receiver, output, stop):
         self.options = options
         self.endpoint = endpoint
         self.ring = ring
         self.receiver = receiver
-        self.output_name = output_name
+        self.output = output
         raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
         # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
         separator = b"" if raw_stream else b"\n"
         self.writer = MessageWriter(
-            stream, options.format, separator, self.peer_of, endpoint.datagram
+            output, options.format, separator, self.peer_of, endpoint.datagram
         )
         self.stop = stop
+        self.reopen = ReopenRequest()
+        self.exporter = None
         self.close_failure = None
 
     def peer_of(self, source_id, source):
@@ -615,8 +707,8 @@ class Session:
             mode += f", {self.options.workers or DEFAULT_WORKERS} workers"
         print(
             f"fastsock serve: receiving {framing} on {self.endpoint.url(self.receiver.address)} "
-            f"({mode}), writing {self.options.format} to {self.output_name}; SIGINT or SIGTERM "
-            "stops",
+            f"({mode}), writing {self.options.format} to {self.output.name}; SIGINT or SIGTERM "
+            "stops" + ("" if self.output.is_stdout else ", SIGHUP reopens the file"),
             file=sys.stderr,
             flush=True,
         )
@@ -629,22 +721,42 @@ class Session:
                     file=sys.stderr,
                     flush=True,
                 )
+        if self.exporter is not None:
+            say(f"metrics at {self.exporter.url}")
+
+    def start_metrics(self):
+        """Serve the counters from a thread of this process: after the fork of the prefork
+        workers, which must not inherit it."""
+        address = self.options.metrics
+        if address is None:
+            return
+        try:
+            self.exporter = metrics.MetricsHTTPServer(address, self.receiver.counters, self.ring)
+        except OSError as exc:
+            raise CommandError(
+                SERVE, f"cannot serve metrics on {format_address(address)}: {exc.strerror or exc}"
+            ) from None
+        self.exporter.start()
 
     def run(self):
         try:
             self.receiver.start()
+            signal.signal(signal.SIGHUP, self.reopen)
+            self.start_metrics()
             self.announce()
             self.serve()
         except BrokenPipeError:
-            if self.writer.stream is sys.stdout.buffer:
+            if self.output.is_stdout:
                 # Nothing can reach a closed stdout: do not let exit-time flushing fail.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise CommandError(
                 SERVE,
-                f"{self.output_name} was closed: stopped after {self.writer.written:,} messages",
+                f"{self.output.name} was closed: stopped after {self.writer.written:,} messages",
             ) from None
         finally:
             self.receiver.close()
+            if self.exporter is not None:
+                self.exporter.close()
         print(
             f"fastsock serve: stopped by {self.stop.signal_name}: "
             + stats_line(self.receiver.stats(), self.ring.stats, self.writer.written, None, 0),
@@ -676,9 +788,26 @@ class Session:
         try:
             messages = self.ring.get_many(timeout=wait, block=wait > 0, with_source=True)
         except queue.Empty:
+            messages = None
+        if self.reopen.requested:
+            self.reopen_output()
+        if messages is None:
             return False
         self.writer.write(messages)
         return True
+
+    def reopen_output(self):
+        """SIGHUP: write what follows to a new file at the output's path."""
+        self.reopen.requested = False
+        if self.output.is_stdout:
+            say("SIGHUP ignored: writing to stdout, no file to reopen")
+            return
+        try:
+            self.output.reopen()
+        except CommandError as error:
+            say(f"SIGHUP: {error}; still writing to the file open before")
+            return
+        say(f"SIGHUP: reopened {self.output.name}")
 
     def drain(self):
         """Stop the receiver gracefully while writing what it hands over (its loops wait

@@ -166,3 +166,19 @@ much CPU per burst, and nothing under light traffic (small batches)."""
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""
+
+
+# -- Metrics (fastsock serve --metrics, fastsock.metrics.MetricsHTTPServer) ---------------
+
+METRICS_DEFAULT_HOST = "127.0.0.1"
+"""Where the metrics server listens when only a port is given: counters tell an outsider how
+busy the server is, so they are served to other hosts only when asked."""
+
+METRICS_REQUEST_TIMEOUT = 5.0
+"""Seconds a scrape may take to send its request and read the answer: Prometheus answers
+within milliseconds on a live network (its default scrape timeout is 10 s), and a scraper that
+stalls holds its one thread for no longer than this."""
+
+METRICS_MAX_REQUEST_BYTES = 8192
+"""Bytes of request line and headers a scrape may send: Prometheus sends about 300; more is
+refused (431) rather than buffered."""

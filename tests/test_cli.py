@@ -439,17 +439,75 @@ class ServeProcess:
             self.process.wait()
 
 
-@pytest.fixture
-def serve(tmp_path):
+class PipedServeProcess:
+    """``fastsock serve URL ...`` in a session (process group) of its own, stdout a pipe,
+    stderr read by line."""
+
+    def __init__(self, tmp_path, url, *arguments):
+        command, environment = fastsock_command("serve", url, *arguments)
+        self.process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.stderr = []
+        announcement = self.line_matching("receiving")
+        host, _, port = re.search(r" on \w+://(\S+) \(", announcement).group(1).rpartition(":")
+        self.address = host.strip("[]"), int(port)
+
+    def line_matching(self, text):
+        # A thread reads, so that a silent server fails the test instead of hanging it.
+        found = []
+
+        def read():
+            while line := self.process.stderr.readline():
+                self.stderr.append(line.decode())
+                if text in self.stderr[-1]:
+                    found.append(self.stderr[-1])
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(NETWORK_TIMEOUT)
+        assert found, f"no {text!r} on stderr: {self.stderr}"
+        return found[0]
+
+    def hangup_group(self):
+        """SIGHUP to the server and its prefork workers, as a terminal's hangup would."""
+        os.killpg(self.process.pid, signal.SIGHUP)
+
+    def stop(self):
+        self.process.terminate()
+        out, err = self.process.communicate(timeout=4 * NETWORK_TIMEOUT)
+        self.stderr += err.decode().splitlines(keepends=True)
+        return self.process.returncode, out
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def started_by(factory, tmp_path):
+    """For a fixture: yields ``start(*arguments)``, which returns ``factory(tmp_path,
+    *arguments)``; afterwards kills every process it started."""
     started = []
 
-    def start(url, *options):
-        started.append(ServeProcess(tmp_path, url, *options))
+    def start(*arguments):
+        started.append(factory(tmp_path, *arguments))
         return started[-1]
 
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    yield from started_by(ServeProcess, tmp_path)
 
 
 def payload(record):
