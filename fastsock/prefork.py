@@ -71,6 +71,8 @@ class PreforkServer:
         self.worker_crashes = 0
         self._workers = {}
         self._stop = threading.Event()
+        # stats() reaps too, and a metrics scrape may call it from its own thread.
+        self._reap_lock = threading.Lock()
         self._closed = False
 
     def start(self):
@@ -120,18 +122,21 @@ class PreforkServer:
         """Collect the workers that exited; a worker that did not exit cleanly is counted
         in ``worker_crashes`` and logged.  Returns how many were collected."""
         collected = 0
-        for pid in list(self._workers):
-            try:
-                reaped, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                reaped, status = pid, 0
-            if reaped == 0:
-                continue
-            index = self._workers.pop(pid)
-            collected += 1
-            if status != 0 and not self._closed:
-                self.worker_crashes += 1
-                _log.error("prefork worker %d (pid %d) died: wait status %d", index, pid, status)
+        with self._reap_lock:
+            for pid in list(self._workers):
+                try:
+                    reaped, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    reaped, status = pid, 0
+                if reaped == 0:
+                    continue
+                index = self._workers.pop(pid)
+                collected += 1
+                if status != 0 and not self._closed:
+                    self.worker_crashes += 1
+                    _log.error(
+                        "prefork worker %d (pid %d) died: wait status %d", index, pid, status
+                    )
         return collected
 
     def serve_forever(self, poll_interval=0.5):
@@ -175,9 +180,10 @@ class PreforkServer:
             time.sleep(0.01)
         for pid in self._workers:
             _signal_worker(pid, signal.SIGKILL)
-        for pid in list(self._workers):
-            os.waitpid(pid, 0)
-            del self._workers[pid]
+        with self._reap_lock:
+            for pid in list(self._workers):
+                os.waitpid(pid, 0)
+                del self._workers[pid]
         self.server.socket.close()
 
     def __enter__(self):
