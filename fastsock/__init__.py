@@ -21,6 +21,7 @@ from .errors import (
     FrameTooLargeError,
     FramingError,
     LineTooLongError,
+    MalformedFrameError,
     QueueClosed,
 )
 from .options import ReceiveOptions

@@ -68,6 +68,14 @@ stopping (SIGINT, SIGTERM):
   "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
   is written or counted. The exit status is 0.
 
+syslog (--framing syslog):
+  what rsyslog accepts over TCP: a connection whose first byte is a digit is read as RFC
+  6587 octet counting ("MSG-LEN SP MSG", what `logger --octet-count` and rsyslog send), any
+  other as newline-delimited lines; over udp:// each datagram is one message (RFC 5426).
+  --framing octets accepts octet counting only. A count that is not digits and a space,
+  starts with 0, or is over --max-frame closes that connection, counted and logged with
+  the start of what it sent, as a line over --max-line does.
+
 log rotation (SIGHUP):
   with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
   messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
@@ -100,8 +108,11 @@ def add_serve_arguments(parser):
     )
     parser.add_argument(
         "--framing",
-        choices=["lines", "length", "raw"],
-        help="streams: lines (default), length (4-byte big-endian prefix) or raw chunks",
+        choices=["lines", "length", "raw", "octets", "syslog"],
+        help="streams: lines (default), length (4-byte big-endian prefix), raw chunks, "
+        "octets (RFC 6587 octet counting: MSG-LEN SP MSG) or syslog (octets if a connection's "
+        "first byte is a digit, else lines, as rsyslog; also accepted for udp://, where "
+        "each datagram is one message)",
     )
     parser.add_argument(
         "--mode",
@@ -118,13 +129,15 @@ def add_serve_arguments(parser):
         "--max-line",
         type=positive_int,
         metavar="BYTES",
-        help=f"longest line (default {constants.MAX_LINE_LENGTH}); longer closes that connection",
+        help=f"longest line (default {constants.MAX_LINE_LENGTH}); longer closes that connection "
+        "(--framing lines, syslog)",
     )
     limits.add_argument(
         "--max-frame",
         type=positive_int,
         metavar="BYTES",
-        help=f"largest length-prefixed frame (default {constants.MAX_FRAME_SIZE})",
+        help=f"largest length-prefixed or octet-counted frame (default "
+        f"{constants.MAX_FRAME_SIZE}; --framing length, octets, syslog)",
     )
     limits.add_argument(
         "--idle-timeout",
@@ -295,6 +308,9 @@ def parse_endpoint(text, allow_remote):
 def check_serve_options(options, endpoint):
     """Options that conflict with the endpoint or with each other: UsageError."""
     given = {name for name in STREAM_ONLY if getattr(options, name) is not None}
+    if options.framing == "syslog":
+        # Syslog over UDP (RFC 5426) is a message per datagram, as every datagram is here.
+        given.discard("framing")
     if endpoint.datagram and given:
         flag = "--" + sorted(given)[0].replace("_", "-")
         raise UsageError(
@@ -303,10 +319,10 @@ def check_serve_options(options, endpoint):
     if not endpoint.datagram and options.max_datagram is not None:
         raise UsageError(SERVE, "--max-datagram applies to udp:// and unixgram:// endpoints")
     framing = options.framing or DEFAULT_FRAMING
-    if options.max_line is not None and framing != "lines":
-        raise UsageError(SERVE, "--max-line applies to --framing lines")
-    if options.max_frame is not None and framing != "length":
-        raise UsageError(SERVE, "--max-frame applies to --framing length")
+    if options.max_line is not None and framing not in ("lines", "syslog"):
+        raise UsageError(SERVE, "--max-line applies to --framing lines and syslog")
+    if options.max_frame is not None and framing not in ("length", "octets", "syslog"):
+        raise UsageError(SERVE, "--max-frame applies to --framing length, octets and syslog")
     if options.workers is not None and options.mode != "prefork":
         raise UsageError(SERVE, "--workers applies to --mode prefork")
     if options.mode == "prefork" and endpoint.scheme == "unixgram":

@@ -27,8 +27,9 @@ class EngineEvent(NamedTuple):
 
     ``kind`` is one of:
 
-    - "line_too_long", "frame_too_large": the connection was closed for a protocol error;
-      ``detail`` is the start of the offending line or frame (at most
+    - "line_too_long", "frame_too_large", "frame_malformed" (an octet count that is not
+      digits, then a space): the connection was closed for a protocol error; ``detail`` is
+      the start of the offending line or frame (at most
       ``constants.PROTOCOL_ERROR_SAMPLE`` bytes);
     - "message_timeout": closed, one message took longer than ``message_timeout``;
       ``detail`` is the timeout in seconds;

@@ -29,6 +29,7 @@ from posix.unistd cimport close, read, write
 from fastsock._framing cimport (
     FRAMER_FRAME_TOO_LARGE,
     FRAMER_LINE_TOO_LONG,
+    FRAMER_MALFORMED,
     FRAMER_SPANS_FULL,
     framer_base,
     framer_commit,
@@ -51,6 +52,7 @@ from fastsock._recvloop cimport (
     COUNT_CONNECTIONS_CLOSED,
     COUNT_CONNECTIONS_OPENED,
     COUNT_CONNECTIONS_REFUSED,
+    COUNT_FRAMES_MALFORMED,
     COUNT_FRAMES_TOO_LARGE,
     COUNT_IDLE_EVICTIONS,
     COUNT_IDLE_TIMEOUTS,
@@ -117,6 +119,12 @@ cdef enum EventKind:
     EVENT_ACCEPT_PAUSED
     EVENT_NO_MEMORY
     EVENT_OS_ERROR
+    EVENT_FRAME_MALFORMED
+
+
+cdef inline bint is_framing_event(int kind) noexcept nogil:
+    return (kind == EVENT_LINE_TOO_LONG or kind == EVENT_FRAME_TOO_LARGE
+            or kind == EVENT_FRAME_MALFORMED)
 
 
 EVENT_NAMES = {
@@ -129,6 +137,7 @@ EVENT_NAMES = {
     EVENT_ACCEPT_PAUSED: "accept_paused",
     EVENT_NO_MEMORY: "no_memory",
     EVENT_OS_ERROR: "os_error",
+    EVENT_FRAME_MALFORMED: "frame_malformed",
 }
 
 END_NAMES = {ENGINE_EVENTS: "events", ENGINE_STOPPED: "stopped", ENGINE_EMPTY: "empty"}
@@ -490,7 +499,7 @@ cdef class StreamEngine:
             PyMem_RawFree(records)
 
     cdef object event_detail(self, EngineEventRecord* event):
-        if event.kind == EVENT_LINE_TOO_LONG or event.kind == EVENT_FRAME_TOO_LARGE:
+        if is_framing_event(event.kind):
             return event.sample[:event.sample_length]
         if (event.kind == EVENT_MESSAGE_TIMEOUT or event.kind == EVENT_EVICTED_IDLE
                 or event.kind == EVENT_ACCEPT_PAUSED):
@@ -838,6 +847,9 @@ cdef class StreamEngine:
             if self.status == FRAMER_FRAME_TOO_LARGE:
                 self.framing_failed(connection, EVENT_FRAME_TOO_LARGE)
                 return False
+            if self.status == FRAMER_MALFORMED:
+                self.framing_failed(connection, EVENT_FRAME_MALFORMED)
+                return False
             self.nspans = self.published = 0
             return True
 
@@ -891,7 +903,8 @@ cdef class StreamEngine:
 
     cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil:
         self.counters.add(COUNT_LINES_TOO_LONG if kind == EVENT_LINE_TOO_LONG
-                          else COUNT_FRAMES_TOO_LARGE, 1)
+                          else COUNT_FRAMES_TOO_LARGE if kind == EVENT_FRAME_TOO_LARGE
+                          else COUNT_FRAMES_MALFORMED, 1)
         self.nspans = self.published = 0
         self.record(kind, connection, NULL, 0, 0)
         self.end_connection(connection)
@@ -1019,7 +1032,7 @@ cdef class StreamEngine:
             slot = peer_find(&self.peers, connection.id)
             if slot != NULL:
                 peer_address_get(&event.address, slot.address)
-        if connection != NULL and (kind == EVENT_LINE_TOO_LONG or kind == EVENT_FRAME_TOO_LARGE):
+        if connection != NULL and is_framing_event(kind):
             event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
             memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,
                    event.sample_length)

@@ -29,6 +29,7 @@ cdef enum FramerStatus:
     FRAMER_SPANS_FULL       # more messages are ready: publish, consume, then commit 0 bytes
     FRAMER_LINE_TOO_LONG    # failed now: the spans are still good; then discard_pending
     FRAMER_FRAME_TOO_LARGE  # failed now: the spans are still good; then discard_pending
+    FRAMER_MALFORMED        # failed now (an octet count that is not digits, then a space)
     FRAMER_FAILED           # failed before: the committed bytes were counted as discarded
 
 
@@ -36,6 +37,8 @@ cdef enum FramingKind:
     FRAMING_RAW
     FRAMING_LINES
     FRAMING_LENGTH
+    FRAMING_OCTETS      # RFC 6587 octet counting: MSG-LEN SP MSG
+    FRAMING_SYSLOG      # octets if a connection's first byte is a digit, else lines
 
 
 # How a server frames its connections.  Set once and then only read, so every connection
@@ -52,6 +55,7 @@ cdef struct FramerConfig:
 
 # One connection's framing progress: plain C (72 bytes), so an event loop can hold one per
 # connection and create it without the GIL.  All zero is a fresh state with no buffer.
+# `chosen` fits in the padding after `failed`.
 cdef struct FramerState:
     char* buffer
     Py_ssize_t capacity          # bytes of buffer held now
@@ -62,6 +66,7 @@ cdef struct FramerState:
     unsigned long long messages_out
     unsigned long long bytes_discarded
     bint failed                  # a limit was violated: every later byte is discarded
+    unsigned char chosen         # syslog: the FramingKind the first byte chose; 0 before it
 
 
 # Validates the arguments of Framer() and fills config, which holds no delimiter yet (all

@@ -19,19 +19,28 @@ class Framer:
       line is the message ``b""``.
     - ``"length"``: a 4-byte big-endian unsigned length, then that many bytes of payload; the
       message is the payload alone, and length 0 is the message ``b""``.
+    - ``"octets"``: RFC 6587 octet counting, syslog's framing over TCP: ``MSG-LEN SP MSG``,
+      MSG-LEN the payload's length in ASCII digits (at least 1, no leading zero); the
+      message is MSG alone.
+    - ``"syslog"``: what a syslog receiver such as rsyslog accepts over TCP: ``"octets"`` if
+      the stream's first byte is a digit, else ``"lines"`` (non-transparent framing, with
+      ``delimiter`` and ``max_line``), chosen once for the stream.
 
     The limits bound the memory any peer can make a framer hold.  A line longer than
     ``max_line`` bytes (delimiter excluded) raises ``LineTooLongError`` as soon as
     ``max_line + len(delimiter)`` of its bytes are buffered without a delimiter, without
     waiting for one.  A length prefix above ``max_frame`` raises ``FrameTooLargeError`` as
-    soon as its 4 bytes are in, before anything is allocated for the payload.  The error's
-    ``messages`` holds the complete messages framed from the same feed before the violation,
-    and its ``discarded`` the bytes thrown away: the offending message's buffered bytes and
-    the rest of the feed.  The framer is then failed: every later ``feed()`` raises a plain
-    ``FramingError`` and discards its bytes, and the connection should be closed.
+    soon as its 4 bytes are in, before anything is allocated for the payload; so does an
+    octet count, at its first digit past ``max_frame``.  An octet count that is not digits
+    then a space, or that starts with ``0``, raises ``MalformedFrameError`` at its first bad
+    byte.  The error's ``messages`` holds the complete messages framed from the same feed
+    before the violation, and its ``discarded`` the bytes thrown away: the offending
+    message's buffered bytes and the rest of the feed.  The framer is then failed: every
+    later ``feed()`` raises a plain ``FramingError`` and discards its bytes, and the
+    connection should be closed.
 
     Every byte fed is accounted for: ``bytes_in`` equals the payload bytes of the messages
-    returned, plus the delimiters or length prefixes stripped from them, plus
+    returned, plus the delimiters, length prefixes or octet counts stripped from them, plus
     ``bytes_discarded``, plus ``pending``.
 
     Scanning is linear: no byte is scanned twice, however the stream is split into feeds.
@@ -42,7 +51,7 @@ class Framer:
 
     def __init__(
         self,
-        framing: Literal["raw", "lines", "length"] = "lines",
+        framing: Literal["raw", "lines", "length", "octets", "syslog"] = "lines",
         *,
         delimiter: ReadableBuffer = b"\n",
         keep_delimiter: bool = False,
@@ -51,12 +60,13 @@ class Framer:
     ) -> None:
         """Create a framer for one stream.
 
-        ``framing`` is ``"raw"``, ``"lines"`` (the default) or ``"length"``.  ``delimiter``
-        (default ``b"\\n"``, any non-empty bytes-like, e.g. ``b"\\r\\n"``) and
-        ``keep_delimiter`` (default ``False``) apply to ``"lines"``.  ``max_line`` (default
-        64 KiB, ``MAX_LINE_LENGTH``) bounds a line without its delimiter; ``max_frame``
-        (default 1 MiB, ``MAX_FRAME_SIZE``) bounds a length-prefixed payload.  Both limits
-        must be between 1 and 2**32 - 1, the largest length a prefix can announce.
+        ``framing`` is ``"raw"``, ``"lines"`` (the default), ``"length"``, ``"octets"`` or
+        ``"syslog"``.  ``delimiter`` (default ``b"\\n"``, any non-empty bytes-like, e.g.
+        ``b"\\r\\n"``) and ``keep_delimiter`` (default ``False``) apply to lines.
+        ``max_line`` (default 64 KiB, ``MAX_LINE_LENGTH``) bounds a line without its
+        delimiter; ``max_frame`` (default 1 MiB, ``MAX_FRAME_SIZE``) bounds a length-prefixed
+        or octet-counted payload.  Both limits must be between 1 and 2**32 - 1, the largest
+        length a prefix can announce.
 
         Raises ``ValueError`` for an unknown framing, an empty delimiter or a limit out of
         range, and ``TypeError`` for a delimiter that is not bytes-like or a limit that is
@@ -69,9 +79,10 @@ class Framer:
         ``data`` is any C-contiguous bytes-like object (``bytes``, ``bytearray``,
         ``memoryview``...); it is copied, never kept.  An empty ``data`` returns ``[]``.
 
-        Raises ``LineTooLongError`` or ``FrameTooLargeError`` on a limit violation, and a
-        plain ``FramingError`` once the framer has failed (see the class documentation);
-        ``TypeError`` if ``data`` is not bytes-like, ``BufferError`` if it is not contiguous.
+        Raises ``LineTooLongError``, ``FrameTooLargeError`` or ``MalformedFrameError`` on a
+        protocol error, and a plain ``FramingError`` once the framer has failed (see the
+        class documentation); ``TypeError`` if ``data`` is not bytes-like, ``BufferError`` if
+        it is not contiguous.
         """
 
     def peek_pending(self, limit: int) -> bytes:
@@ -85,11 +96,11 @@ class Framer:
         """End the stream: discard the incomplete message and return its size in bytes.
 
         Returns 0 if the stream ended between messages.  The framer may be fed again after,
-        as a new stream; a failed framer stays failed.
+        as a new stream (``"syslog"`` chooses again); a failed framer stays failed.
         """
 
     @property
-    def framing(self) -> Literal["raw", "lines", "length"]:
+    def framing(self) -> Literal["raw", "lines", "length", "octets", "syslog"]:
         """The framing given at creation."""
 
     @property
@@ -106,7 +117,8 @@ class Framer:
 
     @property
     def max_frame(self) -> int:
-        """The largest length-prefixed payload accepted, in bytes (default 1048576)."""
+        """The largest length-prefixed or octet-counted payload accepted, in bytes (default
+        1048576)."""
 
     @property
     def pending(self) -> int:

@@ -21,7 +21,12 @@ from fastsock.constants import (
     MAX_LINE_LENGTH,
     RECV_SIZE,
 )
-from fastsock.errors import FrameTooLargeError, FramingError, LineTooLongError
+from fastsock.errors import (
+    FrameTooLargeError,
+    FramingError,
+    LineTooLongError,
+    MalformedFrameError,
+)
 
 
 cdef extern from "string.h" nogil:
@@ -76,10 +81,12 @@ cdef Py_ssize_t FEED_PIECE = RECV_SIZE
 cdef Py_ssize_t INITIAL_BUFFER = FRAMER_INITIAL_BUFFER
 cdef Py_ssize_t PREFIX_SIZE = LENGTH_PREFIX_SIZE
 
-FRAMINGS = ("raw", "lines", "length")  # indexed by FramingKind
+FRAMINGS = ("raw", "lines", "length", "octets", "syslog")  # indexed by FramingKind
 LARGEST_LIMIT = 2 ** (8 * LENGTH_PREFIX_SIZE) - 1
 LINE_TOO_LONG_TEXT = "line longer than max_line={} bytes"
 FRAME_TOO_LARGE_TEXT = "length prefix announces {} bytes, more than max_frame={}"
+COUNT_TOO_LARGE_TEXT = "octet count announces more than max_frame={} bytes"
+MALFORMED_TEXT = "malformed octet count: not MSG-LEN SP (digits without a leading zero, a space)"
 FAILED_TEXT = "the framer failed on an earlier framing error; close the connection"
 BUSY_TEXT = "another thread is feeding this framer"
 
@@ -110,7 +117,8 @@ cdef Py_ssize_t checked_limit(str name, object value) except -1:
 cdef int framer_configure(FramerConfig* config, object framing, object delimiter,
                           object keep_delimiter, object max_line, object max_frame) except -1:
     if framing not in FRAMINGS:
-        raise ValueError(f"framing must be 'raw', 'lines' or 'length', not {framing!r}")
+        raise ValueError(
+            f"framing must be 'raw', 'lines', 'length', 'octets' or 'syslog', not {framing!r}")
     cdef bytes delimiter_bytes = bytes(memoryview(delimiter))
     if not delimiter_bytes:
         raise ValueError("delimiter must not be empty")
@@ -134,9 +142,23 @@ cdef int framer_configure(FramerConfig* config, object framing, object delimiter
         config.message_room = line_limit + delimiter_length
     elif kind == FRAMING_LENGTH:
         config.message_room = PREFIX_SIZE + frame_limit
+    elif kind == FRAMING_OCTETS:
+        config.message_room = count_room(frame_limit) + frame_limit
+    elif kind == FRAMING_SYSLOG:
+        config.message_room = max(count_room(frame_limit) + frame_limit,
+                                  line_limit + delimiter_length)
     else:
         config.message_room = 0
     return 0
+
+
+cdef Py_ssize_t count_room(Py_ssize_t max_frame) noexcept nogil:
+    # The bytes of the longest MSG-LEN SP under max_frame: its digits and the space.
+    cdef Py_ssize_t room = 1
+    while max_frame:
+        room += 1
+        max_frame //= 10
+    return room
 
 
 cdef void framer_config_clear(FramerConfig* config) noexcept nogil:
@@ -178,20 +200,31 @@ cdef FramerStatus framer_commit(FramerState* state, const FramerConfig* config,
                                 Py_ssize_t nbytes, MessageSpan* spans, Py_ssize_t max_spans,
                                 Py_ssize_t* nspans) noexcept nogil:
     cdef FramerStatus status
+    cdef FramingKind kind = config.kind
     nspans[0] = 0
     state.bytes_in += nbytes
     if state.failed:
         state.bytes_discarded += nbytes
         return FRAMER_FAILED
     state.tail += nbytes
-    if config.kind == FRAMING_LINES:
+    if kind == FRAMING_SYSLOG:
+        if state.chosen == 0:
+            if state.tail == state.head:
+                return FRAMER_OK
+            # Once per connection, from its first byte, as rsyslog tells the two apart.
+            state.chosen = FRAMING_OCTETS if is_digit(state.buffer[state.head]) else FRAMING_LINES
+        kind = <FramingKind>state.chosen
+    if kind == FRAMING_LINES:
         status = frame_lines(state, config, spans, max_spans, nspans)
-    elif config.kind == FRAMING_LENGTH:
+    elif kind == FRAMING_LENGTH:
         status = frame_length(state, config, spans, max_spans, nspans)
+    elif kind == FRAMING_OCTETS:
+        status = frame_octets(state, config, spans, max_spans, nspans)
     else:
         status = frame_raw(state, spans, max_spans, nspans)
     state.messages_out += nspans[0]
-    state.failed = status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
+    state.failed = (status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
+                    or status == FRAMER_MALFORMED)
     return status
 
 
@@ -309,6 +342,55 @@ cdef FramerStatus frame_length(FramerState* state, const FramerConfig* config,
     return FRAMER_OK
 
 
+cdef inline bint is_digit(char byte) noexcept nogil:
+    return c'0' <= byte <= c'9'
+
+
+cdef FramerStatus frame_octets(FramerState* state, const FramerConfig* config,
+                               MessageSpan* spans, Py_ssize_t max_spans,
+                               Py_ssize_t* nspans) noexcept nogil:
+    # RFC 6587: MSG-LEN SP MSG, MSG-LEN a decimal number without a leading zero.  The count
+    # is read again from head on each commit until its message is whole: at most the digits
+    # of max_frame and a space, so the scan stays linear.  A count is refused at the first
+    # byte that makes it malformed, or the first digit that takes it past max_frame, before
+    # any of its payload is held.
+    cdef const char* buffer = state.buffer
+    cdef Py_ssize_t head = state.head
+    cdef Py_ssize_t tail = state.tail
+    cdef unsigned long long max_frame = <unsigned long long>config.max_frame
+    cdef unsigned long long length
+    cdef Py_ssize_t cursor
+    cdef FramerStatus status = FRAMER_OK
+    while head < tail:
+        if not (c'1' <= buffer[head] <= c'9'):
+            status = FRAMER_MALFORMED
+            break
+        length = buffer[head] - c'0'
+        cursor = head + 1
+        # length <= max_frame < 2**32 before each step, so it cannot overflow.
+        while cursor < tail and is_digit(buffer[cursor]) and length <= max_frame:
+            length = 10 * length + <unsigned long long>(buffer[cursor] - c'0')
+            cursor += 1
+        if length > max_frame:
+            status = FRAMER_FRAME_TOO_LARGE
+            break
+        if cursor == tail:
+            break
+        if buffer[cursor] != c' ':
+            status = FRAMER_MALFORMED
+            break
+        cursor += 1
+        if tail - cursor < <Py_ssize_t>length:
+            break
+        if nspans[0] == max_spans:
+            status = FRAMER_SPANS_FULL
+            break
+        add_span(spans, nspans, cursor, <Py_ssize_t>length)
+        head = cursor + <Py_ssize_t>length
+    state.head = head
+    return status
+
+
 cdef int copy_and_commit(FramerState* state, const FramerConfig* config, const char* data,
                          Py_ssize_t size, MessageSpan* spans, Py_ssize_t* nspans,
                          FramerStatus* status) noexcept nogil:
@@ -399,6 +481,7 @@ cdef class Framer:
             raise RuntimeError(BUSY_TEXT)
         discarded = framer_discard_pending(&self.state)
         framer_consume(&self.state)
+        self.state.chosen = 0  # a new stream chooses its syslog framing again
         return discarded
 
     cdef char* base(self) noexcept nogil:
@@ -469,6 +552,12 @@ cdef class Framer:
         if status == FRAMER_LINE_TOO_LONG:
             error_type = LineTooLongError
             text = LINE_TOO_LONG_TEXT.format(self.config.max_line)
+        elif status == FRAMER_MALFORMED:
+            error_type = MalformedFrameError
+            text = MALFORMED_TEXT
+        elif self.config.kind != FRAMING_LENGTH:
+            error_type = FrameTooLargeError
+            text = COUNT_TOO_LARGE_TEXT.format(self.config.max_frame)
         else:
             error_type = FrameTooLargeError
             text = FRAME_TOO_LARGE_TEXT.format(read_length(self.state.buffer + self.state.head),

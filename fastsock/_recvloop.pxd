@@ -28,6 +28,7 @@ cdef enum ReceiveCounter:
     COUNT_MEMORY_EVICTIONS
     COUNT_BYTES_UNREAD
     COUNT_CONNECTIONS_REFUSED
+    COUNT_FRAMES_MALFORMED
     COUNTER_SLOTS
 
 
@@ -43,6 +44,7 @@ cdef enum StreamEnd:
     END_EVICTED_MEMORY  # closed as the largest holder of partial messages over the budget
     END_LINE_TOO_LONG
     END_FRAME_TOO_LARGE
+    END_FRAME_MALFORMED  # an octet count that is not digits, then a space
     END_RING_CLOSED     # the ring was closed: the messages not yet published are dropped
     END_NO_MEMORY
     END_OS_ERROR        # any other recv() failure: see last_errno

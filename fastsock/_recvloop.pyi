@@ -105,7 +105,8 @@ class StreamReceiver:
         One of "eof", "stopped", "reset", "idle_timeout", "message_timeout" (one
         message, from its first byte, took longer than ``message_timeout``),
         "evicted_idle", "evicted_memory" (``evict()`` was called), "line_too_long",
-        "frame_too_large", "ring_closed", "no_memory", "os_error".  A signal handler's
+        "frame_too_large", "frame_malformed" (an octet count that is not digits, then a
+        space), "ring_closed", "no_memory", "os_error".  A signal handler's
         exception (KeyboardInterrupt) propagates within one check interval; ``run()`` may
         then be called again and resumes where it stopped.
         """
@@ -128,9 +129,9 @@ class StreamReceiver:
         the loop waits for ring room (backpressure is no silence)."""
 
     def offending_sample(self, limit: int) -> bytes:
-        """After a "line_too_long" or "frame_too_large" end and before ``close()``: the first
-        ``limit`` bytes of the offending line or frame (its header included); b"" after
-        ``close()``."""
+        """After a "line_too_long", "frame_too_large" or "frame_malformed" end and before
+        ``close()``: the first ``limit`` bytes of the offending line or frame (its header
+        included); b"" after ``close()``."""
 
     def close(self) -> None:
         """Count what the connection leaves behind: the partial message in the framer and

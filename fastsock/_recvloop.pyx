@@ -45,6 +45,7 @@ from fastsock._sockets cimport (
 from fastsock._framing cimport (
     FRAMER_FRAME_TOO_LARGE,
     FRAMER_LINE_TOO_LONG,
+    FRAMER_MALFORMED,
     FRAMER_OK,
     FRAMER_SPANS_FULL,
     framer_held_bytes,
@@ -77,6 +78,7 @@ END_NAMES = {
     END_EVICTED_MEMORY: "evicted_memory",
     END_LINE_TOO_LONG: "line_too_long",
     END_FRAME_TOO_LARGE: "frame_too_large",
+    END_FRAME_MALFORMED: "frame_malformed",
     END_RING_CLOSED: "ring_closed",
     END_NO_MEMORY: "no_memory",
     END_OS_ERROR: "os_error",
@@ -158,6 +160,7 @@ cdef class ReceiveCounters:
             bytes_discarded=values[<int>COUNT_BYTES_DISCARDED],
             lines_too_long=values[<int>COUNT_LINES_TOO_LONG],
             frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
+            frames_malformed=values[<int>COUNT_FRAMES_MALFORMED],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],
@@ -473,6 +476,9 @@ cdef class StreamReceiver:
             if self.status == FRAMER_FRAME_TOO_LARGE:
                 self.counters.add(COUNT_FRAMES_TOO_LARGE, 1)
                 return END_FRAME_TOO_LARGE
+            if self.status == FRAMER_MALFORMED:
+                self.counters.add(COUNT_FRAMES_MALFORMED, 1)
+                return END_FRAME_MALFORMED
             return END_RECEIVING
 
     cdef StreamEnd publish_pending(self) noexcept nogil:

@@ -7,6 +7,7 @@ __all__ = [
     "FrameTooLargeError",
     "FramingError",
     "LineTooLongError",
+    "MalformedFrameError",
     "QueueClosed",
 ]
 
@@ -29,7 +30,12 @@ class LineTooLongError(FramingError):
 
 
 class FrameTooLargeError(FramingError):
-    """A length prefix announced a frame larger than ``max_frame`` bytes."""
+    """A length prefix or an octet count announced a frame larger than ``max_frame`` bytes."""
+
+
+class MalformedFrameError(FramingError):
+    """An octet count (RFC 6587 ``MSG-LEN SP``) was not a decimal number without a leading
+    zero followed by a space."""
 
 
 _ShutDown = getattr(queue, "ShutDown", None)

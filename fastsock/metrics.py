@@ -79,6 +79,11 @@ STREAM_METRICS = (
     _counter(
         "frames_too_large", "frames_too_large", "Connections closed for a frame over max_frame."
     ),
+    _counter(
+        "frames_malformed",
+        "frames_malformed",
+        "Connections closed for a malformed octet count (syslog).",
+    ),
     _counter("connection_resets", "resets", "Connections reset by their peer."),
     _counter("idle_timeouts", "idle_timeouts", "Connections closed for silence."),
     _counter("message_timeouts", "message_timeouts", "Connections closed for a slow message."),

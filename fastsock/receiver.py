@@ -22,7 +22,7 @@ from ._impl import (
     StreamReceiver,
 )
 from ._ratelimit import RateLimitedLogger
-from .errors import FrameTooLargeError, LineTooLongError
+from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError
 from .options import ReceiveOptions
 from .server import BaseRequestHandler
 
@@ -442,14 +442,25 @@ class EngineGroup:
             engine.close()
 
 
+# How an engine event or a loop's end that is a protocol error is reported: the error class
+# handle_error() gets, and what the peer did (with the limit it broke, from the options).
 _FRAMING_ERRORS = {
-    "line_too_long": (LineTooLongError, "sent a line longer than max_line={} bytes", "max_line"),
+    "line_too_long": (LineTooLongError, "sent a line longer than max_line={max_line} bytes"),
     "frame_too_large": (
         FrameTooLargeError,
-        "announced a frame larger than max_frame={} bytes",
-        "max_frame",
+        "announced a frame larger than max_frame={max_frame} bytes",
+    ),
+    "frame_malformed": (
+        MalformedFrameError,
+        "sent a malformed octet count (not MSG-LEN SP: digits without a leading zero, a space)",
     ),
 }
+
+
+def _framing_error(kind, options):
+    """The error class and the complaint of a protocol error (see _FRAMING_ERRORS)."""
+    error_class, what = _FRAMING_ERRORS[kind]
+    return error_class, what.format(max_line=options.max_line, max_frame=options.max_frame)
 
 
 def _report(path, event):
@@ -458,8 +469,8 @@ def _report(path, event):
     server = path._server
     peer = _escaped(event.address)
     if event.kind in _FRAMING_ERRORS:
-        error_class, what, limit = _FRAMING_ERRORS[event.kind]
-        message = f"{peer} {what.format(getattr(path.options, limit))}; the connection was closed"
+        error_class, what = _framing_error(event.kind, path.options)
+        message = f"{peer} {what}; the connection was closed"
         _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
         _handle_error(server, error_class(message), event.address)
     elif event.kind == "message_timeout":
@@ -539,8 +550,9 @@ class ReceiveHandler(BaseRequestHandler):
     any of the class attributes named after the fields of ``ReceiveOptions`` (their
     defaults are its defaults).  A connection ends when the peer closes it, breaks it, stays
     silent for ``idle_timeout`` seconds, or when the server is closed.  A line or frame over
-    its limit closes only that connection and reaches the server's ``handle_error`` as a
-    ``LineTooLongError`` / ``FrameTooLargeError``; the messages before it were delivered.
+    its limit, or a malformed octet count, closes only that connection and reaches the
+    server's ``handle_error`` as a ``LineTooLongError`` / ``FrameTooLargeError`` /
+    ``MalformedFrameError``; the messages before it were delivered.
 
     Served by event engines unless the server overrides a request hook or this class its
     setup(), handle() or finish(); then each connection runs the compiled loop in its own
@@ -589,16 +601,8 @@ class ReceiveHandler(BaseRequestHandler):
             return
         self.end = self.receiver.run()
         options = self.path.options
-        if self.end == "line_too_long":
-            self._reject(
-                LineTooLongError,
-                f"sent a line longer than max_line={options.max_line} bytes",
-            )
-        if self.end == "frame_too_large":
-            self._reject(
-                FrameTooLargeError,
-                f"announced a frame larger than max_frame={options.max_frame} bytes",
-            )
+        if self.end in _FRAMING_ERRORS:
+            self._reject(*_framing_error(self.end, options))
         if self.end == "message_timeout":
             _log.warning(
                 "message-timeout",

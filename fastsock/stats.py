@@ -42,6 +42,10 @@ class ReceiveStats:
     ``memory_evictions`` count connections closed to admit a new one when
     ``max_connections`` was reached, and as the largest holder of partial messages when
     their total passed the budget; ``partial_bytes`` is that total now (a gauge).
+    ``lines_too_long``, ``frames_too_large`` (a length prefix or an octet count over
+    ``max_frame``) and ``frames_malformed`` (an octet count that is not digits without a
+    leading zero, then a space) count the connections closed for each protocol error;
+    ``framing_errors`` is their sum.
     """
 
     connections_opened: int
@@ -62,6 +66,7 @@ class ReceiveStats:
     memory_evictions: int = 0
     partial_bytes: int = 0
     bytes_unread: int = 0
+    frames_malformed: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":
@@ -74,7 +79,7 @@ class ReceiveStats:
 
     @property
     def framing_errors(self) -> int:
-        return self.lines_too_long + self.frames_too_large
+        return self.lines_too_long + self.frames_too_large + self.frames_malformed
 
 
 @dataclass(frozen=True, slots=True)

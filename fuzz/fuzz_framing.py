@@ -2,14 +2,15 @@
 
 Each input is decoded into a framer configuration (framing, delimiter, keep_delimiter,
 max_line, max_frame) and a sequence of operations: feeds of bytes taken from the input,
-length prefixes, whole frames repeated up to 1500 times, runs of one chunk repeated up to
-5000 times (past the 1024 spans one internal commit holds, the 64 KiB above which feed()
-frames without the GIL, and the 256 KiB pieces it copies in), and eof().  Each feed's
-bytes are passed as bytes or as a memoryview of a bytearray.  The compiled framer and the
-reference get the same calls; after each one their results (messages, or the error's
-type, text, messages and discarded count) and their counters must be equal, and every
-byte fed must be accounted for.  A difference raises AssertionError, which atheris reports
-as a crash and saves the input.
+length prefixes or octet counts (digits, perhaps malformed, perhaps past max_frame), whole
+frames (length-prefixed or octet-counted) repeated up to 1500 times, runs of one chunk
+repeated up to 5000 times (past the 1024 spans one internal commit holds, the 64 KiB above
+which feed() frames without the GIL, and the 256 KiB pieces it copies in), and eof().  Each
+feed's bytes are passed as bytes or as a memoryview of a bytearray.  The compiled framer and
+the reference get the same calls; after each one their results (messages, or the error's
+type, text, messages and discarded count) and their counters must be equal, and every byte
+fed must be accounted for.  A difference raises AssertionError, which atheris reports as a
+crash and saves the input.
 
 Run it through fuzz/run.sh, on the instrumented build that fuzz/build.sh makes.
 """
@@ -24,7 +25,7 @@ with atheris.instrument_imports(include=["fastsock._reference"]):
 from fastsock import _framing as compiled
 from tests.compare import feed_outcome, framer_counters
 
-FRAMINGS = ("raw", "lines", "length")
+FRAMINGS = ("raw", "lines", "length", "octets", "syslog")
 # Limits around the 64-byte blocks of the compiled line scan, the defaults, the largest.
 LIMITS = (1, 2, 3, 63, 64, 65, 127, 128, 1000, 65536, 1048576, 2**32 - 1)
 PREFIX_SIZE = 4
@@ -55,7 +56,27 @@ def most_messages_in(framer, unit):
         return unit.count(framer.delimiter)
     if framer.framing == "length":
         return len(unit) // PREFIX_SIZE + 1
+    if framer.framing in ("octets", "syslog"):
+        # An octet-counted message takes at least 3 bytes ("1 x"), a syslog line 1.
+        return max(unit.count(framer.delimiter), len(unit) // 3 + 1)
     return 1
+
+
+def counted_framing(framer):
+    return framer.framing in ("octets", "syslog")
+
+
+def octet_count(provider):
+    """An octet count as a syslog sender writes it, or one of the ways it goes wrong."""
+    count = str(provider.ConsumeIntInRange(0, 2**33)).encode()
+    kind = provider.ConsumeIntInRange(0, 3)
+    if kind == 0:
+        return count + b" "
+    if kind == 1:
+        return b"0" + count + b" "
+    if kind == 2:
+        return count + provider.ConsumeBytes(1)
+    return count
 
 
 def next_chunk(provider, framer, budget):
@@ -63,14 +84,19 @@ def next_chunk(provider, framer, budget):
     op = provider.ConsumeIntInRange(0, OP_EOF)
     if op == OP_EOF:
         return None
-    if op == OP_PREFIX:
+    if op == OP_PREFIX and counted_framing(framer) and provider.ConsumeBool():
+        chunk = octet_count(provider) + provider.ConsumeBytes(provider.ConsumeIntInRange(0, 16))
+    elif op == OP_PREFIX:
         chunk = provider.ConsumeIntInRange(0, 2**32 - 1).to_bytes(PREFIX_SIZE, "big")
         chunk += provider.ConsumeBytes(provider.ConsumeIntInRange(0, 16))
     elif op == OP_FRAME:
         # A payload with the prefix that announces it, once or many times over: valid
         # frames, not only noise, and more of them than one internal commit holds.
         payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 300))
-        unit = len(payload).to_bytes(PREFIX_SIZE, "big") + payload
+        if counted_framing(framer) and provider.ConsumeBool():
+            unit = b"%d %s" % (len(payload), payload)
+        else:
+            unit = len(payload).to_bytes(PREFIX_SIZE, "big") + payload
         per_unit = most_messages_in(framer, unit)
         times = min(
             provider.ConsumeIntInRange(1, 1500), max(1, budget.messages // max(1, per_unit))
@@ -94,19 +120,22 @@ def next_chunk(provider, framer, budget):
     return chunk
 
 
-def overhead(framer, message_count):
-    """The delimiters or prefixes stripped from message_count messages."""
-    if framer.framing == "lines" and not framer.keep_delimiter:
-        return len(framer.delimiter) * message_count
-    if framer.framing == "length":
-        return PREFIX_SIZE * message_count
+def overhead(framing, framer, messages):
+    """The delimiters, prefixes or counts stripped from messages, framed as framing (what a
+    syslog framer chose for its stream)."""
+    if framing == "lines" and not framer.keep_delimiter:
+        return len(framer.delimiter) * len(messages)
+    if framing == "length":
+        return PREFIX_SIZE * len(messages)
+    if framing == "octets":
+        return sum(len(b"%d " % len(message)) for message in messages)
     return 0
 
 
 def test_one_input(data):
     provider = atheris.FuzzedDataProvider(data)
     options = dict(
-        framing=FRAMINGS[provider.ConsumeIntInRange(0, 2)],
+        framing=FRAMINGS[provider.ConsumeIntInRange(0, len(FRAMINGS) - 1)],
         delimiter=provider.ConsumeBytes(provider.ConsumeIntInRange(1, 4)) or b"\n",
         keep_delimiter=provider.ConsumeBool(),
         max_line=limit(provider),
@@ -114,13 +143,20 @@ def test_one_input(data):
     )
     framer, oracle = compiled.Framer(**options), reference.Framer(**options)
     budget = Budget()
-    messages = payload = 0
+    messages = payload = stripped = 0
+    # What the stream is framed as: a syslog framer chooses by the first byte of a stream
+    # (until eof()), which the harness then knows too.
+    framing = None if options["framing"] == "syslog" else options["framing"]
     while provider.remaining_bytes():
         chunk = next_chunk(provider, framer, budget)
         if chunk is None:
             got, expected = framer.eof(), oracle.eof()
             framed = []
+            if options["framing"] == "syslog":
+                framing = None
         else:
+            if framing is None and chunk:
+                framing = "octets" if chunk[:1].isdigit() else "lines"
             fed = memoryview(bytearray(chunk)) if provider.ConsumeBool() else chunk
             got, expected = feed_outcome(framer.feed, fed), feed_outcome(oracle.feed, chunk)
             framed = got if isinstance(got, list) else got[2]
@@ -132,8 +168,9 @@ def test_one_input(data):
         )
         messages += len(framed)
         payload += sum(map(len, framed))
+        stripped += overhead(framing, framer, framed)
         assert framer.messages_out == messages, (options, framer.messages_out, messages)
-        accounted = payload + overhead(framer, messages) + framer.bytes_discarded
+        accounted = payload + stripped + framer.bytes_discarded
         assert framer.bytes_in == accounted + framer.pending, (options, framer_counters(framer))
 
 

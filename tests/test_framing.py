@@ -4,6 +4,7 @@ into random feeds, and that both frame any split of a stream as they frame it wh
 
 import array
 import random
+import re
 import threading
 import tracemalloc
 from itertools import pairwise
@@ -15,7 +16,12 @@ from hypothesis import strategies as st
 from fastsock import _framing
 from fastsock._reference import framing as reference
 from fastsock.constants import MAX_FRAME_SIZE, MAX_LINE_LENGTH
-from fastsock.errors import FrameTooLargeError, FramingError, LineTooLongError
+from fastsock.errors import (
+    FrameTooLargeError,
+    FramingError,
+    LineTooLongError,
+    MalformedFrameError,
+)
 from tests.compare import feed_outcome, framer_counters
 
 MiB = 1024 * 1024
@@ -36,6 +42,20 @@ def frame(payload):
     return prefix(len(payload)) + payload
 
 
+def counted(payload):
+    """An RFC 6587 octet-counted frame: MSG-LEN SP MSG."""
+    return b"%d %s" % (len(payload), payload)
+
+
+def effective_framing(framing, stream):
+    """What a framing frames a stream as: syslog chooses by the stream's first byte."""
+    if framing != "syslog":
+        return framing
+    if not stream:
+        return None
+    return "octets" if stream[:1].isdigit() else "lines"
+
+
 def feed_all(framer, chunks):
     messages = []
     for chunk in chunks:
@@ -43,12 +63,16 @@ def feed_all(framer, chunks):
     return messages
 
 
-def assert_accounted(framer, messages):
-    """Every byte fed is in a message, a stripped delimiter or prefix, discarded or pending."""
-    if framer.framing == "lines" and not framer.keep_delimiter:
+def assert_accounted(framer, messages, framing=None):
+    """Every byte fed is in a message, a stripped delimiter, prefix or count, discarded or
+    pending.  ``framing``: what a syslog framer chose, if not its framing."""
+    framing = framing or framer.framing
+    if framing == "lines" and not framer.keep_delimiter:
         overhead = len(framer.delimiter) * len(messages)
-    elif framer.framing == "length":
+    elif framing == "length":
         overhead = 4 * len(messages)
+    elif framing == "octets":
+        overhead = sum(len(b"%d " % len(message)) for message in messages)
     else:
         overhead = 0
     payload = sum(map(len, messages))
@@ -67,7 +91,7 @@ def split_at(stream, cuts):
 @st.composite
 def scenarios(draw):
     """Framer options, and a stream split into feeds of any sizes, empty ones included."""
-    framing = draw(st.sampled_from(["raw", "lines", "length"]))
+    framing = draw(st.sampled_from(["raw", "lines", "length", "octets", "syslog"]))
     delimiter = draw(
         st.sampled_from([b"\n", b"\r\n", b"aa", b"aba", b"\x00\xff\x00"])
         | st.binary(min_size=1, max_size=3)
@@ -89,6 +113,15 @@ def scenarios(draw):
             hostile = draw(st.sampled_from(HOSTILE_LENGTHS) | st.integers(0, 64))
             parts.insert(draw(st.integers(0, len(parts))), prefix(hostile))
         stream = b"".join(parts) + draw(st.binary(max_size=6))
+    elif framing == "octets" or (framing == "syslog" and draw(st.booleans())):
+        parts = [counted(payload) for payload in draw(st.lists(text, max_size=8))]
+        if draw(st.booleans()):
+            hostile = draw(
+                st.sampled_from([b"0 ", b"01 a", b"1x", b"-1 ", b" 1 a", b"1\n", b"99999999999"])
+                | st.integers(0, 64).map(lambda n: b"%d " % n)
+            )
+            parts.insert(draw(st.integers(0, len(parts))), hostile)
+        stream = b"".join(parts) + draw(st.sampled_from([b"", b"1", b"12", b"3 ", b"3 ab"]))
     else:
         lines = draw(st.lists(text, max_size=8))
         stream = b"".join(line + delimiter for line in lines) + draw(text)
@@ -104,7 +137,12 @@ def scenarios(draw):
 def frame_whole(options, stream):
     """How a stream frames, however it is split (but for "raw"): its messages, the error it
     ends in or None, and the bytes left pending at its end."""
-    if options["framing"] == "lines":
+    framing = effective_framing(options["framing"], stream)
+    if framing is None:
+        return [], None, 0
+    if framing == "octets":
+        return frame_octets_whole(options, stream)
+    if framing == "lines":
         delimiter = options["delimiter"]
         messages, head = [], 0
         while (found := stream.find(delimiter, head)) >= 0:
@@ -125,6 +163,28 @@ def frame_whole(options, stream):
             break
         messages.append(stream[head + 4 : head + 4 + length])
         head += 4 + length
+    return messages, None, len(stream) - head
+
+
+def frame_octets_whole(options, stream):
+    """RFC 6587 octet counting, read with a regular expression over the whole stream."""
+    messages, head = [], 0
+    while head < len(stream):
+        match = re.compile(rb"[0-9]*").match(stream, head)
+        digits = match.group()
+        if not digits or digits[:1] == b"0":
+            return messages, MalformedFrameError, 0
+        if int(digits) > options["max_frame"]:
+            return messages, FrameTooLargeError, 0
+        if match.end() == len(stream):
+            break
+        if stream[match.end() : match.end() + 1] != b" ":
+            return messages, MalformedFrameError, 0
+        start = match.end() + 1
+        if len(stream) - start < int(digits):
+            break
+        messages.append(stream[start : start + int(digits)])
+        head = start + int(digits)
     return messages, None, len(stream) - head
 
 
@@ -153,6 +213,8 @@ def test_any_split_frames_like_the_whole_stream(framer_class, scenario):
     options, chunks = scenario
     framer = framer_class(**options)
     messages, error = [], None
+    stream = b"".join(bytes(chunk) for chunk in chunks)
+    framing = effective_framing(options["framing"], stream)
     for chunk in chunks:
         try:
             messages += framer.feed(chunk)
@@ -160,11 +222,10 @@ def test_any_split_frames_like_the_whole_stream(framer_class, scenario):
             error = raised
             messages += raised.messages
             break
-        assert_accounted(framer, messages)
+        assert_accounted(framer, messages, framing)
     if options["framing"] == "raw":
         expected, expected_error, expected_pending = [bytes(c) for c in chunks if len(c)], None, 0
     else:
-        stream = b"".join(bytes(chunk) for chunk in chunks)
         expected, expected_error, expected_pending = frame_whole(options, stream)
     assert messages == expected
     if expected_error is None:
@@ -175,13 +236,13 @@ def test_any_split_frames_like_the_whole_stream(framer_class, scenario):
         assert type(error) is expected_error
         assert error.discarded == framer.bytes_discarded
         assert framer.failed and framer.pending == 0
-    assert_accounted(framer, messages)
+    assert_accounted(framer, messages, framing)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
-    framing=st.sampled_from(["lines", "length"]),
+    framing=st.sampled_from(["lines", "length", "octets", "syslog"]),
     delimiter=st.sampled_from([b"\n", b"\r\n", b"\x00\x01\x02"]),
 )
 def test_compiled_and_reference_agree_on_large_streams(seed, framing, delimiter):
@@ -194,11 +255,16 @@ def test_compiled_and_reference_agree_on_large_streams(seed, framing, delimiter)
         max_line=rng.choice([1000, 70_000, MAX_LINE_LENGTH]),
         max_frame=rng.choice([5000, 300_000, MAX_FRAME_SIZE]),
     )
+    if framing == "syslog":
+        # Either way a syslog connection can go, as its first byte says.
+        framing = rng.choice(["lines", "octets"])
     limit = options["max_line" if framing == "lines" else "max_frame"]
 
     def part(size):
         payload = rng.randbytes(size) if rng.random() < 0.5 else b"x" * size
-        return payload + delimiter if framing == "lines" else frame(payload)
+        if framing == "lines":
+            return b"<" + payload[1:].replace(delimiter[:1], b"") + delimiter
+        return frame(payload) if framing == "length" else counted(payload)
 
     parts, total = [], 0
     while total < 2 * MiB:
@@ -443,7 +509,7 @@ def test_raw_feeds_are_messages(framer_class):
 # -- Every framing -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("framing", ["raw", "lines", "length"])
+@pytest.mark.parametrize("framing", ["raw", "lines", "length", "octets", "syslog"])
 def test_empty_feed_returns_nothing(framer_class, framing):
     framer = framer_class(framing)
     assert framer.feed(b"") == []
@@ -511,6 +577,7 @@ def test_data_that_is_not_contiguous_bytes(framer_class, data, error):
     "arguments",
     [
         {"framing": "udp"},
+        {"framing": "octet"},
         {"framing": None},
         {"framing": b"lines"},
         {"delimiter": b""},
@@ -583,12 +650,14 @@ def test_a_framer_leaves_no_memory_behind(framer_class):
     assert left < 64 * 1024
 
 
-@pytest.mark.parametrize("framing", ["lines", "length"])
+@pytest.mark.parametrize("framing", ["lines", "length", "octets", "syslog"])
 def test_memory_stays_bounded_under_a_long_stream(framer_class, framing):
     if framing == "lines":
         stream = (b"x" * 999 + b"\n") * (16 * MiB // 1000)
-    else:
+    elif framing == "length":
         stream = frame(b"x" * (MAX_FRAME_SIZE - 4)) * 16
+    else:
+        stream = counted(b"x" * (MAX_FRAME_SIZE - 8)) * 16
     chunks = [stream[start : start + MiB] for start in range(0, len(stream), MiB)]
     framer = framer_class(framing)
     tracemalloc.start()
@@ -626,3 +695,145 @@ def test_concurrent_feeds_never_corrupt_the_compiled_framer():
     assert all(messages == expected for messages in results)
     assert framer.pending == 0
     assert framer.bytes_in == len(chunk) * len(results)
+
+
+# -- Octet counting (RFC 6587) and syslog --------------------------------------------------
+
+
+def test_octet_counted_frames(framer_class):
+    framer = framer_class("octets")
+    assert framer.feed(b"5 hello3 a\nb1") == [b"hello", b"a\nb"]
+    assert framer.pending == 1
+    assert framer.feed(b"  11 ") == [b" "]
+    assert framer.pending == 3
+    assert framer.feed(b"x" * 11) == [b"x" * 11]
+    assert framer.pending == 0
+    assert_accounted(framer, [b"hello", b"a\nb", b" ", b"x" * 11])
+
+
+def test_octet_count_split_across_feeds_at_every_point(framer_class):
+    messages = [b"<13>hello world", b"x", b"y" * 10, b"z" * 123]
+    stream = b"".join(map(counted, messages))
+    for cut in range(len(stream) + 1):
+        framer = framer_class("octets")
+        assert feed_all(framer, [stream[:cut], stream[cut:]]) == messages
+        assert_accounted(framer, messages)
+    framer = framer_class("octets")
+    assert feed_all(framer, [stream[i : i + 1] for i in range(len(stream))]) == messages
+    assert_accounted(framer, messages)
+
+
+@pytest.mark.parametrize("size", [1, 2, 9, 10, 99, 100])
+def test_count_of_exactly_max_frame_is_accepted(framer_class, size):
+    framer = framer_class("octets", max_frame=size)
+    assert framer.feed(counted(b"m" * size) + counted(b"k")) == [b"m" * size, b"k"]
+
+
+@pytest.mark.parametrize("size", [1, 9, 10, 99, 100, 2**32 - 2])
+def test_count_of_max_frame_plus_one_is_rejected_at_its_last_digit(framer_class, size):
+    framer = framer_class("octets", max_frame=size)
+    digits = b"%d" % (size + 1)
+    assert framer.feed(counted(b"o") + digits[:-1]) == [b"o"]
+    with pytest.raises(FrameTooLargeError) as raised:
+        framer.feed(digits[-1:])
+    assert raised.value.messages == []
+    assert raised.value.discarded == len(digits)
+    assert str(size) in str(raised.value)
+    assert framer.failed and framer.pending == 0
+    assert_accounted(framer, [b"o"])
+
+
+@pytest.mark.parametrize(
+    "count", [b"99999999999999999999999", b"4294967296", b"18446744073709551616"]
+)
+def test_hostile_count_costs_nothing(framer_class, count):
+    framer = framer_class("octets", max_frame=2**32 - 1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameTooLargeError) as raised:
+            framer.feed(count + b" payload")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+    # Refused at the digit that took it past the limit: the rest of the feed is discarded.
+    assert raised.value.discarded == len(count) + len(b" payload")
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [b"0 ", b"0", b"00 x", b"01 a", b"5x", b"5\nhello", b"-1 a", b" 1 a", b"x", b"\n", b"1\t"],
+    ids=repr,
+)
+def test_malformed_count_fails_the_framer(framer_class, stream):
+    framer = framer_class("octets")
+    with pytest.raises(MalformedFrameError) as raised:
+        framer.feed(counted(b"first") + stream)
+    assert raised.value.messages == [b"first"]
+    assert raised.value.discarded == len(stream)
+    assert framer.failed
+    with pytest.raises(FramingError):
+        framer.feed(counted(b"later"))
+    assert_accounted(framer, [b"first"])
+
+
+def test_malformed_count_fails_on_its_first_bad_byte(framer_class):
+    framer = framer_class("octets")
+    assert framer.feed(b"12") == []
+    with pytest.raises(MalformedFrameError) as raised:
+        framer.feed(b"a")
+    assert raised.value.discarded == 3
+
+
+def test_a_count_with_no_message_yet_is_pending(framer_class):
+    framer = framer_class("octets")
+    assert framer.feed(b"3 ab") == []
+    assert framer.pending == 4
+    assert framer.eof() == 4
+    assert framer.bytes_discarded == 4
+
+
+def test_multi_mib_octet_counted_frame(framer_class):
+    payload = bytes(range(256)) * (5 * MiB // 256)
+    stream = counted(payload) + counted(b"next")
+    framer = framer_class("octets", max_frame=5 * MiB)
+    chunks = [stream[start : start + 64 * 1024] for start in range(0, len(stream), 64 * 1024)]
+    assert feed_all(framer, chunks) == [payload, b"next"]
+    assert_accounted(framer, [payload, b"next"])
+    with pytest.raises(FrameTooLargeError):
+        framer_class("octets", max_frame=5 * MiB - 1).feed(stream)
+
+
+def test_syslog_frames_octet_counts_when_the_first_byte_is_a_digit(framer_class):
+    framer = framer_class("syslog")
+    assert framer.feed(b"") == []
+    assert framer.feed(b"1") == []
+    assert framer.feed(b"1 <13>a\nb c d") == [b"<13>a\nb c d"]
+    # Decided for the connection: a line now is a malformed count.
+    with pytest.raises(MalformedFrameError):
+        framer.feed(b"<13>line\n")
+
+
+def test_syslog_frames_lines_otherwise(framer_class):
+    framer = framer_class("syslog", max_line=20)
+    assert framer.feed(b"<13>one\n<13>tw") == [b"<13>one"]
+    # Decided for the connection: digits now start a line, not a count.
+    assert framer.feed(b"o\n12 ab\n") == [b"<13>two", b"12 ab"]
+    with pytest.raises(LineTooLongError):
+        framer.feed(b"x" * 21)
+
+
+def test_syslog_limits_are_max_line_and_max_frame(framer_class):
+    assert framer_class("syslog", max_line=3, max_frame=10).feed(b"<1>\n") == [b"<1>"]
+    with pytest.raises(LineTooLongError):
+        framer_class("syslog", max_line=3, max_frame=10).feed(b"<13>\n")
+    assert framer_class("syslog", max_line=3, max_frame=10).feed(counted(b"x" * 10)) == [b"x" * 10]
+    with pytest.raises(FrameTooLargeError):
+        framer_class("syslog", max_line=3, max_frame=10).feed(b"11 ")
+
+
+def test_syslog_chooses_again_after_eof(framer_class):
+    framer = framer_class("syslog")
+    assert framer.feed(b"3 abc") == [b"abc"]
+    framer.eof()
+    assert framer.feed(b"abc\n") == [b"abc"]

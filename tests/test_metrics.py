@@ -2,6 +2,7 @@
 prometheus_client's own parser; names, types and values match the servers' and the ring's
 counters, a scrape answers while the consumer is stalled, and a bad scraper is bounded."""
 
+import dataclasses
 import re
 import socket
 import subprocess
@@ -345,3 +346,15 @@ def test_a_metrics_port_in_use_is_a_one_line_error(tmp_path):
     assert finished.returncode == 1
     assert finished.stderr.count("\n") == 1, finished.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("exported_metrics", "stats_class"),
+    [
+        (metrics.STREAM_METRICS, fastsock.ReceiveStats),
+        (metrics.DATAGRAM_METRICS, fastsock.DatagramStats),
+    ],
+)
+def test_every_counter_of_the_stats_is_exported(exported_metrics, stats_class):
+    exported = {metric.field for metric in exported_metrics}
+    assert {field.name for field in dataclasses.fields(stats_class)} <= exported

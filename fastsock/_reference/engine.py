@@ -23,7 +23,7 @@ from fastsock import constants
 from fastsock._reference.framing import Framer
 from fastsock._reference.receiver import ReceiveCounters, count_leftovers, count_unread
 from fastsock._reference.ring import RingQueue
-from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
+from fastsock.errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, QueueClosed
 from fastsock.options import ReceiveOptions
 
 __all__ = ["EngineEvent", "StreamEngine"]
@@ -473,6 +473,9 @@ class StreamEngine:
             return
         except FrameTooLargeError as exc:
             self._fail(connection, exc, "frames_too_large", "frame_too_large", pending_start, data)
+            return
+        except MalformedFrameError as exc:
+            self._fail(connection, exc, "frames_malformed", "frame_malformed", pending_start, data)
             return
         except MemoryError:
             self._end(connection, "no_memory", errno.ENOMEM)

@@ -7,14 +7,22 @@ bytearray, scans it with bytearray.find() and never rescans a byte, so it stays 
 import operator
 
 from fastsock.constants import LENGTH_PREFIX_SIZE, LINE_DELIMITER, MAX_FRAME_SIZE, MAX_LINE_LENGTH
-from fastsock.errors import FrameTooLargeError, FramingError, LineTooLongError
+from fastsock.errors import (
+    FrameTooLargeError,
+    FramingError,
+    LineTooLongError,
+    MalformedFrameError,
+)
 
 __all__ = ["Framer"]
 
-FRAMINGS = ("raw", "lines", "length")
+FRAMINGS = ("raw", "lines", "length", "octets", "syslog")
 LARGEST_LIMIT = 2 ** (8 * LENGTH_PREFIX_SIZE) - 1
 LINE_TOO_LONG_TEXT = "line longer than max_line={} bytes"
 FRAME_TOO_LARGE_TEXT = "length prefix announces {} bytes, more than max_frame={}"
+COUNT_TOO_LARGE_TEXT = "octet count announces more than max_frame={} bytes"
+MALFORMED_TEXT = "malformed octet count: not MSG-LEN SP (digits without a leading zero, a space)"
+DIGITS = b"0123456789"
 FAILED_TEXT = "the framer failed on an earlier framing error; close the connection"
 
 
@@ -40,6 +48,7 @@ class Framer:
         "_bytes_discarded",
         "_buffer",
         "_scan_pos",
+        "_chosen",
     )
 
     def __init__(
@@ -52,7 +61,9 @@ class Framer:
         max_frame=MAX_FRAME_SIZE,
     ):
         if framing not in FRAMINGS:
-            raise ValueError(f"framing must be 'raw', 'lines' or 'length', not {framing!r}")
+            raise ValueError(
+                f"framing must be 'raw', 'lines', 'length', 'octets' or 'syslog', not {framing!r}"
+            )
         delimiter = bytes(memoryview(delimiter))
         if not delimiter:
             raise ValueError("delimiter must not be empty")
@@ -68,6 +79,8 @@ class Framer:
         self._buffer = bytearray()
         # Lines: no delimiter starts in the buffer before this offset.
         self._scan_pos = 0
+        # Syslog: "octets" or "lines", chosen by the stream's first byte; None before it.
+        self._chosen = None
 
     framing = property(operator.attrgetter("_framing"))
     delimiter = property(operator.attrgetter("_delimiter"))
@@ -107,10 +120,20 @@ class Framer:
                 return messages
             self._buffer += view
         messages = []
-        if self._framing == "lines":
+        framing = self._framing
+        if framing == "syslog":
+            if self._chosen is None and self._buffer:
+                # Once per stream, from its first byte, as rsyslog tells the two apart.
+                self._chosen = "octets" if self._buffer[0] in DIGITS else "lines"
+            framing = self._chosen
+        if framing == "lines":
             error_type, error_text = LineTooLongError, self._frame_lines(messages)
-        else:
+        elif framing == "octets":
+            error_type, error_text = self._frame_octets(messages)
+        elif framing == "length":
             error_type, error_text = FrameTooLargeError, self._frame_length(messages)
+        else:
+            error_type, error_text = None, None
         self._messages_out += len(messages)
         if error_text is not None:
             self._failed = True
@@ -122,6 +145,7 @@ class Framer:
         self._bytes_discarded += discarded
         self._buffer.clear()
         self._scan_pos = 0
+        self._chosen = None  # a new stream chooses its syslog framing again
         return discarded
 
     def _frame_lines(self, messages):
@@ -162,3 +186,37 @@ class Framer:
                 head = start + length
         del buffer[:head]
         return error_text
+
+    def _frame_octets(self, messages):
+        """RFC 6587 octet counting: MSG-LEN SP MSG.  Returns the error type and text, or two
+        Nones.  The count is read again from its start on each feed until its message is
+        whole: at most the digits of max_frame and a space, so the scan stays linear."""
+        buffer = self._buffer
+        max_frame = self._max_frame
+        head = 0
+        error = None, None
+        with memoryview(buffer) as view:
+            while head < len(buffer):
+                if buffer[head] not in b"123456789":
+                    error = MalformedFrameError, MALFORMED_TEXT
+                    break
+                length = 0
+                cursor = head
+                while cursor < len(buffer) and buffer[cursor] in DIGITS and length <= max_frame:
+                    length = 10 * length + buffer[cursor] - 48
+                    cursor += 1
+                if length > max_frame:
+                    error = FrameTooLargeError, COUNT_TOO_LARGE_TEXT.format(max_frame)
+                    break
+                if cursor == len(buffer):
+                    break
+                if buffer[cursor] != 32:
+                    error = MalformedFrameError, MALFORMED_TEXT
+                    break
+                start = cursor + 1
+                if len(buffer) - start < length:
+                    break
+                messages.append(bytes(view[start : start + length]))
+                head = start + length
+        del buffer[:head]
+        return error

@@ -17,7 +17,7 @@ import threading
 import time
 
 from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
-from fastsock.errors import FrameTooLargeError, LineTooLongError, QueueClosed
+from fastsock.errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, QueueClosed
 from fastsock.stats import ReceiveStats
 
 __all__ = ["ConnectionLedger", "ReceiveCounters", "StreamReceiver"]
@@ -238,6 +238,9 @@ class StreamReceiver:
             except FrameTooLargeError as exc:
                 self._keep_sample(exc, pending_start, data)
                 return self._fail(exc, "frames_too_large", "frame_too_large")
+            except MalformedFrameError as exc:
+                self._keep_sample(exc, pending_start, data)
+                return self._fail(exc, "frames_malformed", "frame_malformed")
             held = self._framer.pending
             over_budget = False
             if held != self.held_bytes:
