@@ -76,8 +76,9 @@ def add_bench_arguments(parser):
     how.add_argument(
         "--idle-connections",
         type=positive_int,
-        default=benchmark.DEFAULT_IDLE_CONNECTIONS,
-        help=f"connections the idle workload holds (default {benchmark.DEFAULT_IDLE_CONNECTIONS})",
+        help="connections the idle and silent-live workloads hold (default "
+        f"{benchmark.DEFAULT_IDLE_CONNECTIONS:,} and {benchmark.DEFAULT_SILENT_CONNECTIONS:,}); "
+        "above the descriptor limit it is raised, which may need root",
     )
     how.add_argument(
         "--timeout",
@@ -162,7 +163,8 @@ def run_bench(options):
         warmups=options.warmups,
         bytes=options.bytes,
         churn_connections=options.churn_connections,
-        idle_connections=options.idle_connections,
+        idle_connections=options.idle_connections or benchmark.DEFAULT_IDLE_CONNECTIONS,
+        silent_connections=options.idle_connections or benchmark.DEFAULT_SILENT_CONNECTIONS,
         server_cpus=server_cpus,
         client_cpus=client_cpus,
         timeout=options.timeout,

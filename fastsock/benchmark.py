@@ -62,6 +62,18 @@ DEFAULT_WARMUPS = 1
 DEFAULT_BYTES = 2 * 1024**3
 DEFAULT_CHURN_CONNECTIONS = 20_000
 DEFAULT_IDLE_CONNECTIONS = 1000
+DEFAULT_SILENT_CONNECTIONS = 10_000
+QUIET_SECONDS = 1.0
+"""How long a silent-live row's server is watched, its connections all held and silent, for
+the CPU it uses meanwhile (the issue's bound: under 1% of a core)."""
+SOURCE_ADDRESSES = tuple(f"127.0.0.{number}" for number in range(1, 9))
+"""Loopback addresses the generator connects from, in turn.  The kernel picks a connection's
+port among 28,232 (Linux's default ip_local_port_range) per source and destination address:
+too few for 50,000 held connections, and churn's closed connections sit in TIME_WAIT, where
+even with tcp_tw_reuse a port waits a second before it can serve again."""
+DESCRIPTOR_MARGIN = 256
+"""Descriptors a process needs beyond the connections it holds: the listening socket, the
+interpreter's files, epoll and event descriptors, pipes."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,12 @@ class Workload:
     transport: str
     """"tcp", "unix" (stream), "udp" or "unixgram" (datagram)."""
     pattern: str
-    """"bulk", "lines", "frames", "datagrams", "churn" or "idle"."""
+    """"bulk", "lines", "frames", "datagrams", "churn", "idle" or "silent"."""
     unit_bytes: int
     """Bytes on the wire per counted unit: a message, or one byte for bulk."""
     connections: int
-    """Stream connections at once; churn and idle take theirs from the options."""
+    """Stream connections at once; churn, idle and silent take theirs from the options (a
+    silent row's rate is that of its one live connection)."""
     summary: str
 
     @property
@@ -121,6 +134,14 @@ WORKLOADS = {
         Workload(
             "idle", "tcp", "idle", LINE_BYTES, 0, "idle TCP connections held at once, then a line"
         ),
+        Workload(
+            "silent-live",
+            "tcp",
+            "silent",
+            LINE_BYTES,
+            1,
+            "silent TCP connections (one line each) held, then one live one streaming lines",
+        ),
     ]
 }
 
@@ -137,8 +158,10 @@ class Server:
         return workload.pattern in self.patterns and workload.transport in self.transports
 
 
-_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle"})
-_LINE_PATTERNS = frozenset({"lines", "churn", "idle"})
+_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle", "silent"})
+_LINE_PATTERNS = frozenset({"lines", "churn", "idle", "silent"})
+_HELD_PATTERNS = frozenset({"idle", "silent"})
+"""Workloads whose rows measure what held connections cost: a fresh server per run."""
 
 SERVERS = {
     server.name: server
@@ -169,6 +192,13 @@ SERVERS = {
             "fastsock-compiled-batch", "fastsock.receiver(ring), consumer ring.get_batch()", _ALL
         ),
         Server(
+            "fastsock-compiled-2",
+            "fastsock-compiled with engine_threads=2: two engine threads on the listening "
+            "socket (not in the default run; give it 2 CPUs: --share-cpus)",
+            _ALL - {"datagrams"},
+            frozenset({"tcp", "unix"}),
+        ),
+        Server(
             "fastsock-prefork",
             "PreforkServer, 2 worker processes into one ring, consumer get_batch()",
             _ALL,
@@ -192,7 +222,7 @@ SERVERS = {
         Server(
             "c-sink",
             "fastsock._loadgen.sink_stream / sink_datagrams: C loop that only counts (ceiling)",
-            _ALL - {"idle"},
+            _ALL - _HELD_PATTERNS,
         ),
     ]
 }
@@ -202,12 +232,16 @@ CEILING = "c-sink"
 
 
 PREFORK_SERVERS = ("fastsock-prefork", "fastsock-prefork-1")
+FULL_RUN_SERVERS = ("fastsock-compiled-2",)
+"""Servers only --full or --servers runs: the default run stays about a minute."""
+UVLOOP = "uvloop-protocol"
+"""The row a silent-live row's time to accept its connections is compared with."""
 
 
 def default_servers(server_cpus):
-    """Every server, except the prefork ones when the server process has a single CPU: their
-    workers could only share that CPU, which the --full run shows."""
-    names = list(SERVERS)
+    """Every server, except FULL_RUN_SERVERS, and the prefork ones when the server process
+    has a single CPU: their workers could only share that CPU, which the --full run shows."""
+    names = [name for name in SERVERS if name not in FULL_RUN_SERVERS]
     if server_cpus is not None and len(server_cpus) < 2:
         names = [name for name in names if name not in PREFORK_SERVERS]
     return names
@@ -250,9 +284,22 @@ def pin(cpus):
         os.sched_setaffinity(0, set(cpus))
 
 
-def raise_open_file_limit():
-    """Idle and churn runs hold many descriptors: take the hard limit as the soft one."""
+def raise_open_file_limit(connections=0):
+    """Idle, silent and churn runs hold many descriptors: take the hard limit as the soft
+    one, first raising the hard limit (root may, up to fs.nr_open) if ``connections`` need
+    more.  RuntimeError if they cannot have them: a row must not quietly hold fewer."""
+    needed = connections + DESCRIPTOR_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(
+                f"{connections:,} connections need {needed:,} file descriptors, and the "
+                f"hard limit {hard:,} cannot be raised ({exc}): run as root or raise it "
+                "(ulimit -Hn)"
+            ) from None
+        return
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -337,6 +384,7 @@ class Settings:
     bytes: int = DEFAULT_BYTES
     churn_connections: int = DEFAULT_CHURN_CONNECTIONS
     idle_connections: int = DEFAULT_IDLE_CONNECTIONS
+    silent_connections: int = DEFAULT_SILENT_CONNECTIONS
     server_cpus: list = None
     client_cpus: list = None
     timeout: float = None
@@ -350,8 +398,15 @@ class Settings:
         return min(self.seconds, WARMUP_SECONDS)
 
     def warmups_for(self, workload):
-        """Idle rows measure fresh servers (a server process per run): nothing to warm."""
-        return 0 if workload.pattern == "idle" else self.warmups
+        """Idle and silent rows measure fresh servers (a server process per run): nothing
+        to warm."""
+        return 0 if workload.pattern in _HELD_PATTERNS else self.warmups
+
+    def held_connections(self, workload):
+        """The silent connections a run of ``workload`` holds at once."""
+        return {"idle": self.idle_connections, "silent": self.silent_connections}.get(
+            workload.pattern, 0
+        )
 
 
 def placement(server_cpus, client_cpus, share=False):
@@ -403,6 +458,7 @@ class ServerProcess:
                 "seconds": settings.seconds,
                 "timeout": settings.timeout,
                 "churn_connections": settings.churn_connections,
+                "held_connections": settings.held_connections(workload),
             },
         )
         try:
@@ -432,15 +488,19 @@ def run_once(workload, server_process, settings, seconds):
             "seconds": seconds,
             "total_bytes": settings.bytes,
             "churn_connections": settings.churn_connections,
-            "idle_connections": settings.idle_connections,
+            "held_connections": settings.held_connections(workload),
+            "timeout": settings.timeout,
         },
     )
     try:
         held = None
-        if workload.pattern == "idle":
-            opened = generator.receive(deadline)["opened"]
-            receiver.send({"hold": opened})
+        if workload.pattern in _HELD_PATTERNS:
+            opened = generator.receive(deadline)
+            quiet = QUIET_SECONDS if workload.pattern == "silent" else None
+            receiver.send({"hold": opened["opened"], "quiet_seconds": quiet})
             held = receiver.receive(deadline)
+            held["accept_seconds"] = held.pop("held_at") - opened["start"]
+            held["open_seconds"] = opened["seconds"]
             generator.send({"release": True})
         sending = generator.receive(deadline)
         receiver.send({"expected": sending["sent_units"]})
@@ -488,6 +548,11 @@ def run_record(workload, started, held, sending, counted):
             "rss_before_kib": started["rss_kib"],
             "rss_held_kib": held["rss_kib"],
             "kib_per_connection": growth / connections if connections else None,
+            "accept_seconds": held["accept_seconds"],
+            "open_seconds": held["open_seconds"],
+            "listen_overflows": held["listen_overflows"],
+            "threads": held["threads"],
+            "quiet_cpu_fraction": held["quiet_cpu_fraction"],
         }
     return record
 
@@ -530,13 +595,23 @@ def summarize(workload, runs):
     }
     idle = [run["idle"] for run in runs if run["idle"] is not None]
     if idle:
-        per_connection = [run["kib_per_connection"] for run in idle]
-        per_connection = [value for value in per_connection if value is not None]
         summary["idle"] = {
             "connections": min(run["connections"] for run in idle),
-            "kib_per_connection": statistics.median(per_connection) if per_connection else None,
+            "kib_per_connection": _median(run["kib_per_connection"] for run in idle),
+            "accept_seconds": _median(run["accept_seconds"] for run in idle),
+            "listen_overflows": sum(run["listen_overflows"] for run in idle),
+            "threads": max(run["threads"] for run in idle),
+            "quiet_cpu_fraction": _median(run["quiet_cpu_fraction"] for run in idle),
+            "accept_ratio_to_uvloop": None,
+            "ratio_to_lines_1": None,
         }
     return summary
+
+
+def _median(values):
+    """The median of the values that are not None, or None."""
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
 
 
 def _total(values):
@@ -560,7 +635,9 @@ def median_unit_rate(row):
 
 
 def add_ratios(rows):
-    """Each row's median rate over its workload's stdlib baseline and over its C sink."""
+    """Each row's median rate over its workload's stdlib baseline and over its C sink; a
+    silent-live row's time to accept over uvloop's, and its live connection's rate over
+    the same server's lines-1 row (one connection, no silent peers)."""
     by_key = {(row["workload"], row["server"]): row for row in rows}
     for row in rows:
         rate = median_unit_rate(row)
@@ -574,6 +651,18 @@ def add_ratios(rows):
             reference_rate = median_unit_rate(reference_row) if reference_row else None
             if reference_rate:
                 row["summary"][field] = rate / reference_rate
+        if WORKLOADS[row["workload"]].pattern == "silent":
+            held = row["summary"]["idle"]
+            uvloop = by_key.get((row["workload"], UVLOOP))
+            uvloop_held = uvloop["summary"]["idle"] if uvloop and uvloop["summary"] else None
+            if uvloop_held and uvloop_held["accept_seconds"] and held["accept_seconds"]:
+                held["accept_ratio_to_uvloop"] = (
+                    held["accept_seconds"] / uvloop_held["accept_seconds"]
+                )
+            alone = by_key.get(("lines-1", row["server"]))
+            alone_rate = median_unit_rate(alone) if alone else None
+            if alone_rate:
+                held["ratio_to_lines_1"] = rate / alone_rate
 
 
 class Progress:
@@ -610,13 +699,16 @@ def planned_rows(settings):
 def estimated_seconds(settings):
     """A rough duration: each run sends for --seconds, plus the generator's start and the
     server's draining (a datagram run whose losses cannot all be accounted for waits
-    DATAGRAM_SETTLE_SECONDS more)."""
+    DATAGRAM_SETTLE_SECONDS more), plus a silent-live run's quiet second; opening the
+    held connections is left out."""
     seconds = 0.0
     for workload, _ in planned_rows(settings):
         warmups = settings.warmups_for(workload)
         seconds += ROW_OVERHEAD_SECONDS
         seconds += warmups * (settings.warmup_seconds + RUN_OVERHEAD_SECONDS)
         seconds += settings.runs * (settings.seconds + RUN_OVERHEAD_SECONDS)
+        if workload.pattern == "silent":
+            seconds += settings.runs * QUIET_SECONDS
     return seconds
 
 
@@ -643,9 +735,10 @@ class Row:
         }
         self.warmups = settings.warmups_for(workload)
         self.total = self.warmups + settings.runs
-        # An idle row measures what connections cost a fresh server: a server process per
-        # run.  Every other row keeps one server process, which the warm-ups really warm up.
-        self.fresh_each_run = workload.pattern == "idle"
+        # An idle or silent row measures what connections cost a fresh server: a server
+        # process per run.  Every other row keeps one server process, which the warm-ups
+        # really warm up.
+        self.fresh_each_run = workload.pattern in _HELD_PATTERNS
         self.server_process = None
         self.taken = 0
 
