@@ -6,7 +6,8 @@ short connections and the held connections of idle and silent-live.  It reports 
 line: ``{"start": T, "sent_units": N, "seconds": S}``, ``start`` on the system-wide monotonic
 clock that the server process reads too.  For idle and silent-live it first reports
 ``{"opened": N, "start": T, "seconds": S}`` (when it began opening them, and how long that
-took it) and waits for ``{"release": true}`` before sending.
+took it) and waits for ``{"release": true}`` before sending.  silent-live streams over its
+live connection alone first, reports that as above and waits for ``{"continue": true}``.
 """
 
 import json
@@ -168,8 +169,12 @@ def hold_idle(workload, address, config):
 
 
 def silent_live(workload, address, config):
-    """Silent connections held after one line each; once released, one more connection
-    streams lines for --seconds while they stay silent."""
+    """One connection streams lines for --seconds alone; then silent connections are held
+    after one line each and, once released, another streams for --seconds while they stay
+    silent."""
+    start, sent, seconds = send_stream(workload, address, config)
+    emit({"start": start, "sent_units": sent, "seconds": seconds})
+    receive_command()
     descriptors = open_held(address, config, LINE)
     try:
         start, sent, seconds = send_stream(workload, address, config)

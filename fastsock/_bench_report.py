@@ -170,8 +170,9 @@ def held_notes(idle):
         parts.append(f"{idle['listen_overflows']:,} accept-queue overflows")
     if idle["quiet_cpu_fraction"] is not None:
         parts.append(f"{idle['quiet_cpu_fraction']:.1%} CPU silent")
-    if idle["ratio_to_lines_1"] is not None:
-        parts.append(f"live {ratio(idle['ratio_to_lines_1'])} lines-1")
+    if idle["live_ratio_to_alone"] is not None:
+        alone = count(idle["alone_messages_per_second"])
+        parts.append(f"live {ratio(idle['live_ratio_to_alone'])} its {alone} alone")
     return parts
 
 
@@ -262,13 +263,13 @@ idle and silent-live rows (a fresh server per run): "N held in S s" is the time 
   line each sent), "(Rx uvloop)" over the uvloop row's; KiB RSS/conn is the server's RSS
   growth while holding them, per connection; threads: the server process's, while held;
   accept-queue overflows: connections the kernel turned away while the server's accept
-  queue (backlog 1024) was full, each then held up by TCP's 1-second SYN-ACK retry (a
+  queue (backlog 4096) was full, each then held up by TCP's 1-second SYN-ACK retry (a
   machine-wide count, over the runs: other tests on the machine add to it).
 idle rows: the rate is how fast the server took one line from each when all woke at once.
 silent-live rows: the rate is the one live connection's, streaming while the others stay
   silent; "CPU silent" is the server's CPU over 1 s with every connection silent, in % of
-  one core; "live Rx lines-1" is the live rate over the same server's lines-1 row (one
-  connection, no silent peers; run lines-1 in the same invocation to get it).
+  one core; "live Rx its R alone": the live rate over R, the rate of the same connection
+  streaming for --seconds on the same fresh server just before the silent ones opened.
 fastsock-compiled-2: engine_threads=2; with --share-cpus both engines, the consumer thread
   and the generator share 2 cores, and every message still goes through the one ring and
   its one Python consumer, which bounds it; churn's accepts take one shared listening

@@ -3,10 +3,12 @@
 Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_server CONFIG``, it talks to the
 coordinator in JSON lines on stdin and stdout:
 
-    -> {"address": ..., "rss_kib": ...}     the server is ready
+    -> {"address": ...}                     the server is ready
     then for each of the row's runs (config "runs"):
+    <- {"expected": UNITS, "before_hold": true}  silent-live only: the live connection alone
+    -> {"received": ..., "end": ..., ...}
     <- {"hold": N, "quiet_seconds": Q}      idle and silent-live: wait for N open connections
-    -> {"held": N, "held_at": T, "rss_kib": ..., "threads": ..., "quiet_cpu_fraction": ...}
+    -> {"held": N, "held_at": T, "rss_kib": ..., "rss_before_kib": ..., "threads": ..., ...}
     <- {"expected": UNITS}                  what the run's load generator sent
     -> {"received": ..., "end": ..., ...}   what the consumer counted, and its costs
 
@@ -638,7 +640,7 @@ def start(server, workload, tally, address, config):
 # -- The process -----------------------------------------------------------------------------
 
 
-def hold(under_test, count, quiet_seconds, deadline, overflows_before):
+def hold(under_test, count, quiet_seconds, deadline, overflows_before, rss_before):
     """Wait for ``count`` open connections and, for silent-live, the line each sent; then
     what holding them costs, and from then on count only what comes next (the live
     connection's lines)."""
@@ -662,10 +664,21 @@ def hold(under_test, count, quiet_seconds, deadline, overflows_before):
         "held": under_test.connections_active(),
         "held_at": held_at,
         "listen_overflows": overflows,
-        "rss_kib": sum(_status_number(pid, "VmRSS") for pid in pids),
+        "rss_before_kib": rss_before,
+        "rss_kib": rss_kib(under_test),
         "threads": sum(_status_number(pid, "Threads") for pid in pids),
         "quiet_cpu_fraction": quiet_cpu_fraction,
     }
+
+
+def rss_kib(under_test):
+    return sum(_status_number(pid, "VmRSS") for pid in under_test.pids())
+
+
+def counts(under_test, expected, deadline):
+    """What the consumer took of ``expected`` units sent since begin_run()."""
+    units, end, active_seconds, complete = under_test.wait(expected, deadline)
+    return {"received": units, "end": end, "active_seconds": active_seconds, "complete": complete}
 
 
 def measure_run(under_test, timeout):
@@ -675,21 +688,24 @@ def measure_run(under_test, timeout):
     receive_command()
     cpu_at_start = under_test.cpu_seconds()
     overflows_before = listen_overflows()
+    rss_before = rss_kib(under_test)
     under_test.begin_run()
     emit({"ready": True})
     deadline = time.monotonic() + timeout
     command = receive_command()
-    if "hold" in command:
-        emit(
-            hold(under_test, command["hold"], command["quiet_seconds"], deadline, overflows_before)
-        )
+    if command.get("before_hold"):
+        emit(counts(under_test, command["expected"], deadline))
+        # What holding costs is measured from here, the ring's pages already touched.
+        overflows_before = listen_overflows()
+        rss_before = rss_kib(under_test)
+        under_test.begin_run()
         command = receive_command()
-    units, end, active_seconds, complete = under_test.wait(command["expected"], deadline)
+    if "hold" in command:
+        quiet = command["quiet_seconds"]
+        emit(hold(under_test, command["hold"], quiet, deadline, overflows_before, rss_before))
+        command = receive_command()
     return {
-        "received": units,
-        "end": end,
-        "active_seconds": active_seconds,
-        "complete": complete,
+        **counts(under_test, command["expected"], deadline),
         "peak_rss_kib": sum(_status_number(pid, "VmHWM") for pid in under_test.pids()),
         "cpu_seconds": under_test.cpu_seconds() - cpu_at_start,
         "kernel_drops": under_test.kernel_drops(),
@@ -706,8 +722,7 @@ def serve(config, directory):
     tally = Tally()
     under_test = start(config["server"], workload, tally, address, config)
     try:
-        rss = sum(_status_number(pid, "VmRSS") for pid in under_test.pids())
-        emit({"address": under_test.address, "rss_kib": rss})
+        emit({"address": under_test.address})
         for _ in range(config["runs"]):
             emit(measure_run(under_test, config["timeout"]))
     finally:

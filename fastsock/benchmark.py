@@ -31,9 +31,11 @@ FRAME_BYTES = 128
 BULK_BLOCK_BYTES = 64 * 1024
 MESSAGES_PER_BLOCK = 256
 """Messages in each block the stream generator writes (it sends whole blocks only)."""
-BACKLOG = 1024
-"""Listen backlog of every stream server, so that churn and idle connections measure the
-receive path and not SYN retries on the stdlib's backlog of 5."""
+BACKLOG = 4096
+"""Listen backlog of every stream server, so that churn and held connections measure the
+receive path and not SYN retries on the stdlib's backlog of 5: the most that Linux's
+default net.core.somaxconn allows (4096 since 5.4), since a generator opening 20 k
+connections/s filled 1024 whenever the server was preempted for 50 ms."""
 DATAGRAM_CAP = 50_000_000
 """Most datagrams one run may send; in practice the run's --seconds ends it first."""
 STREAM_STALL_SECONDS = 5.0
@@ -493,7 +495,14 @@ def run_once(workload, server_process, settings, seconds):
         },
     )
     try:
-        held = None
+        held = alone_rate = None
+        if workload.pattern == "silent":
+            # The live connection alone first: the rate its silent peers are not to slow,
+            # measured on the same fresh server, warmed up as the live run finds it.
+            alone = generator.receive(deadline)
+            receiver.send({"expected": alone["sent_units"], "before_hold": True})
+            alone_rate = run_rate(alone, receiver.receive(deadline))
+            generator.send({"continue": True})
         if workload.pattern in _HELD_PATTERNS:
             opened = generator.receive(deadline)
             quiet = QUIET_SECONDS if workload.pattern == "silent" else None
@@ -501,24 +510,36 @@ def run_once(workload, server_process, settings, seconds):
             held = receiver.receive(deadline)
             held["accept_seconds"] = held.pop("held_at") - opened["start"]
             held["open_seconds"] = opened["seconds"]
+            held["alone_messages_per_second"] = alone_rate
             generator.send({"release": True})
         sending = generator.receive(deadline)
         receiver.send({"expected": sending["sent_units"]})
         counted = receiver.receive(deadline)
     finally:
         generator.close()
-    return run_record(workload, server_process.started, held, sending, counted)
+    return run_record(workload, held, sending, counted)
 
 
-def run_record(workload, started, held, sending, counted):
-    received = counted["received"]
+def run_seconds(sending, counted):
+    """A run's time: the C sinks' own, or from the generator's start to the last unit taken;
+    None if nothing was taken."""
     if counted["active_seconds"] is not None:
-        seconds = counted["active_seconds"]
-    elif counted["end"] is not None:
-        seconds = counted["end"] - sending["start"]
-    else:
-        seconds = None
-    rate = received / seconds if received and seconds and seconds > 0 else 0.0
+        return counted["active_seconds"]
+    if counted["end"] is not None:
+        return counted["end"] - sending["start"]
+    return None
+
+
+def run_rate(sending, counted):
+    received = counted["received"]
+    seconds = run_seconds(sending, counted)
+    return received / seconds if received and seconds and seconds > 0 else 0.0
+
+
+def run_record(workload, held, sending, counted):
+    received = counted["received"]
+    seconds = run_seconds(sending, counted)
+    rate = run_rate(sending, counted)
     generator_rate = sending["sent_units"] / sending["seconds"] if sending["seconds"] > 0 else None
     record = {
         "sent": sending["sent_units"],
@@ -542,10 +563,10 @@ def run_record(workload, started, held, sending, counted):
     }
     if held is not None:
         connections = held["held"]
-        growth = held["rss_kib"] - started["rss_kib"]
+        growth = held["rss_kib"] - held["rss_before_kib"]
         record["idle"] = {
             "connections": connections,
-            "rss_before_kib": started["rss_kib"],
+            "rss_before_kib": held["rss_before_kib"],
             "rss_held_kib": held["rss_kib"],
             "kib_per_connection": growth / connections if connections else None,
             "accept_seconds": held["accept_seconds"],
@@ -553,6 +574,7 @@ def run_record(workload, started, held, sending, counted):
             "listen_overflows": held["listen_overflows"],
             "threads": held["threads"],
             "quiet_cpu_fraction": held["quiet_cpu_fraction"],
+            "alone_messages_per_second": held["alone_messages_per_second"],
         }
     return record
 
@@ -602,9 +624,15 @@ def summarize(workload, runs):
             "listen_overflows": sum(run["listen_overflows"] for run in idle),
             "threads": max(run["threads"] for run in idle),
             "quiet_cpu_fraction": _median(run["quiet_cpu_fraction"] for run in idle),
+            "alone_messages_per_second": _median(run["alone_messages_per_second"] for run in idle),
+            "live_ratio_to_alone": None,
             "accept_ratio_to_uvloop": None,
-            "ratio_to_lines_1": None,
         }
+        alone = summary["idle"]["alone_messages_per_second"]
+        if alone and summary["messages_per_second"]:
+            summary["idle"]["live_ratio_to_alone"] = (
+                summary["messages_per_second"]["median"] / alone
+            )
     return summary
 
 
@@ -636,8 +664,7 @@ def median_unit_rate(row):
 
 def add_ratios(rows):
     """Each row's median rate over its workload's stdlib baseline and over its C sink; a
-    silent-live row's time to accept over uvloop's, and its live connection's rate over
-    the same server's lines-1 row (one connection, no silent peers)."""
+    silent-live row's time to accept over uvloop's."""
     by_key = {(row["workload"], row["server"]): row for row in rows}
     for row in rows:
         rate = median_unit_rate(row)
@@ -659,10 +686,6 @@ def add_ratios(rows):
                 held["accept_ratio_to_uvloop"] = (
                     held["accept_seconds"] / uvloop_held["accept_seconds"]
                 )
-            alone = by_key.get(("lines-1", row["server"]))
-            alone_rate = median_unit_rate(alone) if alone else None
-            if alone_rate:
-                held["ratio_to_lines_1"] = rate / alone_rate
 
 
 class Progress:
@@ -699,8 +722,8 @@ def planned_rows(settings):
 def estimated_seconds(settings):
     """A rough duration: each run sends for --seconds, plus the generator's start and the
     server's draining (a datagram run whose losses cannot all be accounted for waits
-    DATAGRAM_SETTLE_SECONDS more), plus a silent-live run's quiet second; opening the
-    held connections is left out."""
+    DATAGRAM_SETTLE_SECONDS more), plus a silent-live run's second live stream and quiet
+    second; opening the held connections is left out."""
     seconds = 0.0
     for workload, _ in planned_rows(settings):
         warmups = settings.warmups_for(workload)
@@ -708,7 +731,7 @@ def estimated_seconds(settings):
         seconds += warmups * (settings.warmup_seconds + RUN_OVERHEAD_SECONDS)
         seconds += settings.runs * (settings.seconds + RUN_OVERHEAD_SECONDS)
         if workload.pattern == "silent":
-            seconds += settings.runs * QUIET_SECONDS
+            seconds += settings.runs * (QUIET_SECONDS + settings.seconds)
     return seconds
 
 
