@@ -3,11 +3,12 @@
 Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_load CONFIG``.  Everything is
 sent by the compiled generator (``fastsock._loadgen``, GIL-free): streams, datagrams, churn's
 short connections and the held connections of idle and silent-live.  It reports in one JSON
-line: ``{"start": T, "sent_units": N, "seconds": S}``, ``start`` on the system-wide monotonic
-clock that the server process reads too.  For idle and silent-live it first reports
-``{"opened": N, "start": T, "seconds": S}`` (when it began opening them, and how long that
-took it) and waits for ``{"release": true}`` before sending.  silent-live streams over its
-live connection alone first, reports that as above and waits for ``{"continue": true}``.
+line: ``{"start": T, "sent_units": N, "seconds": S, "cpu_seconds": C}``, ``start`` on the
+system-wide monotonic clock that the server process reads too, ``C`` the CPU it used.  For
+idle and silent-live it first reports ``{"opened": N, "start": T, "seconds": S}`` (when it
+began opening them, and how long that took it) and waits for ``{"release": true}`` before
+sending.  silent-live streams over its live connection alone first, reports that as above
+and waits for ``{"continue": true}``.
 """
 
 import json
@@ -195,8 +196,16 @@ def main(config):
     else:
         patterns = {"churn": churn, "idle": hold_idle, "silent": silent_live}
         send = patterns.get(workload.pattern, send_stream)
+    cpu = time.process_time()
     start, units, seconds = send(workload, address, config)
-    emit({"start": start, "sent_units": units, "seconds": seconds})
+    emit(
+        {
+            "start": start,
+            "sent_units": units,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ def notes(row):
     counted = (summary["kernel_drops"] or 0) + (own["queue_full"] + own["truncated"] if own else 0)
     if summary["lost"] > counted:
         parts.append(f"unaccounted {summary['lost'] - counted:,}")
+    busy = summary["generator_cpu_fraction"]
+    if busy is not None and busy >= benchmark.GENERATOR_BUSY:
+        parts.append(f"generator at {busy:.0%} CPU")
     if summary["idle"] is not None:
         parts.extend(held_notes(summary["idle"]))
     return "; ".join(parts)
@@ -258,6 +261,9 @@ RSS MiB: peak resident memory (VmHWM) of the server process, the highest over th
   prefork adds its workers' (so the shared ring counts once per process).
 CPU s: CPU seconds, user + system, of the server process(es) per run (median).
 gen rate: the load generator's own send rate in that row; in the c-sink row, its ceiling.
+  "generator at N% CPU" in notes: it used 90% or more of its CPU while sending, so the rate
+  may be its pace rather than the server's (churn on loopback: the sending CPU also runs
+  the kernel's handshake for the receiving side).
 idle and silent-live rows (a fresh server per run): "N held in S s" is the time from the
   generator's first connect until the server held all N (silent-live: and had taken the one
   line each sent), "(Rx uvloop)" over the uvloop row's; KiB RSS/conn is the server's RSS

@@ -52,6 +52,9 @@ RUN_OVERHEAD_SECONDS = 0.1
 ROW_OVERHEAD_SECONDS = 0.1
 """Measured on a 2-core machine: a generator process's start and a run's end, per run; a
 server process's start and end, per row (the estimate printed before the runs)."""
+GENERATOR_BUSY = 0.9
+"""A generator using this much of its CPU or more while sending is said, in the table, to
+have set the pace: the row then shows the generator's ceiling, not the server's."""
 CHILD_EXIT_SECONDS = 2.0
 """How long a child that has reported may take to exit by itself before it is killed."""
 WARMUP_SECONDS = 0.3
@@ -557,6 +560,12 @@ def run_record(workload, held, sending, counted):
         "generator_bytes_per_second": (
             None if generator_rate is None else generator_rate * workload.unit_bytes
         ),
+        # Held rows' generators also opened the connections meanwhile: no fraction.
+        "generator_cpu_fraction": (
+            sending["cpu_seconds"] / sending["seconds"]
+            if sending["seconds"] > 0 and workload.pattern not in _HELD_PATTERNS
+            else None
+        ),
         "kernel_drops": counted["kernel_drops"],
         "fastsock_drops": counted["fastsock_drops"],
         "idle": None,
@@ -609,6 +618,7 @@ def summarize(workload, runs):
             else generator_median / workload.unit_bytes
         ),
         "generator_bytes_per_second": generator_median,
+        "generator_cpu_fraction": _median(run["generator_cpu_fraction"] for run in runs),
         "kernel_drops": _total(run["kernel_drops"] for run in runs),
         "fastsock_drops": _total_counts(run["fastsock_drops"] for run in runs),
         "idle": None,

@@ -177,6 +177,7 @@ RUN = {
     "cpu_seconds": NUMBER,
     "generator_messages_per_second": Nullable(NUMBER),
     "generator_bytes_per_second": Nullable(NUMBER),
+    "generator_cpu_fraction": Nullable(NUMBER),
     "kernel_drops": Nullable(int),
     "fastsock_drops": Nullable(DROPS),
     "idle": Nullable(
@@ -205,6 +206,7 @@ SUMMARY = {
     "cpu_seconds": NUMBER,
     "generator_messages_per_second": Nullable(NUMBER),
     "generator_bytes_per_second": Nullable(NUMBER),
+    "generator_cpu_fraction": Nullable(NUMBER),
     "kernel_drops": Nullable(int),
     "fastsock_drops": Nullable(DROPS),
     "idle": Nullable(
@@ -477,7 +479,8 @@ def test_churn_and_idle_rows_count_every_connection(tmp_path):
         churn = rows["churn", server]["summary"]
         # Each connection sent one line, which the server took.
         assert 0 < churn["received"] == churn["sent"] <= churned
-        assert churn["idle"] is None
+        assert churn["idle"] is None and 0 < churn["generator_cpu_fraction"] < 2
+    assert idle["generator_cpu_fraction"] is None
 
 
 def test_the_default_run_leaves_out_the_full_run_servers():
