@@ -276,10 +276,12 @@ silent-live rows: the rate is the one live connection's, streaming while the oth
   silent; "CPU silent" is the server's CPU over 1 s with every connection silent, in % of
   one core; "live Rx its R alone": the live rate over R, the rate of the same connection
   streaming for --seconds on the same fresh server just before the silent ones opened.
-fastsock-compiled-2: engine_threads=2; with --share-cpus both engines, the consumer thread
-  and the generator share 2 cores, and every message still goes through the one ring and
-  its one Python consumer, which bounds it; churn's accepts take one shared listening
-  socket."""
+fastsock-compiled-2: engine_threads=2. What limits it on 2 cores (--share-cpus): the two
+  engines, the consumer thread and the generator share them, every message still goes
+  through the one ring to one Python consumer, and the engines take connections from one
+  listening socket, whichever wakes first accepting the whole burst: in lines-16 one engine
+  held most of the 16 connections (epoll registrations read from /proc), so it ran about
+  as one engine does."""
 
 
 def report(rows, settings, placement, started, finished, load_average):
