@@ -83,7 +83,8 @@ def add_bench_arguments(parser):
     how.add_argument(
         "--timeout",
         type=positive_float,
-        help="seconds before a run is abandoned as failed (default 3 * seconds + 30)",
+        help="seconds before a run is abandoned as failed (default 3 * seconds + 30); idle "
+        "and silent-live runs get 3 ms more per connection they hold",
     )
     where = parser.add_argument_group("where")
     where.add_argument(

@@ -76,6 +76,10 @@ SOURCE_ADDRESSES = tuple(f"127.0.0.{number}" for number in range(1, 9))
 port among 28,232 (Linux's default ip_local_port_range) per source and destination address:
 too few for 50,000 held connections, and churn's closed connections sit in TIME_WAIT, where
 even with tcp_tw_reuse a port waits a second before it can serve again."""
+HELD_TIMEOUT_SECONDS = 0.003
+"""Seconds a run's --timeout grows by per held connection: a thread-per-connection server
+(stdlib-readline-queue) took 15 s for a silent-live run at 10,000 connections on a 2-core
+VM, over the default 33 s when the machine was busy."""
 DESCRIPTOR_MARGIN = 256
 """Descriptors a process needs beyond the connections it holds: the listening socket, the
 interpreter's files, epoll and event descriptors, pipes."""
@@ -407,6 +411,10 @@ class Settings:
         to warm."""
         return 0 if workload.pattern in _HELD_PATTERNS else self.warmups
 
+    def run_timeout(self, workload):
+        """--timeout, and HELD_TIMEOUT_SECONDS more per connection a run holds."""
+        return self.timeout + self.held_connections(workload) * HELD_TIMEOUT_SECONDS
+
     def held_connections(self, workload):
         """The silent connections a run of ``workload`` holds at once."""
         return {"idle": self.idle_connections, "silent": self.silent_connections}.get(
@@ -461,13 +469,13 @@ class ServerProcess:
                 "runs": runs,
                 "cpus": settings.server_cpus,
                 "seconds": settings.seconds,
-                "timeout": settings.timeout,
+                "timeout": settings.run_timeout(workload),
                 "churn_connections": settings.churn_connections,
                 "held_connections": settings.held_connections(workload),
             },
         )
         try:
-            self.started = self.child.receive(time.monotonic() + settings.timeout)
+            self.started = self.child.receive(time.monotonic() + settings.run_timeout(workload))
         except BaseException:
             self.child.close()
             raise
@@ -479,7 +487,7 @@ class ServerProcess:
 def run_once(workload, server_process, settings, seconds):
     """One run sending for ``seconds``: a fresh load generator against the row's server
     process; a run record."""
-    deadline = time.monotonic() + settings.timeout
+    deadline = time.monotonic() + settings.run_timeout(workload)
     receiver = server_process.child
     receiver.send({"begin": True})
     receiver.receive(deadline)
@@ -494,7 +502,7 @@ def run_once(workload, server_process, settings, seconds):
             "total_bytes": settings.bytes,
             "churn_connections": settings.churn_connections,
             "held_connections": settings.held_connections(workload),
-            "timeout": settings.timeout,
+            "timeout": settings.run_timeout(workload),
         },
     )
     try:
