@@ -1,17 +1,18 @@
 """The load generator of one ``fastsock bench`` run.
 
-Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_load CONFIG``.  Streams and
-datagrams are sent by the compiled generator (``fastsock._loadgen``, GIL-free); churn, which
-is about connecting, is a plain socket loop.  It reports in one JSON line:
-``{"start": T, "sent_units": N, "seconds": S}``, ``start`` on the system-wide monotonic
-clock that the server process reads too.  For the idle workload it first reports
-``{"opened": N}`` and waits for ``{"release": true}`` before sending.
+Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_load CONFIG``.  Everything is
+sent by the compiled generator (``fastsock._loadgen``, GIL-free): streams, datagrams, churn's
+short connections and the held connections of idle and silent-live.  It reports in one JSON
+line: ``{"start": T, "sent_units": N, "seconds": S, "cpu_seconds": C}``, ``start`` on the
+system-wide monotonic clock that the server process reads too, ``C`` the CPU it used.  For
+idle and silent-live it first reports ``{"opened": N, "start": T, "seconds": S}`` (when it
+began opening them, and how long that took it) and waits for ``{"release": true}`` before
+sending.  silent-live streams over its live connection alone first, reports that as above
+and waits for ``{"continue": true}``.
 """
 
-import errno
 import json
 import os
-import selectors
 import socket
 import sys
 import time
@@ -22,6 +23,7 @@ from fastsock.benchmark import (
     DATAGRAM_CAP,
     LINE_BYTES,
     MESSAGES_PER_BLOCK,
+    SOURCE_ADDRESSES,
     UDP_GSO_BYTES,
     UDP_GSO_SEGMENTS,
     WORKLOADS,
@@ -32,8 +34,10 @@ from fastsock.benchmark import (
 )
 
 LINE = b"x" * (LINE_BYTES - 1) + b"\n"
-CHURN_WINDOW = 64
-"""Churn connections in flight at once: far below the listen backlog (BACKLOG)."""
+CONNECT_WINDOW = 64
+"""Connections being opened (and, for churn, waiting for the server's close) at once: far
+below the listen backlog (BACKLOG), so no SYN is dropped and retried a second later, and
+enough to keep the generator busy (16 to 128 measured alike on a 2-core VM; 256 slower)."""
 CHURN_DRAIN_SECONDS = 10.0
 """How long past --seconds the churn generator waits for the server to close the
 connections it has in flight."""
@@ -102,79 +106,87 @@ def send_datagrams(workload, address, config):
 
 
 def churn(workload, address, config):
-    """Connect, send one line, shut down: up to churn_connections times, or for --seconds.
+    """Connect, send one line, shut down, wait for the server's close: up to
+    churn_connections times, or for --seconds, CONNECT_WINDOW at a time.
 
-    At most CHURN_WINDOW connections are in flight; one is done when the server closes its
-    side.  An open loop would overflow the listen backlog, and the kernel's 1-second retry
-    of a dropped SYN would then be what the run measured.
+    A closed loop: an open one would overflow the listen backlog, and the kernel's 1-second
+    retry of a dropped SYN would then be what the run measured.
     """
     start = time.monotonic()
-    deadline = start + config["seconds"]
-    sent = made = 0
-    with selectors.DefaultSelector() as selector:
-        while True:
-            now = time.monotonic()
-            while (
-                made < config["churn_connections"]
-                and now < deadline
-                and len(selector.get_map()) < CHURN_WINDOW
-            ):
-                selector.register(start_connecting(workload, address), selectors.EVENT_WRITE)
-                made += 1
-            if not selector.get_map():
-                break
-            if now > deadline + CHURN_DRAIN_SECONDS:
-                raise TimeoutError(
-                    f"the server did not close {len(selector.get_map())} connections "
-                    f"within {CHURN_DRAIN_SECONDS} s"
-                )
-            for key, events in selector.select(timeout=CHURN_DRAIN_SECONDS):
-                connection = key.fileobj
-                if events & selectors.EVENT_WRITE:
-                    error = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if error:
-                        raise OSError(error, f"connecting to {address!r}: {os.strerror(error)}")
-                    # 64 bytes into the empty send buffer of a new connection: sent whole.
-                    connection.send(LINE)
-                    connection.shutdown(socket.SHUT_WR)
-                    selector.modify(connection, selectors.EVENT_READ)
-                    sent += 1
-                elif not connection.recv(LINE_BYTES):
-                    selector.unregister(connection)
-                    connection.close()
-    return start, sent, time.monotonic() - start
+    made, seconds = _loadgen.churn(
+        address,
+        LINE,
+        config["churn_connections"],
+        config["seconds"],
+        window=CONNECT_WINDOW,
+        sources=SOURCE_ADDRESSES,
+        drain_seconds=CHURN_DRAIN_SECONDS,
+    )
+    return start, made, seconds
 
 
-def start_connecting(workload, address):
-    connection = socket.socket(family(workload), socket.SOCK_STREAM)
-    connection.setblocking(False)
-    error = connection.connect_ex(address)
-    if error not in (0, errno.EINPROGRESS):
-        connection.close()
-        raise OSError(error, f"connecting to {address!r}: {os.strerror(error)}")
-    return connection
+def open_held(address, config, line):
+    """Open held_connections connections, each sending ``line`` (maybe empty) once, report
+    them and wait for the coordinator's release: (descriptors, the opening's start)."""
+    wanted = config["held_connections"]
+    start = time.monotonic()
+    descriptors, seconds = _loadgen.open_connections(
+        address,
+        line,
+        wanted,
+        config["timeout"],
+        window=CONNECT_WINDOW,
+        sources=SOURCE_ADDRESSES,
+    )
+    try:
+        if len(descriptors) < wanted:
+            raise TimeoutError(
+                f"opened {len(descriptors):,} of {wanted:,} connections in {config['timeout']} s"
+            )
+        emit({"opened": len(descriptors), "start": start, "seconds": seconds})
+        receive_command()
+    except BaseException:
+        close_all(descriptors)
+        raise
+    return descriptors
+
+
+def close_all(descriptors):
+    for descriptor in descriptors:
+        os.close(descriptor)
 
 
 def hold_idle(workload, address, config):
-    """Open idle_connections connections, report, wait; then one line on each and close."""
-    connections = []
+    """Idle connections held silent; once released, one line on each, then closed."""
+    descriptors = open_held(address, config, b"")
     try:
-        for _ in range(config["idle_connections"]):
-            connections.append(connect(workload, address))
-        emit({"opened": len(connections)})
-        receive_command()
         start = time.monotonic()
-        for connection in connections:
-            connection.sendall(LINE)
+        for descriptor in descriptors:
+            # 64 bytes into the empty send buffer of a connection: written whole.
+            os.write(descriptor, LINE)
     finally:
-        for connection in connections:
-            connection.close()
-    return start, len(connections), time.monotonic() - start
+        close_all(descriptors)
+    return start, len(descriptors), time.monotonic() - start
+
+
+def silent_live(workload, address, config):
+    """One connection streams lines for --seconds alone; then silent connections are held
+    after one line each and, once released, another streams for --seconds while they stay
+    silent."""
+    start, sent, seconds = send_stream(workload, address, config)
+    emit({"start": start, "sent_units": sent, "seconds": seconds})
+    receive_command()
+    descriptors = open_held(address, config, LINE)
+    try:
+        start, sent, seconds = send_stream(workload, address, config)
+    finally:
+        close_all(descriptors)
+    return start, sent, seconds
 
 
 def main(config):
     pin(config["cpus"])
-    raise_open_file_limit()
+    raise_open_file_limit(config["held_connections"])
     workload = WORKLOADS[config["workload"]]
     address = config["address"]
     if isinstance(address, list):
@@ -182,9 +194,18 @@ def main(config):
     if workload.datagram:
         send = send_datagrams
     else:
-        send = {"churn": churn, "idle": hold_idle}.get(workload.pattern, send_stream)
+        patterns = {"churn": churn, "idle": hold_idle, "silent": silent_live}
+        send = patterns.get(workload.pattern, send_stream)
+    cpu = time.process_time()
     start, units, seconds = send(workload, address, config)
-    emit({"start": start, "sent_units": units, "seconds": seconds})
+    emit(
+        {
+            "start": start,
+            "sent_units": units,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def document(rows, settings, placement, started, finished, load_average, command
             "bytes": settings.bytes,
             "churn_connections": settings.churn_connections,
             "idle_connections": settings.idle_connections,
+            "silent_connections": settings.silent_connections,
             "server_cpus": settings.server_cpus,
             "client_cpus": settings.client_cpus,
             "placement": placement,
@@ -147,15 +148,35 @@ def notes(row):
     counted = (summary["kernel_drops"] or 0) + (own["queue_full"] + own["truncated"] if own else 0)
     if summary["lost"] > counted:
         parts.append(f"unaccounted {summary['lost'] - counted:,}")
+    busy = summary["generator_cpu_fraction"]
+    if busy is not None and busy >= benchmark.GENERATOR_BUSY:
+        parts.append(f"generator at {busy:.0%} CPU")
     if summary["idle"] is not None:
-        idle = summary["idle"]
-        cost = idle["kib_per_connection"]
-        parts.append(
-            f"{idle['connections']:,} held, "
-            + ("?" if cost is None else f"{cost:+.1f}")
-            + " KiB RSS/conn"
-        )
+        parts.extend(held_notes(summary["idle"]))
     return "; ".join(parts)
+
+
+def held_notes(idle):
+    """What holding an idle or silent-live row's connections cost its server."""
+    cost = idle["kib_per_connection"]
+    parts = [
+        f"{idle['connections']:,} held in {idle['accept_seconds']:.2f} s"
+        + (
+            ""
+            if idle["accept_ratio_to_uvloop"] is None
+            else f" ({ratio(idle['accept_ratio_to_uvloop'])} uvloop)"
+        ),
+        ("?" if cost is None else f"{cost:+.1f}") + " KiB RSS/conn",
+        plural(idle["threads"], "thread"),
+    ]
+    if idle["listen_overflows"]:
+        parts.append(f"{idle['listen_overflows']:,} accept-queue overflows")
+    if idle["quiet_cpu_fraction"] is not None:
+        parts.append(f"{idle['quiet_cpu_fraction']:.1%} CPU silent")
+    if idle["live_ratio_to_alone"] is not None:
+        alone = count(idle["alone_messages_per_second"])
+        parts.append(f"live {ratio(idle['live_ratio_to_alone'])} its {alone} alone")
+    return parts
 
 
 HEADERS = [
@@ -240,8 +261,27 @@ RSS MiB: peak resident memory (VmHWM) of the server process, the highest over th
   prefork adds its workers' (so the shared ring counts once per process).
 CPU s: CPU seconds, user + system, of the server process(es) per run (median).
 gen rate: the load generator's own send rate in that row; in the c-sink row, its ceiling.
-idle rows: KiB RSS/conn is the server's RSS growth while holding the connections, per
-  connection; the rate is how fast the server took one line from each when all woke at once."""
+  "generator at N% CPU" in notes: it used 90% or more of its CPU while sending, so the rate
+  may be its pace rather than the server's (churn on loopback: the sending CPU also runs
+  the kernel's handshake for the receiving side).
+idle and silent-live rows (a fresh server per run): "N held in S s" is the time from the
+  generator's first connect until the server held all N (silent-live: and had taken the one
+  line each sent), "(Rx uvloop)" over the uvloop row's; KiB RSS/conn is the server's RSS
+  growth while holding them, per connection; threads: the server process's, while held;
+  accept-queue overflows: connections the kernel turned away while the server's accept
+  queue (backlog 4096) was full, each then held up by TCP's 1-second SYN-ACK retry (a
+  machine-wide count, over the runs: other tests on the machine add to it).
+idle rows: the rate is how fast the server took one line from each when all woke at once.
+silent-live rows: the rate is the one live connection's, streaming while the others stay
+  silent; "CPU silent" is the server's CPU over 1 s with every connection silent, in % of
+  one core; "live Rx its R alone": the live rate over R, the rate of the same connection
+  streaming for --seconds on the same fresh server just before the silent ones opened.
+fastsock-compiled-2: engine_threads=2. What limits it on 2 cores (--share-cpus): the two
+  engines, the consumer thread and the generator share them, every message still goes
+  through the one ring to one Python consumer, and the engines take connections from one
+  listening socket, whichever wakes first accepting the whole burst: in lines-16 one engine
+  held most of the 16 connections (epoll registrations read from /proc), so it ran about
+  as one engine does."""
 
 
 def report(rows, settings, placement, started, finished, load_average):
@@ -263,7 +303,8 @@ def report(rows, settings, placement, started, finished, load_average):
         f"then {plural(settings.runs, 'measured run')} of up to {settings.seconds:g} s (streams "
         f"also stop at {settings.bytes / 1024**3:g} GiB), against one server process; the rows "
         "of a workload take their runs in turns, so that drift in the machine's speed moves "
-        "them alike; idle rows: a fresh server per run, no warm-up; every run from a fresh "
+        "them alike; idle and silent-live rows: a fresh server per run, no warm-up; every run "
+        "from a fresh "
         "load-generator process",
     ]
     if version["fastsock_implementation"] != "compiled":

@@ -3,10 +3,12 @@
 Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_server CONFIG``, it talks to the
 coordinator in JSON lines on stdin and stdout:
 
-    -> {"address": ..., "rss_kib": ...}     the server is ready
+    -> {"address": ...}                     the server is ready
     then for each of the row's runs (config "runs"):
-    <- {"hold": N}                          idle workload only: wait for N open connections
-    -> {"held": N, "rss_kib": ...}
+    <- {"expected": UNITS, "before_hold": true}  silent-live only: the live connection alone
+    -> {"received": ..., "end": ..., ...}
+    <- {"hold": N, "quiet_seconds": Q}      idle and silent-live: wait for N open connections
+    -> {"held": N, "held_at": T, "rss_kib": ..., "rss_before_kib": ..., "threads": ..., ...}
     <- {"expected": UNITS}                  what the run's load generator sent
     -> {"received": ..., "end": ..., ...}   what the consumer counted, and its costs
 
@@ -73,8 +75,9 @@ class Tally:
 # -- Measuring the process -------------------------------------------------------------------
 
 
-def _status_kib(pid, field):
-    """A memory field of a process; 0 for one that is gone (a request process that ended)."""
+def _status_number(pid, field):
+    """A number of /proc/PID/status (memory fields are in KiB, "Threads" counts); 0 for a
+    process that is gone (a request process that ended)."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -107,6 +110,15 @@ def _children(pid):
             return [int(child) for child in children.read().split()]
     except FileNotFoundError:
         return []
+
+
+def listen_overflows():
+    """The kernel's count of connections a full accept queue turned away (TcpExt
+    ListenOverflows), machine-wide: each waits for the kernel's 1-second SYN-ACK retry."""
+    with open("/proc/net/netstat") as netstat:
+        lines = [line.split() for line in netstat if line.startswith("TcpExt:")]
+    names, values = lines
+    return int(values[names.index("ListenOverflows")])
 
 
 def udp_drops(port):
@@ -230,7 +242,7 @@ def bound_socket(workload, address):
     return sock
 
 
-def compiled_handler(ring, workload):
+def compiled_handler(ring, workload, engine_threads=1):
     """fastsock.receiver for the workload; as the stdlib servers, it takes every connection
     its file descriptors allow (fastsock's default stops at 1024)."""
     if workload.datagram:
@@ -238,7 +250,12 @@ def compiled_handler(ring, workload):
     soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft_limit == resource.RLIM_INFINITY:
         soft_limit = UNLIMITED_CONNECTIONS
-    return fastsock.receiver(ring, framing=workload.framing, max_connections=soft_limit)
+    return fastsock.receiver(
+        ring,
+        framing=workload.framing,
+        max_connections=soft_limit,
+        engine_threads=engine_threads,
+    )
 
 
 class UnderTest:
@@ -339,11 +356,11 @@ class QueueServer(UnderTest):
 class CompiledServer(UnderTest):
     """fastsock.receiver(ring) on fastsock's server class; get_many or get_batch consumer."""
 
-    def __init__(self, workload, tally, address, batches):
+    def __init__(self, workload, tally, address, batches, engine_threads=1):
         super().__init__(workload, tally)
         ring = fastsock.RingQueue()
         self.server = socketserver_class(fastsock, workload)(
-            address, compiled_handler(ring, workload)
+            address, compiled_handler(ring, workload, engine_threads)
         )
         self.server.daemon_threads = True
         self.address = self.server.server_address
@@ -601,6 +618,8 @@ def start(server, workload, tally, address, config):
         return QueueServer(fastsock, workload.baseline, workload, tally, address)
     if server in ("fastsock-compiled", "fastsock-compiled-batch"):
         return CompiledServer(workload, tally, address, batches=server.endswith("-batch"))
+    if server == "fastsock-compiled-2":
+        return CompiledServer(workload, tally, address, batches=False, engine_threads=2)
     if server == "fastsock-prefork":
         return PreforkUnderTest(workload, tally, address, PREFORK_WORKERS)
     if server == "fastsock-prefork-1":
@@ -621,35 +640,73 @@ def start(server, workload, tally, address, config):
 # -- The process -----------------------------------------------------------------------------
 
 
-def wait_for_connections(under_test, count, deadline):
-    while under_test.connections_active() < count and time.monotonic() < deadline:
+def hold(under_test, count, quiet_seconds, deadline, overflows_before, rss_before):
+    """Wait for ``count`` open connections and, for silent-live, the line each sent; then
+    what holding them costs, and from then on count only what comes next (the live
+    connection's lines)."""
+    lines = count if under_test.workload.pattern == "silent" else 0
+    while (
+        under_test.connections_active() < count
+        or under_test.tally.units - under_test.base_units < lines
+    ) and time.monotonic() < deadline:
         time.sleep(WAIT_POLL_SECONDS)
+    held_at = time.monotonic()
+    overflows = listen_overflows() - overflows_before
     time.sleep(HOLD_SETTLE_SECONDS)
-    return under_test.connections_active()
+    pids = under_test.pids()
+    quiet_cpu_fraction = None
+    if quiet_seconds:
+        cpu = under_test.cpu_seconds()
+        time.sleep(quiet_seconds)
+        quiet_cpu_fraction = (under_test.cpu_seconds() - cpu) / quiet_seconds
+    under_test.begin_run()
+    return {
+        "held": under_test.connections_active(),
+        "held_at": held_at,
+        "listen_overflows": overflows,
+        "rss_before_kib": rss_before,
+        "rss_kib": rss_kib(under_test),
+        "threads": sum(_status_number(pid, "Threads") for pid in pids),
+        "quiet_cpu_fraction": quiet_cpu_fraction,
+    }
+
+
+def rss_kib(under_test):
+    return sum(_status_number(pid, "VmRSS") for pid in under_test.pids())
+
+
+def counts(under_test, expected, deadline):
+    """What the consumer took of ``expected`` units sent since begin_run()."""
+    units, end, active_seconds, complete = under_test.wait(expected, deadline)
+    return {"received": units, "end": end, "active_seconds": active_seconds, "complete": complete}
 
 
 def measure_run(under_test, timeout):
     """One run, from the coordinator's "begin" (rows take their runs in turns, so the
-    server may wait long for it): wait for the sent total (and, for idle, hold the
-    connections first); what the server counted and what it cost."""
+    server may wait long for it): wait for the sent total (and, for idle and silent-live,
+    hold the connections first); what the server counted and what it cost."""
     receive_command()
     cpu_at_start = under_test.cpu_seconds()
+    overflows_before = listen_overflows()
+    rss_before = rss_kib(under_test)
     under_test.begin_run()
     emit({"ready": True})
     deadline = time.monotonic() + timeout
     command = receive_command()
-    if "hold" in command:
-        held = wait_for_connections(under_test, command["hold"], deadline)
-        rss = sum(_status_kib(pid, "VmRSS") for pid in under_test.pids())
-        emit({"held": held, "rss_kib": rss})
+    if command.get("before_hold"):
+        emit(counts(under_test, command["expected"], deadline))
+        # What holding costs is measured from here, the ring's pages already touched.
+        overflows_before = listen_overflows()
+        rss_before = rss_kib(under_test)
+        under_test.begin_run()
         command = receive_command()
-    units, end, active_seconds, complete = under_test.wait(command["expected"], deadline)
+    if "hold" in command:
+        quiet = command["quiet_seconds"]
+        emit(hold(under_test, command["hold"], quiet, deadline, overflows_before, rss_before))
+        command = receive_command()
     return {
-        "received": units,
-        "end": end,
-        "active_seconds": active_seconds,
-        "complete": complete,
-        "peak_rss_kib": sum(_status_kib(pid, "VmHWM") for pid in under_test.pids()),
+        **counts(under_test, command["expected"], deadline),
+        "peak_rss_kib": sum(_status_number(pid, "VmHWM") for pid in under_test.pids()),
         "cpu_seconds": under_test.cpu_seconds() - cpu_at_start,
         "kernel_drops": under_test.kernel_drops(),
         "fastsock_drops": under_test.fastsock_drops(),
@@ -665,8 +722,7 @@ def serve(config, directory):
     tally = Tally()
     under_test = start(config["server"], workload, tally, address, config)
     try:
-        rss = sum(_status_kib(pid, "VmRSS") for pid in under_test.pids())
-        emit({"address": under_test.address, "rss_kib": rss})
+        emit({"address": under_test.address})
         for _ in range(config["runs"]):
             emit(measure_run(under_test, config["timeout"]))
     finally:
@@ -675,7 +731,7 @@ def serve(config, directory):
 
 def main(config):
     pin(config["cpus"])
-    raise_open_file_limit()
+    raise_open_file_limit(config["held_connections"])
     directory = tempfile.mkdtemp(prefix="fastsock-bench-")
     status = 0
     try:

@@ -76,13 +76,15 @@ def add_bench_arguments(parser):
     how.add_argument(
         "--idle-connections",
         type=positive_int,
-        default=benchmark.DEFAULT_IDLE_CONNECTIONS,
-        help=f"connections the idle workload holds (default {benchmark.DEFAULT_IDLE_CONNECTIONS})",
+        help="connections the idle and silent-live workloads hold (default "
+        f"{benchmark.DEFAULT_IDLE_CONNECTIONS:,} and {benchmark.DEFAULT_SILENT_CONNECTIONS:,}); "
+        "above the descriptor limit it is raised, which may need root",
     )
     how.add_argument(
         "--timeout",
         type=positive_float,
-        help="seconds before a run is abandoned as failed (default 3 * seconds + 30)",
+        help="seconds before a run is abandoned as failed (default 3 * seconds + 30); idle "
+        "and silent-live runs get 3 ms more per connection they hold",
     )
     where = parser.add_argument_group("where")
     where.add_argument(
@@ -162,7 +164,8 @@ def run_bench(options):
         warmups=options.warmups,
         bytes=options.bytes,
         churn_connections=options.churn_connections,
-        idle_connections=options.idle_connections,
+        idle_connections=options.idle_connections or benchmark.DEFAULT_IDLE_CONNECTIONS,
+        silent_connections=options.idle_connections or benchmark.DEFAULT_SILENT_CONNECTIONS,
         server_cpus=server_cpus,
         client_cpus=client_cpus,
         timeout=options.timeout,

@@ -18,15 +18,20 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_CLOEXEC
         SOL_SOCKET
         SO_TYPE
+        SO_ERROR
         SO_DOMAIN
         SO_ACCEPTCONN
         SO_RCVTIMEO
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_MORE
         MSG_TRUNC
         MSG_WAITFORONE
 
+    int c_socket "socket"(int family, int kind, int protocol)
+    int bind(int fd, const sockaddr* address, socklen_t length)
+    int connect(int fd, const sockaddr* address, socklen_t length)
     ssize_t send(int fd, const void* data, size_t length, int flags)
     ssize_t recv(int fd, void* data, size_t length, int flags)
     int sendmmsg(int fd, mmsghdr* messages, unsigned int count, int flags)
@@ -56,6 +61,9 @@ cdef extern from "<netinet/in.h>" nogil:
         in6_addr sin6_addr
         unsigned int sin6_scope_id
 
+    enum:
+        IPPROTO_IP
+
     unsigned short htons(unsigned short value)
     unsigned int htonl(unsigned int value)
 
@@ -84,10 +92,14 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN
         EPOLLOUT
+        EPOLLRDHUP
+        EPOLLHUP
+        EPOLLERR
         EPOLLET
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
+        EPOLL_CTL_MOD
 
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)

@@ -137,3 +137,63 @@ def sink_datagrams(
     Raises ValueError if ``fd`` is not a datagram socket, for a ``batch`` outside 1..1024, a
     negative ``expected`` and a ``spin_seconds`` outside 0..``idle_seconds``.
     """
+
+def open_connections(
+    address: tuple[str, int],
+    line: ReadableBuffer,
+    count: int,
+    max_seconds: float,
+    window: int = 64,
+    sources: Sequence[str] = (),
+) -> tuple[list[int], float]:
+    """Open ``count`` TCP connections to an IPv4 ``address``, each sending ``line`` once,
+    and keep them open: the silent peers of a server under test.
+
+    At most ``window`` connections are connecting at once (non-blocking ``connect()`` under
+    epoll).  On loopback the handshake has usually completed within ``connect()``, so the
+    line (up to 256 bytes, which a new connection's empty send buffer takes whole) is sent
+    at once, and only a connection still connecting waits for epoll.  An empty ``line``
+    sends nothing: the connection is complete when it is connected.  ``sources`` are IPv4
+    addresses to connect from, in turn, each bound with ``IP_BIND_ADDRESS_NO_PORT`` so that
+    each has the whole ephemeral port range (28,232 ports by default) for itself: on
+    loopback, ``127.0.0.2``, ``127.0.0.3``... let one destination take more connections
+    than one source address has ports.  Empty: the kernel chooses.
+
+    No connection starts after ``max_seconds``; those connecting then are waited for up to
+    ``max_seconds`` more.  Returns ``(descriptors, seconds)``: the connected descriptors,
+    non-blocking and close-on-exec, now the caller's to close (fewer than ``count`` if the
+    time ran out), and the time until the last one was connected.  On an error (refused,
+    ``EADDRNOTAVAIL`` once the ports run out, ``EMFILE``...) every descriptor it opened is
+    closed and the OSError raised.
+
+    Raises ValueError for a negative ``count``, a ``window`` below 1, a ``line`` over 256
+    bytes or a ``max_seconds`` that is not a finite number > 0.
+    """
+
+def churn(
+    address: tuple[str, int],
+    line: ReadableBuffer,
+    count: int,
+    max_seconds: float,
+    window: int = 64,
+    sources: Sequence[str] = (),
+    drain_seconds: float = 10.0,
+) -> tuple[int, float]:
+    """Short connections, ``window`` at a time: each connects to an IPv4 ``address``,
+    sends ``line``, shuts down its write side and waits for the server to close it (an EOF
+    or a reset), then closes; another starts at once in its place.
+
+    Up to ``count`` connections, none started after ``max_seconds``; those in flight then
+    are waited for up to ``drain_seconds`` more, then ``TimeoutError``.  ``line`` and
+    ``sources`` are as for ``open_connections``; the line is sent with ``MSG_MORE``, so the
+    FIN of the shutdown rides in the same segment, and the server's close is seen in the
+    epoll event itself (``EPOLLRDHUP``), without a ``recv()``.  Per connection that leaves
+    ``socket``, ``setsockopt`` and ``bind`` (with ``sources``), ``connect``, ``send``,
+    ``shutdown``, one ``epoll_ctl`` and ``close``, plus a share of ``epoll_wait``.  The
+    client closes first, so its side of every connection ends in TIME_WAIT: with
+    ``tcp_tw_reuse`` (Linux's default allows it on loopback) a port can serve again one
+    second later, so spread fast churn over several ``sources``.
+
+    Returns ``(connections, seconds)``: the connections completed, and the time from the
+    first ``connect()`` to the last close.  Raises as ``open_connections`` does.
+    """

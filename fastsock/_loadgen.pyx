@@ -7,7 +7,9 @@ so the caller's sockets keep whatever blocking mode they had.
 """
 
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
-from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, ENOBUFS, ETIMEDOUT, errno
+from libc.errno cimport (
+    EAGAIN, ECONNABORTED, ECONNRESET, EINPROGRESS, EINTR, ENOBUFS, ETIMEDOUT, errno,
+)
 from libc.math cimport ceil
 from libc.stdint cimport uint16_t
 from libc.string cimport memchr, memcpy, memset
@@ -34,6 +36,10 @@ cdef enum:
     MAX_SEGMENTS = 64
     # The most UDP payload one IPv4 datagram carries, and so one GSO send.
     MAX_UDP_PAYLOAD = 65507
+    # What churn() reads at once while it waits for the server's close: servers send
+    # nothing, so one read normally sees the EOF.  Also the longest line it sends, which a
+    # new connection's empty send buffer always takes whole.
+    CLOSE_READ_BYTES = 256
 
 # Bytes one send() may move: large enough that a syscall carries thousands of small messages.
 cdef Py_ssize_t PATTERN_BYTES = 256 * 1024
@@ -65,6 +71,9 @@ cdef extern from *:
     #ifndef UDP_SEGMENT
     #define UDP_SEGMENT 103  /* <linux/udp.h>, which older C libraries do not pull in */
     #endif
+    #ifndef IP_BIND_ADDRESS_NO_PORT
+    #define IP_BIND_ADDRESS_NO_PORT 24  /* Linux 4.2; C libraries before glibc 2.23 lack it */
+    #endif
 
     static size_t fastsock_segment_control_bytes(void) {
         return CMSG_SPACE(sizeof(uint16_t));
@@ -84,6 +93,8 @@ cdef extern from *:
         memcpy(CMSG_DATA(option), &size, sizeof(size));
     }
     """
+    enum:
+        IP_BIND_ADDRESS_NO_PORT
     size_t fastsock_segment_control_bytes() noexcept nogil
     void fastsock_attach_segment_size(msghdr* header, char* control,
                                       uint16_t size) noexcept nogil
@@ -109,6 +120,14 @@ cdef int wait_for(int fd, short events, int timeout_ms) noexcept nogil:
     if poll(&watched, 1, timeout_ms) < 0 and errno != EINTR:
         return errno
     return 0
+
+
+cdef void close_descriptors(const int* fds, Py_ssize_t count) noexcept nogil:
+    # Entries below 0 are slots without a descriptor.
+    cdef Py_ssize_t i
+    for i in range(count):
+        if fds[i] >= 0:
+            close(fds[i])
 
 
 cdef int raise_errno(int code) except -1:
@@ -452,7 +471,6 @@ def sink_stream(listen_fd, connections, count_byte=-1, max_seconds=60.0):
     cdef StreamSink sink
     cdef double seconds
     cdef int code = 0, flags
-    cdef Py_ssize_t i
     sink.listen_fd = checked_fd(listen_fd, "listen_fd")
     sink.expected = operator.index(connections)
     if sink.expected < 1:
@@ -493,9 +511,7 @@ def sink_stream(listen_fd, connections, count_byte=-1, max_seconds=60.0):
     finally:
         fcntl(sink.listen_fd, F_SETFL, flags)
         if sink.connections != NULL:
-            for i in range(sink.accepted):
-                if sink.connections[i] >= 0:
-                    close(sink.connections[i])
+            close_descriptors(sink.connections, sink.accepted)
         if sink.epfd >= 0:
             close(sink.epfd)
         PyMem_RawFree(sink.buffer)
@@ -802,3 +818,260 @@ def sink_datagrams(fd, expected, max_seconds, batch=64, idle_seconds=0.5, spin_s
         PyMem_RawFree(slots)
         PyMem_RawFree(vectors)
         PyMem_RawFree(sink.messages)
+
+
+# -- open_connections, churn ---------------------------------------------------------------
+
+cdef enum:
+    # The phase of a connection in flight, in the upper half of its epoll data word; the
+    # lower half is its slot.
+    CONNECTING = 0
+    AWAITING_CLOSE = 1
+
+
+cdef struct Connector:
+    int epfd
+    sockaddr_storage destination
+    socklen_t destination_length
+    sockaddr_in* sources
+    Py_ssize_t source_count
+    const char* line
+    Py_ssize_t line_length
+    # Held connections are kept open once their line is sent (open_connections); the others
+    # half-close and wait for the server to close them (churn).
+    bint hold
+    Py_ssize_t wanted
+    Py_ssize_t started
+    Py_ssize_t done
+    # In-flight descriptors by slot (-1: free), and the stack of free slots.
+    int* slots
+    int* free_slots
+    Py_ssize_t window
+    Py_ssize_t free_count
+    int* held
+    # No connection starts after `deadline`; those in flight are waited for until `give_up`.
+    double deadline
+    double give_up
+    double last_done
+
+
+cdef int watch(Connector* c, Py_ssize_t slot, unsigned int events,
+               unsigned long long phase, int operation) noexcept nogil:
+    cdef epoll_event event
+    event.events = events
+    event.data.u64 = (phase << 32) | <unsigned long long>slot
+    if epoll_ctl(c.epfd, operation, c.slots[slot], &event) < 0:
+        return errno
+    return 0
+
+
+cdef int start_connection(Connector* c) noexcept nogil:
+    cdef Py_ssize_t slot
+    cdef int fd, code, one = 1
+    fd = c_socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return errno
+    if c.source_count:
+        # The port is then chosen at connect() for the whole address pair, so each source
+        # address has the whole ephemeral port range to itself (bind() would pick a port
+        # unique to the source address alone).
+        if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0
+                or bind(fd, <sockaddr*>&c.sources[c.started % c.source_count],
+                        sizeof(sockaddr_in)) < 0):
+            code = errno
+            close(fd)
+            return code
+    if connect(fd, <sockaddr*>&c.destination, c.destination_length) < 0 and errno != EINPROGRESS:
+        code = errno
+        close(fd)
+        return code
+    c.free_count -= 1
+    slot = c.free_slots[c.free_count]
+    c.slots[slot] = fd
+    c.started += 1
+    if c.line_length == 0:
+        return watch(c, slot, EPOLLOUT, CONNECTING, EPOLL_CTL_ADD)
+    # On loopback the handshake has usually completed within connect(): the line goes at
+    # once, and only a connection still connecting waits for epoll to say it is writable.
+    return send_line(c, slot, False)
+
+
+cdef void release_slot(Connector* c, Py_ssize_t slot) noexcept nogil:
+    c.slots[slot] = -1
+    c.free_slots[c.free_count] = slot
+    c.free_count += 1
+    c.done += 1
+    c.last_done = monotonic()
+
+
+cdef int send_line(Connector* c, Py_ssize_t slot, bint watched) noexcept nogil:
+    # The connection is connected, failed (send() or SO_ERROR tells: ECONNREFUSED...) or,
+    # when not yet `watched` by epoll, maybe still connecting.
+    cdef int fd = c.slots[slot]
+    cdef ssize_t sent
+    if c.line_length:
+        # MSG_MORE holds the line back for the FIN that shutdown() adds: one segment, not two.
+        sent = send(fd, c.line, c.line_length,
+                    MSG_DONTWAIT | MSG_NOSIGNAL | (0 if c.hold else MSG_MORE))
+        if sent < 0:
+            if errno == EAGAIN and not watched:
+                return watch(c, slot, EPOLLOUT, CONNECTING, EPOLL_CTL_ADD)
+            return errno
+        if sent != c.line_length:
+            # The Python side allows only lines that an empty send buffer takes whole.
+            return EAGAIN
+    else:
+        sent = socket_error(fd)
+        if sent != 0:
+            return <int>sent
+    if c.hold:
+        if watched and epoll_ctl(c.epfd, EPOLL_CTL_DEL, fd, NULL) < 0:
+            return errno
+        c.held[c.done] = fd
+        release_slot(c, slot)
+        return 0
+    if shutdown(fd, SHUT_WR) < 0:
+        return errno
+    return watch(c, slot, EPOLLIN | EPOLLRDHUP, AWAITING_CLOSE,
+                 EPOLL_CTL_MOD if watched else EPOLL_CTL_ADD)
+
+
+cdef int socket_error(int fd) noexcept nogil:
+    cdef int value = 0
+    cdef socklen_t length = sizeof(value)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) < 0:
+        return errno
+    return value
+
+
+cdef int await_close(Connector* c, Py_ssize_t slot, unsigned int events) noexcept nogil:
+    cdef char discard[CLOSE_READ_BYTES]
+    cdef int fd = c.slots[slot]
+    cdef ssize_t received
+    # The server's FIN (or reset) is all there is to wait for: no recv() to see it.
+    while not events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        received = recv(fd, discard, CLOSE_READ_BYTES, MSG_DONTWAIT)
+        if received == 0 or (received < 0 and errno == ECONNRESET):
+            break
+        if received < 0 and errno == EAGAIN:
+            return 0
+        if received < 0 and errno != EINTR:
+            return errno
+    close(fd)
+    release_slot(c, slot)
+    return 0
+
+
+cdef int run_connector(Connector* c) noexcept nogil:
+    cdef epoll_event events[MAX_EVENTS]
+    cdef unsigned long long word
+    cdef Py_ssize_t slot
+    cdef double now, wait_until
+    cdef int ready, i, code
+    while True:
+        now = monotonic()
+        while c.free_count > 0 and c.started < c.wanted and now < c.deadline:
+            code = start_connection(c)
+            if code != 0:
+                return code
+        if c.free_count == c.window:
+            return 0
+        if now >= c.give_up:
+            return ETIMEDOUT
+        wait_until = c.deadline if c.started < c.wanted and now < c.deadline else c.give_up
+        ready = epoll_wait(c.epfd, events, MAX_EVENTS, milliseconds_until(wait_until, now))
+        if ready < 0 and errno != EINTR:
+            return errno
+        for i in range(max(ready, 0)):
+            word = events[i].data.u64
+            slot = <unsigned int>word
+            if c.slots[slot] < 0:
+                continue
+            if word >> 32 == CONNECTING:
+                code = send_line(c, slot, True)
+            else:
+                code = await_close(c, slot, events[i].events)
+            if code != 0:
+                return code
+
+
+cdef object connect_all(object address, object line, object count, object max_seconds,
+                        object window, object sources, object drain_seconds, bint hold):
+    """(connections done, seconds, held descriptors) of one run of the connector."""
+    cdef bytes data = bytes(memoryview(line))
+    cdef Connector c
+    cdef double seconds, drain, started = 0.0
+    cdef sockaddr_in* source
+    cdef Py_ssize_t i
+    cdef int code = 0
+    cdef list result
+    c.wanted = checked_count(count, "count")
+    seconds = checked_seconds(max_seconds, "max_seconds")
+    drain = checked_seconds(drain_seconds, "drain_seconds")
+    c.window = operator.index(window)
+    if not 1 <= c.window <= 2**31 - 1:
+        raise ValueError(f"window must be at least 1, not {window}")
+    if len(data) > CLOSE_READ_BYTES:
+        raise ValueError(f"line must be at most {CLOSE_READ_BYTES} bytes, not {len(data)}")
+    source_hosts = [socket.inet_aton(host) for host in sources]
+    c.destination_length = fill_destination(AF_INET, address, &c.destination)
+    c.line = data
+    c.line_length = len(data)
+    c.hold = hold
+    c.started = c.done = 0
+    c.source_count = len(source_hosts)
+    c.last_done = 0.0
+    c.epfd = -1
+    c.slots = <int*>PyMem_RawMalloc(c.window * sizeof(int))
+    c.free_slots = <int*>PyMem_RawMalloc(c.window * sizeof(int))
+    c.sources = <sockaddr_in*>PyMem_RawCalloc(max(c.source_count, 1), sizeof(sockaddr_in))
+    c.held = <int*>PyMem_RawMalloc(max(c.wanted, 1) * sizeof(int)) if hold else NULL
+    try:
+        if (c.slots == NULL or c.free_slots == NULL or c.sources == NULL
+                or (hold and c.held == NULL)):
+            raise MemoryError()
+        for i in range(c.window):
+            c.slots[i] = -1
+            c.free_slots[i] = c.window - 1 - i
+        c.free_count = c.window
+        for i in range(c.source_count):
+            source = &c.sources[i]
+            source.sin_family = AF_INET
+            memcpy(&source.sin_addr, <const char*>source_hosts[i], 4)
+        c.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if c.epfd < 0:
+            raise_errno(errno)
+        with nogil:
+            started = monotonic()
+            c.deadline = started + seconds
+            c.give_up = c.deadline + drain
+            code = run_connector(&c)
+        if code != 0:
+            raise_errno(code)
+        result = [c.held[i] for i in range(c.done)] if hold else None
+        return c.done, (c.last_done - started if c.done else 0.0), result
+    except BaseException:
+        if c.held != NULL:
+            close_descriptors(c.held, c.done)
+        raise
+    finally:
+        if c.slots != NULL:
+            close_descriptors(c.slots, c.window)
+        if c.epfd >= 0:
+            close(c.epfd)
+        PyMem_RawFree(c.held)
+        PyMem_RawFree(c.sources)
+        PyMem_RawFree(c.free_slots)
+        PyMem_RawFree(c.slots)
+
+
+def open_connections(address, line, count, max_seconds, window=64, sources=()):
+    _, seconds, held = connect_all(address, line, count, max_seconds, window, sources,
+                                   max_seconds, True)
+    return held, seconds
+
+
+def churn(address, line, count, max_seconds, window=64, sources=(), drain_seconds=10.0):
+    done, seconds, _ = connect_all(address, line, count, max_seconds, window, sources,
+                                   drain_seconds, False)
+    return done, seconds

@@ -31,9 +31,11 @@ FRAME_BYTES = 128
 BULK_BLOCK_BYTES = 64 * 1024
 MESSAGES_PER_BLOCK = 256
 """Messages in each block the stream generator writes (it sends whole blocks only)."""
-BACKLOG = 1024
-"""Listen backlog of every stream server, so that churn and idle connections measure the
-receive path and not SYN retries on the stdlib's backlog of 5."""
+BACKLOG = 4096
+"""Listen backlog of every stream server, so that churn and held connections measure the
+receive path and not SYN retries on the stdlib's backlog of 5: the most that Linux's
+default net.core.somaxconn allows (4096 since 5.4), since a generator opening 20 k
+connections/s filled 1024 whenever the server was preempted for 50 ms."""
 DATAGRAM_CAP = 50_000_000
 """Most datagrams one run may send; in practice the run's --seconds ends it first."""
 STREAM_STALL_SECONDS = 5.0
@@ -50,6 +52,9 @@ RUN_OVERHEAD_SECONDS = 0.1
 ROW_OVERHEAD_SECONDS = 0.1
 """Measured on a 2-core machine: a generator process's start and a run's end, per run; a
 server process's start and end, per row (the estimate printed before the runs)."""
+GENERATOR_BUSY = 0.9
+"""A generator using this much of its CPU or more while sending is said, in the table, to
+have set the pace: the row then shows the generator's ceiling, not the server's."""
 CHILD_EXIT_SECONDS = 2.0
 """How long a child that has reported may take to exit by itself before it is killed."""
 WARMUP_SECONDS = 0.3
@@ -62,6 +67,22 @@ DEFAULT_WARMUPS = 1
 DEFAULT_BYTES = 2 * 1024**3
 DEFAULT_CHURN_CONNECTIONS = 20_000
 DEFAULT_IDLE_CONNECTIONS = 1000
+DEFAULT_SILENT_CONNECTIONS = 10_000
+QUIET_SECONDS = 1.0
+"""How long a silent-live row's server is watched, its connections all held and silent, for
+the CPU it uses meanwhile (the issue's bound: under 1% of a core)."""
+SOURCE_ADDRESSES = tuple(f"127.0.0.{number}" for number in range(1, 9))
+"""Loopback addresses the generator connects from, in turn.  The kernel picks a connection's
+port among 28,232 (Linux's default ip_local_port_range) per source and destination address:
+too few for 50,000 held connections, and churn's closed connections sit in TIME_WAIT, where
+even with tcp_tw_reuse a port waits a second before it can serve again."""
+HELD_TIMEOUT_SECONDS = 0.003
+"""Seconds a run's --timeout grows by per held connection: a thread-per-connection server
+(stdlib-readline-queue) took 15 s for a silent-live run at 10,000 connections on a 2-core
+VM, over the default 33 s when the machine was busy."""
+DESCRIPTOR_MARGIN = 256
+"""Descriptors a process needs beyond the connections it holds: the listening socket, the
+interpreter's files, epoll and event descriptors, pipes."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +91,12 @@ class Workload:
     transport: str
     """"tcp", "unix" (stream), "udp" or "unixgram" (datagram)."""
     pattern: str
-    """"bulk", "lines", "frames", "datagrams", "churn" or "idle"."""
+    """"bulk", "lines", "frames", "datagrams", "churn", "idle" or "silent"."""
     unit_bytes: int
     """Bytes on the wire per counted unit: a message, or one byte for bulk."""
     connections: int
-    """Stream connections at once; churn and idle take theirs from the options."""
+    """Stream connections at once; churn, idle and silent take theirs from the options (a
+    silent row's rate is that of its one live connection)."""
     summary: str
 
     @property
@@ -121,6 +143,14 @@ WORKLOADS = {
         Workload(
             "idle", "tcp", "idle", LINE_BYTES, 0, "idle TCP connections held at once, then a line"
         ),
+        Workload(
+            "silent-live",
+            "tcp",
+            "silent",
+            LINE_BYTES,
+            1,
+            "silent TCP connections (one line each) held, then one live one streaming lines",
+        ),
     ]
 }
 
@@ -137,8 +167,10 @@ class Server:
         return workload.pattern in self.patterns and workload.transport in self.transports
 
 
-_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle"})
-_LINE_PATTERNS = frozenset({"lines", "churn", "idle"})
+_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle", "silent"})
+_LINE_PATTERNS = frozenset({"lines", "churn", "idle", "silent"})
+_HELD_PATTERNS = frozenset({"idle", "silent"})
+"""Workloads whose rows measure what held connections cost: a fresh server per run."""
 
 SERVERS = {
     server.name: server
@@ -169,6 +201,13 @@ SERVERS = {
             "fastsock-compiled-batch", "fastsock.receiver(ring), consumer ring.get_batch()", _ALL
         ),
         Server(
+            "fastsock-compiled-2",
+            "fastsock-compiled with engine_threads=2: two engine threads on the listening "
+            "socket (not in the default run; give it 2 CPUs: --share-cpus)",
+            _ALL - {"datagrams"},
+            frozenset({"tcp", "unix"}),
+        ),
+        Server(
             "fastsock-prefork",
             "PreforkServer, 2 worker processes into one ring, consumer get_batch()",
             _ALL,
@@ -192,7 +231,7 @@ SERVERS = {
         Server(
             "c-sink",
             "fastsock._loadgen.sink_stream / sink_datagrams: C loop that only counts (ceiling)",
-            _ALL - {"idle"},
+            _ALL - _HELD_PATTERNS,
         ),
     ]
 }
@@ -202,12 +241,16 @@ CEILING = "c-sink"
 
 
 PREFORK_SERVERS = ("fastsock-prefork", "fastsock-prefork-1")
+FULL_RUN_SERVERS = ("fastsock-compiled-2",)
+"""Servers only --full or --servers runs: the default run stays about a minute."""
+UVLOOP = "uvloop-protocol"
+"""The row a silent-live row's time to accept its connections is compared with."""
 
 
 def default_servers(server_cpus):
-    """Every server, except the prefork ones when the server process has a single CPU: their
-    workers could only share that CPU, which the --full run shows."""
-    names = list(SERVERS)
+    """Every server, except FULL_RUN_SERVERS, and the prefork ones when the server process
+    has a single CPU: their workers could only share that CPU, which the --full run shows."""
+    names = [name for name in SERVERS if name not in FULL_RUN_SERVERS]
     if server_cpus is not None and len(server_cpus) < 2:
         names = [name for name in names if name not in PREFORK_SERVERS]
     return names
@@ -250,9 +293,22 @@ def pin(cpus):
         os.sched_setaffinity(0, set(cpus))
 
 
-def raise_open_file_limit():
-    """Idle and churn runs hold many descriptors: take the hard limit as the soft one."""
+def raise_open_file_limit(connections=0):
+    """Idle, silent and churn runs hold many descriptors: take the hard limit as the soft
+    one, first raising the hard limit (root may, up to fs.nr_open) if ``connections`` need
+    more.  RuntimeError if they cannot have them: a row must not quietly hold fewer."""
+    needed = connections + DESCRIPTOR_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(
+                f"{connections:,} connections need {needed:,} file descriptors, and the "
+                f"hard limit {hard:,} cannot be raised ({exc}): run as root or raise it "
+                "(ulimit -Hn)"
+            ) from None
+        return
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -337,6 +393,7 @@ class Settings:
     bytes: int = DEFAULT_BYTES
     churn_connections: int = DEFAULT_CHURN_CONNECTIONS
     idle_connections: int = DEFAULT_IDLE_CONNECTIONS
+    silent_connections: int = DEFAULT_SILENT_CONNECTIONS
     server_cpus: list = None
     client_cpus: list = None
     timeout: float = None
@@ -350,8 +407,19 @@ class Settings:
         return min(self.seconds, WARMUP_SECONDS)
 
     def warmups_for(self, workload):
-        """Idle rows measure fresh servers (a server process per run): nothing to warm."""
-        return 0 if workload.pattern == "idle" else self.warmups
+        """Idle and silent rows measure fresh servers (a server process per run): nothing
+        to warm."""
+        return 0 if workload.pattern in _HELD_PATTERNS else self.warmups
+
+    def run_timeout(self, workload):
+        """--timeout, and HELD_TIMEOUT_SECONDS more per connection a run holds."""
+        return self.timeout + self.held_connections(workload) * HELD_TIMEOUT_SECONDS
+
+    def held_connections(self, workload):
+        """The silent connections a run of ``workload`` holds at once."""
+        return {"idle": self.idle_connections, "silent": self.silent_connections}.get(
+            workload.pattern, 0
+        )
 
 
 def placement(server_cpus, client_cpus, share=False):
@@ -401,12 +469,13 @@ class ServerProcess:
                 "runs": runs,
                 "cpus": settings.server_cpus,
                 "seconds": settings.seconds,
-                "timeout": settings.timeout,
+                "timeout": settings.run_timeout(workload),
                 "churn_connections": settings.churn_connections,
+                "held_connections": settings.held_connections(workload),
             },
         )
         try:
-            self.started = self.child.receive(time.monotonic() + settings.timeout)
+            self.started = self.child.receive(time.monotonic() + settings.run_timeout(workload))
         except BaseException:
             self.child.close()
             raise
@@ -418,7 +487,7 @@ class ServerProcess:
 def run_once(workload, server_process, settings, seconds):
     """One run sending for ``seconds``: a fresh load generator against the row's server
     process; a run record."""
-    deadline = time.monotonic() + settings.timeout
+    deadline = time.monotonic() + settings.run_timeout(workload)
     receiver = server_process.child
     receiver.send({"begin": True})
     receiver.receive(deadline)
@@ -432,33 +501,56 @@ def run_once(workload, server_process, settings, seconds):
             "seconds": seconds,
             "total_bytes": settings.bytes,
             "churn_connections": settings.churn_connections,
-            "idle_connections": settings.idle_connections,
+            "held_connections": settings.held_connections(workload),
+            "timeout": settings.run_timeout(workload),
         },
     )
     try:
-        held = None
-        if workload.pattern == "idle":
-            opened = generator.receive(deadline)["opened"]
-            receiver.send({"hold": opened})
+        held = alone_rate = None
+        if workload.pattern == "silent":
+            # The live connection alone first: the rate its silent peers are not to slow,
+            # measured on the same fresh server, warmed up as the live run finds it.
+            alone = generator.receive(deadline)
+            receiver.send({"expected": alone["sent_units"], "before_hold": True})
+            alone_rate = run_rate(alone, receiver.receive(deadline))
+            generator.send({"continue": True})
+        if workload.pattern in _HELD_PATTERNS:
+            opened = generator.receive(deadline)
+            quiet = QUIET_SECONDS if workload.pattern == "silent" else None
+            receiver.send({"hold": opened["opened"], "quiet_seconds": quiet})
             held = receiver.receive(deadline)
+            held["accept_seconds"] = held.pop("held_at") - opened["start"]
+            held["open_seconds"] = opened["seconds"]
+            held["alone_messages_per_second"] = alone_rate
             generator.send({"release": True})
         sending = generator.receive(deadline)
         receiver.send({"expected": sending["sent_units"]})
         counted = receiver.receive(deadline)
     finally:
         generator.close()
-    return run_record(workload, server_process.started, held, sending, counted)
+    return run_record(workload, held, sending, counted)
 
 
-def run_record(workload, started, held, sending, counted):
-    received = counted["received"]
+def run_seconds(sending, counted):
+    """A run's time: the C sinks' own, or from the generator's start to the last unit taken;
+    None if nothing was taken."""
     if counted["active_seconds"] is not None:
-        seconds = counted["active_seconds"]
-    elif counted["end"] is not None:
-        seconds = counted["end"] - sending["start"]
-    else:
-        seconds = None
-    rate = received / seconds if received and seconds and seconds > 0 else 0.0
+        return counted["active_seconds"]
+    if counted["end"] is not None:
+        return counted["end"] - sending["start"]
+    return None
+
+
+def run_rate(sending, counted):
+    received = counted["received"]
+    seconds = run_seconds(sending, counted)
+    return received / seconds if received and seconds and seconds > 0 else 0.0
+
+
+def run_record(workload, held, sending, counted):
+    received = counted["received"]
+    seconds = run_seconds(sending, counted)
+    rate = run_rate(sending, counted)
     generator_rate = sending["sent_units"] / sending["seconds"] if sending["seconds"] > 0 else None
     record = {
         "sent": sending["sent_units"],
@@ -476,18 +568,30 @@ def run_record(workload, started, held, sending, counted):
         "generator_bytes_per_second": (
             None if generator_rate is None else generator_rate * workload.unit_bytes
         ),
+        # Held rows' generators also opened the connections meanwhile: no fraction.
+        "generator_cpu_fraction": (
+            sending["cpu_seconds"] / sending["seconds"]
+            if sending["seconds"] > 0 and workload.pattern not in _HELD_PATTERNS
+            else None
+        ),
         "kernel_drops": counted["kernel_drops"],
         "fastsock_drops": counted["fastsock_drops"],
         "idle": None,
     }
     if held is not None:
         connections = held["held"]
-        growth = held["rss_kib"] - started["rss_kib"]
+        growth = held["rss_kib"] - held["rss_before_kib"]
         record["idle"] = {
             "connections": connections,
-            "rss_before_kib": started["rss_kib"],
+            "rss_before_kib": held["rss_before_kib"],
             "rss_held_kib": held["rss_kib"],
             "kib_per_connection": growth / connections if connections else None,
+            "accept_seconds": held["accept_seconds"],
+            "open_seconds": held["open_seconds"],
+            "listen_overflows": held["listen_overflows"],
+            "threads": held["threads"],
+            "quiet_cpu_fraction": held["quiet_cpu_fraction"],
+            "alone_messages_per_second": held["alone_messages_per_second"],
         }
     return record
 
@@ -522,6 +626,7 @@ def summarize(workload, runs):
             else generator_median / workload.unit_bytes
         ),
         "generator_bytes_per_second": generator_median,
+        "generator_cpu_fraction": _median(run["generator_cpu_fraction"] for run in runs),
         "kernel_drops": _total(run["kernel_drops"] for run in runs),
         "fastsock_drops": _total_counts(run["fastsock_drops"] for run in runs),
         "idle": None,
@@ -530,13 +635,29 @@ def summarize(workload, runs):
     }
     idle = [run["idle"] for run in runs if run["idle"] is not None]
     if idle:
-        per_connection = [run["kib_per_connection"] for run in idle]
-        per_connection = [value for value in per_connection if value is not None]
         summary["idle"] = {
             "connections": min(run["connections"] for run in idle),
-            "kib_per_connection": statistics.median(per_connection) if per_connection else None,
+            "kib_per_connection": _median(run["kib_per_connection"] for run in idle),
+            "accept_seconds": _median(run["accept_seconds"] for run in idle),
+            "listen_overflows": sum(run["listen_overflows"] for run in idle),
+            "threads": max(run["threads"] for run in idle),
+            "quiet_cpu_fraction": _median(run["quiet_cpu_fraction"] for run in idle),
+            "alone_messages_per_second": _median(run["alone_messages_per_second"] for run in idle),
+            "live_ratio_to_alone": None,
+            "accept_ratio_to_uvloop": None,
         }
+        alone = summary["idle"]["alone_messages_per_second"]
+        if alone and summary["messages_per_second"]:
+            summary["idle"]["live_ratio_to_alone"] = (
+                summary["messages_per_second"]["median"] / alone
+            )
     return summary
+
+
+def _median(values):
+    """The median of the values that are not None, or None."""
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
 
 
 def _total(values):
@@ -560,7 +681,8 @@ def median_unit_rate(row):
 
 
 def add_ratios(rows):
-    """Each row's median rate over its workload's stdlib baseline and over its C sink."""
+    """Each row's median rate over its workload's stdlib baseline and over its C sink; a
+    silent-live row's time to accept over uvloop's."""
     by_key = {(row["workload"], row["server"]): row for row in rows}
     for row in rows:
         rate = median_unit_rate(row)
@@ -574,6 +696,14 @@ def add_ratios(rows):
             reference_rate = median_unit_rate(reference_row) if reference_row else None
             if reference_rate:
                 row["summary"][field] = rate / reference_rate
+        if WORKLOADS[row["workload"]].pattern == "silent":
+            held = row["summary"]["idle"]
+            uvloop = by_key.get((row["workload"], UVLOOP))
+            uvloop_held = uvloop["summary"]["idle"] if uvloop and uvloop["summary"] else None
+            if uvloop_held and uvloop_held["accept_seconds"] and held["accept_seconds"]:
+                held["accept_ratio_to_uvloop"] = (
+                    held["accept_seconds"] / uvloop_held["accept_seconds"]
+                )
 
 
 class Progress:
@@ -610,13 +740,16 @@ def planned_rows(settings):
 def estimated_seconds(settings):
     """A rough duration: each run sends for --seconds, plus the generator's start and the
     server's draining (a datagram run whose losses cannot all be accounted for waits
-    DATAGRAM_SETTLE_SECONDS more)."""
+    DATAGRAM_SETTLE_SECONDS more), plus a silent-live run's second live stream and quiet
+    second; opening the held connections is left out."""
     seconds = 0.0
     for workload, _ in planned_rows(settings):
         warmups = settings.warmups_for(workload)
         seconds += ROW_OVERHEAD_SECONDS
         seconds += warmups * (settings.warmup_seconds + RUN_OVERHEAD_SECONDS)
         seconds += settings.runs * (settings.seconds + RUN_OVERHEAD_SECONDS)
+        if workload.pattern == "silent":
+            seconds += settings.runs * (QUIET_SECONDS + settings.seconds)
     return seconds
 
 
@@ -643,9 +776,10 @@ class Row:
         }
         self.warmups = settings.warmups_for(workload)
         self.total = self.warmups + settings.runs
-        # An idle row measures what connections cost a fresh server: a server process per
-        # run.  Every other row keeps one server process, which the warm-ups really warm up.
-        self.fresh_each_run = workload.pattern == "idle"
+        # An idle or silent row measures what connections cost a fresh server: a server
+        # process per run.  Every other row keeps one server process, which the warm-ups
+        # really warm up.
+        self.fresh_each_run = workload.pattern in _HELD_PATTERNS
         self.server_process = None
         self.taken = 0
 

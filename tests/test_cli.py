@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -92,7 +93,7 @@ def test_bad_arguments_are_a_one_line_error(capsys, arguments, says):
 COMMAND_TIMEOUT = 6 * NETWORK_TIMEOUT
 
 
-def run_fastsock(tmp_path, *arguments):
+def run_fastsock(tmp_path, *arguments, timeout=COMMAND_TIMEOUT):
     command, environment = fastsock_command(*arguments)
     return subprocess.run(
         command,
@@ -100,7 +101,7 @@ def run_fastsock(tmp_path, *arguments):
         env=environment,
         capture_output=True,
         text=True,
-        timeout=COMMAND_TIMEOUT,
+        timeout=timeout,
     )
 
 
@@ -180,6 +181,7 @@ RUN = {
     "cpu_seconds": NUMBER,
     "generator_messages_per_second": Nullable(NUMBER),
     "generator_bytes_per_second": Nullable(NUMBER),
+    "generator_cpu_fraction": Nullable(NUMBER),
     "kernel_drops": Nullable(int),
     "fastsock_drops": Nullable(DROPS),
     "idle": Nullable(
@@ -188,6 +190,12 @@ RUN = {
             "rss_before_kib": int,
             "rss_held_kib": int,
             "kib_per_connection": Nullable(NUMBER),
+            "accept_seconds": NUMBER,
+            "open_seconds": NUMBER,
+            "listen_overflows": int,
+            "threads": int,
+            "quiet_cpu_fraction": Nullable(NUMBER),
+            "alone_messages_per_second": Nullable(NUMBER),
         }
     ),
 }
@@ -202,9 +210,22 @@ SUMMARY = {
     "cpu_seconds": NUMBER,
     "generator_messages_per_second": Nullable(NUMBER),
     "generator_bytes_per_second": Nullable(NUMBER),
+    "generator_cpu_fraction": Nullable(NUMBER),
     "kernel_drops": Nullable(int),
     "fastsock_drops": Nullable(DROPS),
-    "idle": Nullable({"connections": int, "kib_per_connection": Nullable(NUMBER)}),
+    "idle": Nullable(
+        {
+            "connections": int,
+            "kib_per_connection": Nullable(NUMBER),
+            "accept_seconds": Nullable(NUMBER),
+            "listen_overflows": int,
+            "threads": int,
+            "quiet_cpu_fraction": Nullable(NUMBER),
+            "alone_messages_per_second": Nullable(NUMBER),
+            "live_ratio_to_alone": Nullable(NUMBER),
+            "accept_ratio_to_uvloop": Nullable(NUMBER),
+        }
+    ),
     "ratio_to_baseline": Nullable(NUMBER),
     "ratio_to_ceiling": Nullable(NUMBER),
 }
@@ -240,6 +261,7 @@ DOCUMENT = {
         "bytes": int,
         "churn_connections": int,
         "idle_connections": int,
+        "silent_connections": int,
         "server_cpus": Nullable(ListOf(int)),
         "client_cpus": Nullable(ListOf(int)),
         "placement": str,
@@ -262,7 +284,7 @@ DOCUMENT = {
 }
 
 
-def run_short_bench(tmp_path, workloads, servers, *options):
+def run_short_bench(tmp_path, workloads, servers, *options, timeout=COMMAND_TIMEOUT):
     """A 0.2-second, one-run ``fastsock bench``: the finished process and its JSON document,
     checked against the schema."""
     finished = run_fastsock(
@@ -279,6 +301,7 @@ def run_short_bench(tmp_path, workloads, servers, *options):
         *options,
         "--json",
         "out.json",
+        timeout=timeout,
     )
     assert finished.returncode == 0, finished.stderr
     document = json.loads((tmp_path / "out.json").read_text())
@@ -388,6 +411,99 @@ def test_forking_and_prefork_rows_count_every_line(tmp_path):
         assert row["summary"]["lost"] == 0 and row["runs"][0]["complete"]
         # Request processes and workers are counted with the process that serves the row.
         assert row["summary"]["cpu_seconds"] > 0
+
+
+HELD_BENCH_SECONDS = 60
+"""A held-connections bench runs a fresh server per row and watches each for a silent
+second: longer than the other short benches, however fast the machine."""
+
+
+def test_silent_live_rows_report_what_holding_costs_and_the_live_rate(tmp_path):
+    # Small counts: that every field is there and sane, not how fast (a busy machine).
+    servers = "fastsock-compiled,fastsock-compiled-2,uvloop-protocol,c-sink"
+    held = 300
+    finished, document = run_short_bench(
+        tmp_path,
+        "silent-live",
+        servers,
+        *("--idle-connections", str(held), "--share-cpus"),
+        timeout=HELD_BENCH_SECONDS,
+    )
+    assert "held in" in finished.stdout
+    assert document["settings"]["silent_connections"] == held
+    rows = {row["server"]: row for row in document["rows"]}
+    assert set(rows) == set(servers.split(",")) - {"c-sink"}
+    uvloop = rows["uvloop-protocol"]["status"] == "ok"
+    for server, row in rows.items():
+        if server == "uvloop-protocol" and not uvloop:
+            continue
+        assert row["status"] == "ok", row["error"]
+        assert len(row["warmup_runs"]) == 0
+        summary = row["summary"]
+        # Only the live connection's lines count: the silent ones were taken before.
+        assert summary["lost"] == 0 and summary["received"] == summary["sent"] > 0
+        idle = summary["idle"]
+        assert idle["connections"] == held and 0 < idle["accept_seconds"] < HELD_BENCH_SECONDS
+        assert idle["kib_per_connection"] is not None
+        assert 0 <= idle["quiet_cpu_fraction"] < 2
+        assert idle["alone_messages_per_second"] > 0 and idle["live_ratio_to_alone"] > 0
+        if server.startswith("fastsock"):
+            engines = 2 if server.endswith("-2") else 1
+            # The engines, the serving and consumer threads and the main thread at most.
+            assert 1 <= idle["threads"] <= engines + 3
+        if uvloop:
+            assert idle["accept_ratio_to_uvloop"] > 0
+    if uvloop:
+        assert rows["uvloop-protocol"]["summary"]["idle"]["accept_ratio_to_uvloop"] == 1.0
+
+
+def test_churn_and_idle_rows_count_every_connection(tmp_path):
+    held, churned = 200, 2000
+    _, document = run_short_bench(
+        tmp_path,
+        "idle,churn",
+        "fastsock-compiled-2,c-sink",
+        *("--idle-connections", str(held), "--churn-connections", str(churned)),
+        timeout=HELD_BENCH_SECONDS,
+    )
+    rows = {(row["workload"], row["server"]): row for row in document["rows"]}
+    assert set(rows) == {
+        ("idle", "fastsock-compiled-2"),
+        ("churn", "fastsock-compiled-2"),
+        ("churn", "c-sink"),
+    }
+    for row in rows.values():
+        assert row["status"] == "ok", row["error"]
+        assert row["summary"]["lost"] == 0
+    idle = rows["idle", "fastsock-compiled-2"]["summary"]
+    assert idle["received"] == held and idle["idle"]["connections"] == held
+    assert idle["idle"]["threads"] >= 1
+    assert idle["idle"]["quiet_cpu_fraction"] is idle["idle"]["alone_messages_per_second"] is None
+    for server in ("fastsock-compiled-2", "c-sink"):
+        churn = rows["churn", server]["summary"]
+        # Each connection sent one line, which the server took.
+        assert 0 < churn["received"] == churn["sent"] <= churned
+        assert churn["idle"] is None and 0 < churn["generator_cpu_fraction"] < 2
+    assert idle["generator_cpu_fraction"] is None
+
+
+def test_the_default_run_leaves_out_the_full_run_servers():
+    assert "fastsock-compiled-2" not in benchmark.default_servers(None)
+    assert "fastsock-compiled-2" not in benchmark.default_servers([0])
+    assert "fastsock-compiled" in benchmark.default_servers([0])
+
+
+def test_a_descriptor_limit_that_cannot_be_raised_fails_loudly(monkeypatch):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on descriptors to exceed")
+
+    def refuse(which, limits):
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    with pytest.raises(RuntimeError, match="cannot be raised"):
+        benchmark.raise_open_file_limit(hard + 1)
 
 
 # -- fastsock serve --------------------------------------------------------------------------

@@ -368,6 +368,99 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
             _loadgen.send_datagrams(inet.fileno(), b"x" * 1400, 1, 1.0, segments=47)
 
 
+# -- open_connections, churn ----------------------------------------------------------------
+
+SOURCES = ("127.0.0.2", "127.0.0.3")
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_churn_completes_every_connection_and_the_sink_counts_each_line(sock_dir, in_background):
+    count = 300
+    before = open_descriptors()
+    with listener(socket.AF_INET, sock_dir) as server:
+        server.listen(64)
+        received = in_background(_loadgen.sink_stream, server.fileno(), count, ord("\n"), GENEROUS)
+        made, seconds = _loadgen.churn(
+            server.getsockname(), LINE, count, GENEROUS, window=8, sources=SOURCES
+        )
+        received_bytes, lines, _ = received.result(timeout=GENEROUS)
+    assert made == count and 0 < seconds < GENEROUS
+    assert (received_bytes, lines) == (count * len(LINE), count)
+    assert open_descriptors() == before
+
+
+def test_churn_gives_up_on_a_server_that_never_closes(sock_dir):
+    with listener(socket.AF_INET, sock_dir) as server:
+        before = open_descriptors()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _loadgen.churn(server.getsockname(), LINE, 4, 0.1, window=4, drain_seconds=0.2)
+        assert time.monotonic() - started < GENEROUS
+        assert open_descriptors() == before
+
+
+def test_churn_to_a_closed_port_raises_and_leaks_nothing(sock_dir):
+    with listener(socket.AF_INET, sock_dir) as server:
+        address = server.getsockname()
+    before = open_descriptors()
+    with pytest.raises(ConnectionRefusedError):
+        _loadgen.churn(address, LINE, 10, GENEROUS)
+    with pytest.raises(ConnectionRefusedError):
+        _loadgen.open_connections(address, b"", 10, GENEROUS)
+    assert open_descriptors() == before
+
+
+@pytest.mark.parametrize("line", [LINE, b""], ids=["one-line", "nothing"])
+def test_open_connections_holds_them_from_every_source(sock_dir, line):
+    count = 40
+    with listener(socket.AF_INET, sock_dir) as server:
+        server.listen(count)
+        descriptors, seconds = _loadgen.open_connections(
+            server.getsockname(), line, count, GENEROUS, window=8, sources=SOURCES
+        )
+        try:
+            assert len(set(descriptors)) == count and 0 <= seconds < GENEROUS
+            peers = []
+            for _ in range(count):
+                accepted, peer = server.accept()
+                with accepted:
+                    accepted.settimeout(GENEROUS)
+                    if line:
+                        assert accepted.recv(len(line), socket.MSG_WAITALL) == line
+                    peers.append(peer[0])
+            assert sorted(set(peers)) == list(SOURCES)
+            assert peers.count(SOURCES[0]) == count // 2
+            assert all(not os.get_blocking(fd) for fd in descriptors)
+        finally:
+            for fd in descriptors:
+                os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda address: _loadgen.churn(address, LINE, 1, 1.0, window=0), "window"),
+        (lambda address: _loadgen.churn(address, b"x" * 257, 1, 1.0), "at most 256"),
+        (lambda address: _loadgen.churn(address, LINE, -1, 1.0), "count must be >= 0"),
+        (lambda address: _loadgen.churn(address, LINE, 1, 0), "max_seconds"),
+        (lambda address: _loadgen.churn(address, LINE, 1, 1.0, drain_seconds=0), "drain"),
+        (lambda address: _loadgen.open_connections(address, LINE, 1, math.nan), "max_seconds"),
+        (lambda address: _loadgen.open_connections(address[0], LINE, 1, 1.0), "host, port"),
+    ],
+)
+def test_connectors_reject_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call((LOCALHOST, 9))
+
+
+def test_connectors_with_nothing_to_do_return_at_once():
+    assert _loadgen.churn((LOCALHOST, 9), LINE, 0, 1.0) == (0, 0.0)
+    assert _loadgen.open_connections((LOCALHOST, 9), LINE, 0, 1.0) == ([], 0.0)
+
+
 def closed_descriptor():
     with socket.socket() as doomed:
         return doomed.fileno()
