@@ -7,7 +7,7 @@ handler, ``serve_forever()``, ``shutdown()``, ``server_close()``, Ctrl-C, ``stat
 sockets in a temporary directory; every wait is bounded, and nothing is timed for speed:
 the few time bounds tell a server that reacts from one that waits for something else (a
 drain deadline, a poll), far above what either implementation needs on a loaded machine.
-The connection churn soak through ThreadingTCPServer is test_faults.py's.
+The connection churn soak through ThreadingTCPServer is test_faults_connections.py's.
 """
 
 import dataclasses
