@@ -3,7 +3,6 @@
 import contextlib
 import os
 import queue
-import resource
 import signal
 import socket
 import struct
@@ -52,7 +51,7 @@ def _receiver(impl, sock, ring=None, **options):
 def _running(receiver, wake=None):
     """Run receiver.run() in a thread for the block; then stop it (calling `wake`, if
     given, to make a receiver with a long check interval look at the request) and join it.
-    Yields a dict that gets the end name under "end"."""
+    Yields a dict that holds the thread under "thread" and gets the end name under "end"."""
     outcome = {}
 
     def run():
@@ -63,6 +62,7 @@ def _running(receiver, wake=None):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    outcome["thread"] = thread
     try:
         yield outcome
     finally:
@@ -426,32 +426,38 @@ def test_bad_arguments_are_refused(impl, options):
         _receiver(impl, server, ring=ring_class(max_bytes=1000), **options)
 
 
-def _cpu_seconds_while_idle(receiver, client, datagrams, seconds):
-    """CPU time this process spends while ``receiver`` takes a burst of ``datagrams``,
-    queued before it starts so that it takes them in one batch, and the socket then stays
-    silent for ``seconds``."""
+def _runnable_share_while_idle(receiver, client, datagrams, seconds):
+    """The share of samples, every 5 ms for ``seconds``, in which the thread running
+    ``receiver`` is runnable (state R in /proc), after a burst of ``datagrams`` queued before
+    it starts so that it takes them in one batch; the socket then stays silent.  A polling
+    loop stays runnable however busy the machine is; CPU time would measure the machine."""
     _burst(client, 0, datagrams)
-    start = resource.getrusage(resource.RUSAGE_SELF)
-    with _running(receiver):
-        time.sleep(seconds)
-        end = resource.getrusage(resource.RUSAGE_SELF)
-    return (end.ru_utime + end.ru_stime) - (start.ru_utime + start.ru_stime)
+    samples = []
+    with _running(receiver) as outcome:
+        stat_path = f"/proc/self/task/{outcome['thread'].native_id}/stat"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with open(stat_path) as stat:
+                # The state follows the parenthesised command name, which may hold spaces.
+                samples.append(stat.read().rpartition(")")[2].split()[0] == "R")
+            time.sleep(0.005)
+    return sum(samples) / len(samples)
 
 
 def test_a_busy_batch_keeps_the_loop_polling_a_light_one_lets_it_sleep():
-    # Whether the loop sleeps shows in this process's CPU time: a loop polling for half a
-    # second burns at least a good part of it; a sleeping one next to nothing.
     impl = IMPLEMENTATIONS["compiled"]
     server, client = _udp_pair()
     with server, client:
-        receiver, ring, counters = _receiver(impl, server, busy_poll=0.5, check_interval=1.0)
-        busy = _cpu_seconds_while_idle(receiver, client, 64, 0.5)
-        light = _cpu_seconds_while_idle(receiver, client, 1, 0.5)
-        receiver, ring, counters = _receiver(impl, server, busy_poll=0, check_interval=1.0)
-        off = _cpu_seconds_while_idle(receiver, client, 64, 0.5)
-    assert busy > 0.1, busy
-    assert light < 0.05, light
-    assert off < 0.05, off
+        # A receiver per measurement: a stopped one returns at once when run again.
+        polling, _, _ = _receiver(impl, server, busy_poll=0.5, check_interval=1.0)
+        busy = _runnable_share_while_idle(polling, client, 64, 0.4)
+        polling, _, _ = _receiver(impl, server, busy_poll=0.5, check_interval=1.0)
+        light = _runnable_share_while_idle(polling, client, 1, 0.4)
+        sleeping, _, _ = _receiver(impl, server, busy_poll=0, check_interval=1.0)
+        off = _runnable_share_while_idle(sleeping, client, 64, 0.4)
+    assert busy > 0.8, busy
+    assert light < 0.2, light
+    assert off < 0.2, off
 
 
 def test_only_blocking_datagram_sockets_are_accepted(impl):
