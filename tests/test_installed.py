@@ -15,7 +15,10 @@ import pytest
 
 REPO_PACKAGE = Path(__file__).resolve().parents[1] / "fastsock"
 SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".pyi"}
-CYTHON_MODULES = sorted(path.stem for path in REPO_PACKAGE.glob("*.pyx"))
+CYTHON_MODULES = sorted(
+    ".".join(path.relative_to(REPO_PACKAGE).with_suffix("").parts)
+    for path in REPO_PACKAGE.rglob("*.pyx")
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("FASTSOCK_ALLOW_SOURCE_TREE") == "1",
@@ -71,5 +74,5 @@ def test_cython_module_is_installed_compiled(installed_package, module_name):
         f"fastsock.{module_name} was not imported as a compiled extension: {module.__file__}"
     )
     module_file = Path(module.__file__).resolve()
-    assert module_file.parent == installed_package
+    assert module_file.parent == installed_package.joinpath(*module_name.split(".")[:-1])
     assert module_file.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
