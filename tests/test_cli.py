@@ -70,6 +70,7 @@ def fastsock_command(*arguments):
         (["serve", "tcp://127.0.0.1:0", "--stats-interval", "-1"], "a number >= 0"),
         (["bench", "--workloads", "lines-1,nope"], "unknown name 'nope'"),
         (["bench", "--servers", ""], "choose among"),
+        (["bench", "--servers", "c-epoll-sink"], "unknown name 'c-epoll-sink'"),
         (["bench", "--full", "--workloads", "bulk"], "--full runs everything"),
         (["bench", "--seconds", "soon"], "must be a number"),
         (["bench", "--runs", "0"], "integer >= 1"),

@@ -215,8 +215,6 @@ SERVERS = {
         ),
     ]
 }
-SERVER_ALIASES = {"c-epoll-sink": "c-sink"}
-"""Older names still accepted: bench/bench_stream.py called the C sink c-epoll-sink."""
 CEILING = "c-sink"
 
 

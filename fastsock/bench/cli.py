@@ -45,7 +45,7 @@ def add_bench_arguments(parser):
     )
     choose.add_argument(
         "--servers",
-        type=name_list(list(catalogue.SERVERS), catalogue.SERVER_ALIASES),
+        type=name_list(list(catalogue.SERVERS)),
         metavar="NAME,...",
         help="default: every server (but the prefork ones when the server side has one "
         "CPU); each runs only the workloads it applies to",
@@ -101,14 +101,12 @@ def add_bench_arguments(parser):
     where = parser.add_argument_group("where")
     where.add_argument(
         "--server-cpus",
-        "--server-cpu",
         type=cpu_list,
         metavar="CPUS",
         help="CPUs of the server process (default: all but the last available)",
     )
     where.add_argument(
         "--client-cpus",
-        "--client-cpu",
         type=cpu_list,
         metavar="CPUS",
         help="CPUs of the load generator (default: the last available)",
