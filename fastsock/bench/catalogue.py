@@ -240,5 +240,5 @@ def unavailable(server_name):
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            return "uvloop is not installed (pip install uvloop)"
+            return "uvloop is not installed (pip install uvloop, or install fastsock with [bench])"
     return None
