@@ -15,6 +15,7 @@ import pytest
 
 REPO_PACKAGE = Path(__file__).resolve().parents[1] / "fastsock"
 SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".pyi"}
+EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 CYTHON_MODULES = sorted(
     ".".join(path.relative_to(REPO_PACKAGE).with_suffix("").parts)
     for path in REPO_PACKAGE.rglob("*.pyx")
@@ -61,6 +62,29 @@ def test_installed_sources_match_the_repository(installed_package):
     assert stale == {"missing": [], "differing": []}, (
         f"the install at {installed_package} is stale or incomplete: reinstall fastsock"
     )
+
+
+def test_the_install_holds_no_module_the_repository_has_dropped(installed_package):
+    # A module moved or removed (fastsock/benchmark.py went to fastsock/bench/) must not
+    # linger: a wheel built from a stale build/ directory still ships it.
+    sources = {str(path) for path in repo_sources()}
+    extra = sorted(
+        str(path.relative_to(installed_package))
+        for path in installed_package.rglob("*")
+        if (path.suffix in SOURCE_SUFFIXES or path.name.endswith(EXTENSION_SUFFIXES))
+        and "__pycache__" not in path.parts
+        and str(path.relative_to(installed_package)) not in sources
+        and not (
+            path.name.endswith(EXTENSION_SUFFIXES) and compiled_from_repo(path, installed_package)
+        )
+    )
+    assert extra == [], f"the install at {installed_package} holds dropped files: reinstall"
+
+
+def compiled_from_repo(path, installed_package):
+    """Whether the extension module ``path`` is built from a .pyx of the repository."""
+    stem = path.name.split(".")[0]
+    return (REPO_PACKAGE / path.parent.relative_to(installed_package) / f"{stem}.pyx").is_file()
 
 
 def test_the_repository_has_cython_modules():
