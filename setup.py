@@ -1,8 +1,9 @@
 """Builds fastsock's Cython extension modules.
 
-Every ``fastsock/*.pyx`` becomes one extension module.  ``FASTSOCK_DEBUG=1`` at build time
-makes a debug build: Cython's bounds, wrap-around and initialization checks on, C asserts
-on, no optimization, debug symbols.
+Every ``.pyx`` under ``fastsock/`` becomes one extension module, named by its path
+(``fastsock/bench/_loadgen.pyx``: ``fastsock.bench._loadgen``).  ``FASTSOCK_DEBUG=1`` at
+build time makes a debug build: Cython's bounds, wrap-around and initialization checks on,
+C asserts on, no optimization, debug symbols.
 """
 
 import os
@@ -27,12 +28,12 @@ extra_compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 extensions = [
     Extension(
-        f"fastsock.{pyx.stem}",
+        ".".join(pyx.relative_to(HERE).with_suffix("").parts),
         [str(pyx.relative_to(HERE))],
         define_macros=macros,
         extra_compile_args=extra_compile_args,
     )
-    for pyx in sorted((HERE / "fastsock").glob("*.pyx"))
+    for pyx in sorted((HERE / "fastsock").rglob("*.pyx"))
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, quiet=True))

@@ -92,12 +92,9 @@ def cpu_list(text):
     return sorted(cpus)
 
 
-def name_list(choices, aliases=None):
-    aliases = aliases or {}
-
+def name_list(choices):
     def parse(text):
         names = [name.strip() for name in text.split(",") if name.strip()]
-        names = [aliases.get(name, name) for name in names]
         unknown = [name for name in names if name not in choices]
         if unknown or not names:
             what = f"unknown name {unknown[0]!r}; " if unknown else ""

@@ -11,8 +11,7 @@ failure while running (a port already taken, say) prints one line and exits with
 import argparse
 import sys
 
-from fastsock import benchmark, constants
-from fastsock._cli_bench import add_bench_arguments
+from fastsock import constants
 from fastsock._cli_serve import SERVE_DETAILS, add_serve_arguments
 from fastsock._cli_support import ArgumentParser, CommandError, UsageError
 
@@ -42,20 +41,13 @@ def build_parser():
         prog="fastsock",
         description="fastsock's benchmark and command-line receive server.",
     )
-    commands = parser.add_subparsers(title="commands", dest="command", required=True)
-    add_bench_arguments(
-        commands.add_parser(
-            "bench",
-            help="receive rates of fastsock against the stdlib, asyncio and C sinks",
-            description=(
-                "Receive rates of fastsock's servers against the stdlib patterns they "
-                "replace, asyncio (and uvloop) and C sinks, on loopback. Without options it "
-                f"runs {', '.join(benchmark.DEFAULT_WORKLOADS)} against every server in "
-                "about a minute; --full runs every workload. bench/README.md explains each "
-                "row and column."
-            ),
-        )
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, parser_class=Subcommand
     )
+    bench = commands.add_parser(
+        "bench", help="receive rates of fastsock against the stdlib, asyncio and C sinks"
+    )
+    bench.populate = add_bench_arguments
     add_serve_arguments(
         commands.add_parser(
             "serve",
@@ -74,3 +66,22 @@ def build_parser():
         )
     )
     return parser
+
+
+class Subcommand(ArgumentParser):
+    """A subcommand's parser, whose arguments ``populate(parser)`` may add only when it
+    parses: ``fastsock bench`` imports the benchmark (fastsock.bench) only when it runs."""
+
+    populate = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.populate is not None:
+            populate, self.populate = self.populate, None
+            populate(self)
+        return super().parse_known_args(args, namespace)
+
+
+def add_bench_arguments(parser):
+    from fastsock.bench.cli import add_bench_arguments
+
+    add_bench_arguments(parser)

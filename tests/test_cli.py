@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 import fastsock
-from fastsock import _cli_serve, benchmark, cli
+from fastsock import _cli_serve, cli
+from fastsock.bench import catalogue, coordinator
+from fastsock.bench.process import raise_open_file_limit
 from tests.support import (
     LOCALHOST,
     NETWORK_TIMEOUT,
@@ -68,6 +70,7 @@ def fastsock_command(*arguments):
         (["serve", "tcp://127.0.0.1:0", "--stats-interval", "-1"], "a number >= 0"),
         (["bench", "--workloads", "lines-1,nope"], "unknown name 'nope'"),
         (["bench", "--servers", ""], "choose among"),
+        (["bench", "--servers", "c-epoll-sink"], "unknown name 'c-epoll-sink'"),
         (["bench", "--full", "--workloads", "bulk"], "--full runs everything"),
         (["bench", "--seconds", "soon"], "must be a number"),
         (["bench", "--runs", "0"], "integer >= 1"),
@@ -366,25 +369,25 @@ def test_the_rows_of_a_workload_take_their_runs_in_turns(monkeypatch):
     def fake_run_once(workload, server_process, settings, seconds):
         taken.append(server_process.server)
         if server_process.server == "asyncio-protocol" and len(taken) > 3:
-            raise benchmark.RunFailed("the server process failed: boom")
+            raise coordinator.RunFailed("the server process failed: boom")
         return {"server": server_process.server}
 
-    monkeypatch.setattr(benchmark, "ServerProcess", FakeServerProcess)
-    monkeypatch.setattr(benchmark, "run_once", fake_run_once)
-    monkeypatch.setattr(benchmark, "summarize", lambda workload, runs: {"lost": 0})
-    monkeypatch.setattr(benchmark, "median_unit_rate", lambda row: 1.0)
-    monkeypatch.setattr(benchmark, "unavailable", lambda server: None)
-    settings = benchmark.Settings(
+    monkeypatch.setattr(coordinator, "ServerProcess", FakeServerProcess)
+    monkeypatch.setattr(coordinator, "run_once", fake_run_once)
+    monkeypatch.setattr(coordinator, "summarize", lambda workload, runs: {"lost": 0})
+    monkeypatch.setattr(coordinator, "median_unit_rate", lambda row: 1.0)
+    monkeypatch.setattr(coordinator, "unavailable", lambda server: None)
+    settings = coordinator.Settings(
         workloads=["lines-1"],
         servers=["stdlib-readline-queue", "fastsock-compiled", "asyncio-protocol"],
         runs=3,
         warmups=1,
     )
     rows = [
-        benchmark.Row(benchmark.WORKLOADS["lines-1"], server, settings, str(number))
+        coordinator.Row(catalogue.WORKLOADS["lines-1"], server, settings, str(number))
         for number, server in enumerate(settings.servers, 1)
     ]
-    benchmark.measure_workload(rows, _Progress())
+    coordinator.measure_workload(rows, _Progress())
     stdlib, compiled, failing = "stdlib-readline-queue", "fastsock-compiled", "asyncio-protocol"
     assert taken == [
         stdlib, compiled, failing,  # the warm-ups
@@ -488,9 +491,9 @@ def test_churn_and_idle_rows_count_every_connection(tmp_path):
 
 
 def test_the_default_run_leaves_out_the_full_run_servers():
-    assert "fastsock-compiled-2" not in benchmark.default_servers(None)
-    assert "fastsock-compiled-2" not in benchmark.default_servers([0])
-    assert "fastsock-compiled" in benchmark.default_servers([0])
+    assert "fastsock-compiled-2" not in catalogue.default_servers(None)
+    assert "fastsock-compiled-2" not in catalogue.default_servers([0])
+    assert "fastsock-compiled" in catalogue.default_servers([0])
 
 
 def test_a_descriptor_limit_that_cannot_be_raised_fails_loudly(monkeypatch):
@@ -503,7 +506,64 @@ def test_a_descriptor_limit_that_cannot_be_raised_fails_loudly(monkeypatch):
 
     monkeypatch.setattr(resource, "setrlimit", refuse)
     with pytest.raises(RuntimeError, match="cannot be raised"):
-        benchmark.raise_open_file_limit(hard + 1)
+        raise_open_file_limit(hard + 1)
+
+
+# -- The benchmark stays out of the receive core ---------------------------------------------
+
+# Prints, to stderr when the interpreter exits, the fastsock.bench modules it loaded.
+REPORT_BENCH_MODULES = """
+import atexit, sys
+
+def report():
+    loaded = sorted(name for name in sys.modules if name.split(".")[:2] == ["fastsock", "bench"])
+    print("bench modules:", " ".join(loaded), file=sys.stderr)
+
+atexit.register(report)
+"""
+RUN_COMMAND = """
+import runpy
+sys.argv = ["fastsock", *{arguments!r}]
+runpy.run_module("fastsock", run_name="__main__")
+"""
+
+
+def bench_modules_loaded(tmp_path, code):
+    _, environment = fastsock_command()
+    finished = subprocess.run(
+        [sys.executable, "-c", REPORT_BENCH_MODULES + code],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    reported = [line for line in finished.stderr.splitlines() if line.startswith("bench modules:")]
+    assert len(reported) == 1, finished.stderr
+    return set(reported[0].split()[2:])
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import fastsock",
+        "import fastsock.cli\nfastsock.cli.build_parser()",
+        "import fastsock.cli\nfastsock.cli.build_parser().parse_args(['serve', 'udp://127.0.0.1:0'])",
+        RUN_COMMAND.format(arguments=["serve", "--help"]),
+        RUN_COMMAND.format(arguments=["serve", "tcp://127.0.0.1:99999"]),
+    ],
+    ids=["import", "build-parser", "parse-serve", "serve-help", "serve-error"],
+)
+def test_fastsock_and_fastsock_serve_do_not_load_the_benchmark(tmp_path, code):
+    assert bench_modules_loaded(tmp_path, code) == set()
+
+
+def test_fastsock_bench_loads_the_benchmark_and_its_children_not_the_coordinator(tmp_path):
+    listed = bench_modules_loaded(tmp_path, RUN_COMMAND.format(arguments=["bench", "--list"]))
+    assert {"fastsock.bench", "fastsock.bench.cli", "fastsock.bench.catalogue"} <= listed
+    children = bench_modules_loaded(tmp_path, "import fastsock.bench.server, fastsock.bench.load")
+    assert "fastsock.bench._loadgen" in children
+    assert "fastsock.bench.coordinator" not in children
 
 
 # -- fastsock serve --------------------------------------------------------------------------

@@ -15,7 +15,11 @@ import pytest
 
 REPO_PACKAGE = Path(__file__).resolve().parents[1] / "fastsock"
 SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".pyi"}
-CYTHON_MODULES = sorted(path.stem for path in REPO_PACKAGE.glob("*.pyx"))
+EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+CYTHON_MODULES = sorted(
+    ".".join(path.relative_to(REPO_PACKAGE).with_suffix("").parts)
+    for path in REPO_PACKAGE.rglob("*.pyx")
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("FASTSOCK_ALLOW_SOURCE_TREE") == "1",
@@ -60,6 +64,29 @@ def test_installed_sources_match_the_repository(installed_package):
     )
 
 
+def test_the_install_holds_no_module_the_repository_has_dropped(installed_package):
+    # A module moved or removed (fastsock/benchmark.py went to fastsock/bench/) must not
+    # linger: a wheel built from a stale build/ directory still ships it.
+    sources = {str(path) for path in repo_sources()}
+    extra = sorted(
+        str(path.relative_to(installed_package))
+        for path in installed_package.rglob("*")
+        if (path.suffix in SOURCE_SUFFIXES or path.name.endswith(EXTENSION_SUFFIXES))
+        and "__pycache__" not in path.parts
+        and str(path.relative_to(installed_package)) not in sources
+        and not (
+            path.name.endswith(EXTENSION_SUFFIXES) and compiled_from_repo(path, installed_package)
+        )
+    )
+    assert extra == [], f"the install at {installed_package} holds dropped files: reinstall"
+
+
+def compiled_from_repo(path, installed_package):
+    """Whether the extension module ``path`` is built from a .pyx of the repository."""
+    stem = path.name.split(".")[0]
+    return (REPO_PACKAGE / path.parent.relative_to(installed_package) / f"{stem}.pyx").is_file()
+
+
 def test_the_repository_has_cython_modules():
     assert CYTHON_MODULES, f"no .pyx under {REPO_PACKAGE}: fastsock's compiled core is missing"
 
@@ -71,5 +98,5 @@ def test_cython_module_is_installed_compiled(installed_package, module_name):
         f"fastsock.{module_name} was not imported as a compiled extension: {module.__file__}"
     )
     module_file = Path(module.__file__).resolve()
-    assert module_file.parent == installed_package
+    assert module_file.parent == installed_package.joinpath(*module_name.split(".")[:-1])
     assert module_file.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))

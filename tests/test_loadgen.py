@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fastsock import _loadgen
+from fastsock.bench import _loadgen
 from tests.support import LOCALHOST
 
 LINE = b"x" * 63 + b"\n"

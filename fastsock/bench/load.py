@@ -1,7 +1,7 @@
 """The load generator of one ``fastsock bench`` run.
 
-Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_load CONFIG``.  Everything is
-sent by the compiled generator (``fastsock._loadgen``, GIL-free): streams, datagrams, churn's
+Run by ``fastsock.bench.coordinator`` as ``python -m fastsock.bench.load CONFIG``.  Everything is
+sent by the compiled generator (``fastsock.bench._loadgen``, GIL-free): streams, datagrams, churn's
 short connections and the held connections of idle and silent-live.  It reports in one JSON
 line: ``{"start": T, "sent_units": N, "seconds": S, "cpu_seconds": C}``, ``start`` on the
 system-wide monotonic clock that the server process reads too, ``C`` the CPU it used.  For
@@ -17,8 +17,8 @@ import socket
 import sys
 import time
 
-from fastsock import _loadgen
-from fastsock.benchmark import (
+from fastsock.bench import _loadgen
+from fastsock.bench.catalogue import (
     BULK_BLOCK_BYTES,
     DATAGRAM_CAP,
     LINE_BYTES,
@@ -27,11 +27,8 @@ from fastsock.benchmark import (
     UDP_GSO_BYTES,
     UDP_GSO_SEGMENTS,
     WORKLOADS,
-    emit,
-    pin,
-    raise_open_file_limit,
-    receive_command,
 )
+from fastsock.bench.process import emit, pin, raise_open_file_limit, receive_command
 
 LINE = b"x" * (LINE_BYTES - 1) + b"\n"
 CONNECT_WINDOW = 64

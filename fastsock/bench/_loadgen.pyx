@@ -1,4 +1,4 @@
-"""Compiled load generator and C-level sinks; fastsock/_loadgen.pyi documents them.
+"""Compiled load generator and C-level sinks; fastsock/bench/_loadgen.pyi documents them.
 
 Each function checks its arguments with the GIL, runs its whole socket loop in C without it,
 and turns the errno value the loop hands back into the stdlib's OSError subclass.  The loops

@@ -9,7 +9,7 @@ import os
 import platform
 
 import fastsock
-from fastsock import benchmark
+from fastsock.bench import catalogue
 
 SCHEMA = "fastsock-bench/1"
 
@@ -149,7 +149,7 @@ def notes(row):
     if summary["lost"] > counted:
         parts.append(f"unaccounted {summary['lost'] - counted:,}")
     busy = summary["generator_cpu_fraction"]
-    if busy is not None and busy >= benchmark.GENERATOR_BUSY:
+    if busy is not None and busy >= catalogue.GENERATOR_BUSY:
         parts.append(f"generator at {busy:.0%} CPU")
     if summary["idle"] is not None:
         parts.extend(held_notes(summary["idle"]))
@@ -380,7 +380,7 @@ def plot(rows, path, title):
         axis.xaxis.set_major_formatter(plain)
         axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.axvline(1.0, color="black", linewidth=0.8)
-        axis.set_title(f"{name}: {benchmark.WORKLOADS[name].summary}", fontsize=9, loc="left")
+        axis.set_title(f"{name}: {catalogue.WORKLOADS[name].summary}", fontsize=9, loc="left")
         for position, value, high in zip(positions, ratios, above, strict=True):
             axis.annotate(f" {value:.2f}x", (value + high, position), va="center", fontsize=7)
         axis.tick_params(axis="x", labelsize=8)
@@ -396,6 +396,6 @@ def _color(server):
         return "#888888"
     if server.startswith("fastsock-"):
         return "#1f77b4"
-    if server == benchmark.CEILING:
+    if server == catalogue.CEILING:
         return "#2ca02c"
     return "#ff7f0e"

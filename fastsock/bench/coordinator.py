@@ -1,17 +1,16 @@
-"""``fastsock bench``: receive rates of fastsock against the stdlib, asyncio and C sinks.
+"""``fastsock bench``'s coordinator: drives the runs and summarizes them.
 
 Each run starts two processes, pinned to different CPUs when there are two: a server process
-(``fastsock._bench_server``) that runs one server under test and counts every message its
-consumer takes, and a load generator (``fastsock._bench_load``) that sends one workload
-with the compiled generator of ``fastsock._loadgen``.  This module holds the catalog of
-workloads and servers, drives the runs and summarizes them; ``fastsock._bench_report``
-prints the table and writes the JSON and the plot.  ``bench/README.md`` explains every row
-and column, ``docs/benchmark-json.md`` the JSON.
+(``fastsock.bench.server``) that runs one server under test and counts every message its
+consumer takes, and a load generator (``fastsock.bench.load``) that sends one workload
+with the compiled generator of ``fastsock.bench._loadgen``.  ``fastsock.bench.catalogue``
+holds the workloads and servers, ``fastsock.bench.report`` prints the table and writes the
+JSON and the plot.  ``bench/README.md`` explains every row and column,
+``docs/benchmark-json.md`` the JSON.
 """
 
 import json
 import os
-import resource
 import select
 import signal
 import statistics
@@ -23,297 +22,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fastsock
-
-HOST = "127.0.0.1"
-LINE_BYTES = 64
-FRAME_BYTES = 128
-"""Bytes of a length-prefixed frame on the wire: the 4-byte prefix and 124 bytes of payload."""
-BULK_BLOCK_BYTES = 64 * 1024
-MESSAGES_PER_BLOCK = 256
-"""Messages in each block the stream generator writes (it sends whole blocks only)."""
-BACKLOG = 4096
-"""Listen backlog of every stream server, so that churn and held connections measure the
-receive path and not SYN retries on the stdlib's backlog of 5: the most that Linux's
-default net.core.somaxconn allows (4096 since 5.4), since a generator opening 20 k
-connections/s filled 1024 whenever the server was preempted for 50 ms."""
-DATAGRAM_CAP = 50_000_000
-"""Most datagrams one run may send; in practice the run's --seconds ends it first."""
-STREAM_STALL_SECONDS = 5.0
-"""Seconds without progress after which a stream run reports what it counted as lost."""
-UDP_GSO_SEGMENTS = 64
-UDP_GSO_BYTES = 65507
-"""The generator sends UDP as GSO sends of up to 64 datagrams and 65,507 bytes, which the
-kernel cuts into ordinary datagrams: on loopback the sending CPU also delivers each one, and
-one sendmmsg() slot per datagram capped it at 0.43 M/s (64 bytes, 2-core VM), below what
-the receivers take; with GSO it offers 1.5-2 M/s."""
-DATAGRAM_SETTLE_SECONDS = 0.3
-"""Seconds without progress after which a datagram run's losses are taken as final."""
-RUN_OVERHEAD_SECONDS = 0.1
-ROW_OVERHEAD_SECONDS = 0.1
-"""Measured on a 2-core machine: a generator process's start and a run's end, per run; a
-server process's start and end, per row (the estimate printed before the runs)."""
-GENERATOR_BUSY = 0.9
-"""A generator using this much of its CPU or more while sending is said, in the table, to
-have set the pace: the row then shows the generator's ceiling, not the server's."""
-CHILD_EXIT_SECONDS = 2.0
-"""How long a child that has reported may take to exit by itself before it is killed."""
-WARMUP_SECONDS = 0.3
-"""Longest warm-up run: enough to fault in the ring and start every thread of the row's
-server process, which then serves the measured runs."""
-DEFAULT_WORKLOADS = ["lines-1", "udp-64"]
-DEFAULT_SECONDS = 1.0
-DEFAULT_RUNS = 3
-DEFAULT_WARMUPS = 1
-DEFAULT_BYTES = 2 * 1024**3
-DEFAULT_CHURN_CONNECTIONS = 20_000
-DEFAULT_IDLE_CONNECTIONS = 1000
-DEFAULT_SILENT_CONNECTIONS = 10_000
-QUIET_SECONDS = 1.0
-"""How long a silent-live row's server is watched, its connections all held and silent, for
-the CPU it uses meanwhile (the issue's bound: under 1% of a core)."""
-SOURCE_ADDRESSES = tuple(f"127.0.0.{number}" for number in range(1, 9))
-"""Loopback addresses the generator connects from, in turn.  The kernel picks a connection's
-port among 28,232 (Linux's default ip_local_port_range) per source and destination address:
-too few for 50,000 held connections, and churn's closed connections sit in TIME_WAIT, where
-even with tcp_tw_reuse a port waits a second before it can serve again."""
-HELD_TIMEOUT_SECONDS = 0.003
-"""Seconds a run's --timeout grows by per held connection: a thread-per-connection server
-(stdlib-readline-queue) took 15 s for a silent-live run at 10,000 connections on a 2-core
-VM, over the default 33 s when the machine was busy."""
-DESCRIPTOR_MARGIN = 256
-"""Descriptors a process needs beyond the connections it holds: the listening socket, the
-interpreter's files, epoll and event descriptors, pipes."""
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    transport: str
-    """"tcp", "unix" (stream), "udp" or "unixgram" (datagram)."""
-    pattern: str
-    """"bulk", "lines", "frames", "datagrams", "churn", "idle" or "silent"."""
-    unit_bytes: int
-    """Bytes on the wire per counted unit: a message, or one byte for bulk."""
-    connections: int
-    """Stream connections at once; churn, idle and silent take theirs from the options (a
-    silent row's rate is that of its one live connection)."""
-    summary: str
-
-    @property
-    def datagram(self):
-        return self.transport in ("udp", "unixgram")
-
-    @property
-    def unit(self):
-        return "byte" if self.pattern == "bulk" else "message"
-
-    @property
-    def framing(self):
-        """The framing fastsock.receiver needs for this stream workload."""
-        return {"bulk": "raw", "frames": "length"}.get(self.pattern, "lines")
-
-    @property
-    def baseline(self):
-        """The stdlib server every other row of this workload is compared with."""
-        return {
-            "bulk": "stdlib-recv-queue",
-            "frames": "stdlib-frame-queue",
-            "datagrams": "stdlib-datagram-queue",
-        }.get(self.pattern, "stdlib-readline-queue")
-
-
-WORKLOADS = {
-    workload.name: workload
-    for workload in [
-        Workload("bulk", "tcp", "bulk", 1, 1, "one TCP connection of raw 64 KiB blocks"),
-        Workload("lines-1", "tcp", "lines", LINE_BYTES, 1, "64-byte lines, one TCP connection"),
-        Workload("lines-16", "tcp", "lines", LINE_BYTES, 16, "64-byte lines, 16 TCP connections"),
-        Workload(
-            "frames-1", "tcp", "frames", FRAME_BYTES, 1, "128-byte length-prefixed frames, one TCP"
-        ),
-        Workload("udp-64", "udp", "datagrams", 64, 0, "64-byte UDP datagrams (sendmmsg)"),
-        Workload("udp-1400", "udp", "datagrams", 1400, 0, "1400-byte UDP datagrams (sendmmsg)"),
-        Workload(
-            "unix-lines-1", "unix", "lines", LINE_BYTES, 1, "64-byte lines, one Unix stream socket"
-        ),
-        Workload("unixgram-64", "unixgram", "datagrams", 64, 0, "64-byte Unix datagrams"),
-        Workload(
-            "churn", "tcp", "churn", LINE_BYTES, 0, "short TCP connections, one 64-byte line each"
-        ),
-        Workload(
-            "idle", "tcp", "idle", LINE_BYTES, 0, "idle TCP connections held at once, then a line"
-        ),
-        Workload(
-            "silent-live",
-            "tcp",
-            "silent",
-            LINE_BYTES,
-            1,
-            "silent TCP connections (one line each) held, then one live one streaming lines",
-        ),
-    ]
-}
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str
-    summary: str
-    patterns: frozenset
-    """The workload patterns it runs."""
-    transports: frozenset = frozenset({"tcp", "unix", "udp", "unixgram"})
-
-    def applies(self, workload):
-        return workload.pattern in self.patterns and workload.transport in self.transports
-
-
-_ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle", "silent"})
-_LINE_PATTERNS = frozenset({"lines", "churn", "idle", "silent"})
-_HELD_PATTERNS = frozenset({"idle", "silent"})
-"""Workloads whose rows measure what held connections cost: a fresh server per run."""
-
-SERVERS = {
-    server.name: server
-    for server in [
-        Server(
-            "stdlib-recv-queue",
-            "socketserver.ThreadingTCPServer, recv(65536) chunks into a queue.Queue",
-            frozenset({"bulk"}),
-        ),
-        Server(
-            "stdlib-readline-queue",
-            "socketserver threading stream server, StreamRequestHandler lines into a queue.Queue",
-            _LINE_PATTERNS,
-        ),
-        Server(
-            "stdlib-frame-queue",
-            "socketserver.ThreadingTCPServer, rfile.read() of prefix and payload into a queue",
-            frozenset({"frames"}),
-        ),
-        Server(
-            "stdlib-datagram-queue",
-            "socketserver.UDPServer / UnixDatagramServer, handler puts datagrams into a queue",
-            frozenset({"datagrams"}),
-        ),
-        Server("fastsock-dropin", "the stdlib row's code with fastsock's classes", _ALL),
-        Server("fastsock-compiled", "fastsock.receiver(ring), consumer ring.get_many()", _ALL),
-        Server(
-            "fastsock-compiled-batch", "fastsock.receiver(ring), consumer ring.get_batch()", _ALL
-        ),
-        Server(
-            "fastsock-compiled-2",
-            "fastsock-compiled with engine_threads=2: two engine threads on the listening "
-            "socket (not in the default run; give it 2 CPUs: --share-cpus)",
-            _ALL - {"datagrams"},
-            frozenset({"tcp", "unix"}),
-        ),
-        Server(
-            "fastsock-prefork",
-            "PreforkServer, 2 worker processes into one ring, consumer get_batch()",
-            _ALL,
-            frozenset({"tcp", "unix", "udp"}),
-        ),
-        Server(
-            "fastsock-prefork-1",
-            "PreforkServer with 1 worker process: what the 2 workers are scaled against",
-            _ALL,
-            frozenset({"tcp", "unix", "udp"}),
-        ),
-        Server(
-            "fastsock-forking",
-            "ForkingTCPServer + fastsock.receiver(ring): a process per connection into one "
-            "ring, consumer get_many()",
-            frozenset({"bulk", "lines", "frames", "churn"}),
-            frozenset({"tcp"}),
-        ),
-        Server("asyncio-protocol", "asyncio Protocol / DatagramProtocol counting inline", _ALL),
-        Server("uvloop-protocol", "the same protocols on uvloop", _ALL),
-        Server(
-            "c-sink",
-            "fastsock._loadgen.sink_stream / sink_datagrams: C loop that only counts (ceiling)",
-            _ALL - _HELD_PATTERNS,
-        ),
-    ]
-}
-SERVER_ALIASES = {"c-epoll-sink": "c-sink"}
-"""Older names still accepted: bench/bench_stream.py called the C sink c-epoll-sink."""
-CEILING = "c-sink"
-
-
-PREFORK_SERVERS = ("fastsock-prefork", "fastsock-prefork-1")
-FULL_RUN_SERVERS = ("fastsock-compiled-2",)
-"""Servers only --full or --servers runs: the default run stays about a minute."""
-UVLOOP = "uvloop-protocol"
-"""The row a silent-live row's time to accept its connections is compared with."""
-
-
-def default_servers(server_cpus):
-    """Every server, except FULL_RUN_SERVERS, and the prefork ones when the server process
-    has a single CPU: their workers could only share that CPU, which the --full run shows."""
-    names = [name for name in SERVERS if name not in FULL_RUN_SERVERS]
-    if server_cpus is not None and len(server_cpus) < 2:
-        names = [name for name in names if name not in PREFORK_SERVERS]
-    return names
-
-
-def unavailable(server_name):
-    """Why a server cannot run here, or None."""
-    if server_name == "uvloop-protocol":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            return "uvloop is not installed (pip install uvloop)"
-    return None
+from fastsock.bench.catalogue import (
+    CEILING,
+    CHILD_EXIT_SECONDS,
+    DEFAULT_BYTES,
+    DEFAULT_CHURN_CONNECTIONS,
+    DEFAULT_IDLE_CONNECTIONS,
+    DEFAULT_RUNS,
+    DEFAULT_SECONDS,
+    DEFAULT_SILENT_CONNECTIONS,
+    DEFAULT_WARMUPS,
+    HELD_PATTERNS,
+    HELD_TIMEOUT_SECONDS,
+    QUIET_SECONDS,
+    ROW_OVERHEAD_SECONDS,
+    RUN_OVERHEAD_SECONDS,
+    SERVERS,
+    UVLOOP,
+    WARMUP_SECONDS,
+    WORKLOADS,
+    unavailable,
+)
 
 
 def package_root():
     """The directory holding the fastsock package this process imported."""
     return str(Path(fastsock.__file__).resolve().parent.parent)
-
-
-# -- Shared by the coordinator and its child processes ---------------------------------------
-
-
-def emit(message):
-    """Send one JSON line to the coordinator."""
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-def receive_command():
-    """The next JSON line from the coordinator."""
-    line = sys.stdin.readline()
-    if not line:
-        raise SystemExit("the coordinator went away")
-    return json.loads(line)
-
-
-def pin(cpus):
-    if cpus:
-        os.sched_setaffinity(0, set(cpus))
-
-
-def raise_open_file_limit(connections=0):
-    """Idle, silent and churn runs hold many descriptors: take the hard limit as the soft
-    one, first raising the hard limit (root may, up to fs.nr_open) if ``connections`` need
-    more.  RuntimeError if they cannot have them: a row must not quietly hold fewer."""
-    needed = connections + DESCRIPTOR_MARGIN
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(
-                f"{connections:,} connections need {needed:,} file descriptors, and the "
-                f"hard limit {hard:,} cannot be raised ({exc}): run as root or raise it "
-                "(ulimit -Hn)"
-            ) from None
-        return
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-# -- Coordinator -----------------------------------------------------------------------------
 
 
 class RunFailed(Exception):
@@ -409,7 +143,7 @@ class Settings:
     def warmups_for(self, workload):
         """Idle and silent rows measure fresh servers (a server process per run): nothing
         to warm."""
-        return 0 if workload.pattern in _HELD_PATTERNS else self.warmups
+        return 0 if workload.pattern in HELD_PATTERNS else self.warmups
 
     def run_timeout(self, workload):
         """--timeout, and HELD_TIMEOUT_SECONDS more per connection a run holds."""
@@ -461,7 +195,7 @@ class ServerProcess:
 
     def __init__(self, workload, server, settings, runs):
         self.child = Child(
-            "fastsock._bench_server",
+            "fastsock.bench.server",
             "server process",
             {
                 "workload": workload.name,
@@ -492,7 +226,7 @@ def run_once(workload, server_process, settings, seconds):
     receiver.send({"begin": True})
     receiver.receive(deadline)
     generator = Child(
-        "fastsock._bench_load",
+        "fastsock.bench.load",
         "load generator",
         {
             "workload": workload.name,
@@ -514,7 +248,7 @@ def run_once(workload, server_process, settings, seconds):
             receiver.send({"expected": alone["sent_units"], "before_hold": True})
             alone_rate = run_rate(alone, receiver.receive(deadline))
             generator.send({"continue": True})
-        if workload.pattern in _HELD_PATTERNS:
+        if workload.pattern in HELD_PATTERNS:
             opened = generator.receive(deadline)
             quiet = QUIET_SECONDS if workload.pattern == "silent" else None
             receiver.send({"hold": opened["opened"], "quiet_seconds": quiet})
@@ -571,7 +305,7 @@ def run_record(workload, held, sending, counted):
         # Held rows' generators also opened the connections meanwhile: no fraction.
         "generator_cpu_fraction": (
             sending["cpu_seconds"] / sending["seconds"]
-            if sending["seconds"] > 0 and workload.pattern not in _HELD_PATTERNS
+            if sending["seconds"] > 0 and workload.pattern not in HELD_PATTERNS
             else None
         ),
         "kernel_drops": counted["kernel_drops"],
@@ -779,7 +513,7 @@ class Row:
         # An idle or silent row measures what connections cost a fresh server: a server
         # process per run.  Every other row keeps one server process, which the warm-ups
         # really warm up.
-        self.fresh_each_run = workload.pattern in _HELD_PATTERNS
+        self.fresh_each_run = workload.pattern in HELD_PATTERNS
         self.server_process = None
         self.taken = 0
 

@@ -1,11 +1,15 @@
-"""``fastsock bench``: its arguments and its run; fastsock/benchmark.py measures."""
+"""``fastsock bench``: its arguments and its run; fastsock/bench/coordinator.py measures.
+
+Imported only when the command runs: fastsock/cli.py builds this subcommand's parser when
+its arguments are parsed, so ``fastsock serve`` and ``import fastsock`` never load the
+benchmark.
+"""
 
 import json
 import os
 import time
 from pathlib import Path
 
-from fastsock import _bench_report, benchmark
 from fastsock._cli_support import (
     CommandError,
     UsageError,
@@ -16,6 +20,7 @@ from fastsock._cli_support import (
     positive_float,
     positive_int,
 )
+from fastsock.bench import catalogue, coordinator, report
 
 __all__ = ["add_bench_arguments", "run_bench"]
 
@@ -23,17 +28,24 @@ BENCH = "fastsock bench"
 
 
 def add_bench_arguments(parser):
+    parser.description = (
+        "Receive rates of fastsock's servers against the stdlib patterns they "
+        "replace, asyncio (and uvloop) and C sinks, on loopback. Without options it "
+        f"runs {', '.join(catalogue.DEFAULT_WORKLOADS)} against every server in "
+        "about a minute; --full runs every workload. bench/README.md explains each "
+        "row and column."
+    )
     parser.set_defaults(run=run_bench)
     choose = parser.add_argument_group("what to measure")
     choose.add_argument(
         "--workloads",
-        type=name_list(list(benchmark.WORKLOADS)),
+        type=name_list(list(catalogue.WORKLOADS)),
         metavar="NAME,...",
-        help=f"default: {','.join(benchmark.DEFAULT_WORKLOADS)}; --list shows them all",
+        help=f"default: {','.join(catalogue.DEFAULT_WORKLOADS)}; --list shows them all",
     )
     choose.add_argument(
         "--servers",
-        type=name_list(list(benchmark.SERVERS), benchmark.SERVER_ALIASES),
+        type=name_list(list(catalogue.SERVERS)),
         metavar="NAME,...",
         help="default: every server (but the prefork ones when the server side has one "
         "CPU); each runs only the workloads it applies to",
@@ -46,38 +58,38 @@ def add_bench_arguments(parser):
     how.add_argument(
         "--seconds",
         type=positive_float,
-        default=benchmark.DEFAULT_SECONDS,
-        help=f"sending time of each run (default {benchmark.DEFAULT_SECONDS:g})",
+        default=catalogue.DEFAULT_SECONDS,
+        help=f"sending time of each run (default {catalogue.DEFAULT_SECONDS:g})",
     )
     how.add_argument(
         "--runs",
         type=positive_int,
-        default=benchmark.DEFAULT_RUNS,
-        help=f"measured runs per row (default {benchmark.DEFAULT_RUNS})",
+        default=catalogue.DEFAULT_RUNS,
+        help=f"measured runs per row (default {catalogue.DEFAULT_RUNS})",
     )
     how.add_argument(
         "--warmups",
         type=natural_int,
-        default=benchmark.DEFAULT_WARMUPS,
-        help=f"discarded runs before them (default {benchmark.DEFAULT_WARMUPS})",
+        default=catalogue.DEFAULT_WARMUPS,
+        help=f"discarded runs before them (default {catalogue.DEFAULT_WARMUPS})",
     )
     how.add_argument(
         "--bytes",
         type=byte_size,
-        default=benchmark.DEFAULT_BYTES,
+        default=catalogue.DEFAULT_BYTES,
         help="a stream run also stops after this many bytes (default 2G)",
     )
     how.add_argument(
         "--churn-connections",
         type=positive_int,
-        default=benchmark.DEFAULT_CHURN_CONNECTIONS,
-        help=f"most connections of a churn run (default {benchmark.DEFAULT_CHURN_CONNECTIONS})",
+        default=catalogue.DEFAULT_CHURN_CONNECTIONS,
+        help=f"most connections of a churn run (default {catalogue.DEFAULT_CHURN_CONNECTIONS})",
     )
     how.add_argument(
         "--idle-connections",
         type=positive_int,
         help="connections the idle and silent-live workloads hold (default "
-        f"{benchmark.DEFAULT_IDLE_CONNECTIONS:,} and {benchmark.DEFAULT_SILENT_CONNECTIONS:,}); "
+        f"{catalogue.DEFAULT_IDLE_CONNECTIONS:,} and {catalogue.DEFAULT_SILENT_CONNECTIONS:,}); "
         "above the descriptor limit it is raised, which may need root",
     )
     how.add_argument(
@@ -89,14 +101,12 @@ def add_bench_arguments(parser):
     where = parser.add_argument_group("where")
     where.add_argument(
         "--server-cpus",
-        "--server-cpu",
         type=cpu_list,
         metavar="CPUS",
         help="CPUs of the server process (default: all but the last available)",
     )
     where.add_argument(
         "--client-cpus",
-        "--client-cpu",
         type=cpu_list,
         metavar="CPUS",
         help="CPUs of the load generator (default: the last available)",
@@ -115,11 +125,11 @@ def add_bench_arguments(parser):
 
 
 def describe_catalog():
-    lines = ["workloads (default: " + ", ".join(benchmark.DEFAULT_WORKLOADS) + "):"]
-    for workload in benchmark.WORKLOADS.values():
+    lines = ["workloads (default: " + ", ".join(catalogue.DEFAULT_WORKLOADS) + "):"]
+    for workload in catalogue.WORKLOADS.values():
         lines.append(f"  {workload.name:14} {workload.summary}; baseline {workload.baseline}")
     lines.append("servers (default: all; the prefork ones only when the server has 2+ CPUs):")
-    for server in benchmark.SERVERS.values():
+    for server in catalogue.SERVERS.values():
         lines.append(f"  {server.name:24} {server.summary}")
     return "\n".join(lines)
 
@@ -131,7 +141,7 @@ def run_bench(options):
     if options.full and (options.workloads or options.servers):
         raise UsageError(BENCH, "--full runs everything: drop it, or drop --workloads/--servers")
     try:
-        from fastsock import _loadgen  # noqa: F401
+        from fastsock.bench import _loadgen  # noqa: F401
     except ImportError as exc:
         raise CommandError(
             BENCH,
@@ -139,24 +149,24 @@ def run_bench(options):
             "install fastsock with pip install .",
         ) from None
     if options.plot:
-        reason = _bench_report.plot_unavailable()
+        reason = report.plot_unavailable()
         if reason:
             raise CommandError(BENCH, reason)
     for path in (options.json, options.plot):
         if path is not None and not path.resolve().parent.is_dir():
             raise UsageError(BENCH, f"no directory to write {path} into")
     try:
-        server_cpus, client_cpus, where = benchmark.placement(
+        server_cpus, client_cpus, where = coordinator.placement(
             options.server_cpus, options.client_cpus, options.share_cpus
         )
     except ValueError as exc:
         raise UsageError(BENCH, str(exc)) from None
     if options.full:
-        workloads, servers = list(benchmark.WORKLOADS), list(benchmark.SERVERS)
+        workloads, servers = list(catalogue.WORKLOADS), list(catalogue.SERVERS)
     else:
-        workloads = options.workloads or list(benchmark.DEFAULT_WORKLOADS)
-        servers = options.servers or benchmark.default_servers(server_cpus)
-    settings = benchmark.Settings(
+        workloads = options.workloads or list(catalogue.DEFAULT_WORKLOADS)
+        servers = options.servers or catalogue.default_servers(server_cpus)
+    settings = coordinator.Settings(
         workloads=workloads,
         servers=servers,
         seconds=options.seconds,
@@ -164,37 +174,35 @@ def run_bench(options):
         warmups=options.warmups,
         bytes=options.bytes,
         churn_connections=options.churn_connections,
-        idle_connections=options.idle_connections or benchmark.DEFAULT_IDLE_CONNECTIONS,
-        silent_connections=options.idle_connections or benchmark.DEFAULT_SILENT_CONNECTIONS,
+        idle_connections=options.idle_connections or catalogue.DEFAULT_IDLE_CONNECTIONS,
+        silent_connections=options.idle_connections or catalogue.DEFAULT_SILENT_CONNECTIONS,
         server_cpus=server_cpus,
         client_cpus=client_cpus,
         timeout=options.timeout,
     )
-    rows_planned = len(benchmark.planned_rows(settings))
+    rows_planned = len(coordinator.planned_rows(settings))
     if not rows_planned:
         raise UsageError(BENCH, "none of these servers runs these workloads")
-    progress = benchmark.Progress()
+    progress = coordinator.Progress()
     progress.note(
         f"fastsock bench: {rows_planned} rows, each {settings.warmups} warm-up + "
-        f"{settings.runs} measured runs, about {benchmark.estimated_seconds(settings):.0f} s; "
+        f"{settings.runs} measured runs, about {coordinator.estimated_seconds(settings):.0f} s; "
         f"{where}"
     )
     load_average = os.getloadavg()
     started = time.time()
-    rows = benchmark.run(settings, progress)
+    rows = coordinator.run(settings, progress)
     finished = time.time()
-    print(_bench_report.report(rows, settings, where, started, finished, load_average), flush=True)
+    print(report.report(rows, settings, where, started, finished, load_average), flush=True)
     if options.json:
         command = ["fastsock", *options.argv]
-        document = _bench_report.document(
-            rows, settings, where, started, finished, load_average, command
-        )
+        document = report.document(rows, settings, where, started, finished, load_average, command)
         write_json(options.json, json.dumps(document, indent=2) + "\n")
         progress.note(f"fastsock bench: wrote {options.json}")
     if options.plot:
-        title = f"fastsock bench, {_bench_report.timestamp(started)}\n{where}"
+        title = f"fastsock bench, {report.timestamp(started)}\n{where}"
         try:
-            _bench_report.plot(rows, options.plot, title)
+            report.plot(rows, options.plot, title)
         except (OSError, ValueError) as exc:
             raise CommandError(BENCH, f"cannot draw {options.plot}: {exc}") from None
         progress.note(f"fastsock bench: drew {options.plot}")

@@ -1,6 +1,6 @@
 """The server process of one ``fastsock bench`` row: one server under test and its consumer.
 
-Run by ``fastsock.benchmark`` as ``python -m fastsock._bench_server CONFIG``, it talks to the
+Run by ``fastsock.bench.coordinator`` as ``python -m fastsock.bench.server CONFIG``, it talks to the
 coordinator in JSON lines on stdin and stdout:
 
     -> {"address": ...}                     the server is ready
@@ -33,19 +33,16 @@ import time
 import traceback
 
 import fastsock
-from fastsock import _loadgen
-from fastsock.benchmark import (
+from fastsock.bench import _loadgen
+from fastsock.bench.catalogue import (
     BACKLOG,
     DATAGRAM_CAP,
     DATAGRAM_SETTLE_SECONDS,
     HOST,
     STREAM_STALL_SECONDS,
     WORKLOADS,
-    emit,
-    pin,
-    raise_open_file_limit,
-    receive_command,
 )
+from fastsock.bench.process import emit, pin, raise_open_file_limit, receive_command
 
 RECV_BYTES = 65536
 """What the stdlib recv-queue handler asks of each recv(), as the pattern it stands for."""
@@ -560,7 +557,7 @@ class ProtocolServer(UnderTest):
 
 
 class SinkServer(UnderTest):
-    """fastsock._loadgen's C sink: receives and counts in C, in a thread started for each
+    """fastsock.bench._loadgen's C sink: receives and counts in C, in a thread started for each
     run (its waits for connections and datagrams are bounded by the run's timeout)."""
 
     def __init__(self, workload, tally, address, config):
