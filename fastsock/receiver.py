@@ -22,7 +22,7 @@ from ._impl import (
     StreamReceiver,
 )
 from ._ratelimit import RateLimitedLogger
-from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError
+from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, ProxyHeaderError
 from .options import ReceiveOptions
 from .server import BaseRequestHandler
 
@@ -473,6 +473,9 @@ def _report(path, event):
         message = f"{peer} {what}; the connection was closed"
         _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
         _handle_error(server, error_class(message), event.address)
+    elif event.kind in ("proxy_header", "proxy_untrusted"):
+        reason, sample = event.detail if event.kind == "proxy_header" else (None, None)
+        _reject_proxy(server, event.address, reason, sample)
     elif event.kind == "message_timeout":
         _log.warning(
             "message-timeout",
@@ -518,6 +521,28 @@ def _report(path, event):
             event.detail, f"receiving from {event.address!r}: {os.strerror(event.detail)}"
         )
         _handle_error(server, error, event.address)
+
+
+def _proxy_complaint(address, reason):
+    """The message of a ProxyHeaderError: what the peer at address (its real address) did,
+    reason being one of fastsock.proxy.REASONS, or None for a peer outside proxy_trusted."""
+    if reason is None:
+        return (
+            f"{_escaped(address)} is not in proxy_trusted, so it may not send a PROXY header; "
+            "the connection was closed"
+        )
+    return f"{_escaped(address)} sent {reason}; the connection was closed"
+
+
+def _reject_proxy(server, address, reason, sample):
+    """Log a connection closed for its PROXY header (with a sample of it, escaped) and pass
+    a ProxyHeaderError to the server's handle_error()."""
+    message = _proxy_complaint(address, reason)
+    if sample is None:
+        _log.warning("proxy-header", "%s", message)
+    else:
+        _log.warning("proxy-header", "%s (it began %s)", message, _escaped(sample))
+    _handle_error(server, ProxyHeaderError(message), address)
 
 
 def _handle_error(server, error, client_address):

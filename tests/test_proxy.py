@@ -1,0 +1,249 @@
+"""The PROXY protocol (v1 and v2) in front of framing: hand-built headers on the compiled
+event engine and its reference twin, on a server on engines and on a per-connection server,
+and behind a real HAProxy (Debian's haproxy, ``send-proxy`` and ``send-proxy-v2``) started
+by the test, its clients bound to another loopback address than HAProxy's.  Bad headers
+(none, garbage, too long, a bogus v2 length, cut short, too slow, or from outside
+``proxy_trusted``) close only their connection, counted, logged with a sample and passed to
+handle_error."""
+
+import socket
+import struct
+import time
+
+import pytest
+
+from fastsock import ReceiveOptions, constants, proxy
+from tests import test_engine
+from tests.support import NETWORK_TIMEOUT
+from tests.test_engine import adopted_pair, client_of, closed_by_server, make_engine, running, take
+
+# test_engine's fixtures: each implementation, and a loopback listener.
+engine_impl = test_engine.engine_impl
+listener = test_engine.listener
+
+# -- Hand-built headers ----------------------------------------------------------------------
+
+
+def v2(command, family, body):
+    """A v2 header: signature, version 2 and command, family and transport, length, body."""
+    return (
+        proxy.V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+    )
+
+
+def v2_inet(source, destination, source_port, destination_port, tlvs=b""):
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    body = (
+        socket.inet_pton(family, source)
+        + socket.inet_pton(family, destination)
+        + struct.pack("!HH", source_port, destination_port)
+        + tlvs
+    )
+    return v2(1, 0x11 if family == socket.AF_INET else 0x21, body)
+
+
+# Two TLVs a load balancer may add (ALPN "h2", a unique ID): skipped.
+TLVS = b"\x01\x00\x02h2" + b"\x05\x00\x04abcd"
+
+GOOD_HEADERS = {
+    "v1-tcp4": (b"PROXY TCP4 192.0.2.7 198.51.100.1 50123 514\r\n", ("192.0.2.7", 50123)),
+    "v1-tcp6": (
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 514\r\n",
+        ("2001:db8::7", 40000, 0, 0),
+    ),
+    "v1-unknown": (b"PROXY UNKNOWN ffff:f...f:ffff 1 2 3\r\n", None),
+    "v2-ipv4-tlvs": (v2_inet("203.0.113.9", "10.0.0.1", 65535, 514, TLVS), ("203.0.113.9", 65535)),
+    "v2-ipv6": (v2_inet("2001:db8::9", "2001:db8::1", 1234, 514), ("2001:db8::9", 1234, 0, 0)),
+    "v2-local": (v2(0, 0x00, TLVS), None),
+}
+
+BAD_HEADERS = {
+    "none": (b"a plain line\n", proxy.NOT_PROXY),
+    "garbage": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", proxy.NOT_PROXY),
+    "v1-no-crlf": (b"PROXY TCP4 " + b"1" * 120 + b"\r\n", proxy.V1_TOO_LONG),
+    "v1-bad-address": (b"PROXY TCP4 192.0.2.300 10.0.0.1 1 2\r\nx\n", proxy.V1_MALFORMED),
+    "v1-bad-port": (b"PROXY TCP4 192.0.2.3 10.0.0.1 01 2\r\nx\n", proxy.V1_MALFORMED),
+    "v1-tcp6-with-ipv4": (b"PROXY TCP6 192.0.2.3 10.0.0.1 1 2\r\nx\n", proxy.V1_MALFORMED),
+    "v2-bogus-length": (v2(1, 0x21, b"\0" * 12), proxy.V2_BAD_LENGTH),
+    "v2-oversized": (v2(1, 0x11, b"\0" * constants.PROXY_MAX_HEADER), proxy.V2_TOO_LARGE),
+    "v2-version-3": (proxy.V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\0" * 12, proxy.V2_UNSUPPORTED),
+}
+
+LINES = b"first\nsecond\n"
+
+
+@pytest.mark.parametrize("name", GOOD_HEADERS)
+def test_the_parser_reads_each_header(name):
+    header, address = GOOD_HEADERS[name]
+    assert proxy.parse(header + LINES) == proxy.ProxyHeader(len(header), address)
+    for end in range(len(header)):
+        assert proxy.parse(header[:end]) is None, end
+
+
+@pytest.mark.parametrize("name", BAD_HEADERS)
+def test_the_parser_refuses_each_bad_header(name):
+    data, reason = BAD_HEADERS[name]
+    with pytest.raises(proxy.HeaderRejected) as raised:
+        proxy.parse(data)
+    assert raised.value.reason == reason
+
+
+def test_the_trusted_networks_and_the_options():
+    networks = proxy.trusted_networks(constants.PROXY_TRUSTED)
+    assert proxy.is_trusted(("127.0.0.2", 1), networks)
+    assert proxy.is_trusted(("::1", 1, 0, 0), networks)
+    assert proxy.is_trusted(("::ffff:127.0.0.1", 1, 0, 0), networks)
+    assert proxy.is_trusted("/run/x.sock", networks)
+    assert not proxy.is_trusted(("192.0.2.1", 1), networks)
+    assert ReceiveOptions().proxy_protocol is False
+    assert ReceiveOptions(proxy_trusted=["10.1.2.3/8"]).proxy_trusted == ("10.0.0.0/8",)
+    for bad in ("10.0.0.0/8", ["not a network"], [None]):
+        with pytest.raises(ValueError, match="proxy_trusted"):
+            ReceiveOptions(proxy_trusted=bad)
+    with pytest.raises(ValueError, match="proxy_protocol"):
+        ReceiveOptions(proxy_protocol=1)
+
+
+# -- The engine, compiled and reference ------------------------------------------------------
+
+PROXY_OPTIONS = {"framing": "lines", "proxy_protocol": True}
+
+
+def lines_engine(engine_impl, **options):
+    return make_engine(engine_impl, **{**PROXY_OPTIONS, **options})
+
+
+@pytest.mark.parametrize("name", GOOD_HEADERS)
+@pytest.mark.parametrize("split", ["one-send", "byte-by-byte"])
+def test_the_header_sets_the_address_and_the_rest_is_framed(engine_impl, listener, name, split):
+    header, address = GOOD_HEADERS[name]
+    engine, ring, counters = lines_engine(engine_impl, listeners=[listener.fileno()])
+    with running(engine) as runner, client_of(listener) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = header + LINES
+        if split == "one-send":
+            client.sendall(stream)
+        else:
+            for index in range(len(stream)):
+                client.sendall(stream[index : index + 1])
+                time.sleep(0.001)
+        got = take(ring, 2)
+        assert [payload for _, payload in got] == [b"first", b"second"]
+        connection_id = got[0][0]
+        expected = address if address is not None else client.getsockname()
+        assert engine.peer(connection_id) == expected
+    stats = counters.snapshot()
+    assert stats.proxy_header_errors == 0 and not runner.events_of("proxy_header")
+    assert stats.bytes_received == len(header) + len(LINES)
+    assert stats.bytes_discarded == 0
+
+
+def test_a_socket_pair_is_trusted_and_a_header_alone_delivers_nothing(engine_impl):
+    engine, ring, counters = lines_engine(engine_impl)
+    header, address = GOOD_HEADERS["v2-ipv4-tlvs"]
+    connection_id, client = adopted_pair(engine)
+    with running(engine):
+        with client:
+            client.sendall(header)
+            time.sleep(0.1)
+            assert ring.qsize() == 0
+            client.sendall(b"after\n")
+            assert take(ring, 1) == [(connection_id, b"after")]
+            assert engine.peer(connection_id) == address
+    assert counters.snapshot().proxy_header_errors == 0
+
+
+def wait_for(condition):
+    deadline = time.monotonic() + NETWORK_TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def steady_client(listener, ring):
+    """A good connection that must keep working while the bad ones are closed."""
+    client = client_of(listener)
+    client.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"steady\n")
+    assert take(ring, 1)[0][1] == b"steady"
+    return client
+
+
+@pytest.mark.parametrize("name", BAD_HEADERS)
+def test_a_bad_header_closes_only_its_connection(engine_impl, listener, name):
+    data, reason = BAD_HEADERS[name]
+    engine, ring, counters = lines_engine(engine_impl, listeners=[listener.fileno()])
+    with running(engine) as runner, steady_client(listener, ring) as steady:
+        with client_of(listener) as bad:
+            bad.sendall(data)
+            assert closed_by_server(bad), "the offending connection is closed"
+            real = bad.getsockname()
+        wait_for(lambda: runner.events_of("proxy_header"))
+        steady.sendall(b"still\n")
+        assert take(ring, 1)[0][1] == b"still"
+        assert ring.qsize() == 0, "nothing of the bad connection was framed"
+    [event] = runner.events_of("proxy_header")
+    assert event.address == real
+    assert event.detail == (proxy.REASONS[reason], data[: constants.PROTOCOL_ERROR_SAMPLE])
+    stats = counters.snapshot()
+    assert stats.proxy_header_errors == 1
+    assert stats.connections_opened == stats.connections_closed == 2
+    assert stats.messages_received == 2
+
+
+def test_a_header_cut_short_is_an_error_and_no_bytes_at_all_are_not(engine_impl, listener):
+    engine, ring, counters = lines_engine(engine_impl, listeners=[listener.fileno()])
+    with running(engine) as runner:
+        # Connects and closes without a byte: a TCP health check, a port scan.
+        client_of(listener).close()
+        with client_of(listener) as cut:
+            cut.sendall(b"PROXY TCP4 1.2.3.4")
+            time.sleep(0.1)
+        wait_for(lambda: counters.snapshot().connections_closed == 2)
+    [event] = runner.events_of("proxy_header")
+    assert event.detail == (proxy.REASONS[proxy.TRUNCATED], b"PROXY TCP4 1.2.3.4")
+    stats = counters.snapshot()
+    assert stats.proxy_header_errors == 1
+    assert stats.bytes_discarded == len(b"PROXY TCP4 1.2.3.4")
+
+
+def test_a_header_not_finished_in_time_closes_the_connection(engine_impl, listener, monkeypatch):
+    monkeypatch.setattr(constants, "PROXY_HEADER_TIMEOUT", 0.3)
+    engine, ring, counters = lines_engine(engine_impl, listeners=[listener.fileno()])
+    with running(engine) as runner, client_of(listener) as slow:
+        slow.sendall(proxy.V2_SIGNATURE)
+        started = time.monotonic()
+        assert slow.recv(1) == b""
+        assert time.monotonic() - started >= 0.2
+        wait_for(lambda: runner.events_of("proxy_header"))
+    [event] = runner.events_of("proxy_header")
+    assert event.detail == (proxy.REASONS[proxy.TIMED_OUT], proxy.V2_SIGNATURE)
+    assert counters.snapshot().proxy_header_errors == 1
+
+
+def test_a_peer_outside_the_trusted_networks_is_closed_at_accept(engine_impl, listener):
+    engine, ring, counters = lines_engine(
+        engine_impl, listeners=[listener.fileno()], proxy_trusted=["192.0.2.0/24"]
+    )
+    with running(engine) as runner, client_of(listener) as client:
+        client.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"forged\n")
+        assert closed_by_server(client)
+        wait_for(lambda: runner.events_of("proxy_untrusted"))
+        real = client.getsockname()
+    assert runner.events_of("proxy_untrusted") == [("proxy_untrusted", None, real, None)]
+    stats = counters.snapshot()
+    assert (stats.proxy_header_errors, stats.connections_opened, stats.messages_received) == (
+        1,
+        0,
+        0,
+    )
+
+
+def test_without_the_option_a_header_is_data(engine_impl, listener):
+    engine, ring, counters = make_engine(
+        engine_impl, framing="lines", listeners=[listener.fileno()]
+    )
+    with running(engine), client_of(listener) as client:
+        client.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"x\n")
+        got = take(ring, 2)
+        assert got[0][1] == GOOD_HEADERS["v1-tcp4"][0][:-2] + b"\r"
+        assert engine.peer(got[0][0]) == client.getsockname()
