@@ -6,16 +6,20 @@ by the test, its clients bound to another loopback address than HAProxy's.  Bad 
 ``proxy_trusted``) close only their connection, counted, logged with a sample and passed to
 handle_error."""
 
+import logging
 import socket
 import struct
+import sys
 import time
 
 import pytest
 
+import fastsock
 from fastsock import ReceiveOptions, constants, proxy
 from tests import test_engine
-from tests.support import NETWORK_TIMEOUT
+from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
 from tests.test_engine import adopted_pair, client_of, closed_by_server, make_engine, running, take
+from tests.test_syslog import Recorded, wait_for
 
 # test_engine's fixtures: each implementation, and a loopback listener.
 engine_impl = test_engine.engine_impl
@@ -153,13 +157,6 @@ def test_a_socket_pair_is_trusted_and_a_header_alone_delivers_nothing(engine_imp
     assert counters.snapshot().proxy_header_errors == 0
 
 
-def wait_for(condition):
-    deadline = time.monotonic() + NETWORK_TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def steady_client(listener, ring):
     """A good connection that must keep working while the bad ones are closed."""
     client = client_of(listener)
@@ -247,3 +244,126 @@ def test_without_the_option_a_header_is_data(engine_impl, listener):
         got = take(ring, 2)
         assert got[0][1] == GOOD_HEADERS["v1-tcp4"][0][:-2] + b"\r"
         assert engine.peer(got[0][0]) == client.getsockname()
+
+
+# -- Servers: on event engines, and a compiled loop per connection ---------------------------
+
+
+class PerConnection(Recorded):
+    """Overrides a request hook, so each connection runs the compiled loop in its handler
+    thread, and the header is read there, in Python."""
+
+    def verify_request(self, request, client_address):
+        return True
+
+
+SERVERS = {"engine": Recorded, "per-connection": PerConnection}
+
+
+def proxy_server(path, ring, **options):
+    handler = fastsock.receiver(ring, framing="lines", proxy_protocol=True, **options)
+    return SERVERS[path]((LOCALHOST, 0), handler)
+
+
+def messages_with_source(ring, count):
+    got = []
+    while len(got) < count:
+        got.extend(ring.get_many(timeout=NETWORK_TIMEOUT, with_source=True))
+    return [(source_id, payload) for source_id, _, payload in got]
+
+
+@pytest.mark.parametrize("path", SERVERS)
+def test_servers_report_the_client_the_header_names(path):
+    ring = fastsock.RingQueue()
+    with serving(proxy_server(path, ring)) as server:
+        assert server.receive_path.on_engines == (path == "engine")
+        for name, (header, address) in GOOD_HEADERS.items():
+            with socket.create_connection(server.server_address, NETWORK_TIMEOUT) as client:
+                client.sendall(header + LINES)
+                got = messages_with_source(ring, 2)
+                assert [payload for _, payload in got] == [b"first", b"second"], name
+                expected = address if address is not None else client.getsockname()
+                assert server.connection_address(got[0][0]) == expected, name
+        # Split across reads: the header byte by byte, then lines.
+        header, address = GOOD_HEADERS["v2-ipv6"]
+        with socket.create_connection(server.server_address, NETWORK_TIMEOUT) as client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for index in range(len(header)):
+                client.sendall(header[index : index + 1])
+                time.sleep(0.001)
+            client.sendall(b"split\n")
+            [(source_id, payload)] = messages_with_source(ring, 1)
+            assert payload == b"split"
+            assert server.connection_address(source_id) == address
+    stats = server.stats()
+    assert stats.proxy_header_errors == 0 and server.errors == []
+    assert stats.bytes_received == sum(len(h) + len(LINES) for h, _ in GOOD_HEADERS.values()) + (
+        len(header) + len(b"split\n")
+    )
+
+
+@pytest.mark.parametrize("path", SERVERS)
+def test_bad_headers_close_only_their_connection_on_servers(path, caplog, monkeypatch):
+    # Each bad connection is logged: a fresh interval for each.
+    allowed = {}
+    monkeypatch.setattr(sys.modules["fastsock.receiver"]._log, "_next_allowed", allowed)
+    monkeypatch.setattr(constants, "PROXY_HEADER_TIMEOUT", 0.5)
+    ring = fastsock.RingQueue()
+    bad_streams = {
+        "none": BAD_HEADERS["none"][0],
+        "garbage": BAD_HEADERS["garbage"][0],
+        "v1-no-crlf": BAD_HEADERS["v1-no-crlf"][0],
+        "v2-bogus-length": BAD_HEADERS["v2-bogus-length"][0],
+        "late": proxy.V2_SIGNATURE,
+    }
+    with (
+        caplog.at_level(logging.WARNING, "fastsock"),
+        serving(proxy_server(path, ring)) as server,
+    ):
+        address = server.server_address
+        with socket.create_connection(address, NETWORK_TIMEOUT) as steady:
+            steady.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"steady\n")
+            assert ring.get(timeout=NETWORK_TIMEOUT) == b"steady"
+            for number, stream in enumerate(bad_streams.values(), 1):
+                allowed.clear()
+                with socket.create_connection(address, NETWORK_TIMEOUT) as bad:
+                    bad.sendall(stream)
+                    assert closed_by_server(bad), "the offending connection is closed"
+                wait_for(lambda number=number: len(server.errors) == number)
+            steady.sendall(b"still\n")
+            assert ring.get(timeout=NETWORK_TIMEOUT) == b"still"
+            wait_for(lambda: server.stats().connections_closed == len(bad_streams))
+    assert ring.qsize() == 0
+    stats = server.stats()
+    assert stats.proxy_header_errors == len(bad_streams)
+    assert all(type(error) is fastsock.ProxyHeaderError for error in server.errors)
+    reasons = [proxy.NOT_PROXY, proxy.NOT_PROXY, proxy.V1_TOO_LONG, proxy.V2_BAD_LENGTH]
+    reasons.append(proxy.TIMED_OUT)
+    for error, reason in zip(server.errors, reasons, strict=True):
+        assert proxy.REASONS[reason] in str(error)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("it began b'GET / HTTP/1.1\\r\\nHost" in text for text in logged), logged
+    assert any("it began b'\\r\\n\\r\\n\\x00\\r\\nQUIT\\n'" in text for text in logged), logged
+
+
+@pytest.mark.parametrize("path", SERVERS)
+def test_servers_close_an_untrusted_peer_unread(path, caplog, monkeypatch):
+    monkeypatch.setattr(sys.modules["fastsock.receiver"]._log, "_next_allowed", {})
+    ring = fastsock.RingQueue()
+    server = proxy_server(path, ring, proxy_trusted=["192.0.2.0/24"])
+    with caplog.at_level(logging.WARNING, "fastsock"), serving(server):
+        with socket.create_connection(server.server_address, NETWORK_TIMEOUT) as client:
+            client.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"forged\n")
+            assert closed_by_server(client)
+            real = client.getsockname()
+        wait_for(lambda: server.errors)
+    [error] = server.errors
+    assert type(error) is fastsock.ProxyHeaderError and "not in proxy_trusted" in str(error)
+    assert repr(real) in str(error)
+    stats = server.stats()
+    assert (stats.proxy_header_errors, stats.connections_opened, stats.messages_received) == (
+        1,
+        0,
+        0,
+    )
+    assert any("not in proxy_trusted" in record.getMessage() for record in caplog.records)
