@@ -6,9 +6,13 @@ by the test, its clients bound to another loopback address than HAProxy's.  Bad 
 ``proxy_trusted``) close only their connection, counted, logged with a sample and passed to
 handle_error."""
 
+import contextlib
 import logging
+import os
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -367,3 +371,125 @@ def test_servers_close_an_untrusted_peer_unread(path, caplog, monkeypatch):
         0,
     )
     assert any("not in proxy_trusted" in record.getMessage() for record in caplog.records)
+
+
+# -- Behind a real HAProxy -------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+# The clients' address, another than HAProxy's own (127.0.0.1): what the header must carry.
+CLIENT_HOST = "127.0.0.2"
+
+
+@pytest.fixture
+def haproxy():
+    """The haproxy binary; the tests fail without it under CI=true, and skip loudly
+    elsewhere (.ci/run installs it)."""
+    if HAPROXY is None:
+        message = "haproxy is not installed (Debian: apt-get install haproxy)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: the tests behind a real HAProxy cannot run")
+        pytest.skip(f"!!! {message}: the tests behind a real HAProxy are SKIPPED !!!")
+    return HAPROXY
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def haproxy_in_front(binary, backend, send_proxy, directory):
+    """HAProxy in TCP mode on a loopback port, forwarding to backend with send_proxy ("" for
+    no header); yields its frontend's address."""
+    port = free_port()
+    config = directory / "haproxy.cfg"
+    config.write_text(
+        "global\n"
+        "    maxconn 64\n"
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 5s\n"
+        "    timeout client 30s\n"
+        "    timeout server 30s\n"
+        "frontend clients\n"
+        f"    bind {LOCALHOST}:{port}\n"
+        "    default_backend fastsock\n"
+        "backend fastsock\n"
+        f"    server receiver {backend[0]}:{backend[1]} {send_proxy}\n"
+    )
+    log = open(directory / "haproxy.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        while not listening(LOCALHOST, port):
+            assert process.poll() is None, (directory / "haproxy.log").read_text()
+            assert time.monotonic() < deadline, "haproxy did not start listening"
+            time.sleep(0.05)
+        yield (LOCALHOST, port)
+    finally:
+        process.terminate()
+        process.wait(NETWORK_TIMEOUT)
+        log.close()
+
+
+def listening(host, port):
+    """True once something listens on host:port (read from /proc, not by connecting, so
+    no connection reaches the backend)."""
+    wanted = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(row[1] == wanted and row[3] == "0A" for row in rows)
+
+
+def client_through(frontend):
+    client = socket.socket()
+    client.settimeout(NETWORK_TIMEOUT)
+    client.bind((CLIENT_HOST, 0))
+    client.connect(frontend)
+    return client
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+@pytest.mark.parametrize("path", SERVERS)
+def test_behind_haproxy_the_address_is_the_clients(haproxy, path, send_proxy, tmp_path):
+    ring = fastsock.RingQueue()
+    with (
+        serving(proxy_server(path, ring)) as server,
+        haproxy_in_front(haproxy, server.server_address, send_proxy, tmp_path) as frontend,
+    ):
+        clients = [client_through(frontend) for _ in range(3)]
+        with contextlib.ExitStack() as stack:
+            for client in clients:
+                stack.enter_context(client)
+            for number, client in enumerate(clients):
+                client.sendall(b"hello %d\nbye %d\n" % (number, number))
+            got = messages_with_source(ring, 2 * len(clients))
+            by_payload = dict((payload, source_id) for source_id, payload in got)
+            for number, client in enumerate(clients):
+                source_id = by_payload[b"hello %d" % number]
+                assert by_payload[b"bye %d" % number] == source_id
+                address = server.connection_address(source_id)
+                assert address == client.getsockname(), (address, client.getsockname())
+                assert address[0] == CLIENT_HOST
+    stats = server.stats()
+    assert stats.proxy_header_errors == 0 and server.errors == []
+
+
+@pytest.mark.parametrize("path", SERVERS)
+def test_behind_haproxy_without_send_proxy_every_connection_is_refused(
+    haproxy, path, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sys.modules["fastsock.receiver"]._log, "_next_allowed", {})
+    ring = fastsock.RingQueue()
+    with (
+        serving(proxy_server(path, ring)) as server,
+        haproxy_in_front(haproxy, server.server_address, "", tmp_path) as frontend,
+    ):
+        with client_through(frontend) as client:
+            client.sendall(b"no header\n")
+            assert closed_by_server(client)
+        wait_for(lambda: server.errors)
+    assert ring.qsize() == 0
+    assert server.stats().proxy_header_errors == 1
+    assert proxy.REASONS[proxy.NOT_PROXY] in str(server.errors[0])
