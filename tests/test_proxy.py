@@ -7,6 +7,7 @@ by the test, its clients bound to another loopback address than HAProxy's.  Bad 
 handle_error."""
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -19,8 +20,8 @@ import time
 import pytest
 
 import fastsock
-from fastsock import ReceiveOptions, constants, proxy
-from tests import test_engine
+from fastsock import ReceiveOptions, _cli_serve, cli, constants, proxy
+from tests import test_cli, test_engine
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
 from tests.test_engine import adopted_pair, client_of, closed_by_server, make_engine, running, take
 from tests.test_syslog import Recorded, wait_for
@@ -493,3 +494,56 @@ def test_behind_haproxy_without_send_proxy_every_connection_is_refused(
     assert ring.qsize() == 0
     assert server.stats().proxy_header_errors == 1
     assert proxy.REASONS[proxy.NOT_PROXY] in str(server.errors[0])
+
+
+# -- fastsock serve --proxy-protocol ---------------------------------------------------------
+
+# The fixture that starts `fastsock serve` processes and kills them after.
+serve = test_cli.serve
+
+
+def test_fastsock_serve_writes_the_client_the_header_names(serve):
+    server = serve("tcp://127.0.0.1:0", "--proxy-protocol", "--format", "jsonl")
+    with socket.create_connection(server.inet_address(), NETWORK_TIMEOUT) as client:
+        client.sendall(GOOD_HEADERS["v1-tcp4"][0] + b"behind a balancer\n")
+        with socket.create_connection(server.inet_address(), NETWORK_TIMEOUT) as bad:
+            bad.sendall(b"no header\n")
+            assert closed_by_server(bad)
+        warning = server.line_matching("it began")
+        client.sendall(b"still here\n")
+        server.line_matching("2 opened")
+    assert server.stop() == 0
+    records = [json.loads(line) for line in server.output.read_text().splitlines()]
+    assert [(record["peer"], record["text"]) for record in records] == [
+        ("192.0.2.7:50123", "behind a balancer"),
+        ("192.0.2.7:50123", "still here"),
+    ]
+    assert proxy.REASONS[proxy.NOT_PROXY] in warning and "b'no header\\n'" in warning
+    assert "proxy headers 1" in server.stderr[-1]
+
+
+@pytest.mark.parametrize(
+    "arguments, says",
+    [
+        (["udp://127.0.0.1:0", "--proxy-protocol"], "--proxy-protocol applies to stream"),
+        (["tcp://127.0.0.1:0", "--proxy-trusted", "10.0.0.0/8"], "with --proxy-protocol"),
+        (["tcp://127.0.0.1:0", "--proxy-protocol", "--proxy-trusted", "10.0.0.0/33"], "33"),
+        (["tcp://127.0.0.1:0", "--proxy-protocol", "--proxy-trusted", ","], "names no network"),
+    ],
+)
+def test_serve_refuses_proxy_options_that_do_not_apply(capsys, arguments, says):
+    assert cli.main(["serve", *arguments]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_serve_hands_the_proxy_options_to_the_receiver():
+    arguments = ["serve", "tcp://127.0.0.1:0", "--proxy-protocol"]
+    arguments += ["--proxy-trusted", "10.1.0.0/16, 2001:db8::/32"]
+    options = cli.build_parser().parse_args(arguments)
+    endpoint = _cli_serve.parse_endpoint(options.url, allow_remote=False)
+    _cli_serve.check_serve_options(options, endpoint)
+    limits = _cli_serve.receive_options(options, endpoint)
+    assert limits.proxy_protocol is True
+    assert limits.proxy_trusted == ("10.1.0.0/16", "2001:db8::/32")
+    default = cli.build_parser().parse_args(["serve", "tcp://127.0.0.1:0"])
+    assert _cli_serve.receive_options(default, endpoint).proxy_protocol is False
