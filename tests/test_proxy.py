@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import struct
@@ -249,6 +250,67 @@ def test_without_the_option_a_header_is_data(engine_impl, listener):
         got = take(ring, 2)
         assert got[0][1] == GOOD_HEADERS["v1-tcp4"][0][:-2] + b"\r"
         assert engine.peer(got[0][0]) == client.getsockname()
+
+
+def mutations(count, seed=14):
+    """Headers good and bad: the good ones cut short, with a byte changed, with the v2
+    length or family changed, with bytes after them, and random bytes after a v2
+    signature."""
+    rng = random.Random(seed)
+    headers = [header for header, _ in GOOD_HEADERS.values()]
+    headers += [header for header, _ in BAD_HEADERS.values()]
+    for _ in range(count):
+        data = bytearray(rng.choice(headers))
+        kind = rng.randrange(5)
+        if kind == 0:
+            data = data[: rng.randrange(1, len(data) + 1)]
+        elif kind == 1:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 2 and data.startswith(proxy.V2_SIGNATURE):
+            data[rng.choice([13, 14, 15])] = rng.randrange(256)
+        elif kind == 3:
+            data += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+        else:
+            data = bytearray(proxy.V2_SIGNATURE) + rng.randbytes(rng.randrange(4, 120))
+        yield bytes(data)
+
+
+def test_the_engine_parses_as_the_python_parser(engine_impl):
+    """Each input, then the peer's end: the engine refuses it for the reason the Python
+    parser gives (cut short if the parser wants more), or takes it with the address the
+    parser reads."""
+    engine, ring, counters = lines_engine(engine_impl, max_connections=1000)
+    cases = []
+    for data in mutations(300):
+        connection_id, client = adopted_pair(engine)
+        client.sendall(data)
+        client.close()
+        cases.append((connection_id, data))
+    with running(engine) as runner:
+        wait_for(lambda: counters.snapshot().connections_closed == len(cases))
+    refused = {event.connection_id: event.detail for event in runner.events_of("proxy_header")}
+    # What a socket pair's peer is: a header naming no client keeps it.
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        unix_peer = server_side.getpeername()
+    for connection_id, data in cases:
+        try:
+            parsed = proxy.parse(data)
+        except proxy.HeaderRejected as exc:
+            expected = (proxy.REASONS[exc.reason], data[: constants.PROTOCOL_ERROR_SAMPLE])
+            assert refused.get(connection_id) == expected, data
+            continue
+        if parsed is None:
+            expected = (proxy.REASONS[proxy.TRUNCATED], data[: constants.PROTOCOL_ERROR_SAMPLE])
+            assert refused.get(connection_id) == expected, data
+            continue
+        assert connection_id not in refused, data
+        address = engine.peer(connection_id)
+        if parsed.address is not None:
+            assert address == parsed.address, data
+        else:
+            assert address == unix_peer, data
+    assert counters.snapshot().proxy_header_errors == len(refused)
 
 
 # -- Servers: on event engines, and a compiled loop per connection ---------------------------
