@@ -1089,14 +1089,16 @@ cdef class StreamEngine:
 
     cdef void serve_header(self, Connection* connection, uint64_t now) noexcept nogil:
         # One recv() into the pending PROXY header's buffer, at most what it has room for
-        # (no header is longer), then a parse of everything received so far.
+        # (no header is longer) and recv_size (the turn's budget, and so the bytes after
+        # the header are at most what a read brings), then a parse of all received so far.
         cdef ProxyHeader* header = connection.proxy
         cdef uint8_t* data = proxy_bytes(header)
         cdef ssize_t received
         cdef int result
         cdef Py_ssize_t consumed = 0
         cdef PeerAddress address
-        received = recv(connection.fd, data + header.length, self.proxy_room - header.length, 0)
+        received = recv(connection.fd, data + header.length,
+                        min(self.proxy_room - header.length, self.recv_size), 0)
         if received == 0:
             # A peer that sent nothing (a TCP health check, a port scan) just closed.
             if header.length == 0:

@@ -609,3 +609,16 @@ def test_serve_hands_the_proxy_options_to_the_receiver():
     assert limits.proxy_trusted == ("10.1.0.0/16", "2001:db8::/32")
     default = cli.build_parser().parse_args(["serve", "tcp://127.0.0.1:0"])
     assert _cli_serve.receive_options(default, endpoint).proxy_protocol is False
+
+
+def test_a_header_is_read_within_recv_size_and_raw_chunks_stay_within_it(engine_impl):
+    engine, ring, counters = lines_engine(engine_impl, framing="raw", recv_size=16)
+    header, address = GOOD_HEADERS["v2-ipv4-tlvs"]
+    connection_id, client = adopted_pair(engine)
+    with client:
+        client.sendall(header + b"x" * 40)
+        with running(engine):
+            got = take(ring, 3)
+            assert b"".join(payload for _, payload in got) == b"x" * 40
+            assert max(len(payload) for _, payload in got) <= 16
+            assert engine.peer(connection_id) == address

@@ -487,7 +487,7 @@ class StreamEngine:
         size = self._recv_size
         if connection.header is not None:
             # As the compiled engine: no more than a pending header has room for.
-            size = PROXY_ROOM - len(connection.header)
+            size = min(size, PROXY_ROOM - len(connection.header))
         try:
             data = connection.sock.recv(size)
         except (BlockingIOError, InterruptedError):
