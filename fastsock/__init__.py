@@ -22,6 +22,7 @@ from .errors import (
     FramingError,
     LineTooLongError,
     MalformedFrameError,
+    ProxyHeaderError,
     QueueClosed,
 )
 from .options import ReceiveOptions

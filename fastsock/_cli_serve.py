@@ -17,7 +17,7 @@ import time
 import urllib.parse
 
 import fastsock
-from fastsock import constants, metrics
+from fastsock import constants, metrics, proxy
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
 from fastsock._ratelimit import RateLimitedLogger
 from fastsock.addresses import address_from_sockaddr
@@ -53,7 +53,8 @@ output formats:
             "connection": 7, "text": "the message"}}
          time        when fastsock serve took the message from its queue (UTC, ISO 8601)
          peer        the sender: "host:port", "[host]:port" (IPv6) or a socket path; null
-                     when unknown (an unbound Unix sender, a stream in --mode prefork)
+                     when unknown (an unbound Unix sender, a stream in --mode prefork);
+                     with --proxy-protocol, the client the connection's header names
          connection  the stream connection's id, shared by all its messages; null for
                      datagrams
          text        the payload, when it is valid UTF-8; otherwise "base64" holds it
@@ -76,6 +77,18 @@ syslog (--framing syslog):
   starts with 0, or is over --max-frame closes that connection, counted and logged with
   the start of what it sent, as a line over --max-line does.
 
+behind a load balancer (--proxy-protocol):
+  every stream connection must begin with a PROXY protocol header, v1 (text) or v2
+  (binary): what HAProxy sends with send-proxy or send-proxy-v2, and nginx, Envoy, AWS and
+  GCP load balancers when told to. The client it names is the connection's peer (a v2
+  LOCAL or v1 UNKNOWN header keeps the real one). Only peers in --proxy-trusted may send
+  one; any other connection is closed at once, unread. A missing, malformed or oversized
+  header closes that connection, counted ("proxy headers" in the counters) and logged
+  with the start of what it sent; so does a header not complete in time.
+  Trusted by default: {", ".join(constants.PROXY_TRUSTED)}.
+  Header limits: {constants.PROXY_HEADER_TIMEOUT:g} s to arrive whole;
+  {constants.PROXY_MAX_HEADER:,} bytes (v2; a v1 header has at most 107).
+
 log rotation (SIGHUP):
   with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
   messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
@@ -92,7 +105,8 @@ metrics (--metrics [HOST:]PORT):
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
-  bytes discarded, lines or frames over the limits; datagrams: ring full, truncated, kernel),
+  bytes discarded, lines or frames over the limits, connections closed for their PROXY
+  header; datagrams: ring full, truncated, kernel),
   backpressure (seconds the receive loops waited for this process to take messages) and
   the messages queued.
 """
@@ -183,6 +197,20 @@ def add_serve_arguments(parser):
         "hand over what was sent before the stop; what is left is counted "
         f"(default {constants.SHUTDOWN_DRAIN_TIMEOUT:g}; 0: count at once)",
     )
+    proxied = parser.add_argument_group("PROXY protocol")
+    proxied.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="streams: each connection begins with a PROXY protocol header (v1 or v2, "
+        "HAProxy's send-proxy/send-proxy-v2) naming the client, which becomes its peer",
+    )
+    proxied.add_argument(
+        "--proxy-trusted",
+        type=proxy_networks,
+        metavar="CIDR,...",
+        help="with --proxy-protocol, the networks that may send a header (default "
+        f"{','.join(constants.PROXY_TRUSTED)}); a connection from elsewhere is closed",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output",
@@ -224,6 +252,18 @@ def _seconds(text):
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
     return value
+
+
+def proxy_networks(text):
+    """``CIDR,...`` of --proxy-trusted: a tuple of networks, checked."""
+    networks = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not networks:
+        raise argparse.ArgumentTypeError("names no network: say CIDR,... (e.g. 10.0.0.0/8)")
+    try:
+        proxy.trusted_networks(networks)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return networks
 
 
 def metrics_address(text):
@@ -323,6 +363,10 @@ def check_serve_options(options, endpoint):
         raise UsageError(SERVE, "--max-line applies to --framing lines and syslog")
     if options.max_frame is not None and framing not in ("length", "octets", "syslog"):
         raise UsageError(SERVE, "--max-frame applies to --framing length, octets and syslog")
+    if endpoint.datagram and options.proxy_protocol:
+        raise UsageError(SERVE, "--proxy-protocol applies to stream endpoints (tcp://, unix://)")
+    if options.proxy_trusted is not None and not options.proxy_protocol:
+        raise UsageError(SERVE, "--proxy-trusted applies with --proxy-protocol")
     if options.workers is not None and options.mode != "prefork":
         raise UsageError(SERVE, "--workers applies to --mode prefork")
     if options.mode == "prefork" and endpoint.scheme == "unixgram":
@@ -346,6 +390,9 @@ def receive_options(options, endpoint):
         for name in STREAM_LIMITS:
             if getattr(options, name) is not None:
                 limits[name] = getattr(options, name)
+        limits["proxy_protocol"] = options.proxy_protocol
+        if options.proxy_trusted is not None:
+            limits["proxy_trusted"] = options.proxy_trusted
     try:
         return fastsock.ReceiveOptions(**limits)
     except (TypeError, ValueError) as exc:
@@ -597,7 +644,8 @@ def stats_line(stats, ring_stats, written, previous, seconds):
         )
         parts.append(
             f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "
-            f"unread {stats.bytes_unread:,} B, over limits {stats.framing_errors:,}"
+            f"unread {stats.bytes_unread:,} B, over limits {stats.framing_errors:,}, "
+            f"proxy headers {stats.proxy_header_errors:,}"
         )
         parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
     parts.append(f"queued {ring_stats.messages_queued:,}")

@@ -39,6 +39,26 @@ cdef struct PeerAddress:
     uint8_t bytes[ADDRESS_ROOM]
 
 
+cdef struct ProxyHeader:
+    # The PROXY protocol header of a connection while it is pending (proxy_protocol on):
+    # allocated at accept with the engine's proxy_room bytes after it, freed once the header
+    # is parsed or the connection ends, so a connection pays only a pointer for it after.
+    # The pending headers form a list in accept order: the head's deadline is the nearest.
+    uint64_t started_ns
+    ProxyHeader* prev
+    ProxyHeader* next
+    void* connection              # the Connection it belongs to
+    Py_ssize_t length             # bytes received into it
+
+
+cdef struct TrustedNetwork:
+    # One network of proxy_trusted: a peer whose address starts with these prefix bits may
+    # send a PROXY header.
+    int family                    # AF_INET or AF_INET6
+    int prefix
+    uint8_t bytes[16]
+
+
 cdef enum ConnectionListKind:
     # Every connection is in the idle list, ordered by last_data_ns (silent longest first);
     # one with a partial message also in the message list, by message_started_ns; one
@@ -61,6 +81,7 @@ cdef struct Connection:
     Connection* next[LIST_KINDS]
     bint listed[LIST_KINDS]
     Connection* next_ended        # the turn's ended connections, freed after it
+    ProxyHeader* proxy            # NULL unless its PROXY header is still pending
 
 
 cdef struct ConnectionList:
@@ -103,6 +124,7 @@ cdef struct EngineEventRecord:
 cdef enum AdoptResult:
     ADOPTED
     REFUSED                       # max_connections are open and none could be evicted
+    UNTRUSTED                     # proxy_protocol, and the peer is outside proxy_trusted
     FAILED                        # out of memory, or epoll refused the descriptor
 
 
@@ -136,6 +158,15 @@ cdef class StreamEngine:
     cdef uint64_t buffer_release_ns
     cdef Py_ssize_t max_connections
     cdef uint64_t partial_budget
+
+    # The PROXY protocol: a header pending on each new connection, from a trusted peer only.
+    cdef bint proxy_protocol
+    cdef uint64_t proxy_timeout_ns
+    cdef Py_ssize_t proxy_room        # bytes of a ProxyHeader's buffer
+    cdef TrustedNetwork* trusted
+    cdef Py_ssize_t trusted_count
+    cdef ProxyHeader* proxy_head      # pending headers, oldest first
+    cdef ProxyHeader* proxy_tail
 
     # Connections, by descriptor.
     cdef Connection** by_fd
@@ -193,6 +224,13 @@ cdef class StreamEngine:
                            uint64_t now) noexcept nogil
     cdef bint make_room(self, uint64_t now) noexcept nogil
     cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil
+    cdef void receive_failed(self, Connection* connection, int error) noexcept nogil
+    cdef void serve_header(self, Connection* connection, uint64_t now) noexcept nogil
+    cdef void header_done(self, Connection* connection, Py_ssize_t consumed,
+                          const PeerAddress* address, uint64_t now) noexcept nogil
+    cdef void header_failed(self, Connection* connection, int reason) noexcept nogil
+    cdef void header_release(self, Connection* connection) noexcept nogil
+    cdef bint peer_trusted(self, const PeerAddress* address) noexcept nogil
     cdef bint deliver(self, Connection* connection) noexcept nogil
     cdef bint publish_pending(self, Connection* connection) noexcept nogil
     cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil

@@ -45,9 +45,18 @@ class EngineEvent(NamedTuple):
       ENFILE, ENOBUFS, ENOMEM); accepting pauses ``detail`` seconds (10 ms doubling to 1 s)
       while the open connections are served; ``connection_id`` and ``address`` are None;
     - "no_memory", "os_error": receiving from the connection failed and it was closed;
-      ``detail`` is the errno.
+      ``detail`` is the errno;
+    - "proxy_header" (``proxy_protocol``): the connection was closed for its PROXY
+      header: none, malformed, oversized, cut short by the peer's end, or not complete
+      within ``constants.PROXY_HEADER_TIMEOUT``; ``detail`` is ``(reason, sample)``, reason
+      one of ``fastsock.proxy.REASONS``, sample the header's first bytes (at most
+      ``constants.PROTOCOL_ERROR_SAMPLE``); counted in ``proxy_header_errors``;
+    - "proxy_untrusted" (``proxy_protocol``): a new connection from outside
+      ``proxy_trusted`` was closed at accept, unread (counted in ``proxy_header_errors``,
+      not opened); ``connection_id`` and ``detail`` are None.
 
-    ``address`` is the peer's address as ``socket.accept()`` gives it.
+    ``address`` is the peer's address as ``socket.accept()`` gives it (for a connection
+    closed for its PROXY header, the real peer's: the header was never believed).
     """
 
     kind: str
@@ -72,7 +81,13 @@ class StreamEngine:
         not close them.  ``recv_size`` is also the fairness budget: each ready connection gets
         one ``recv()`` of at most that many bytes per turn of the loop, so a connection sending
         without pause cannot starve the others.  ``TypeError`` for a ring, counters or options
-        of another kind; ``ValueError`` if the ring cannot take the largest message."""
+        of another kind; ``ValueError`` if the ring cannot take the largest message.
+        ``proxy_protocol``: every connection first sends a PROXY header (v1 or v2), read
+        before framing (the bytes after it in the same read are framed), within
+        ``constants.PROXY_HEADER_TIMEOUT`` and ``constants.PROXY_MAX_HEADER`` bytes; a peer
+        outside ``proxy_trusted`` (checked at accept on its real address; a Unix socket peer
+        is trusted) is closed unread, and ``add_connection()`` refuses it with
+        ``ConnectionRefusedError``."""
 
     def add_connection(self, fd: int) -> int:
         """Receive an already accepted, connected stream socket too, as if the engine had
@@ -115,7 +130,9 @@ class StreamEngine:
 
     def peer(self, connection_id: int) -> object:
         """The client address of a connection, open or among the
-        ``constants.RECENT_PEERS`` closed last; None otherwise."""
+        ``constants.RECENT_PEERS`` closed last; None otherwise.  With ``proxy_protocol``,
+        the client its PROXY header named once it was read (the real peer before, and for
+        a v2 LOCAL or v1 UNKNOWN header)."""
 
     @property
     def connections(self) -> int:

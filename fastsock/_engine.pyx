@@ -21,8 +21,8 @@ from libc.errno cimport (
     ETIMEDOUT,
     errno,
 )
-from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, memset
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close, read, write
 
@@ -63,6 +63,7 @@ from fastsock._recvloop cimport (
     COUNT_MESSAGES_RECEIVED,
     COUNT_PAUSED_NS,
     COUNT_PAUSES,
+    COUNT_PROXY_HEADER_ERRORS,
     COUNT_RESETS,
 )
 from fastsock._sockets cimport (
@@ -78,9 +79,10 @@ from fastsock._sockets cimport (
     sockaddr,
 )
 
+import ipaddress
 from collections import namedtuple
 
-from fastsock import constants
+from fastsock import constants, proxy
 from fastsock.addresses import address_from_sockaddr
 from fastsock.options import ReceiveOptions
 
@@ -94,6 +96,16 @@ cdef extern from "<sys/epoll.h>" nogil:
     int EPOLL_CTL_DEL
     uint32_t EPOLLIN
     uint32_t EPOLLEXCLUSIVE
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int AF_INET
+    int AF_INET6
+    int AF_UNIX
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int family, const char* text, void* out)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -120,6 +132,8 @@ cdef enum EventKind:
     EVENT_NO_MEMORY
     EVENT_OS_ERROR
     EVENT_FRAME_MALFORMED
+    EVENT_PROXY_HEADER
+    EVENT_PROXY_UNTRUSTED
 
 
 cdef inline bint is_framing_event(int kind) noexcept nogil:
@@ -138,6 +152,8 @@ EVENT_NAMES = {
     EVENT_NO_MEMORY: "no_memory",
     EVENT_OS_ERROR: "os_error",
     EVENT_FRAME_MALFORMED: "frame_malformed",
+    EVENT_PROXY_HEADER: "proxy_header",
+    EVENT_PROXY_UNTRUSTED: "proxy_untrusted",
 }
 
 END_NAMES = {ENGINE_EVENTS: "events", ENGINE_STOPPED: "stopped", ENGINE_EMPTY: "empty"}
@@ -335,6 +351,182 @@ cdef inline bint out_of_descriptors(int error) noexcept nogil:
     return error == EMFILE or error == ENFILE or error == ENOBUFS or error == ENOMEM
 
 
+# -- The PROXY protocol (fastsock/proxy.py is its Python twin) -------------------------------
+
+cdef enum ProxyParse:
+    # Why a header was refused, in the order of fastsock.proxy.REASONS; then the results
+    # that are not refusals.
+    PROXY_NOT_PROXY
+    PROXY_V1_TOO_LONG
+    PROXY_V1_MALFORMED
+    PROXY_V2_UNSUPPORTED
+    PROXY_V2_BAD_LENGTH
+    PROXY_V2_TOO_LARGE
+    PROXY_TIMED_OUT
+    PROXY_TRUNCATED
+    PROXY_DONE                    # a complete header: consumed bytes, the address (or none)
+    PROXY_MORE                    # every byte so far begins a header
+
+
+cdef enum:
+    V1_MAX_HEADER = 107           # the v1 specification's longest header, CRLF included
+    V1_MAX_FIELDS = 6
+
+
+cdef const uint8_t* V2_SIGNATURE = <const uint8_t*>b"\r\n\r\n\x00\r\nQUIT\n"
+cdef const uint8_t* V1_PREFIX = <const uint8_t*>b"PROXY "
+
+
+cdef inline uint8_t* proxy_bytes(ProxyHeader* header) noexcept nogil:
+    return (<uint8_t*>header) + sizeof(ProxyHeader)
+
+
+cdef void inet_address(PeerAddress* address, int family, const uint8_t* host,
+                       uint32_t port) noexcept nogil:
+    # The sockaddr_in or sockaddr_in6 accept() would give for host and port.
+    cdef uint16_t family_word = <uint16_t>family
+    memset(address.bytes, 0, ADDRESS_ROOM)
+    memcpy(address.bytes, &family_word, sizeof(family_word))
+    address.bytes[2] = <uint8_t>(port >> 8)
+    address.bytes[3] = <uint8_t>(port & 0xFF)
+    if family == AF_INET:
+        memcpy(address.bytes + 4, host, 4)
+        address.length = 16
+    else:
+        memcpy(address.bytes + 8, host, 16)
+        address.length = 28
+
+
+cdef int v1_port(const uint8_t* text, Py_ssize_t length, uint32_t* port) noexcept nogil:
+    # Decimal, 0 to 65535, no leading zero: 0, or -1 if malformed.
+    cdef Py_ssize_t index
+    if length < 1 or length > 5 or (text[0] == 48 and length > 1):
+        return -1
+    port[0] = 0
+    for index in range(length):
+        if text[index] < 48 or text[index] > 57:  # not '0' to '9'
+            return -1
+        port[0] = port[0] * 10 + (text[index] - 48)
+    return 0 if port[0] <= 65535 else -1
+
+
+cdef int v1_host(const uint8_t* text, Py_ssize_t length, int family,
+                 uint8_t* out) noexcept nogil:
+    cdef char copy[64]
+    if length >= 64 or memchr(text, 0, length) != NULL:
+        return -1
+    memcpy(copy, text, length)
+    copy[length] = 0
+    return 0 if inet_pton(family, copy, out) == 1 else -1
+
+
+cdef int proxy_parse_v1(const uint8_t* data, Py_ssize_t length, Py_ssize_t* consumed,
+                        PeerAddress* address) noexcept nogil:
+    cdef Py_ssize_t end = -1
+    cdef Py_ssize_t index, count = 0
+    cdef Py_ssize_t starts[V1_MAX_FIELDS]
+    cdef Py_ssize_t ends[V1_MAX_FIELDS]
+    cdef int family
+    cdef uint8_t host[16]
+    cdef uint8_t ignored[16]
+    cdef uint32_t port, other_port
+    if memcmp(data, V1_PREFIX, min(length, <Py_ssize_t>6)) != 0:
+        return PROXY_NOT_PROXY
+    for index in range(min(length, <Py_ssize_t>V1_MAX_HEADER) - 1):
+        if data[index] == b'\r' and data[index + 1] == b'\n':
+            end = index
+            break
+    if end < 0:
+        return PROXY_V1_TOO_LONG if length >= V1_MAX_HEADER else PROXY_MORE
+    consumed[0] = end + 2
+    address.length = 0
+    # The fields between single spaces, as bytes.split(b" ") gives them.
+    starts[0] = 6
+    for index in range(6, end):
+        if data[index] == b' ':
+            ends[count] = index
+            count += 1
+            if count == V1_MAX_FIELDS:
+                break
+            starts[count] = index + 1
+    if count < V1_MAX_FIELDS:
+        ends[count] = end
+        count += 1
+    if ends[0] - starts[0] == 7 and memcmp(data + starts[0], b"UNKNOWN", 7) == 0:
+        # The specification: the rest of the line is ignored; the real peer stays.
+        return PROXY_DONE
+    if count != 5 or ends[0] - starts[0] != 4:
+        return PROXY_V1_MALFORMED
+    if memcmp(data + starts[0], b"TCP4", 4) == 0:
+        family = AF_INET
+    elif memcmp(data + starts[0], b"TCP6", 4) == 0:
+        family = AF_INET6
+    else:
+        return PROXY_V1_MALFORMED
+    if (v1_host(data + starts[1], ends[1] - starts[1], family, host) != 0
+            or v1_host(data + starts[2], ends[2] - starts[2], family, ignored) != 0
+            or v1_port(data + starts[3], ends[3] - starts[3], &port) != 0
+            or v1_port(data + starts[4], ends[4] - starts[4], &other_port) != 0):
+        return PROXY_V1_MALFORMED
+    inet_address(address, family, host, port)
+    return PROXY_DONE
+
+
+cdef int proxy_parse_v2(const uint8_t* data, Py_ssize_t length, Py_ssize_t max_header,
+                        Py_ssize_t* consumed, PeerAddress* address) noexcept nogil:
+    cdef int version, command, family, transport
+    cdef Py_ssize_t body, needed
+    if memcmp(data, V2_SIGNATURE, min(length, <Py_ssize_t>12)) != 0:
+        return PROXY_NOT_PROXY
+    if length < 16:
+        return PROXY_MORE
+    version = data[12] >> 4
+    command = data[12] & 0x0F
+    family = data[13] >> 4
+    transport = data[13] & 0x0F
+    if version != 2 or command > 1 or family > 3 or transport > 2:
+        return PROXY_V2_UNSUPPORTED
+    body = (<Py_ssize_t>data[14] << 8) | data[15]
+    if 16 + body > max_header:
+        return PROXY_V2_TOO_LARGE
+    # The bytes of the family's addresses: UNSPEC, INET, INET6, UNIX.
+    needed = 0 if family == 0 else 12 if family == 1 else 36 if family == 2 else 216
+    if command == 1 and body < needed:
+        return PROXY_V2_BAD_LENGTH
+    if length < 16 + body:
+        return PROXY_MORE
+    consumed[0] = 16 + body
+    address.length = 0
+    # LOCAL (command 0): the load balancer's own connection, e.g. a health check; the TLVs
+    # after the addresses are skipped.
+    if command == 1 and family == 1:
+        inet_address(address, AF_INET, data + 16, (<uint32_t>data[24] << 8) | data[25])
+    elif command == 1 and family == 2:
+        inet_address(address, AF_INET6, data + 16, (<uint32_t>data[48] << 8) | data[49])
+    return PROXY_DONE
+
+
+cdef int proxy_parse(const uint8_t* data, Py_ssize_t length, Py_ssize_t max_header,
+                     Py_ssize_t* consumed, PeerAddress* address) noexcept nogil:
+    # A ProxyParse for the bytes a connection sent so far (length > 0).
+    if data[0] == V2_SIGNATURE[0]:
+        return proxy_parse_v2(data, length, max_header, consumed, address)
+    return proxy_parse_v1(data, length, consumed, address)
+
+
+cdef bint network_contains(const TrustedNetwork* network, int family,
+                           const uint8_t* host) noexcept nogil:
+    cdef int whole = network.prefix // 8
+    cdef int bits = network.prefix % 8
+    cdef uint8_t mask
+    if network.family != family or memcmp(network.bytes, host, whole) != 0:
+        return False
+    if bits == 0:
+        return True
+    mask = <uint8_t>(0xFF << (8 - bits))
+    return (network.bytes[whole] & mask) == (host[whole] & mask)
+
+
 cdef class StreamEngine:
 
     def __cinit__(self, RingQueue ring not None, ReceiveCounters counters not None,
@@ -366,6 +558,20 @@ cdef class StreamEngine:
         self.max_connections = max_connections
         self.partial_budget = (
             0 if options.max_partial_bytes is None else options.max_partial_bytes)
+        self.proxy_protocol = options.proxy_protocol
+        self.proxy_timeout_ns = seconds_to_ns(constants.PROXY_HEADER_TIMEOUT)
+        self.proxy_room = max(constants.PROXY_MAX_HEADER, <Py_ssize_t>V1_MAX_HEADER)
+        networks = [ipaddress.ip_network(network) for network in options.proxy_trusted]
+        self.trusted = <TrustedNetwork*>PyMem_RawCalloc(
+            max(len(networks), 1), sizeof(TrustedNetwork))
+        if self.trusted == NULL:
+            raise MemoryError()
+        for index in range(len(networks)):
+            packed = networks[index].network_address.packed
+            self.trusted[index].family = AF_INET if networks[index].version == 4 else AF_INET6
+            self.trusted[index].prefix = networks[index].prefixlen
+            memcpy(self.trusted[index].bytes, <const char*>packed, len(packed))
+        self.trusted_count = len(networks)
         self.idle_list.kind = IDLE_LIST
         self.message_list.kind = MESSAGE_LIST
         self.buffer_list.kind = BUFFER_LIST
@@ -413,6 +619,7 @@ cdef class StreamEngine:
         PyMem_RawFree(self.events)
         PyMem_RawFree(self.event_records)
         PyMem_RawFree(self.listeners)
+        PyMem_RawFree(self.trusted)
         peer_table_free(&self.peers)
         if self.framer_configured:
             framer_config_clear(&self.framer_config)
@@ -423,6 +630,7 @@ cdef class StreamEngine:
     def add_connection(self, int fd):
         cdef PeerAddress address
         cdef int flags
+        cdef AdoptResult result
         if self.running:
             raise RuntimeError("add_connection() while run() runs in another thread")
         if self.closed or self.finished:
@@ -434,7 +642,10 @@ cdef class StreamEngine:
         flags = fcntl(fd, F_GETFL)
         if flags < 0 or fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0:
             raise OSError(errno, "fcntl")
-        if self.adopt(fd, &address, monotonic_ns()) != ADOPTED:
+        result = self.adopt(fd, &address, monotonic_ns())
+        if result == UNTRUSTED:
+            raise ConnectionRefusedError("the peer is not in proxy_trusted")
+        if result != ADOPTED:
             raise ConnectionRefusedError(
                 f"already receiving max_connections={self.max_connections} connections")
         return self.connection_of(fd).id
@@ -501,6 +712,10 @@ cdef class StreamEngine:
     cdef object event_detail(self, EngineEventRecord* event):
         if is_framing_event(event.kind):
             return event.sample[:event.sample_length]
+        if event.kind == EVENT_PROXY_HEADER:
+            return (proxy.REASONS[event.number], event.sample[:event.sample_length])
+        if event.kind == EVENT_PROXY_UNTRUSTED:
+            return None
         if (event.kind == EVENT_MESSAGE_TIMEOUT or event.kind == EVENT_EVICTED_IDLE
                 or event.kind == EVENT_ACCEPT_PAUSED):
             return event.seconds
@@ -642,6 +857,11 @@ cdef class StreamEngine:
                     deadline = candidate
             if self.accept_resume_ns and (deadline == 0 or self.accept_resume_ns < deadline):
                 deadline = self.accept_resume_ns
+            if self.proxy_head != NULL:
+                candidate = (max(self.proxy_head.started_ns, self.resumed_at_ns)
+                             + self.proxy_timeout_ns)
+                if deadline == 0 or candidate < deadline:
+                    deadline = candidate
         if deadline == 0:
             return -1
         if deadline <= now:
@@ -675,6 +895,11 @@ cdef class StreamEngine:
             # back (the next read allocates again); one with a partial keeps it.
             framer_release_if_empty(&head.framer)
             list_remove(&self.buffer_list, head)
+        while self.proxy_head != NULL:
+            if (now - max(self.proxy_head.started_ns, self.resumed_at_ns)
+                    < self.proxy_timeout_ns):
+                break
+            self.header_failed(<Connection*>self.proxy_head.connection, PROXY_TIMED_OUT)
         if self.accept_resume_ns and now >= self.accept_resume_ns:
             self.accept_resume_ns = 0
             self.set_accepting(True)
@@ -699,6 +924,7 @@ cdef class StreamEngine:
 
     cdef void accept_from(self, int listener, uint64_t now) noexcept nogil:
         cdef PeerAddress address
+        cdef AdoptResult result
         cdef int fd, error, _
         for _ in range(ACCEPTS_PER_TURN):
             address.length = ADDRESS_ROOM
@@ -716,8 +942,11 @@ cdef class StreamEngine:
                     self.record(EVENT_ACCEPT_PAUSED, NULL, NULL, self.accept_backoff, error)
                 return
             self.accept_backoff = 0
-            if self.adopt(fd, &address, now) == REFUSED:
+            result = self.adopt(fd, &address, now)
+            if result == REFUSED:
                 self.record(EVENT_REFUSED, NULL, &address, 0, <uint64_t>self.max_connections)
+            elif result == UNTRUSTED:
+                self.record(EVENT_PROXY_UNTRUSTED, NULL, &address, 0, 0)
 
     cdef AdoptResult adopt(self, int fd, const PeerAddress* address,
                            uint64_t now) noexcept nogil:
@@ -727,7 +956,13 @@ cdef class StreamEngine:
         cdef Py_ssize_t capacity
         cdef epoll_event registration
         cdef PeerAddress* stored
+        cdef ProxyHeader* header = NULL
         cdef bint reserved
+        if self.proxy_protocol and not self.peer_trusted(address):
+            # Never read: whatever it would send cannot be believed.
+            close(fd)
+            self.counters.add(COUNT_PROXY_HEADER_ERRORS, 1)
+            return UNTRUSTED
         if self.connection_count >= self.max_connections and not self.make_room(now):
             close(fd)
             self.counters.add(COUNT_CONNECTIONS_REFUSED, 1)
@@ -745,11 +980,15 @@ cdef class StreamEngine:
             self.by_fd_capacity = capacity
         connection = <Connection*>PyMem_RawCalloc(1, sizeof(Connection))
         stored = peer_address_copy(address)
+        if self.proxy_protocol:
+            header = <ProxyHeader*>PyMem_RawMalloc(sizeof(ProxyHeader) + self.proxy_room)
         pthread_mutex_lock(&self.lock)
         reserved = peer_reserve(&self.peers)
         pthread_mutex_unlock(&self.lock)
-        if connection == NULL or stored == NULL or not reserved:
+        if (connection == NULL or stored == NULL or not reserved
+                or (self.proxy_protocol and header == NULL)):
             self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
+            PyMem_RawFree(header)
             PyMem_RawFree(stored)
             PyMem_RawFree(connection)
             close(fd)
@@ -758,6 +997,7 @@ cdef class StreamEngine:
         registration.data.u64 = <uint64_t>connection
         if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
             self.record(EVENT_OS_ERROR, NULL, address, 0, errno)
+            PyMem_RawFree(header)
             PyMem_RawFree(stored)
             PyMem_RawFree(connection)
             close(fd)
@@ -772,6 +1012,18 @@ cdef class StreamEngine:
         pthread_mutex_lock(&self.lock)
         peer_put(&self.peers, connection.id, stored)
         pthread_mutex_unlock(&self.lock)
+        if header != NULL:
+            header.started_ns = now
+            header.length = 0
+            header.connection = connection
+            header.next = NULL
+            header.prev = self.proxy_tail
+            if self.proxy_tail != NULL:
+                self.proxy_tail.next = header
+            else:
+                self.proxy_head = header
+            self.proxy_tail = header
+            connection.proxy = header
         if self.draining:
             # Accepted from the backlog by a stop: it hands over what it sent, like the rest.
             shutdown(fd, SHUT_RDWR)
@@ -798,7 +1050,9 @@ cdef class StreamEngine:
     cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil:
         # One recv() of at most recv_size bytes: the fairness budget of a turn.
         cdef ssize_t received
-        cdef int error
+        if connection.proxy != NULL:
+            self.serve_header(connection, now)
+            return
         if framer_reserve(&connection.framer, &self.framer_config, self.recv_size) != 0:
             self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
             self.end_connection(connection)
@@ -820,7 +1074,11 @@ cdef class StreamEngine:
             # The peer finished, or a stop's drain read everything it had sent.
             self.end_connection(connection)
             return
-        error = errno
+        self.receive_failed(connection, errno)
+
+    cdef void receive_failed(self, Connection* connection, int error) noexcept nogil:
+        # recv() failed: a reset ends the connection as an ordinary end, another error with
+        # an event; EAGAIN and EINTR are no failure.
         if error == EAGAIN or error == EINTR:
             return
         if is_reset(error):
@@ -828,6 +1086,125 @@ cdef class StreamEngine:
         else:
             self.record(EVENT_OS_ERROR, connection, NULL, 0, error)
         self.end_connection(connection)
+
+    cdef void serve_header(self, Connection* connection, uint64_t now) noexcept nogil:
+        # One recv() into the pending PROXY header's buffer, at most what it has room for
+        # (no header is longer) and recv_size (the turn's budget, and so the bytes after
+        # the header are at most what a read brings), then a parse of all received so far.
+        cdef ProxyHeader* header = connection.proxy
+        cdef uint8_t* data = proxy_bytes(header)
+        cdef ssize_t received
+        cdef int result
+        cdef Py_ssize_t consumed = 0
+        cdef PeerAddress address
+        received = recv(connection.fd, data + header.length,
+                        min(self.proxy_room - header.length, self.recv_size), 0)
+        if received == 0:
+            # A peer that sent nothing (a TCP health check, a port scan) just closed.
+            if header.length == 0:
+                self.end_connection(connection)
+            else:
+                self.header_failed(connection, PROXY_TRUNCATED)
+            return
+        if received < 0:
+            self.receive_failed(connection, errno)
+            return
+        connection.last_data_ns = now
+        list_append(&self.idle_list, connection)
+        self.counters.add(COUNT_BYTES_RECEIVED, <uint64_t>received)
+        header.length += received
+        address.length = 0
+        result = proxy_parse(data, header.length, self.proxy_room, &consumed, &address)
+        if result == PROXY_DONE:
+            self.header_done(connection, consumed, &address, now)
+        elif result != PROXY_MORE:
+            self.header_failed(connection, result)
+        elif header.length == self.proxy_room:
+            # Unreachable: every header longer than the room is refused before it fills.
+            self.header_failed(connection, PROXY_V2_TOO_LARGE)
+
+    cdef void header_done(self, Connection* connection, Py_ssize_t consumed,
+                          const PeerAddress* address, uint64_t now) noexcept nogil:
+        # The connection's address becomes the header's (unless it names none); the bytes
+        # received after the header are framed as if this read had brought only them.
+        cdef ProxyHeader* header = connection.proxy
+        cdef Py_ssize_t rest = header.length - consumed
+        cdef PeerAddress* stored
+        if address.length:
+            stored = peer_address_copy(address)
+            if stored == NULL:
+                self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
+                self.end_connection(connection)
+                return
+            pthread_mutex_lock(&self.lock)
+            peer_put(&self.peers, connection.id, stored)
+            pthread_mutex_unlock(&self.lock)
+        if rest == 0:
+            self.header_release(connection)
+            return
+        if framer_reserve(&connection.framer, &self.framer_config, rest) != 0:
+            self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
+            self.end_connection(connection)
+            return
+        memcpy(framer_write_pointer(&connection.framer), proxy_bytes(header) + consumed, rest)
+        self.header_release(connection)
+        list_append(&self.buffer_list, connection)
+        self.published = 0
+        self.status = framer_commit(&connection.framer, &self.framer_config, rest,
+                                    self.spans, self.max_spans, &self.nspans)
+        if self.deliver(connection):
+            self.after_read(connection, now)
+
+    cdef void header_failed(self, Connection* connection, int reason) noexcept nogil:
+        # Its bytes are counted as discarded when it ends.
+        self.counters.add(COUNT_PROXY_HEADER_ERRORS, 1)
+        self.record(EVENT_PROXY_HEADER, connection, NULL, 0, <uint64_t>reason)
+        self.end_connection(connection)
+
+    cdef void header_release(self, Connection* connection) noexcept nogil:
+        cdef ProxyHeader* header = connection.proxy
+        if header == NULL:
+            return
+        if header.prev != NULL:
+            header.prev.next = header.next
+        else:
+            self.proxy_head = header.next
+        if header.next != NULL:
+            header.next.prev = header.prev
+        else:
+            self.proxy_tail = header.prev
+        connection.proxy = NULL
+        PyMem_RawFree(header)
+
+    cdef bint peer_trusted(self, const PeerAddress* address) noexcept nogil:
+        # At accept, by the real peer's address: a Unix socket peer is a process of this
+        # host; an IPv4-mapped IPv6 address is matched as the IPv4 one.
+        cdef uint16_t family = 0
+        cdef const uint8_t* host
+        cdef int host_family
+        cdef Py_ssize_t index
+        cdef uint8_t* mapped_prefix = <uint8_t*>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
+        if address.length >= sizeof(family):
+            memcpy(&family, address.bytes, sizeof(family))
+        if family == AF_UNIX:
+            return True
+        if family == AF_INET and address.length >= 8:
+            host_family, host = AF_INET, address.bytes + 4
+        elif family == AF_INET6 and address.length >= 24:
+            host_family, host = AF_INET6, address.bytes + 8
+            if memcmp(host, mapped_prefix, 12) == 0:
+                host_family, host = AF_INET, host + 12
+        else:
+            return False
+        for index in range(self.trusted_count):
+            if network_contains(&self.trusted[index], host_family, host):
+                return True
+        # An IPv4-mapped address also matches an IPv6 network that holds it as such.
+        if host_family == AF_INET and family == AF_INET6:
+            for index in range(self.trusted_count):
+                if network_contains(&self.trusted[index], AF_INET6, address.bytes + 8):
+                    return True
+        return False
 
     cdef bint deliver(self, Connection* connection) noexcept nogil:
         # Publishes the framed spans; False when the ring held them back (the engine is
@@ -981,6 +1358,9 @@ cdef class StreamEngine:
             self.blocked = NULL
             self.paused = False
             self.nspans = self.published = 0
+        if connection.proxy != NULL:
+            unpublished_bytes += <uint64_t>connection.proxy.length
+            self.header_release(connection)
         self.counters.add(COUNT_BYTES_DISCARDED,
                           unpublished_bytes + framer_discard_pending(&connection.framer))
         self.counters.hold_partial(connection.held_bytes, 0)
@@ -1032,6 +1412,9 @@ cdef class StreamEngine:
             slot = peer_find(&self.peers, connection.id)
             if slot != NULL:
                 peer_address_get(&event.address, slot.address)
+        if connection != NULL and kind == EVENT_PROXY_HEADER and connection.proxy != NULL:
+            event.sample_length = min(connection.proxy.length, SAMPLE_LENGTH)
+            memcpy(event.sample, proxy_bytes(connection.proxy), event.sample_length)
         if connection != NULL and is_framing_event(kind):
             event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
             memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,

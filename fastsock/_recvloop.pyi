@@ -35,6 +35,10 @@ class ReceiveCounters:
     def count_refusal(self) -> None:
         """A connection was refused: ``max_connections`` were open and none could be evicted
         (``connections_refused``)."""
+    def count_proxy_header(self, received: int, failed: bool) -> None:
+        """A PROXY header read in Python (the per-connection path): ``received`` bytes were
+        received; if it ``failed``, they were discarded and ``proxy_header_errors`` counts
+        the connection."""
     def next_connection_id(self) -> int:
         """A connection id unique among every process sharing these counters, starting at
         1 and wrapping at 2**32."""

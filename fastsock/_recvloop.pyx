@@ -122,6 +122,14 @@ cdef class ReceiveCounters:
         # Unsigned arithmetic wraps, so a shrinking share subtracts.
         return fastsock_counter_add_fetch(&self.values[<int>PARTIAL_BYTES_WORD], now - held)
 
+    def count_proxy_header(self, uint64_t received, bint failed):
+        """A PROXY header read in Python (the per-connection path): its bytes were received;
+        if it failed, they were discarded and the connection counts as a header error."""
+        self.add(COUNT_BYTES_RECEIVED, received)
+        if failed:
+            self.add(COUNT_BYTES_DISCARDED, received)
+            self.add(COUNT_PROXY_HEADER_ERRORS, 1)
+
     def request_stop(self):
         """Stop every loop counting here, in this process and in forked ones."""
         fastsock_counter_store(&self.values[<int>STOP_WORD], 1)
@@ -161,6 +169,7 @@ cdef class ReceiveCounters:
             lines_too_long=values[<int>COUNT_LINES_TOO_LONG],
             frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
             frames_malformed=values[<int>COUNT_FRAMES_MALFORMED],
+            proxy_header_errors=values[<int>COUNT_PROXY_HEADER_ERRORS],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],

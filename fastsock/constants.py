@@ -139,6 +139,22 @@ PROTOCOL_ERROR_SAMPLE = 32
 """Bytes of an offending line or frame shown, escaped, in the log line about it: enough to
 recognise b"GET / HTTP/1.1" or a binary header, too few to copy a payload into the logs."""
 
+PROXY_HEADER_TIMEOUT = 5.0
+"""Seconds a connection may take to send its whole PROXY protocol header: a load balancer
+sends it at once, with or before the client's first bytes, so a slower one is not a load
+balancer (or holds a slot on purpose)."""
+
+PROXY_MAX_HEADER = 1024
+"""Bytes a PROXY protocol v2 header may take (16 fixed, then addresses and TLVs): the
+addresses need at most 216 and the TLVs load balancers add (ALPN, authority, unique ID, TLS
+details, cloud endpoint IDs) a few hundred; a longer one is refused, not buffered.  A v1
+header is at most 107 bytes, as its specification says."""
+
+PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
+"""Networks allowed to send a PROXY header by default: loopback only, where a load balancer
+on the same host runs; any other must be named, since a trusted header sets the reported
+client address."""
+
 ENGINE_EVENTS_KEPT = 4096
 """Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
 between two takes is reported whole, while a caller that stops taking them costs at most

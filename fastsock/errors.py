@@ -8,6 +8,7 @@ __all__ = [
     "FramingError",
     "LineTooLongError",
     "MalformedFrameError",
+    "ProxyHeaderError",
     "QueueClosed",
 ]
 
@@ -36,6 +37,11 @@ class FrameTooLargeError(FramingError):
 class MalformedFrameError(FramingError):
     """An octet count (RFC 6587 ``MSG-LEN SP``) was not a decimal number without a leading
     zero followed by a space."""
+
+
+class ProxyHeaderError(FramingError):
+    """A connection that had to begin with a PROXY protocol header did not: none, a
+    malformed, oversized or unfinished one, or one from outside ``proxy_trusted``."""
 
 
 _ShutDown = getattr(queue, "ShutDown", None)

@@ -84,6 +84,11 @@ STREAM_METRICS = (
         "frames_malformed",
         "Connections closed for a malformed octet count (syslog).",
     ),
+    _counter(
+        "proxy_header_errors",
+        "proxy_header_errors",
+        "Connections closed for a bad, late or untrusted PROXY header.",
+    ),
     _counter("connection_resets", "resets", "Connections reset by their peer."),
     _counter("idle_timeouts", "idle_timeouts", "Connections closed for silence."),
     _counter("message_timeouts", "message_timeouts", "Connections closed for a slow message."),

@@ -7,7 +7,7 @@ import math
 import resource
 
 # _impl as a module, not its names: the engines import this module while _impl is imported.
-from . import _impl, constants
+from . import _impl, constants, proxy
 
 __all__ = ["ReceiveOptions"]
 
@@ -26,7 +26,10 @@ class ReceiveOptions:
     ``evict_idle_after``, the silence after which a connection gives its slot to a new one when
     the server is full; ``max_partial_bytes``, incomplete messages all connections of a process
     may hold together before the largest holder is closed (None: no cap); ``engine_threads``,
-    event engines of a ThreadingMixIn server, each a thread of its own.
+    event engines of a ThreadingMixIn server, each a thread of its own; ``proxy_protocol``,
+    every connection begins with a PROXY protocol header (v1 or v2) naming the client a load
+    balancer accepted, which becomes the connection's address; ``proxy_trusted``, the
+    networks (CIDR strings) that may send one: a peer outside them is closed at accept.
 
     Datagrams: ``max_datagram``, bytes of buffer per datagram; ``datagram_batch``, datagrams
     one recvmmsg() takes; ``datagram_busy_poll``, seconds the loop keeps asking after a busy
@@ -51,6 +54,8 @@ class ReceiveOptions:
     datagram_batch: int = constants.DATAGRAM_BATCH
     datagram_busy_poll: float = constants.DATAGRAM_BUSY_POLL
     receive_buffer: int | None = None
+    proxy_protocol: bool = False
+    proxy_trusted: tuple = constants.PROXY_TRUSTED
 
     def __post_init__(self):
         # The framer checks its own options (framing, delimiter, the limits).
@@ -72,6 +77,14 @@ class ReceiveOptions:
             raise ValueError(f"drain_timeout must be >= 0 or None, not {self.drain_timeout!r}")
         if not (_is_number(self.evict_idle_after) and self.evict_idle_after >= 0):
             raise ValueError(f"evict_idle_after must be >= 0, not {self.evict_idle_after!r}")
+        if not isinstance(self.proxy_protocol, bool):
+            raise ValueError(f"proxy_protocol must be a bool, not {self.proxy_protocol!r}")
+        try:
+            networks = proxy.trusted_networks(self.proxy_trusted)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"proxy_trusted: {exc}") from None
+        # Normalised, so that equal options compare equal and the engines parse one form.
+        object.__setattr__(self, "proxy_trusted", tuple(str(network) for network in networks))
         if not (
             _is_number(self.datagram_busy_poll)
             and 0 <= self.datagram_busy_poll <= constants.RECEIVE_CHECK_INTERVAL

@@ -8,9 +8,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 
-from . import constants
+from . import constants, proxy
 from . import server as _server
 from ._impl import (
     ConnectionLedger,
@@ -22,7 +23,7 @@ from ._impl import (
     StreamReceiver,
 )
 from ._ratelimit import RateLimitedLogger
-from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError
+from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, ProxyHeaderError
 from .options import ReceiveOptions
 from .server import BaseRequestHandler
 
@@ -145,6 +146,12 @@ class ReceiveRegistry:
         with self._lock:
             return self._peers.get(connection_id)
 
+    def set_peer(self, connection_id, address):
+        """The connection's address is now address (the client its PROXY header named)."""
+        with self._lock:
+            if connection_id in self._peers:
+                self._peers[connection_id] = address
+
 
 class StreamPath:
     """The compiled receive path of a stream server: the one object the server calls.
@@ -165,6 +172,7 @@ class StreamPath:
 
     def __init__(self, server, handler):
         self.options = _checked_options(handler)
+        self.proxy_trusted = proxy.trusted_networks(self.options.proxy_trusted)
         self.queue = handler.queue
         self.counters = ReceiveCounters()
         self.connections = ReceiveRegistry(self.counters)
@@ -473,6 +481,9 @@ def _report(path, event):
         message = f"{peer} {what}; the connection was closed"
         _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
         _handle_error(server, error_class(message), event.address)
+    elif event.kind in ("proxy_header", "proxy_untrusted"):
+        reason, sample = event.detail if event.kind == "proxy_header" else (None, None)
+        _reject_proxy(server, event.address, reason, sample)
     elif event.kind == "message_timeout":
         _log.warning(
             "message-timeout",
@@ -520,6 +531,34 @@ def _report(path, event):
         _handle_error(server, error, event.address)
 
 
+def _proxy_complaint(address, reason):
+    """The message of a ProxyHeaderError: what the peer at address (its real address) did,
+    reason being one of fastsock.proxy.REASONS, or None for a peer outside proxy_trusted."""
+    if reason is None:
+        return (
+            f"{_escaped(address)} is not in proxy_trusted, so it may not send a PROXY header; "
+            "the connection was closed"
+        )
+    return f"{_escaped(address)} sent {reason}; the connection was closed"
+
+
+def _proxy_error(address, reason, sample):
+    """Log a connection closed for its PROXY header (with a sample of it, escaped); the
+    ProxyHeaderError to report."""
+    message = _proxy_complaint(address, reason)
+    if sample is None:
+        _log.warning("proxy-header", "%s", message)
+    else:
+        _log.warning("proxy-header", "%s (it began %s)", message, _escaped(sample))
+    return ProxyHeaderError(message)
+
+
+def _reject_proxy(server, address, reason, sample):
+    """Log a connection closed for its PROXY header and pass the ProxyHeaderError to the
+    server's handle_error()."""
+    _handle_error(server, _proxy_error(address, reason, sample), address)
+
+
 def _handle_error(server, error, client_address):
     # handle_error() reads the exception being handled, as when handle() raised it.
     try:
@@ -557,6 +596,11 @@ class ReceiveHandler(BaseRequestHandler):
     Served by event engines unless the server overrides a request hook or this class its
     setup(), handle() or finish(); then each connection runs the compiled loop in its own
     handler thread or process, and the errors are raised from ``handle()``.
+
+    With ``proxy_protocol``, each connection first sends a PROXY header (read in the handler
+    thread, in Python, before the loop starts, with the engine's deadline and bounds); a bad
+    one, or a peer outside ``proxy_trusted``, raises ``ProxyHeaderError``; a good one makes
+    the client it names the handler's ``client_address`` and the connection's address.
     """
 
     queue = None
@@ -590,14 +634,27 @@ class ReceiveHandler(BaseRequestHandler):
             )
         self.request.settimeout(None)
         self.path = receive_path(self.server, type(self))
+        self.untrusted = self.path.options.proxy_protocol and not proxy.is_trusted(
+            self.client_address, self.path.proxy_trusted
+        )
+        if self.untrusted:
+            # Never read: whatever it would send cannot be believed.  Not opened.
+            self.path.counters.count_proxy_header(0, True)
+            self.receiver = self.connection_id = None
+            return
         self.receiver = self.path.open_connection(
             self.request, self.client_address, self.path.request_ledger
         )
         self.connection_id = None if self.receiver is None else self.receiver.source_id
 
     def handle(self):
+        if self.untrusted:
+            self.end = "proxy_untrusted"
+            raise _proxy_error(self.client_address, None, None)
         if self.receiver is None:
             self.end = "refused"
+            return
+        if self.path.options.proxy_protocol and not self._take_proxy_header():
             return
         self.end = self.receiver.run()
         options = self.path.options
@@ -615,6 +672,60 @@ class ReceiveHandler(BaseRequestHandler):
         if self.end == "os_error":
             error = self.receiver.last_errno
             raise OSError(error, f"receiving from {self.client_address!r}: {os.strerror(error)}")
+
+    def _take_proxy_header(self):
+        """Read the PROXY header before the compiled loop starts, never a byte past it: each
+        read peeks first and takes only the header's bytes, so the loop frames the rest.
+        True when the loop may run: the header was read (the connection's address is now
+        the client it names, if it names one), or the peer closed before sending a byte.
+        Raises ProxyHeaderError (logged, counted, the connection closed) for a bad header."""
+        sock = self.request
+        header = bytearray()
+        peeked = b""
+        deadline = time.monotonic() + constants.PROXY_HEADER_TIMEOUT
+        room = max(constants.PROXY_MAX_HEADER, proxy.V1_MAX_HEADER)
+        try:
+            while True:
+                if self.path.counters.stop_requested and not header:
+                    self.end = "stopped"
+                    self.path.connections.close(self.receiver)
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise proxy.HeaderRejected(proxy.TIMED_OUT)
+                # Sliced as the loop's checks are, so a stop is seen while a peer is silent.
+                sock.settimeout(min(remaining, constants.RECEIVE_CHECK_INTERVAL))
+                try:
+                    peeked = sock.recv(room - len(header), socket.MSG_PEEK)
+                except TimeoutError:
+                    continue
+                if not peeked:
+                    if header:
+                        raise proxy.HeaderRejected(proxy.TRUNCATED)
+                    return True  # the loop sees the end
+                parsed = proxy.parse(header + peeked)
+                taking = len(peeked) if parsed is None else parsed.length - len(header)
+                header += sock.recv(taking, socket.MSG_WAITALL)
+                peeked = b""
+                if parsed is not None:
+                    break
+        except proxy.HeaderRejected as exc:
+            # What it sent so far is received and discarded with it.
+            header += sock.recv(len(peeked), socket.MSG_WAITALL) if peeked else b""
+            self.path.counters.count_proxy_header(len(header), True)
+            self.end = "proxy_header"
+            self.path.connections.close(self.receiver)
+            sample = bytes(header[: constants.PROTOCOL_ERROR_SAMPLE])
+            raise _proxy_error(self.client_address, proxy.REASONS[exc.reason], sample) from None
+        except OSError:
+            return True  # reset or broken: the loop sees it and ends as it would
+        finally:
+            sock.settimeout(None)
+        self.path.counters.count_proxy_header(len(header), False)
+        if parsed.address is not None:
+            self.path.connections.set_peer(self.connection_id, parsed.address)
+            self.client_address = parsed.address
+        return True
 
     def _reject(self, error_class, what):
         sample = self.receiver.offending_sample(constants.PROTOCOL_ERROR_SAMPLE)

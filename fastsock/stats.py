@@ -45,7 +45,10 @@ class ReceiveStats:
     ``lines_too_long``, ``frames_too_large`` (a length prefix or an octet count over
     ``max_frame``) and ``frames_malformed`` (an octet count that is not digits without a
     leading zero, then a space) count the connections closed for each protocol error;
-    ``framing_errors`` is their sum.
+    ``framing_errors`` is their sum.  ``proxy_header_errors`` counts the connections closed
+    for their PROXY protocol header (``proxy_protocol``): none, malformed, oversized, not
+    finished in time, or sent from outside ``proxy_trusted`` (closed at accept, never
+    opened).
     """
 
     connections_opened: int
@@ -67,6 +70,7 @@ class ReceiveStats:
     partial_bytes: int = 0
     bytes_unread: int = 0
     frames_malformed: int = 0
+    proxy_header_errors: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict, deque
 from typing import NamedTuple
 
-from fastsock import constants
+from fastsock import constants, proxy
 from fastsock._reference.framing import Framer
 from fastsock._reference.receiver import ReceiveCounters, count_leftovers, count_unread
 from fastsock._reference.ring import RingQueue
@@ -49,6 +49,10 @@ ACCEPT_RETRY_ERRNOS = frozenset(
 )
 RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
 WAKEUP = "wakeup"
+# What _admit() returns for a peer outside proxy_trusted.
+UNTRUSTED = "untrusted"
+# Bytes a pending PROXY header may take: what one read brings at most until it is parsed.
+PROXY_ROOM = max(constants.PROXY_MAX_HEADER, proxy.V1_MAX_HEADER)
 
 
 class EngineEvent(NamedTuple):
@@ -73,6 +77,8 @@ class _Connection:
         "unpublished",
         "ending",
         "watched",
+        "header",
+        "header_started",
     )
 
     def __init__(self, connection_id, sock, address, framer, now):
@@ -89,6 +95,9 @@ class _Connection:
         # The event its close will report, once its framed messages are published.
         self.ending = None
         self.watched = True
+        # The PROXY header received so far, while it is pending; None after (or without).
+        self.header = None
+        self.header_started = now
 
 
 class StreamEngine:
@@ -119,6 +128,8 @@ class StreamEngine:
         self._max_connections = options.connections_limit(thread_each=False)
         self._evict_idle_after = options.evict_idle_after
         self._partial_budget = options.max_partial_bytes
+        self._proxy_protocol = options.proxy_protocol
+        self._proxy_trusted = proxy.trusted_networks(options.proxy_trusted)
 
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -147,6 +158,8 @@ class StreamEngine:
         self._by_silence = OrderedDict()
         # Connection id -> connection holding a partial message, oldest message first.
         self._by_message_start = OrderedDict()
+        # Connection id -> connection whose PROXY header is pending, oldest first.
+        self._by_header_start = OrderedDict()
         self._closed_peers = OrderedDict()
         # The connection whose messages the ring refused: while set, nothing is read.
         self._blocked = None
@@ -182,6 +195,9 @@ class StreamEngine:
             except OSError:
                 address = None
             connection = self._admit(sock, address, time.monotonic())
+            if connection is UNTRUSTED:
+                sock.close()
+                raise ConnectionRefusedError(errno.ECONNREFUSED, "the peer is not in proxy_trusted")
             if connection is None:
                 sock.close()
                 raise ConnectionRefusedError(
@@ -317,6 +333,11 @@ class StreamEngine:
             deadlines.append(self._clock_start(oldest.message_started) + self._message_timeout)
         if self._accept_resumes_at is not None:
             deadlines.append(self._accept_resumes_at)
+        if self._by_header_start:
+            oldest = next(iter(self._by_header_start.values()))
+            deadlines.append(
+                self._clock_start(oldest.header_started) + constants.PROXY_HEADER_TIMEOUT
+            )
         if self._draining:
             deadlines.append(self._drain_deadline)
         if not deadlines:
@@ -346,6 +367,12 @@ class StreamEngine:
                     break
                 self._counters.add("message_timeouts", 1)
                 self._end(connection, "message_timeout", self._message_timeout)
+        while self._by_header_start:
+            connection = next(iter(self._by_header_start.values()))
+            started = self._clock_start(connection.header_started)
+            if now - started < constants.PROXY_HEADER_TIMEOUT:
+                break
+            self._header_failed(connection, proxy.TIMED_OUT)
 
     def _wait_for_ring(self):
         """The ring refused a message: read nothing, retry it every RING_POLL_INTERVAL."""
@@ -400,7 +427,11 @@ class StreamEngine:
                 raise
             self._accept_backoff = 0.0
             sock.setblocking(False)
-            if self._admit(sock, address, time.monotonic()) is None:
+            admitted = self._admit(sock, address, time.monotonic())
+            if admitted is UNTRUSTED:
+                sock.close()
+                self._record(EngineEvent("proxy_untrusted", None, address, None))
+            elif admitted is None:
                 sock.close()
                 self._record(EngineEvent("refused", None, address, self._max_connections))
 
@@ -414,7 +445,12 @@ class StreamEngine:
         self._record(EngineEvent("accept_paused", None, None, self._accept_backoff))
 
     def _admit(self, sock, address, now):
-        """The new connection, or None when max_connections are open and none may go."""
+        """The new connection, None when max_connections are open and none may go, or
+        UNTRUSTED for a peer that may not send the PROXY header it must send (counted)."""
+        if self._proxy_protocol and not proxy.is_trusted(address, self._proxy_trusted):
+            # Never read: whatever it would send cannot be believed.
+            self._counters.add("proxy_header_errors", 1)
+            return UNTRUSTED
         if len(self._connections) >= self._max_connections and not self._evict_idlest(now):
             self._counters.count_refusal()
             return None
@@ -429,6 +465,9 @@ class StreamEngine:
         self._selector.register(sock, selectors.EVENT_READ, connection)
         self._connections[connection.id] = connection
         self._by_silence[connection.id] = connection
+        if self._proxy_protocol:
+            connection.header = bytearray()
+            self._by_header_start[connection.id] = connection
         if self._draining:
             self._shutdown(connection)
         return connection
@@ -445,8 +484,12 @@ class StreamEngine:
         return True
 
     def _receive(self, connection):
+        size = self._recv_size
+        if connection.header is not None:
+            # As the compiled engine: no more than a pending header has room for.
+            size = min(size, PROXY_ROOM - len(connection.header))
         try:
-            data = connection.sock.recv(self._recv_size)
+            data = connection.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -457,13 +500,21 @@ class StreamEngine:
                 self._end(connection, "os_error", exc.errno)
             return
         if not data:
-            # The peer's end, or, in a drain, everything it sent before the stop.
+            if connection.header:
+                self._header_failed(connection, proxy.TRUNCATED)
+                return
+            # The peer's end, or, in a drain, everything it sent before the stop (or a peer
+            # that sent no PROXY header at all: a health check, a port scan).
             self._close(connection)
             return
         now = time.monotonic()
         connection.last_data = now
         self._by_silence.move_to_end(connection.id)
         self._counters.add("bytes_received", len(data))
+        if connection.header is not None:
+            data = self._read_header(connection, data)
+            if not data:
+                return
         framer = connection.framer
         pending_start = framer.peek_pending(constants.PROTOCOL_ERROR_SAMPLE)
         try:
@@ -487,6 +538,32 @@ class StreamEngine:
             self._end(connection, "message_timeout", self._message_timeout)
         elif over_budget:
             self._relieve_memory()
+
+    def _read_header(self, connection, data):
+        """Add data to the pending PROXY header; once it is complete, the connection's
+        address is the one it names (if any) and the bytes after it are returned, to be
+        framed; b"" while it is pending or when it failed."""
+        connection.header += data
+        try:
+            parsed = proxy.parse(connection.header)
+        except proxy.HeaderRejected as exc:
+            self._header_failed(connection, exc.reason)
+            return b""
+        if parsed is None:
+            if len(connection.header) >= PROXY_ROOM:  # unreachable: refused before
+                self._header_failed(connection, proxy.V2_TOO_LARGE)
+            return b""
+        if parsed.address is not None:
+            connection.address = parsed.address
+        rest = bytes(connection.header[parsed.length :])
+        connection.header = None
+        self._by_header_start.pop(connection.id, None)
+        return rest
+
+    def _header_failed(self, connection, reason):
+        self._counters.add("proxy_header_errors", 1)
+        sample = bytes(connection.header[: constants.PROTOCOL_ERROR_SAMPLE])
+        self._end(connection, "proxy_header", (proxy.REASONS[reason], sample))
 
     def _fail(self, connection, error, counter, kind, pending_start, data):
         self._counters.add(counter, 1)
@@ -568,6 +645,7 @@ class StreamEngine:
         self._selector.unregister(connection.sock)
         self._by_silence.pop(connection.id, None)
         self._by_message_start.pop(connection.id, None)
+        self._by_header_start.pop(connection.id, None)
 
     def _close(self, connection):
         """Count what the connection leaves behind (the kernel's unread bytes, messages framed
@@ -578,6 +656,10 @@ class StreamEngine:
         if self._blocked is connection:
             self._blocked = None
         count_unread(self._counters, connection.sock.fileno())
+        if connection.header is not None:
+            # A header never completed: its bytes were received, never delivered.
+            self._counters.add("bytes_discarded", len(connection.header))
+            connection.header = None
         count_leftovers(
             self._counters, connection.unpublished, connection.framer, connection.held_bytes
         )

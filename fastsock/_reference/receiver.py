@@ -68,6 +68,14 @@ class ReceiveCounters:
         """A connection was refused: max_connections were open and none could be evicted."""
         self.add("connections_refused", 1)
 
+    def count_proxy_header(self, received, failed):
+        """A PROXY header read in Python: its bytes were received; if it failed, they were
+        discarded and the connection counts as a header error."""
+        self.add("bytes_received", received)
+        if failed:
+            self.add("bytes_discarded", received)
+            self.add("proxy_header_errors", 1)
+
     def request_stop(self):
         """Stop every loop counting here (in this process: the reference is not shared)."""
         self.stop_requested = True
