@@ -168,11 +168,17 @@ def test_server_close_stops_children_whose_peers_stay_connected(forked_server, t
         client.close()
 
 
-def _live_request_children(server_pid):
-    """The server's request processes that still run, newest last: a zombie of an earlier
-    round would ignore the kill and leave it uncounted."""
+def _request_children(server_pid):
+    """The server's request processes, zombies included."""
     children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
-    return sorted(int(pid) for pid in children.read_text().split() if not _gone(int(pid)))
+    return {int(pid) for pid in children.read_text().split()}
+
+
+def _live_request_children(server_pid, earlier):
+    """The server's request processes that still run and are not among ``earlier``: a
+    process of an earlier round, exiting or a zombie, would ignore the kill and leave it
+    uncounted (pids are no age: they wrap at pid_max)."""
+    return sorted(pid for pid in _request_children(server_pid) - earlier if not _gone(pid))
 
 
 def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, tmp_path):
@@ -187,6 +193,7 @@ def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, 
     last_number = {}
     rounds = 8
     for round_number in range(rounds):
+        earlier = _request_children(pid)
         clients = []
         for index in range(4):
             connection = round_number * 4 + index
@@ -211,7 +218,7 @@ def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, 
                 last_number[connection] = number
             if not victims and time.monotonic() > deadline - 0.2:
                 # Under a slow fork (a loaded machine, ASan) not every child may run yet.
-                live = _live_request_children(pid)
+                live = _live_request_children(pid, earlier)
                 victims = live[-2:] if len(live) >= 2 else []
                 for victim in victims:
                     os.kill(victim, signal.SIGKILL)
