@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # .ci/test_wheel.sh PYTHON WORKDIR [PYTEST ARGS...]: the test suite (or the pytest arguments
-# given, which name their test paths) against the wheel a user would install.  `python -m build` makes the sdist, then the wheel FROM THAT SDIST (its
-# default), so a file the sdist lacks fails the build; `auditwheel repair` makes it a
-# manylinux wheel; the wheel, with the test extra, goes into a fresh venv in WORKDIR (a
-# directory outside the source tree), and the repository's tests/ run against it from
-# WORKDIR.  The tests stay in the repository: tests/test_installed.py compares the installed
-# sources with the repository's fastsock/, tests/test_examples.py runs examples/ and
-# tests/test_metrics.py reads README.md; none of them imports anything from the checkout
-# (pytest's --import-mode=importlib, set in pyproject.toml, puts nothing on sys.path), and a
-# check after the run fails it unless `fastsock` came from WORKDIR/venv.
+# given, which name their test paths) against the wheel a user would install.
+# `python -m build` makes the sdist, then the wheel FROM THAT SDIST (its default), so a file
+# the sdist lacks fails the run; `auditwheel repair` makes it a manylinux wheel; the wheel,
+# with the test extra, goes into a fresh venv in WORKDIR (a directory outside the source
+# tree), and the repository's tests/ run against it from WORKDIR.  The tests stay in the
+# repository: tests/test_installed.py compares the installed sources with the repository's
+# fastsock/, tests/test_examples.py runs examples/ and tests/test_metrics.py reads
+# README.md.  No fastsock module comes from the checkout: pytest's --import-mode=importlib
+# (pyproject.toml) puts no test directory on sys.path, `python -` puts only WORKDIR there,
+# and a check after the run fails it unless the tests imported fastsock from WORKDIR/venv.
 #
 # Leaves WORKDIR/dist (sdist and wheel), WORKDIR/wheelhouse (the repaired wheel) and
 # WORKDIR/venv.  Called by .ci/run on the newest Python; by hand:
