@@ -958,6 +958,8 @@ cdef class StreamEngine:
         cdef PeerAddress* stored
         cdef ProxyHeader* header = NULL
         cdef bint reserved
+        cdef int failure = 0
+        cdef int error = 0
         if self.proxy_protocol and not self.peer_trusted(address):
             # Never read: whatever it would send cannot be believed.
             close(fd)
@@ -987,16 +989,14 @@ cdef class StreamEngine:
         pthread_mutex_unlock(&self.lock)
         if (connection == NULL or stored == NULL or not reserved
                 or (self.proxy_protocol and header == NULL)):
-            self.record(EVENT_NO_MEMORY, NULL, address, 0, ENOMEM)
-            PyMem_RawFree(header)
-            PyMem_RawFree(stored)
-            PyMem_RawFree(connection)
-            close(fd)
-            return FAILED
-        registration.events = EPOLLIN
-        registration.data.u64 = <uint64_t>connection
-        if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
-            self.record(EVENT_OS_ERROR, NULL, address, 0, errno)
+            failure, error = EVENT_NO_MEMORY, ENOMEM
+        else:
+            registration.events = EPOLLIN
+            registration.data.u64 = <uint64_t>connection
+            if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &registration) != 0:
+                failure, error = EVENT_OS_ERROR, errno
+        if error != 0:
+            self.record(failure, NULL, address, 0, error)
             PyMem_RawFree(header)
             PyMem_RawFree(stored)
             PyMem_RawFree(connection)
@@ -1188,12 +1188,16 @@ cdef class StreamEngine:
             memcpy(&family, address.bytes, sizeof(family))
         if family == AF_UNIX:
             return True
+        # One assignment each: a tuple assignment goes through a temporary that drops const.
         if family == AF_INET and address.length >= 8:
-            host_family, host = AF_INET, address.bytes + 4
+            host_family = AF_INET
+            host = address.bytes + 4
         elif family == AF_INET6 and address.length >= 24:
-            host_family, host = AF_INET6, address.bytes + 8
+            host_family = AF_INET6
+            host = address.bytes + 8
             if memcmp(host, mapped_prefix, 12) == 0:
-                host_family, host = AF_INET, host + 12
+                host_family = AF_INET
+                host = host + 12
         else:
             return False
         for index in range(self.trusted_count):
