@@ -36,7 +36,13 @@ class CommandError(CLIError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its errors raised as UsageError instead of printed with the usage."""
+    """argparse, with its errors raised as UsageError instead of printed with the usage, and
+    no abbreviated options: a prefix such as ``--server`` must not keep old or mistyped
+    option names alive as aliases of the one they happen to start."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(self.prog, message)

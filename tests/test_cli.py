@@ -79,6 +79,9 @@ def fastsock_command(*arguments):
         (["bench", "--server-cpus", "0", "--client-cpus", "0"], "must not share a CPU"),
         (["bench", "--server-cpus", "0", "--client-cpus", "4096"], "not available"),
         (["bench", "--share-cpus", "--server-cpus", "0"], "--share-cpus places both sides"),
+        # No option is reachable by a prefix of its name, so no old name lives on as one.
+        (["bench", "--server-cpu", "0", "--client-cpus", "1"], "unrecognized arguments"),
+        (["serve", "tcp://127.0.0.1:0", "--max-lin", "9"], "unrecognized arguments: --max-lin"),
     ],
 )
 def test_bad_arguments_are_a_one_line_error(capsys, arguments, says):
