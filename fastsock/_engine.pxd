@@ -6,27 +6,10 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from fastsock._framing cimport FramerConfig, FramerState, FramerStatus
+from fastsock._native cimport epoll_event, pthread_mutex_t, socklen_t
 from fastsock._recvloop cimport ReceiveCounters
 from fastsock._ring cimport RingQueue
-from fastsock._sockets cimport socklen_t
 from fastsock._span cimport MessageSpan
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-
-
-cdef extern from "<sys/epoll.h>" nogil:
-    cdef union epoll_data:
-        void* ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data data
 
 
 cdef enum:

@@ -44,7 +44,40 @@ from fastsock._framing cimport (
     framer_write_pointer,
     framer_write_space,
 )
-from fastsock._native cimport monotonic_ns, seconds_to_ns
+from fastsock._native cimport (
+    AF_INET,
+    AF_INET6,
+    AF_UNIX,
+    EFD_CLOEXEC,
+    EFD_NONBLOCK,
+    EPOLL_CLOEXEC,
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    EPOLLEXCLUSIVE,
+    EPOLLIN,
+    FIONREAD,
+    SHUT_RDWR,
+    SOCK_CLOEXEC,
+    SOCK_NONBLOCK,
+    accept4,
+    epoll_create1,
+    epoll_ctl,
+    epoll_event,
+    epoll_wait,
+    eventfd,
+    getpeername,
+    inet_pton,
+    ioctl,
+    monotonic_ns,
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_unlock,
+    recv,
+    seconds_to_ns,
+    shutdown,
+    sockaddr,
+)
 from fastsock._recvloop cimport (
     COUNT_BYTES_DISCARDED,
     COUNT_BYTES_RECEIVED,
@@ -66,18 +99,6 @@ from fastsock._recvloop cimport (
     COUNT_PROXY_HEADER_ERRORS,
     COUNT_RESETS,
 )
-from fastsock._sockets cimport (
-    FIONREAD,
-    SHUT_RDWR,
-    SOCK_CLOEXEC,
-    SOCK_NONBLOCK,
-    accept4,
-    getpeername,
-    ioctl,
-    recv,
-    shutdown,
-    sockaddr,
-)
 
 import ipaddress
 from collections import namedtuple
@@ -85,40 +106,6 @@ from collections import namedtuple
 from fastsock import constants, proxy
 from fastsock.addresses import address_from_sockaddr
 from fastsock.options import ReceiveOptions
-
-
-cdef extern from "<sys/epoll.h>" nogil:
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    int EPOLL_CLOEXEC
-    int EPOLL_CTL_ADD
-    int EPOLL_CTL_DEL
-    uint32_t EPOLLIN
-    uint32_t EPOLLEXCLUSIVE
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    int AF_INET
-    int AF_INET6
-    int AF_UNIX
-
-
-cdef extern from "<arpa/inet.h>" nogil:
-    int inet_pton(int family, const char* text, void* out)
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    int EFD_NONBLOCK
-    int EFD_CLOEXEC
-
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
 
 
 cdef enum EventKind:

@@ -9,7 +9,14 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove
+
+from fastsock._native cimport (
+    FASTSOCK_BLOCK_SCAN,
+    count_trailing_zeros,
+    fastsock_block_hits,
+    memmem,
+)
 
 import operator
 
@@ -27,48 +34,6 @@ from fastsock.errors import (
     LineTooLongError,
     MalformedFrameError,
 )
-
-
-cdef extern from "string.h" nogil:
-    void* memchr(const void* haystack, int byte, size_t haystack_length)
-    # A GNU extension (Python.h defines _GNU_SOURCE) that searches in linear time.
-    void* memmem(const void* haystack, size_t haystack_length,
-                 const void* needle, size_t needle_length)
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #ifdef __SSE2__
-    #include <emmintrin.h>
-    #define FASTSOCK_BLOCK_SCAN 1
-
-    /* Bit i set where block[i] is byte, for the 64 bytes at block: one look at each byte
-       finds every delimiter of a block, where memchr() pays a call and a setup per line.
-       SSE2 is part of x86-64. */
-    static inline uint64_t fastsock_block_hits(const char *block, char byte) {
-        const __m128i wanted = _mm_set1_epi8(byte);
-        uint64_t hits = 0;
-        int part;
-        for (part = 3; part >= 0; part--) {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 16 * part));
-            hits = (hits << 16)
-                   | (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, wanted));
-        }
-        return hits;
-    }
-    #else
-    #define FASTSOCK_BLOCK_SCAN 0
-    static inline uint64_t fastsock_block_hits(const char *block, char byte) {
-        (void)block;
-        (void)byte;
-        return 0;
-    }
-    #endif
-    """
-    bint BLOCK_SCAN "FASTSOCK_BLOCK_SCAN"
-    uint64_t block_hits "fastsock_block_hits"(const char* block, char byte) nogil
-    int count_trailing_zeros "__builtin_ctzll"(unsigned long long bits) nogil
 
 
 cdef enum:
@@ -269,7 +234,7 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
     cdef Py_ssize_t delimiter_length = config.delimiter_length
     cdef Py_ssize_t longest = config.max_line + delimiter_length
     cdef Py_ssize_t kept = delimiter_length if config.keep_delimiter else 0
-    cdef bint by_block = BLOCK_SCAN and delimiter_length == 1
+    cdef bint by_block = FASTSOCK_BLOCK_SCAN and delimiter_length == 1
     cdef Py_ssize_t head = state.head
     cdef Py_ssize_t scan = state.scan_pos
     cdef Py_ssize_t tail = state.tail
@@ -283,7 +248,7 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
         window_end = min(tail, head + longest)
         if by_block and window_end - scan >= 64:
             # Every line ending in the block is within max_line: head only moves on.
-            hits = block_hits(buffer + scan, delimiter[0])
+            hits = fastsock_block_hits(buffer + scan, delimiter[0])
             while hits:
                 line_end = scan + count_trailing_zeros(hits)
                 if count == max_spans:

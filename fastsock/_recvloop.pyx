@@ -19,26 +19,26 @@ from libc.errno cimport (
 from libc.stdint cimport uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport timeval
 
 from fastsock._native cimport (
-    fastsock_counter_add,
-    fastsock_counter_add_fetch,
-    fastsock_counter_load,
-    fastsock_counter_store,
-    monotonic_ns,
-    seconds_to_ns,
-    seconds_to_timeval,
-    timeval,
-)
-from fastsock._sockets cimport (
+    EWOULDBLOCK,
     FIONREAD,
     MSG_PEEK,
     SHUT_RD,
     SHUT_RDWR,
     SO_RCVTIMEO,
     SOL_SOCKET,
+    fastsock_counter_add,
+    fastsock_counter_add_fetch,
+    fastsock_counter_load,
+    fastsock_counter_store,
     ioctl,
+    monotonic_ns,
+    raise_errno,
     recv,
+    seconds_to_ns,
+    seconds_to_timeval,
     setsockopt,
     shutdown,
 )
@@ -51,14 +51,8 @@ from fastsock._framing cimport (
     framer_held_bytes,
 )
 
-import os
-
 from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
 from fastsock.stats import ReceiveStats
-
-
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
 
 
 cdef enum:
@@ -91,11 +85,11 @@ cdef int set_receive_timeout(int fd, double seconds) except -1:
     cdef int flags = fcntl(fd, F_GETFL)
     cdef timeval interval = seconds_to_timeval(seconds)
     if flags < 0:
-        raise OSError(errno, os.strerror(errno))
+        raise_errno(errno)
     if flags & O_NONBLOCK:
         raise ValueError("the socket must be blocking: call settimeout(None) first")
     if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &interval, sizeof(interval)) != 0:
-        raise OSError(errno, os.strerror(errno))
+        raise_errno(errno)
     return 0
 
 
@@ -105,7 +99,7 @@ cdef class ReceiveCounters:
         cdef void* mapping = mmap(NULL, MAPPED_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise OSError(errno, os.strerror(errno))
+            raise_errno(errno)
         self.values = <uint64_t*>mapping
 
     def __dealloc__(self):
@@ -195,7 +189,7 @@ cdef class ConnectionLedger:
         cdef void* mapping = mmap(NULL, LEDGER_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise OSError(errno, os.strerror(errno))
+            raise_errno(errno)
         self.words = <uint64_t*>mapping
 
     def __dealloc__(self):
