@@ -99,7 +99,7 @@ cdef struct EngineEventRecord:
     uint32_t connection_id        # 0: none
     PeerAddress address           # length 0: none
     double seconds                # message_timeout, evicted_idle, accept_paused
-    uint64_t number               # evicted_memory bytes, refused's limit, errno
+    uint64_t number               # evicted_memory bytes, refused's limit, errno, ProtocolError
     Py_ssize_t sample_length
     char sample[64]               # a framing error's offending bytes, first ones
 
@@ -216,7 +216,7 @@ cdef class StreamEngine:
     cdef bint peer_trusted(self, const PeerAddress* address) noexcept nogil
     cdef bint deliver(self, Connection* connection) noexcept nogil
     cdef bint publish_pending(self, Connection* connection) noexcept nogil
-    cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil
+    cdef void framing_failed(self, Connection* connection) noexcept nogil
     cdef void after_read(self, Connection* connection, uint64_t now) noexcept nogil
     cdef void relieve_memory(self) noexcept nogil
     cdef void resume(self) noexcept nogil

@@ -28,12 +28,8 @@ from fastsock.constants import (
     MAX_LINE_LENGTH,
     RECV_SIZE,
 )
-from fastsock.errors import (
-    FrameTooLargeError,
-    FramingError,
-    LineTooLongError,
-    MalformedFrameError,
-)
+from fastsock._protocol_errors import numbered
+from fastsock.errors import FramingError
 
 
 cdef enum:
@@ -188,9 +184,12 @@ cdef FramerStatus framer_commit(FramerState* state, const FramerConfig* config,
     else:
         status = frame_raw(state, spans, max_spans, nspans)
     state.messages_out += nspans[0]
-    state.failed = (status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
-                    or status == FRAMER_MALFORMED)
     return status
+
+
+cdef inline FramerStatus protocol_error(FramerState* state, ProtocolError kind) noexcept nogil:
+    state.failed = kind
+    return FRAMER_PROTOCOL_ERROR
 
 
 cdef bint framer_release_if_empty(FramerState* state) noexcept nogil:
@@ -268,7 +267,8 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
                                         delimiter_length)
         if found == NULL:
             if tail - head >= longest:
-                return frame_stopped(state, head, scan, count, nspans, FRAMER_LINE_TOO_LONG)
+                return frame_stopped(state, head, scan, count, nspans,
+                                     protocol_error(state, PROTOCOL_LINE_TOO_LONG))
             return frame_stopped(state, head, max(head, tail - delimiter_length + 1), count,
                                  nspans, FRAMER_OK)
         line_end = found - buffer
@@ -297,7 +297,7 @@ cdef FramerStatus frame_length(FramerState* state, const FramerConfig* config,
     while state.tail - state.head >= PREFIX_SIZE:
         length = read_length(state.buffer + state.head)
         if length > <unsigned long long>config.max_frame:
-            return FRAMER_FRAME_TOO_LARGE
+            return protocol_error(state, PROTOCOL_FRAME_TOO_LARGE)
         if state.tail - state.head - PREFIX_SIZE < <Py_ssize_t>length:
             return FRAMER_OK
         if nspans[0] == max_spans:
@@ -328,7 +328,7 @@ cdef FramerStatus frame_octets(FramerState* state, const FramerConfig* config,
     cdef FramerStatus status = FRAMER_OK
     while head < tail:
         if not (c'1' <= buffer[head] <= c'9'):
-            status = FRAMER_MALFORMED
+            status = protocol_error(state, PROTOCOL_FRAME_MALFORMED)
             break
         length = buffer[head] - c'0'
         cursor = head + 1
@@ -337,12 +337,12 @@ cdef FramerStatus frame_octets(FramerState* state, const FramerConfig* config,
             length = 10 * length + <unsigned long long>(buffer[cursor] - c'0')
             cursor += 1
         if length > max_frame:
-            status = FRAMER_FRAME_TOO_LARGE
+            status = protocol_error(state, PROTOCOL_FRAME_TOO_LARGE)
             break
         if cursor == tail:
             break
         if buffer[cursor] != c' ':
-            status = FRAMER_MALFORMED
+            status = protocol_error(state, PROTOCOL_FRAME_MALFORMED)
             break
         cursor += 1
         if tail - cursor < <Py_ssize_t>length:
@@ -397,8 +397,19 @@ cdef class Framer:
         return self.config.max_frame
 
     @property
+    def largest_message(self):
+        cdef Py_ssize_t line = self.config.max_line + self.config.delimiter_length
+        if self.config.kind == FRAMING_LINES:
+            return line
+        if self.config.kind == FRAMING_LENGTH or self.config.kind == FRAMING_OCTETS:
+            return self.config.max_frame
+        if self.config.kind == FRAMING_SYSLOG:
+            return max(self.config.max_frame, line)
+        return None
+
+    @property
     def failed(self):
-        return self.state.failed
+        return self.state.failed != PROTOCOL_NONE
 
     @property
     def bytes_in(self):
@@ -501,8 +512,8 @@ cdef class Framer:
                 raise MemoryError()
             copied += piece
             self.publish(spans, nspans, messages)
-            if status != FRAMER_OK and status != FRAMER_SPANS_FULL:
-                raise self.framing_error(status, messages, size - copied)
+            if status == FRAMER_PROTOCOL_ERROR:
+                raise self.framing_error(messages, size - copied)
         return messages
 
     cdef int publish(self, const MessageSpan* spans, Py_ssize_t nspans, list messages) except -1:
@@ -513,20 +524,17 @@ cdef class Framer:
         framer_consume(&self.state)
         return 0
 
-    cdef object framing_error(self, FramerStatus status, list messages, Py_ssize_t unread):
-        if status == FRAMER_LINE_TOO_LONG:
-            error_type = LineTooLongError
+    cdef object framing_error(self, list messages, Py_ssize_t unread):
+        cdef ProtocolError kind = <ProtocolError>self.state.failed
+        if kind == PROTOCOL_LINE_TOO_LONG:
             text = LINE_TOO_LONG_TEXT.format(self.config.max_line)
-        elif status == FRAMER_MALFORMED:
-            error_type = MalformedFrameError
+        elif kind == PROTOCOL_FRAME_MALFORMED:
             text = MALFORMED_TEXT
         elif self.config.kind != FRAMING_LENGTH:
-            error_type = FrameTooLargeError
             text = COUNT_TOO_LARGE_TEXT.format(self.config.max_frame)
         else:
-            error_type = FrameTooLargeError
             text = FRAME_TOO_LARGE_TEXT.format(read_length(self.state.buffer + self.state.head),
                                                self.config.max_frame)
         self.state.bytes_in += unread
         self.state.bytes_discarded += unread
-        return error_type(text, messages, framer_discard_pending(&self.state) + unread)
+        return numbered(kind).error(text, messages, framer_discard_pending(&self.state) + unread)

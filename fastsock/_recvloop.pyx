@@ -43,14 +43,13 @@ from fastsock._native cimport (
     shutdown,
 )
 from fastsock._framing cimport (
-    FRAMER_FRAME_TOO_LARGE,
-    FRAMER_LINE_TOO_LONG,
-    FRAMER_MALFORMED,
     FRAMER_OK,
+    FRAMER_PROTOCOL_ERROR,
     FRAMER_SPANS_FULL,
     framer_held_bytes,
 )
 
+from fastsock._protocol_errors import PROTOCOL_ERRORS, numbered
 from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
 from fastsock.stats import ReceiveStats
 
@@ -70,9 +69,6 @@ END_NAMES = {
     END_MESSAGE_TIMEOUT: "message_timeout",
     END_EVICTED_IDLE: "evicted_idle",
     END_EVICTED_MEMORY: "evicted_memory",
-    END_LINE_TOO_LONG: "line_too_long",
-    END_FRAME_TOO_LARGE: "frame_too_large",
-    END_FRAME_MALFORMED: "frame_malformed",
     END_RING_CLOSED: "ring_closed",
     END_NO_MEMORY: "no_memory",
     END_OS_ERROR: "os_error",
@@ -108,6 +104,9 @@ cdef class ReceiveCounters:
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil:
         fastsock_counter_add(&self.values[<int>counter], amount)
+
+    cdef void count_protocol_error(self, ProtocolError kind) noexcept nogil:
+        fastsock_counter_add(&self.values[<int>COUNT_PROTOCOL_ERRORS + <int>kind - 1], 1)
 
     cdef bint stopping(self) noexcept nogil:
         return fastsock_counter_load(&self.values[<int>STOP_WORD]) != 0
@@ -160,9 +159,6 @@ cdef class ReceiveCounters:
             messages_received=values[<int>COUNT_MESSAGES_RECEIVED],
             messages_dropped=values[<int>COUNT_MESSAGES_DROPPED],
             bytes_discarded=values[<int>COUNT_BYTES_DISCARDED],
-            lines_too_long=values[<int>COUNT_LINES_TOO_LONG],
-            frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
-            frames_malformed=values[<int>COUNT_FRAMES_MALFORMED],
             proxy_header_errors=values[<int>COUNT_PROXY_HEADER_ERRORS],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
@@ -174,6 +170,8 @@ cdef class ReceiveCounters:
             partial_bytes=fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD]),
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
+            **{kind.counter: values[<int>COUNT_PROTOCOL_ERRORS + index]
+               for index, kind in enumerate(PROTOCOL_ERRORS)},
         )
 
 
@@ -271,6 +269,8 @@ cdef class StreamReceiver:
                 end = self.pump()
                 if end != END_CHECK_IN:
                     self.count_unread()
+            if end == END_PROTOCOL_ERROR:
+                return numbered(self.framer.state.failed).name
             if end != END_CHECK_IN:
                 return END_NAMES[end]
             PyErr_CheckSignals()
@@ -473,15 +473,9 @@ cdef class StreamReceiver:
             if self.status == FRAMER_SPANS_FULL:
                 self.frame(0)
                 continue
-            if self.status == FRAMER_LINE_TOO_LONG:
-                self.counters.add(COUNT_LINES_TOO_LONG, 1)
-                return END_LINE_TOO_LONG
-            if self.status == FRAMER_FRAME_TOO_LARGE:
-                self.counters.add(COUNT_FRAMES_TOO_LARGE, 1)
-                return END_FRAME_TOO_LARGE
-            if self.status == FRAMER_MALFORMED:
-                self.counters.add(COUNT_FRAMES_MALFORMED, 1)
-                return END_FRAME_MALFORMED
+            if self.status == FRAMER_PROTOCOL_ERROR:
+                self.counters.count_protocol_error(<ProtocolError>self.framer.state.failed)
+                return END_PROTOCOL_ERROR
             return END_RECEIVING
 
     cdef StreamEnd publish_pending(self) noexcept nogil:
