@@ -7,8 +7,8 @@
 from libc.stdint cimport uint32_t, uint64_t
 from posix.uio cimport iovec
 
+from fastsock._native cimport mmsghdr, msghdr, sockaddr_storage, socklen_t
 from fastsock._ring cimport MessageView, RingQueue
-from fastsock._sockets cimport mmsghdr, msghdr, sockaddr_storage, socklen_t
 
 
 cdef enum DatagramCounter:

@@ -12,19 +12,32 @@ from libc.errno cimport EAGAIN, EINTR, ENOMEM, errno
 from libc.stdint cimport INT32_MAX, uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport timeval
 
 from fastsock._native cimport (
+    EWOULDBLOCK,
+    MSG_TRUNC,
+    SO_RCVBUF,
+    SO_RCVTIMEO,
+    SO_TYPE,
+    SOCK_DGRAM,
+    SOL_SOCKET,
     fastsock_counter_add,
     fastsock_counter_load,
+    fastsock_read_drops,
+    fastsock_receive_datagrams,
+    getsockopt,
     monotonic_ns,
+    raise_errno,
+    sched_yield,
     seconds_to_ns,
     seconds_to_timeval,
-    timeval,
+    setsockopt,
+    socklen_t,
 )
 from fastsock._ring cimport MAX_SOURCE_LEN, MessageView
 
 import operator
-import os
 
 from fastsock.constants import (
     DATAGRAM_ANNOUNCE_AFTER,
@@ -34,83 +47,6 @@ from fastsock.constants import (
     RECEIVE_CHECK_INTERVAL,
 )
 from fastsock.stats import DatagramStats
-
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
-    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
-    int SOL_SOCKET
-    int SO_TYPE
-    int SO_RCVBUF
-    int SO_RCVTIMEO
-    int SOCK_DGRAM
-    int MSG_TRUNC
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #include <sys/socket.h>
-    #ifdef __linux__
-    #include <linux/sock_diag.h>
-    #endif
-
-    /* MSG_WAITFORONE comes with recvmmsg() and struct mmsghdr wherever they exist.  Where
-       they do not, a batch is one recvmsg() into the first slot.  FASTSOCK_NO_RECVMMSG
-       builds that fallback on Linux too, so that it is tested. */
-    #ifndef MSG_WAITFORONE
-    struct mmsghdr {
-        struct msghdr msg_hdr;
-        unsigned int msg_len;
-    };
-    #endif
-
-    static int fastsock_receive_datagrams(int fd, struct mmsghdr *messages,
-                                          unsigned int count, int wait) {
-    #if defined(MSG_WAITFORONE) && !defined(FASTSOCK_NO_RECVMMSG)
-        /* Wait (up to SO_RCVTIMEO) for the first datagram only, then take what is queued;
-           or, without wait, fail with EAGAIN at once if nothing is. */
-        return recvmmsg(fd, messages, count, wait ? MSG_WAITFORONE : MSG_DONTWAIT, NULL);
-    #else
-        ssize_t received = recvmsg(fd, &messages[0].msg_hdr, wait ? 0 : MSG_DONTWAIT);
-        (void)count;
-        if (received < 0)
-            return -1;
-        messages[0].msg_len = (unsigned int)received;
-        return 1;
-    #endif
-    }
-
-    /* The socket's drop counter now: 1 if read, 0 where the kernel cannot tell. */
-    static int fastsock_read_drops(int fd, uint32_t *drops) {
-    #if defined(__linux__) && defined(SO_MEMINFO)
-        uint32_t meminfo[SK_MEMINFO_VARS];
-        socklen_t length = sizeof(meminfo);
-        if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, meminfo, &length) != 0
-                || length < (SK_MEMINFO_DROPS + 1) * sizeof(uint32_t))
-            return 0;
-        *drops = meminfo[SK_MEMINFO_DROPS];
-        return 1;
-    #else
-        (void)fd;
-        (void)drops;
-        return 0;
-    #endif
-    }
-
-    """
-    int fastsock_receive_datagrams(int fd, mmsghdr* messages, unsigned int count,
-                                   bint wait) noexcept nogil
-    int fastsock_read_drops(int fd, uint32_t* drops) noexcept nogil
 
 
 # recvmmsg() takes at most UIO_MAXIOV datagrams per call.
@@ -127,29 +63,24 @@ END_NAMES = {
 }
 
 
-cdef int raise_errno() except -1:
-    cdef int code = errno
-    raise OSError(code, os.strerror(code))
-
-
 cdef int socket_option(int fd, int name) except? -1:
     cdef int value = 0
     cdef socklen_t length = sizeof(value)
     if getsockopt(fd, SOL_SOCKET, name, &value, &length) != 0:
-        raise_errno()
+        raise_errno(errno)
     return value
 
 
 cdef int set_socket_option(int fd, int name, const void* value, socklen_t length) except -1:
     if setsockopt(fd, SOL_SOCKET, name, value, length) != 0:
-        raise_errno()
+        raise_errno(errno)
     return 0
 
 
 cdef int require_blocking_datagram_socket(int fd) except -1:
     cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
-        raise_errno()
+        raise_errno(errno)
     if socket_option(fd, SO_TYPE) != SOCK_DGRAM:
         raise ValueError(f"fd {fd} is not a datagram socket")
     if flags & O_NONBLOCK:
@@ -163,7 +94,7 @@ cdef class DatagramCounters:
         cdef void* mapping = mmap(NULL, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t),
                                   PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise_errno()
+            raise_errno(errno)
         self.values = <uint64_t*>mapping
 
     def __dealloc__(self):

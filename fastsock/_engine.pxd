@@ -6,27 +6,10 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from fastsock._framing cimport FramerConfig, FramerState, FramerStatus
+from fastsock._native cimport epoll_event, pthread_mutex_t, socklen_t
 from fastsock._recvloop cimport ReceiveCounters
 from fastsock._ring cimport RingQueue
-from fastsock._sockets cimport socklen_t
 from fastsock._span cimport MessageSpan
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-
-
-cdef extern from "<sys/epoll.h>" nogil:
-    cdef union epoll_data:
-        void* ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data data
 
 
 cdef enum:
@@ -116,7 +99,7 @@ cdef struct EngineEventRecord:
     uint32_t connection_id        # 0: none
     PeerAddress address           # length 0: none
     double seconds                # message_timeout, evicted_idle, accept_paused
-    uint64_t number               # evicted_memory bytes, refused's limit, errno
+    uint64_t number               # evicted_memory bytes, refused's limit, errno, ProtocolError
     Py_ssize_t sample_length
     char sample[64]               # a framing error's offending bytes, first ones
 
@@ -233,7 +216,7 @@ cdef class StreamEngine:
     cdef bint peer_trusted(self, const PeerAddress* address) noexcept nogil
     cdef bint deliver(self, Connection* connection) noexcept nogil
     cdef bint publish_pending(self, Connection* connection) noexcept nogil
-    cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil
+    cdef void framing_failed(self, Connection* connection) noexcept nogil
     cdef void after_read(self, Connection* connection, uint64_t now) noexcept nogil
     cdef void relieve_memory(self) noexcept nogil
     cdef void resume(self) noexcept nogil

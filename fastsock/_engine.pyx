@@ -27,10 +27,9 @@ from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close, read, write
 
 from fastsock._framing cimport (
-    FRAMER_FRAME_TOO_LARGE,
-    FRAMER_LINE_TOO_LONG,
-    FRAMER_MALFORMED,
+    FRAMER_PROTOCOL_ERROR,
     FRAMER_SPANS_FULL,
+    ProtocolError,
     framer_base,
     framer_commit,
     framer_config_clear,
@@ -44,7 +43,40 @@ from fastsock._framing cimport (
     framer_write_pointer,
     framer_write_space,
 )
-from fastsock._native cimport monotonic_ns, seconds_to_ns
+from fastsock._native cimport (
+    AF_INET,
+    AF_INET6,
+    AF_UNIX,
+    EFD_CLOEXEC,
+    EFD_NONBLOCK,
+    EPOLL_CLOEXEC,
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    EPOLLEXCLUSIVE,
+    EPOLLIN,
+    FIONREAD,
+    SHUT_RDWR,
+    SOCK_CLOEXEC,
+    SOCK_NONBLOCK,
+    accept4,
+    epoll_create1,
+    epoll_ctl,
+    epoll_event,
+    epoll_wait,
+    eventfd,
+    getpeername,
+    inet_pton,
+    ioctl,
+    monotonic_ns,
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_unlock,
+    recv,
+    seconds_to_ns,
+    shutdown,
+    sockaddr,
+)
 from fastsock._recvloop cimport (
     COUNT_BYTES_DISCARDED,
     COUNT_BYTES_RECEIVED,
@@ -52,11 +84,8 @@ from fastsock._recvloop cimport (
     COUNT_CONNECTIONS_CLOSED,
     COUNT_CONNECTIONS_OPENED,
     COUNT_CONNECTIONS_REFUSED,
-    COUNT_FRAMES_MALFORMED,
-    COUNT_FRAMES_TOO_LARGE,
     COUNT_IDLE_EVICTIONS,
     COUNT_IDLE_TIMEOUTS,
-    COUNT_LINES_TOO_LONG,
     COUNT_MEMORY_EVICTIONS,
     COUNT_MESSAGE_TIMEOUTS,
     COUNT_MESSAGES_DROPPED,
@@ -66,64 +95,18 @@ from fastsock._recvloop cimport (
     COUNT_PROXY_HEADER_ERRORS,
     COUNT_RESETS,
 )
-from fastsock._sockets cimport (
-    FIONREAD,
-    SHUT_RDWR,
-    SOCK_CLOEXEC,
-    SOCK_NONBLOCK,
-    accept4,
-    getpeername,
-    ioctl,
-    recv,
-    shutdown,
-    sockaddr,
-)
 
 import ipaddress
 from collections import namedtuple
 
 from fastsock import constants, proxy
+from fastsock._protocol_errors import numbered
 from fastsock.addresses import address_from_sockaddr
 from fastsock.options import ReceiveOptions
 
 
-cdef extern from "<sys/epoll.h>" nogil:
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    int EPOLL_CLOEXEC
-    int EPOLL_CTL_ADD
-    int EPOLL_CTL_DEL
-    uint32_t EPOLLIN
-    uint32_t EPOLLEXCLUSIVE
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    int AF_INET
-    int AF_INET6
-    int AF_UNIX
-
-
-cdef extern from "<arpa/inet.h>" nogil:
-    int inet_pton(int family, const char* text, void* out)
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    int EFD_NONBLOCK
-    int EFD_CLOEXEC
-
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
-
-
 cdef enum EventKind:
-    EVENT_LINE_TOO_LONG
-    EVENT_FRAME_TOO_LARGE
+    EVENT_PROTOCOL_ERROR  # number: the ProtocolError, whose name is the event's kind
     EVENT_MESSAGE_TIMEOUT
     EVENT_EVICTED_IDLE
     EVENT_EVICTED_MEMORY
@@ -131,19 +114,11 @@ cdef enum EventKind:
     EVENT_ACCEPT_PAUSED
     EVENT_NO_MEMORY
     EVENT_OS_ERROR
-    EVENT_FRAME_MALFORMED
     EVENT_PROXY_HEADER
     EVENT_PROXY_UNTRUSTED
 
 
-cdef inline bint is_framing_event(int kind) noexcept nogil:
-    return (kind == EVENT_LINE_TOO_LONG or kind == EVENT_FRAME_TOO_LARGE
-            or kind == EVENT_FRAME_MALFORMED)
-
-
 EVENT_NAMES = {
-    EVENT_LINE_TOO_LONG: "line_too_long",
-    EVENT_FRAME_TOO_LARGE: "frame_too_large",
     EVENT_MESSAGE_TIMEOUT: "message_timeout",
     EVENT_EVICTED_IDLE: "evicted_idle",
     EVENT_EVICTED_MEMORY: "evicted_memory",
@@ -151,7 +126,6 @@ EVENT_NAMES = {
     EVENT_ACCEPT_PAUSED: "accept_paused",
     EVENT_NO_MEMORY: "no_memory",
     EVENT_OS_ERROR: "os_error",
-    EVENT_FRAME_MALFORMED: "frame_malformed",
     EVENT_PROXY_HEADER: "proxy_header",
     EVENT_PROXY_UNTRUSTED: "proxy_untrusted",
 }
@@ -700,7 +674,8 @@ cdef class StreamEngine:
             for index in range(count):
                 event = &records[index]
                 taken.append(EngineEvent(
-                    EVENT_NAMES[event.kind],
+                    numbered(event.number).name if event.kind == EVENT_PROTOCOL_ERROR
+                    else EVENT_NAMES[event.kind],
                     event.connection_id or None,
                     address_object(&event.address),
                     self.event_detail(event),
@@ -710,7 +685,7 @@ cdef class StreamEngine:
             PyMem_RawFree(records)
 
     cdef object event_detail(self, EngineEventRecord* event):
-        if is_framing_event(event.kind):
+        if event.kind == EVENT_PROTOCOL_ERROR:
             return event.sample[:event.sample_length]
         if event.kind == EVENT_PROXY_HEADER:
             return (proxy.REASONS[event.number], event.sample[:event.sample_length])
@@ -1222,14 +1197,8 @@ cdef class StreamEngine:
                 self.status = framer_commit(&connection.framer, &self.framer_config, 0,
                                             self.spans, self.max_spans, &self.nspans)
                 continue
-            if self.status == FRAMER_LINE_TOO_LONG:
-                self.framing_failed(connection, EVENT_LINE_TOO_LONG)
-                return False
-            if self.status == FRAMER_FRAME_TOO_LARGE:
-                self.framing_failed(connection, EVENT_FRAME_TOO_LARGE)
-                return False
-            if self.status == FRAMER_MALFORMED:
-                self.framing_failed(connection, EVENT_FRAME_MALFORMED)
+            if self.status == FRAMER_PROTOCOL_ERROR:
+                self.framing_failed(connection)
                 return False
             self.nspans = self.published = 0
             return True
@@ -1282,12 +1251,11 @@ cdef class StreamEngine:
         if self.deliver(connection):
             self.after_read(connection, now)
 
-    cdef void framing_failed(self, Connection* connection, int kind) noexcept nogil:
-        self.counters.add(COUNT_LINES_TOO_LONG if kind == EVENT_LINE_TOO_LONG
-                          else COUNT_FRAMES_TOO_LARGE if kind == EVENT_FRAME_TOO_LARGE
-                          else COUNT_FRAMES_MALFORMED, 1)
+    cdef void framing_failed(self, Connection* connection) noexcept nogil:
+        cdef ProtocolError kind = <ProtocolError>connection.framer.failed
+        self.counters.count_protocol_error(kind)
         self.nspans = self.published = 0
-        self.record(kind, connection, NULL, 0, 0)
+        self.record(EVENT_PROTOCOL_ERROR, connection, NULL, 0, kind)
         self.end_connection(connection)
 
     cdef void after_read(self, Connection* connection, uint64_t now) noexcept nogil:
@@ -1419,7 +1387,7 @@ cdef class StreamEngine:
         if connection != NULL and kind == EVENT_PROXY_HEADER and connection.proxy != NULL:
             event.sample_length = min(connection.proxy.length, SAMPLE_LENGTH)
             memcpy(event.sample, proxy_bytes(connection.proxy), event.sample_length)
-        if connection != NULL and is_framing_event(kind):
+        if connection != NULL and kind == EVENT_PROTOCOL_ERROR:
             event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
             memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,
                    event.sample_length)

@@ -27,10 +27,18 @@ from fastsock._span cimport MessageSpan
 cdef enum FramerStatus:
     FRAMER_OK               # every committed byte was framed
     FRAMER_SPANS_FULL       # more messages are ready: publish, consume, then commit 0 bytes
-    FRAMER_LINE_TOO_LONG    # failed now: the spans are still good; then discard_pending
-    FRAMER_FRAME_TOO_LARGE  # failed now: the spans are still good; then discard_pending
-    FRAMER_MALFORMED        # failed now (an octet count that is not digits, then a space)
+    FRAMER_PROTOCOL_ERROR   # failed now (state.failed: why); spans still good; discard_pending
     FRAMER_FAILED           # failed before: the committed bytes were counted as discarded
+
+
+# Why a framer failed: the rows of fastsock/_protocol_errors.py's PROTOCOL_ERRORS, numbered
+# in its order from 1 (the loops and engines look a number up there; 0: not failed).
+cdef enum ProtocolError:
+    PROTOCOL_NONE
+    PROTOCOL_LINE_TOO_LONG
+    PROTOCOL_FRAME_TOO_LARGE
+    PROTOCOL_FRAME_MALFORMED  # an octet count that is not digits, then a space
+    PROTOCOL_ERROR_KINDS = PROTOCOL_FRAME_MALFORMED  # how many rows
 
 
 cdef enum FramingKind:
@@ -55,7 +63,6 @@ cdef struct FramerConfig:
 
 # One connection's framing progress: plain C (72 bytes), so an event loop can hold one per
 # connection and create it without the GIL.  All zero is a fresh state with no buffer.
-# `chosen` fits in the padding after `failed`.
 cdef struct FramerState:
     char* buffer
     Py_ssize_t capacity          # bytes of buffer held now
@@ -65,7 +72,7 @@ cdef struct FramerState:
     unsigned long long bytes_in
     unsigned long long messages_out
     unsigned long long bytes_discarded
-    bint failed                  # a limit was violated: every later byte is discarded
+    unsigned char failed         # a ProtocolError: every later byte is discarded; 0: none
     unsigned char chosen         # syslog: the FramingKind the first byte chose; 0 before it
 
 
@@ -139,4 +146,4 @@ cdef class Framer:
     # The steps behind feed().
     cdef list feed_buffer(self, const char* data, Py_ssize_t size)
     cdef int publish(self, const MessageSpan* spans, Py_ssize_t nspans, list messages) except -1
-    cdef object framing_error(self, FramerStatus status, list messages, Py_ssize_t unread)
+    cdef object framing_error(self, list messages, Py_ssize_t unread)

@@ -121,6 +121,12 @@ class Framer:
         1048576)."""
 
     @property
+    def largest_message(self) -> int | None:
+        """A bound on the length of every message ``feed()`` returns, from the framing and
+        its limits (a line's delimiter counted, kept or not); None for ``"raw"``, whose
+        messages are as long as the data fed."""
+
+    @property
     def pending(self) -> int:
         """Bytes held of an incomplete message, its delimiter or prefix included."""
 

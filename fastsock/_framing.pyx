@@ -9,7 +9,14 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove
+
+from fastsock._native cimport (
+    FASTSOCK_BLOCK_SCAN,
+    count_trailing_zeros,
+    fastsock_block_hits,
+    memmem,
+)
 
 import operator
 
@@ -21,54 +28,8 @@ from fastsock.constants import (
     MAX_LINE_LENGTH,
     RECV_SIZE,
 )
-from fastsock.errors import (
-    FrameTooLargeError,
-    FramingError,
-    LineTooLongError,
-    MalformedFrameError,
-)
-
-
-cdef extern from "string.h" nogil:
-    void* memchr(const void* haystack, int byte, size_t haystack_length)
-    # A GNU extension (Python.h defines _GNU_SOURCE) that searches in linear time.
-    void* memmem(const void* haystack, size_t haystack_length,
-                 const void* needle, size_t needle_length)
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #ifdef __SSE2__
-    #include <emmintrin.h>
-    #define FASTSOCK_BLOCK_SCAN 1
-
-    /* Bit i set where block[i] is byte, for the 64 bytes at block: one look at each byte
-       finds every delimiter of a block, where memchr() pays a call and a setup per line.
-       SSE2 is part of x86-64. */
-    static inline uint64_t fastsock_block_hits(const char *block, char byte) {
-        const __m128i wanted = _mm_set1_epi8(byte);
-        uint64_t hits = 0;
-        int part;
-        for (part = 3; part >= 0; part--) {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 16 * part));
-            hits = (hits << 16)
-                   | (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, wanted));
-        }
-        return hits;
-    }
-    #else
-    #define FASTSOCK_BLOCK_SCAN 0
-    static inline uint64_t fastsock_block_hits(const char *block, char byte) {
-        (void)block;
-        (void)byte;
-        return 0;
-    }
-    #endif
-    """
-    bint BLOCK_SCAN "FASTSOCK_BLOCK_SCAN"
-    uint64_t block_hits "fastsock_block_hits"(const char* block, char byte) nogil
-    int count_trailing_zeros "__builtin_ctzll"(unsigned long long bits) nogil
+from fastsock._protocol_errors import numbered
+from fastsock.errors import FramingError
 
 
 cdef enum:
@@ -223,9 +184,12 @@ cdef FramerStatus framer_commit(FramerState* state, const FramerConfig* config,
     else:
         status = frame_raw(state, spans, max_spans, nspans)
     state.messages_out += nspans[0]
-    state.failed = (status == FRAMER_LINE_TOO_LONG or status == FRAMER_FRAME_TOO_LARGE
-                    or status == FRAMER_MALFORMED)
     return status
+
+
+cdef inline FramerStatus protocol_error(FramerState* state, ProtocolError kind) noexcept nogil:
+    state.failed = kind
+    return FRAMER_PROTOCOL_ERROR
 
 
 cdef bint framer_release_if_empty(FramerState* state) noexcept nogil:
@@ -269,7 +233,7 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
     cdef Py_ssize_t delimiter_length = config.delimiter_length
     cdef Py_ssize_t longest = config.max_line + delimiter_length
     cdef Py_ssize_t kept = delimiter_length if config.keep_delimiter else 0
-    cdef bint by_block = BLOCK_SCAN and delimiter_length == 1
+    cdef bint by_block = FASTSOCK_BLOCK_SCAN and delimiter_length == 1
     cdef Py_ssize_t head = state.head
     cdef Py_ssize_t scan = state.scan_pos
     cdef Py_ssize_t tail = state.tail
@@ -283,7 +247,7 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
         window_end = min(tail, head + longest)
         if by_block and window_end - scan >= 64:
             # Every line ending in the block is within max_line: head only moves on.
-            hits = block_hits(buffer + scan, delimiter[0])
+            hits = fastsock_block_hits(buffer + scan, delimiter[0])
             while hits:
                 line_end = scan + count_trailing_zeros(hits)
                 if count == max_spans:
@@ -303,7 +267,8 @@ cdef FramerStatus frame_lines(FramerState* state, const FramerConfig* config,
                                         delimiter_length)
         if found == NULL:
             if tail - head >= longest:
-                return frame_stopped(state, head, scan, count, nspans, FRAMER_LINE_TOO_LONG)
+                return frame_stopped(state, head, scan, count, nspans,
+                                     protocol_error(state, PROTOCOL_LINE_TOO_LONG))
             return frame_stopped(state, head, max(head, tail - delimiter_length + 1), count,
                                  nspans, FRAMER_OK)
         line_end = found - buffer
@@ -332,7 +297,7 @@ cdef FramerStatus frame_length(FramerState* state, const FramerConfig* config,
     while state.tail - state.head >= PREFIX_SIZE:
         length = read_length(state.buffer + state.head)
         if length > <unsigned long long>config.max_frame:
-            return FRAMER_FRAME_TOO_LARGE
+            return protocol_error(state, PROTOCOL_FRAME_TOO_LARGE)
         if state.tail - state.head - PREFIX_SIZE < <Py_ssize_t>length:
             return FRAMER_OK
         if nspans[0] == max_spans:
@@ -363,7 +328,7 @@ cdef FramerStatus frame_octets(FramerState* state, const FramerConfig* config,
     cdef FramerStatus status = FRAMER_OK
     while head < tail:
         if not (c'1' <= buffer[head] <= c'9'):
-            status = FRAMER_MALFORMED
+            status = protocol_error(state, PROTOCOL_FRAME_MALFORMED)
             break
         length = buffer[head] - c'0'
         cursor = head + 1
@@ -372,12 +337,12 @@ cdef FramerStatus frame_octets(FramerState* state, const FramerConfig* config,
             length = 10 * length + <unsigned long long>(buffer[cursor] - c'0')
             cursor += 1
         if length > max_frame:
-            status = FRAMER_FRAME_TOO_LARGE
+            status = protocol_error(state, PROTOCOL_FRAME_TOO_LARGE)
             break
         if cursor == tail:
             break
         if buffer[cursor] != c' ':
-            status = FRAMER_MALFORMED
+            status = protocol_error(state, PROTOCOL_FRAME_MALFORMED)
             break
         cursor += 1
         if tail - cursor < <Py_ssize_t>length:
@@ -432,8 +397,19 @@ cdef class Framer:
         return self.config.max_frame
 
     @property
+    def largest_message(self):
+        cdef Py_ssize_t line = self.config.max_line + self.config.delimiter_length
+        if self.config.kind == FRAMING_LINES:
+            return line
+        if self.config.kind == FRAMING_LENGTH or self.config.kind == FRAMING_OCTETS:
+            return self.config.max_frame
+        if self.config.kind == FRAMING_SYSLOG:
+            return max(self.config.max_frame, line)
+        return None
+
+    @property
     def failed(self):
-        return self.state.failed
+        return self.state.failed != PROTOCOL_NONE
 
     @property
     def bytes_in(self):
@@ -536,8 +512,8 @@ cdef class Framer:
                 raise MemoryError()
             copied += piece
             self.publish(spans, nspans, messages)
-            if status != FRAMER_OK and status != FRAMER_SPANS_FULL:
-                raise self.framing_error(status, messages, size - copied)
+            if status == FRAMER_PROTOCOL_ERROR:
+                raise self.framing_error(messages, size - copied)
         return messages
 
     cdef int publish(self, const MessageSpan* spans, Py_ssize_t nspans, list messages) except -1:
@@ -548,20 +524,17 @@ cdef class Framer:
         framer_consume(&self.state)
         return 0
 
-    cdef object framing_error(self, FramerStatus status, list messages, Py_ssize_t unread):
-        if status == FRAMER_LINE_TOO_LONG:
-            error_type = LineTooLongError
+    cdef object framing_error(self, list messages, Py_ssize_t unread):
+        cdef ProtocolError kind = <ProtocolError>self.state.failed
+        if kind == PROTOCOL_LINE_TOO_LONG:
             text = LINE_TOO_LONG_TEXT.format(self.config.max_line)
-        elif status == FRAMER_MALFORMED:
-            error_type = MalformedFrameError
+        elif kind == PROTOCOL_FRAME_MALFORMED:
             text = MALFORMED_TEXT
         elif self.config.kind != FRAMING_LENGTH:
-            error_type = FrameTooLargeError
             text = COUNT_TOO_LARGE_TEXT.format(self.config.max_frame)
         else:
-            error_type = FrameTooLargeError
             text = FRAME_TOO_LARGE_TEXT.format(read_length(self.state.buffer + self.state.head),
                                                self.config.max_frame)
         self.state.bytes_in += unread
         self.state.bytes_discarded += unread
-        return error_type(text, messages, framer_discard_pending(&self.state) + unread)
+        return numbered(kind).error(text, messages, framer_discard_pending(&self.state) + unread)

@@ -5,7 +5,7 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from fastsock._framing cimport Framer, FramerStatus
+from fastsock._framing cimport PROTOCOL_ERROR_KINDS, Framer, FramerStatus, ProtocolError
 from fastsock._ring cimport RingQueue
 from fastsock._span cimport MessageSpan
 
@@ -17,8 +17,6 @@ cdef enum ReceiveCounter:
     COUNT_MESSAGES_RECEIVED
     COUNT_MESSAGES_DROPPED
     COUNT_BYTES_DISCARDED
-    COUNT_LINES_TOO_LONG
-    COUNT_FRAMES_TOO_LARGE
     COUNT_RESETS
     COUNT_IDLE_TIMEOUTS
     COUNT_PAUSES
@@ -28,9 +26,10 @@ cdef enum ReceiveCounter:
     COUNT_MEMORY_EVICTIONS
     COUNT_BYTES_UNREAD
     COUNT_CONNECTIONS_REFUSED
-    COUNT_FRAMES_MALFORMED
     COUNT_PROXY_HEADER_ERRORS
-    COUNTER_SLOTS
+    # One counter per ProtocolError, in its order: kind k counts at COUNT_PROTOCOL_ERRORS + k - 1.
+    COUNT_PROTOCOL_ERRORS
+    COUNTER_SLOTS = COUNT_PROTOCOL_ERRORS + PROTOCOL_ERROR_KINDS
 
 
 cdef enum StreamEnd:
@@ -43,9 +42,7 @@ cdef enum StreamEnd:
     END_MESSAGE_TIMEOUT  # one message took longer than message_timeout to arrive whole
     END_EVICTED_IDLE    # closed while silent to make room for a new connection
     END_EVICTED_MEMORY  # closed as the largest holder of partial messages over the budget
-    END_LINE_TOO_LONG
-    END_FRAME_TOO_LARGE
-    END_FRAME_MALFORMED  # an octet count that is not digits, then a space
+    END_PROTOCOL_ERROR  # the framer failed: its state's ProtocolError names the end
     END_RING_CLOSED     # the ring was closed: the messages not yet published are dropped
     END_NO_MEMORY
     END_OS_ERROR        # any other recv() failure: see last_errno
@@ -64,6 +61,7 @@ cdef class ReceiveCounters:
     cdef uint64_t* values
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil
+    cdef void count_protocol_error(self, ProtocolError kind) noexcept nogil
     cdef bint stopping(self) noexcept nogil
     # Moves this loop's share of the partial bytes from held to now; returns the new total.
     cdef uint64_t hold_partial(self, uint64_t held, uint64_t now) noexcept nogil

@@ -19,46 +19,39 @@ from libc.errno cimport (
 from libc.stdint cimport uint32_t, uint64_t
 from posix.fcntl cimport F_GETFL, O_NONBLOCK, fcntl
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport timeval
 
 from fastsock._native cimport (
-    fastsock_counter_add,
-    fastsock_counter_add_fetch,
-    fastsock_counter_load,
-    fastsock_counter_store,
-    monotonic_ns,
-    seconds_to_ns,
-    seconds_to_timeval,
-    timeval,
-)
-from fastsock._sockets cimport (
+    EWOULDBLOCK,
     FIONREAD,
     MSG_PEEK,
     SHUT_RD,
     SHUT_RDWR,
     SO_RCVTIMEO,
     SOL_SOCKET,
+    fastsock_counter_add,
+    fastsock_counter_add_fetch,
+    fastsock_counter_load,
+    fastsock_counter_store,
     ioctl,
+    monotonic_ns,
+    raise_errno,
     recv,
+    seconds_to_ns,
+    seconds_to_timeval,
     setsockopt,
     shutdown,
 )
 from fastsock._framing cimport (
-    FRAMER_FRAME_TOO_LARGE,
-    FRAMER_LINE_TOO_LONG,
-    FRAMER_MALFORMED,
     FRAMER_OK,
+    FRAMER_PROTOCOL_ERROR,
     FRAMER_SPANS_FULL,
     framer_held_bytes,
 )
 
-import os
-
+from fastsock._protocol_errors import PROTOCOL_ERRORS, numbered
 from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
 from fastsock.stats import ReceiveStats
-
-
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK  # equal to EAGAIN on Linux, not everywhere
 
 
 cdef enum:
@@ -76,9 +69,6 @@ END_NAMES = {
     END_MESSAGE_TIMEOUT: "message_timeout",
     END_EVICTED_IDLE: "evicted_idle",
     END_EVICTED_MEMORY: "evicted_memory",
-    END_LINE_TOO_LONG: "line_too_long",
-    END_FRAME_TOO_LARGE: "frame_too_large",
-    END_FRAME_MALFORMED: "frame_malformed",
     END_RING_CLOSED: "ring_closed",
     END_NO_MEMORY: "no_memory",
     END_OS_ERROR: "os_error",
@@ -91,11 +81,11 @@ cdef int set_receive_timeout(int fd, double seconds) except -1:
     cdef int flags = fcntl(fd, F_GETFL)
     cdef timeval interval = seconds_to_timeval(seconds)
     if flags < 0:
-        raise OSError(errno, os.strerror(errno))
+        raise_errno(errno)
     if flags & O_NONBLOCK:
         raise ValueError("the socket must be blocking: call settimeout(None) first")
     if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &interval, sizeof(interval)) != 0:
-        raise OSError(errno, os.strerror(errno))
+        raise_errno(errno)
     return 0
 
 
@@ -105,7 +95,7 @@ cdef class ReceiveCounters:
         cdef void* mapping = mmap(NULL, MAPPED_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise OSError(errno, os.strerror(errno))
+            raise_errno(errno)
         self.values = <uint64_t*>mapping
 
     def __dealloc__(self):
@@ -114,6 +104,9 @@ cdef class ReceiveCounters:
 
     cdef void add(self, ReceiveCounter counter, uint64_t amount) noexcept nogil:
         fastsock_counter_add(&self.values[<int>counter], amount)
+
+    cdef void count_protocol_error(self, ProtocolError kind) noexcept nogil:
+        fastsock_counter_add(&self.values[<int>COUNT_PROTOCOL_ERRORS + <int>kind - 1], 1)
 
     cdef bint stopping(self) noexcept nogil:
         return fastsock_counter_load(&self.values[<int>STOP_WORD]) != 0
@@ -166,9 +159,6 @@ cdef class ReceiveCounters:
             messages_received=values[<int>COUNT_MESSAGES_RECEIVED],
             messages_dropped=values[<int>COUNT_MESSAGES_DROPPED],
             bytes_discarded=values[<int>COUNT_BYTES_DISCARDED],
-            lines_too_long=values[<int>COUNT_LINES_TOO_LONG],
-            frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
-            frames_malformed=values[<int>COUNT_FRAMES_MALFORMED],
             proxy_header_errors=values[<int>COUNT_PROXY_HEADER_ERRORS],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
@@ -180,6 +170,8 @@ cdef class ReceiveCounters:
             partial_bytes=fastsock_counter_load(&self.values[<int>PARTIAL_BYTES_WORD]),
             pauses=values[<int>COUNT_PAUSES],
             paused_seconds=values[<int>COUNT_PAUSED_NS] / 1e9,
+            **{kind.counter: values[<int>COUNT_PROTOCOL_ERRORS + index]
+               for index, kind in enumerate(PROTOCOL_ERRORS)},
         )
 
 
@@ -195,7 +187,7 @@ cdef class ConnectionLedger:
         cdef void* mapping = mmap(NULL, LEDGER_WORDS * sizeof(uint64_t), PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise OSError(errno, os.strerror(errno))
+            raise_errno(errno)
         self.words = <uint64_t*>mapping
 
     def __dealloc__(self):
@@ -277,6 +269,8 @@ cdef class StreamReceiver:
                 end = self.pump()
                 if end != END_CHECK_IN:
                     self.count_unread()
+            if end == END_PROTOCOL_ERROR:
+                return numbered(self.framer.state.failed).name
             if end != END_CHECK_IN:
                 return END_NAMES[end]
             PyErr_CheckSignals()
@@ -479,15 +473,9 @@ cdef class StreamReceiver:
             if self.status == FRAMER_SPANS_FULL:
                 self.frame(0)
                 continue
-            if self.status == FRAMER_LINE_TOO_LONG:
-                self.counters.add(COUNT_LINES_TOO_LONG, 1)
-                return END_LINE_TOO_LONG
-            if self.status == FRAMER_FRAME_TOO_LARGE:
-                self.counters.add(COUNT_FRAMES_TOO_LARGE, 1)
-                return END_FRAME_TOO_LARGE
-            if self.status == FRAMER_MALFORMED:
-                self.counters.add(COUNT_FRAMES_MALFORMED, 1)
-                return END_FRAME_MALFORMED
+            if self.status == FRAMER_PROTOCOL_ERROR:
+                self.counters.count_protocol_error(<ProtocolError>self.framer.state.failed)
+                return END_PROTOCOL_ERROR
             return END_RECEIVING
 
     cdef StreamEnd publish_pending(self) noexcept nogil:

@@ -6,12 +6,8 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 
+from fastsock._native cimport pthread_mutex_t
 from fastsock._span cimport MessageSpan
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
 
 
 cpdef enum:

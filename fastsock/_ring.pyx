@@ -13,10 +13,11 @@ import queue
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_STRIDES, PyBUF_WRITABLE
 from cpython.buffer cimport PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.ref cimport Py_INCREF
+from libc.errno cimport errno
 from libc.limits cimport INT_MAX
 from libc.math cimport INFINITY
 from libc.stdint cimport UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
@@ -24,8 +25,27 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE
 from posix.mman cimport mmap, munmap
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from fastsock._native cimport (
+    EOWNERDEAD,
+    fastsock_counter_add,
+    fastsock_counter_load,
+    fastsock_futex_wait,
+    fastsock_futex_wake,
+    fastsock_map_pages,
+    fastsock_ring_mutex_consistent,
+    fastsock_ring_mutex_init,
+    fastsock_word_add,
+    fastsock_word_load,
+    fastsock_word_publish,
+    fastsock_word_store,
+    fastsock_word_sub,
+    monotonic,
+    pthread_mutex_lock,
+    pthread_mutex_trylock,
+    pthread_mutex_unlock,
+    raise_errno,
+)
 from fastsock._span cimport MessageSpan
 
 from fastsock.constants import (
@@ -40,108 +60,7 @@ from fastsock.errors import QueueClosed
 from fastsock.stats import RingStats
 
 
-cdef extern from "<errno.h>":
-    enum:
-        EOWNERDEAD
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_trylock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
-
 cdef size_t MAP_STRIDE = RING_MAP_STRIDE
-
-
-cdef extern from *:
-    """
-    #include <pthread.h>
-    #include <stdint.h>
-    #include <time.h>
-
-    /* Robust where the platform has robust mutexes: a holder killed at any instant then
-       hands the lock on with EOWNERDEAD instead of wedging every process sharing the ring. */
-    static int fastsock_ring_mutex_init(pthread_mutex_t *mutex) {
-        pthread_mutexattr_t attr;
-        int rc = pthread_mutexattr_init(&attr);
-        if (rc) return rc;
-        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    #ifdef __linux__
-        if (!rc) rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    #endif
-        if (!rc) rc = pthread_mutex_init(mutex, &attr);
-        pthread_mutexattr_destroy(&attr);
-        return rc;
-    }
-
-    #ifdef __linux__
-    #include <linux/futex.h>
-    #include <sys/syscall.h>
-    #include <unistd.h>
-
-    static void fastsock_ring_mutex_consistent(pthread_mutex_t *mutex) {
-        pthread_mutex_consistent(mutex);
-    }
-
-    /* Shared (not FUTEX_PRIVATE) futexes, so that sleepers in other processes are woken. */
-    static void fastsock_futex_wait(uint32_t *word, uint32_t seen, double seconds) {
-        struct timespec timeout;
-        if (seconds < 0) seconds = 0;
-        /* Keeps the conversion to time_t defined; every caller loops until its deadline. */
-        if (seconds > 86400) seconds = 86400;
-        timeout.tv_sec = (time_t)seconds;
-        timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
-        syscall(SYS_futex, word, FUTEX_WAIT, seen, &timeout, NULL, 0);
-    }
-
-    static void fastsock_futex_wake(uint32_t *word, int count) {
-        syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
-    }
-
-    #else
-    /* A mutex that is not robust never reports EOWNERDEAD.  Without futexes, sleepers poll
-       in naps short enough to stay responsive instead of being woken. */
-    static void fastsock_ring_mutex_consistent(pthread_mutex_t *mutex) {
-        (void)mutex;
-    }
-
-    static void fastsock_futex_wait(uint32_t *word, uint32_t seen, double seconds) {
-        struct timespec nap = {0, 1000000};
-        (void)word;
-        (void)seen;
-        if (seconds <= 0) return;
-        if (seconds < 0.001) nap.tv_nsec = (long)(seconds * 1e9);
-        nanosleep(&nap, NULL);
-    }
-
-    static void fastsock_futex_wake(uint32_t *word, int count) {
-        (void)word;
-        (void)count;
-    }
-    #endif
-
-    /* One read per stride: each read fault maps the kernel's fault-around window of pages
-       already in the shared mapping, writable, so later writes do not fault page by page. */
-    static void fastsock_map_pages(const char *start, size_t length, size_t stride) {
-        size_t offset;
-        for (offset = 0; offset < length; offset += stride)
-            (void)*(const volatile char *)(start + offset);
-    }
-    """
-    int ring_mutex_init "fastsock_ring_mutex_init"(pthread_mutex_t* mutex) nogil
-    void ring_mutex_consistent "fastsock_ring_mutex_consistent"(pthread_mutex_t* mutex) nogil
-    void futex_wait "fastsock_futex_wait"(uint32_t* word, uint32_t seen, double seconds) nogil
-    void futex_wake "fastsock_futex_wake"(uint32_t* word, int count) nogil
-    void map_pages "fastsock_map_pages"(const char* start, size_t length, size_t stride) nogil
-
-    enum:
-        ATOMIC_RELAXED "__ATOMIC_RELAXED"
-        ATOMIC_RELEASE "__ATOMIC_RELEASE"
-    uint32_t load_u32 "__atomic_load_n"(const uint32_t* ptr, int order) nogil
-    uint64_t load_u64 "__atomic_load_n"(const uint64_t* ptr, int order) nogil
-    void store_u32 "__atomic_store_n"(uint32_t* ptr, uint32_t value, int order) nogil
-    void add_u32 "__atomic_add_fetch"(uint32_t* ptr, uint32_t value, int order) nogil
-    void sub_u32 "__atomic_sub_fetch"(uint32_t* ptr, uint32_t value, int order) nogil
-    void add_u64 "__atomic_add_fetch"(uint64_t* ptr, uint64_t value, int order) nogil
 
 
 cdef enum:
@@ -163,12 +82,6 @@ cdef Py_ssize_t BYTE_ITEMSIZE = 1
 
 Empty = queue.Empty
 Full = queue.Full
-
-
-cdef inline double monotonic() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
 
 
 cdef double deadline_for(bint block, object timeout) except? -1.0:
@@ -249,8 +162,8 @@ cdef uint64_t sum_source_lengths(RingQueue ring, uint64_t offset, uint64_t count
 cdef void recover(RingHeader* header) noexcept nogil:
     # A dead holder either never flipped header.current or flipped it after writing a whole
     # state, so the committed state needs no repair: only the mutex must be marked usable.
-    ring_mutex_consistent(&header.lock)
-    add_u64(&header.counters.producer_deaths, 1, ATOMIC_RELAXED)
+    fastsock_ring_mutex_consistent(&header.lock)
+    fastsock_counter_add(&header.counters.producer_deaths, 1)
 
 
 cdef inline void lock_ring(RingHeader* header) noexcept nogil:
@@ -278,16 +191,16 @@ cdef inline RingState* committed(RingHeader* header) noexcept nogil:
 cdef inline void commit(RingHeader* header, const RingState* state) noexcept nogil:
     cdef uint32_t next_index = header.current ^ 1
     header.state[next_index] = state[0]
-    store_u32(&header.current, next_index, ATOMIC_RELEASE)
+    fastsock_word_publish(&header.current, next_index)
 
 
 cdef inline void wake_data_sleepers(RingHeader* header, int count) noexcept nogil:
     # After the unlock that committed the messages.  A consumer counts itself in data_waiters
     # under the lock before it sleeps, so one that saw the ring empty is counted here; one
     # that read data_seq and has not slept yet finds it changed, and futex_wait returns.
-    if load_u32(&header.data_waiters, ATOMIC_RELAXED):
-        add_u32(&header.data_seq, 1, ATOMIC_RELAXED)
-        futex_wake(&header.data_seq, count)
+    if fastsock_word_load(&header.data_waiters):
+        fastsock_word_add(&header.data_seq, 1)
+        fastsock_futex_wake(&header.data_seq, count)
 
 
 cdef inline uint64_t queued_messages(const RingState* state) noexcept nogil:
@@ -322,9 +235,9 @@ cdef int get_source(object source, Py_buffer* view) except -1:
 
 
 cdef inline void count_misfit(RingHeader* header, Py_ssize_t length) noexcept nogil:
-    add_u64(&header.counters.full_events, 1, ATOMIC_RELAXED)
-    add_u64(&header.counters.dropped_messages, 1, ATOMIC_RELAXED)
-    add_u64(&header.counters.dropped_bytes, length, ATOMIC_RELAXED)
+    fastsock_counter_add(&header.counters.full_events, 1)
+    fastsock_counter_add(&header.counters.dropped_messages, 1)
+    fastsock_counter_add(&header.counters.dropped_bytes, length)
 
 
 cdef inline void view_buffers(MessageView* message, const Py_buffer* payload,
@@ -648,11 +561,11 @@ cdef class RingQueue:
         cdef void* mapping = mmap(NULL, header_size + self.capacity, PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
         self.header = <RingHeader*>mapping
         self.mapping_size = header_size + self.capacity
         self.records = <char*>mapping + header_size
-        cdef int rc = ring_mutex_init(&self.header.lock)
+        cdef int rc = fastsock_ring_mutex_init(&self.header.lock)
         if rc != 0:
             raise OSError(rc, "cannot initialise the ring's process-shared mutex")
 
@@ -715,15 +628,15 @@ cdef class RingQueue:
                 status = 0
                 break
             seen = self.header.space_seq
-            add_u32(&self.header.resume_waiters, 1, ATOMIC_RELAXED)
+            fastsock_word_add(&self.header.resume_waiters, 1)
             unlock_ring(self.header)
-            futex_wait(&self.header.space_seq, seen, timeout - (now - start))
-            sub_u32(&self.header.resume_waiters, 1, ATOMIC_RELAXED)
+            fastsock_futex_wait(&self.header.space_seq, seen, timeout - (now - start))
+            fastsock_word_sub(&self.header.resume_waiters, 1)
             lock_ring(self.header)
             now = monotonic()
         unlock_ring(self.header)
-        add_u64(&self.header.counters.paused_ns, <uint64_t>((monotonic() - start) * 1e9),
-                ATOMIC_RELAXED)
+        fastsock_counter_add(&self.header.counters.paused_ns,
+                             <uint64_t>((monotonic() - start) * 1e9))
         return status
 
     # -- Shared internals ----------------------------------------------------------------
@@ -786,7 +699,7 @@ cdef class RingQueue:
                                       spans[index].length)
             first = end
         if full:
-            add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
+            fastsock_counter_add(&self.header.counters.full_events, 1)
         return first
 
     cdef Py_ssize_t append_views(self, RingState* state, const MessageView* views,
@@ -832,7 +745,7 @@ cdef class RingQueue:
             first = end
             if misfit:
                 if not drop_misfits:
-                    add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
+                    fastsock_counter_add(&self.header.counters.full_events, 1)
                     break
                 count_misfit(self.header, views[first].length)
                 first += 1
@@ -847,16 +760,16 @@ cdef class RingQueue:
 
     cdef void release(self, const RingState* state) noexcept nogil:
         cdef bint wake = (
-            load_u32(&self.header.space_waiters, ATOMIC_RELAXED) != 0
-            or (load_u32(&self.header.resume_waiters, ATOMIC_RELAXED) != 0
+            fastsock_word_load(&self.header.space_waiters) != 0
+            or (fastsock_word_load(&self.header.resume_waiters) != 0
                 and self.below_resume_mark(state))
         )
         commit(self.header, state)
         if wake:
-            add_u32(&self.header.space_seq, 1, ATOMIC_RELAXED)
+            fastsock_word_add(&self.header.space_seq, 1)
         unlock_ring(self.header)
         if wake:
-            futex_wake(&self.header.space_seq, INT_MAX)
+            fastsock_futex_wake(&self.header.space_seq, INT_MAX)
 
     # -- Python-side helpers -------------------------------------------------------------
 
@@ -883,7 +796,7 @@ cdef class RingQueue:
             if room_for(self, committed(self.header), 1, source_len, length):
                 return 0
             if not counted:
-                add_u64(&self.header.counters.full_events, 1, ATOMIC_RELAXED)
+                fastsock_counter_add(&self.header.counters.full_events, 1)
                 counted = True
             if monotonic() >= deadline:
                 unlock_ring(self.header)
@@ -893,11 +806,11 @@ cdef class RingQueue:
     cdef int sleep(self, uint32_t* word, uint32_t* sleepers, double deadline) except -1:
         cdef uint32_t seen = word[0]
         cdef double seconds = min(deadline - monotonic(), WAIT_SLICE)
-        add_u32(sleepers, 1, ATOMIC_RELAXED)
+        fastsock_word_add(sleepers, 1)
         unlock_ring(self.header)
         with nogil:
-            futex_wait(word, seen, seconds)
-        sub_u32(sleepers, 1, ATOMIC_RELAXED)
+            fastsock_futex_wait(word, seen, seconds)
+        fastsock_word_sub(sleepers, 1)
         PyErr_CheckSignals()
         acquire(self.header)
         return 0
@@ -1133,31 +1046,31 @@ cdef class RingQueue:
             self.map_pages()
 
     cdef void map_pages(self) noexcept nogil:
-        map_pages(<const char*>self.header, self.mapping_size, MAP_STRIDE)
+        fastsock_map_pages(<const char*>self.header, self.mapping_size, MAP_STRIDE)
 
     def close(self):
         acquire(self.header)
-        store_u32(&self.header.closed, 1, ATOMIC_RELAXED)
-        add_u32(&self.header.data_seq, 1, ATOMIC_RELAXED)
-        add_u32(&self.header.space_seq, 1, ATOMIC_RELAXED)
+        fastsock_word_store(&self.header.closed, 1)
+        fastsock_word_add(&self.header.data_seq, 1)
+        fastsock_word_add(&self.header.space_seq, 1)
         unlock_ring(self.header)
-        futex_wake(&self.header.data_seq, INT_MAX)
-        futex_wake(&self.header.space_seq, INT_MAX)
+        fastsock_futex_wake(&self.header.data_seq, INT_MAX)
+        fastsock_futex_wake(&self.header.space_seq, INT_MAX)
 
     @property
     def closed(self):
-        return load_u32(&self.header.closed, ATOMIC_RELAXED) != 0
+        return fastsock_word_load(&self.header.closed) != 0
 
     @property
     def stats(self):
         acquire(self.header)
         cdef RingState state = committed(self.header)[0]
         cdef RingCounters* counters = &self.header.counters
-        cdef uint64_t dropped_messages = load_u64(&counters.dropped_messages, ATOMIC_RELAXED)
-        cdef uint64_t dropped_bytes = load_u64(&counters.dropped_bytes, ATOMIC_RELAXED)
-        cdef uint64_t full_events = load_u64(&counters.full_events, ATOMIC_RELAXED)
-        cdef uint64_t paused_ns = load_u64(&counters.paused_ns, ATOMIC_RELAXED)
-        cdef uint64_t producer_deaths = load_u64(&counters.producer_deaths, ATOMIC_RELAXED)
+        cdef uint64_t dropped_messages = fastsock_counter_load(&counters.dropped_messages)
+        cdef uint64_t dropped_bytes = fastsock_counter_load(&counters.dropped_bytes)
+        cdef uint64_t full_events = fastsock_counter_load(&counters.full_events)
+        cdef uint64_t paused_ns = fastsock_counter_load(&counters.paused_ns)
+        cdef uint64_t producer_deaths = fastsock_counter_load(&counters.producer_deaths)
         unlock_ring(self.header)
         return RingStats(
             put_messages=state.put_messages,

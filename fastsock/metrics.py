@@ -31,6 +31,7 @@ import time
 from collections import namedtuple
 
 from . import constants
+from ._protocol_errors import PROTOCOL_ERRORS
 from .stats import DatagramStats, ReceiveStats, RingStats
 
 __all__ = [
@@ -75,15 +76,7 @@ STREAM_METRICS = (
     ),
     _counter("discarded_bytes", "bytes_discarded", "Bytes of lines or frames cut short."),
     _counter("unread_bytes", "bytes_unread", "Bytes left unread in the kernel, counted."),
-    _counter("lines_too_long", "lines_too_long", "Connections closed for a line over max_line."),
-    _counter(
-        "frames_too_large", "frames_too_large", "Connections closed for a frame over max_frame."
-    ),
-    _counter(
-        "frames_malformed",
-        "frames_malformed",
-        "Connections closed for a malformed octet count (syslog).",
-    ),
+    *(_counter(kind.counter, kind.counter, kind.metric_help) for kind in PROTOCOL_ERRORS),
     _counter(
         "proxy_header_errors",
         "proxy_header_errors",

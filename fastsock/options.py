@@ -16,20 +16,20 @@ __all__ = ["ReceiveOptions"]
 class ReceiveOptions:
     """The options of a compiled receive path, checked when the object is made.
 
-    Stream connections: ``framing`` ("raw", "lines", "length", "octets" or "syslog"),
-    ``delimiter``, ``keep_delimiter``, ``max_line``, ``max_frame`` (see ``fastsock.Framer``);
-    ``recv_size``, the bytes asked of each read; ``idle_timeout``, seconds a connection may stay
-    silent (None: forever); ``message_timeout``, seconds one line or frame may take to arrive
-    whole (None: forever); ``drain_timeout``, how long a graceful stop still hands over what
-    peers sent before it (None or 0: count it at once); ``max_connections``, connections
-    received at once per process (None: the file-descriptor limit, see ``connections_limit()``);
-    ``evict_idle_after``, the silence after which a connection gives its slot to a new one when
-    the server is full; ``max_partial_bytes``, incomplete messages all connections of a process
-    may hold together before the largest holder is closed (None: no cap); ``engine_threads``,
-    event engines of a ThreadingMixIn server, each a thread of its own; ``proxy_protocol``,
-    every connection begins with a PROXY protocol header (v1 or v2) naming the client a load
-    balancer accepted, which becomes the connection's address; ``proxy_trusted``, the
-    networks (CIDR strings) that may send one: a peer outside them is closed at accept.
+    Stream connections: ``framing``, ``delimiter``, ``keep_delimiter``, ``max_line``,
+    ``max_frame`` (see ``fastsock.Framer``); ``recv_size``, the bytes asked of each read;
+    ``idle_timeout``, seconds a connection may stay silent (None: forever); ``message_timeout``,
+    seconds one line or frame may take to arrive whole (None: forever); ``drain_timeout``, how
+    long a graceful stop still hands over what peers sent before it (None or 0: count it at
+    once); ``max_connections``, connections received at once per process (None: the
+    file-descriptor limit, see ``connections_limit()``); ``evict_idle_after``, the silence after
+    which a connection gives its slot to a new one when the server is full;
+    ``max_partial_bytes``, incomplete messages all connections of a process may hold together
+    before the largest holder is closed (None: no cap); ``engine_threads``, event engines of a
+    ThreadingMixIn server, each a thread of its own; ``proxy_protocol``, every connection begins
+    with a PROXY protocol header (v1 or v2) naming the client a load balancer accepted, which
+    becomes the connection's address; ``proxy_trusted``, the networks (CIDR strings) that may
+    send one: a peer outside them is closed at accept.
 
     Datagrams: ``max_datagram``, bytes of buffer per datagram; ``datagram_batch``, datagrams
     one recvmmsg() takes; ``datagram_busy_poll``, seconds the loop keeps asking after a busy
@@ -107,14 +107,9 @@ class ReceiveOptions:
     @property
     def largest_message(self):
         """The longest message a stream connection can publish under these options."""
-        return {
-            "raw": self.recv_size,
-            "lines": self.max_line + len(self.delimiter),
-            "length": self.max_frame,
-            "octets": self.max_frame,
-            # Octet counting or lines, as each connection's first byte chooses.
-            "syslog": max(self.max_frame, self.max_line + len(self.delimiter)),
-        }[self.framing]
+        largest = self.framer().largest_message
+        # A raw message is what one read returns.
+        return self.recv_size if largest is None else largest
 
     @property
     def drain_seconds(self):

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from . import constants, proxy
+from . import _protocol_errors, constants, proxy
 from . import server as _server
 from ._impl import (
     ConnectionLedger,
@@ -23,7 +23,7 @@ from ._impl import (
     StreamReceiver,
 )
 from ._ratelimit import RateLimitedLogger
-from .errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, ProxyHeaderError
+from .errors import ProxyHeaderError
 from .options import ReceiveOptions
 from .server import BaseRequestHandler
 
@@ -450,37 +450,14 @@ class EngineGroup:
             engine.close()
 
 
-# How an engine event or a loop's end that is a protocol error is reported: the error class
-# handle_error() gets, and what the peer did (with the limit it broke, from the options).
-_FRAMING_ERRORS = {
-    "line_too_long": (LineTooLongError, "sent a line longer than max_line={max_line} bytes"),
-    "frame_too_large": (
-        FrameTooLargeError,
-        "announced a frame larger than max_frame={max_frame} bytes",
-    ),
-    "frame_malformed": (
-        MalformedFrameError,
-        "sent a malformed octet count (not MSG-LEN SP: digits without a leading zero, a space)",
-    ),
-}
-
-
-def _framing_error(kind, options):
-    """The error class and the complaint of a protocol error (see _FRAMING_ERRORS)."""
-    error_class, what = _FRAMING_ERRORS[kind]
-    return error_class, what.format(max_line=options.max_line, max_frame=options.max_frame)
-
-
 def _report(path, event):
     """Log an engine's event as the per-connection handler does, and pass the errors that
     handle() would have raised to the server's handle_error()."""
     server = path._server
     peer = _escaped(event.address)
-    if event.kind in _FRAMING_ERRORS:
-        error_class, what = _framing_error(event.kind, path.options)
-        message = f"{peer} {what}; the connection was closed"
-        _log.warning("protocol-error", "%s (it began %s)", message, _escaped(event.detail))
-        _handle_error(server, error_class(message), event.address)
+    if event.kind in _protocol_errors.BY_NAME:
+        error = _protocol_error(_protocol_errors.BY_NAME[event.kind], path, peer, event.detail)
+        _handle_error(server, error, event.address)
     elif event.kind in ("proxy_header", "proxy_untrusted"):
         reason, sample = event.detail if event.kind == "proxy_header" else (None, None)
         _reject_proxy(server, event.address, reason, sample)
@@ -529,6 +506,14 @@ def _report(path, event):
             event.detail, f"receiving from {event.address!r}: {os.strerror(event.detail)}"
         )
         _handle_error(server, error, event.address)
+
+
+def _protocol_error(kind, path, peer, sample):
+    """Log a connection closed for a protocol error (a _protocol_errors row), with the peer
+    (escaped) and the start of the offending bytes; the error to report."""
+    message = f"{peer} {kind.describe(path.options)}; the connection was closed"
+    _log.warning(kind.log_key, "%s (it began %s)", message, _escaped(sample))
+    return kind.error(message)
 
 
 def _proxy_complaint(address, reason):
@@ -658,8 +643,12 @@ class ReceiveHandler(BaseRequestHandler):
             return
         self.end = self.receiver.run()
         options = self.path.options
-        if self.end in _FRAMING_ERRORS:
-            self._reject(*_framing_error(self.end, options))
+        if self.end in _protocol_errors.BY_NAME:
+            sample = self.receiver.offending_sample(constants.PROTOCOL_ERROR_SAMPLE)
+            self.path.connections.close(self.receiver)
+            raise _protocol_error(
+                _protocol_errors.BY_NAME[self.end], self.path, _escaped(self.client_address), sample
+            )
         if self.end == "message_timeout":
             _log.warning(
                 "message-timeout",
@@ -726,13 +715,6 @@ class ReceiveHandler(BaseRequestHandler):
             self.path.connections.set_peer(self.connection_id, parsed.address)
             self.client_address = parsed.address
         return True
-
-    def _reject(self, error_class, what):
-        sample = self.receiver.offending_sample(constants.PROTOCOL_ERROR_SAMPLE)
-        self.path.connections.close(self.receiver)
-        message = f"{_escaped(self.client_address)} {what}; the connection was closed"
-        _log.warning("protocol-error", "%s (it began %s)", message, _escaped(sample))
-        raise error_class(message)
 
     def finish(self):
         if self.receiver is not None:

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from ._protocol_errors import PROTOCOL_ERRORS
+
 __all__ = ["DatagramStats", "ReceiveStats", "RingStats"]
 
 
@@ -83,7 +85,7 @@ class ReceiveStats:
 
     @property
     def framing_errors(self) -> int:
-        return self.lines_too_long + self.frames_too_large + self.frames_malformed
+        return sum(getattr(self, kind.counter) for kind in PROTOCOL_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -622,6 +622,27 @@ def test_properties(framer_class):
             setattr(framer, name, getattr(framer, name))
 
 
+@pytest.mark.parametrize(
+    ("framing", "stream"),
+    [
+        ("lines", b"x" * 7 + b"\r\n"),
+        ("length", frame(b"y" * 9)),
+        ("octets", counted(b"z" * 9)),
+        ("syslog", counted(b"z" * 9)),
+        ("syslog", b"x" * 7 + b"\r\n"),
+    ],
+)
+def test_largest_message_is_the_longest_the_limits_let_through(framer_class, framing, stream):
+    framer = framer_class(framing, delimiter=b"\r\n", keep_delimiter=True, max_line=7, max_frame=9)
+    assert framer.largest_message == 9
+    assert [len(message) for message in framer.feed(stream)] == [9]
+    line_longer = {"lines": 41, "length": 30, "octets": 30, "syslog": 41}[framing]
+    frame_longer = {"lines": 21, "length": 30, "octets": 30, "syslog": 30}[framing]
+    assert framer_class(framing, max_line=40, max_frame=30).largest_message == line_longer
+    assert framer_class(framing, max_line=20, max_frame=30).largest_message == frame_longer
+    assert framer_class("raw").largest_message is None
+
+
 def test_framers_share_nothing(framer_class):
     delimiter = bytearray(b"\r\n")
     crlf = framer_class(delimiter=delimiter, max_line=8)

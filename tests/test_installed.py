@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO_PACKAGE = Path(__file__).resolve().parents[1] / "fastsock"
-SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".pyi"}
+SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".pyi", ".h"}
 EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 CYTHON_MODULES = sorted(
     ".".join(path.relative_to(REPO_PACKAGE).with_suffix("").parts)

@@ -762,12 +762,9 @@ import signal
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-from fastsock._ring cimport MessageView, RingQueue, RingState, pthread_mutex_t
+from fastsock._native cimport pthread_mutex_lock
+from fastsock._ring cimport MessageView, RingQueue, RingState
 from fastsock._span cimport MessageSpan
-
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
 
 
 def put_spans(RingQueue ring, bytes base, list spans, uint32_t source_id):
@@ -836,15 +833,20 @@ def die_holding_the_lock(RingQueue ring, bytes payload, bint committed):
 
 @pytest.fixture(scope="session")
 def capi(tmp_path_factory):
-    """A small extension module, built against fastsock/_ring.pxd, that calls the C API."""
+    """A small extension module, built against the installed fastsock/_ring.pxd, that calls
+    the C API; the .pxd files it cimports need the installed C headers (fastsock/include)."""
     pytest.importorskip("Cython")
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler to build the C-API test module")
     build = tmp_path_factory.mktemp("ring_capi")
     (build / "ring_capi.pyx").write_text(CAPI_SOURCE)
-    package_root = str(Path(compiled.__file__).resolve().parent.parent)
-    search_path = [package_root, os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, search_path)))
+    package = Path(compiled.__file__).resolve().parent
+    search_path = [str(package.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, search_path)),
+        CFLAGS=f"{os.environ.get('CFLAGS', '')} -I{package / 'include'}",
+    )
     built = subprocess.run(
         [sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", "-q", "ring_capi.pyx"],
         cwd=build,

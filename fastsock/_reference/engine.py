@@ -20,10 +20,11 @@ from collections import OrderedDict, deque
 from typing import NamedTuple
 
 from fastsock import constants, proxy
+from fastsock._protocol_errors import BY_ERROR
 from fastsock._reference.framing import Framer
 from fastsock._reference.receiver import ReceiveCounters, count_leftovers, count_unread
 from fastsock._reference.ring import RingQueue
-from fastsock.errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, QueueClosed
+from fastsock.errors import FramingError, QueueClosed
 from fastsock.options import ReceiveOptions
 
 __all__ = ["EngineEvent", "StreamEngine"]
@@ -519,14 +520,8 @@ class StreamEngine:
         pending_start = framer.peek_pending(constants.PROTOCOL_ERROR_SAMPLE)
         try:
             connection.unpublished.extend(framer.feed(data))
-        except LineTooLongError as exc:
-            self._fail(connection, exc, "lines_too_long", "line_too_long", pending_start, data)
-            return
-        except FrameTooLargeError as exc:
-            self._fail(connection, exc, "frames_too_large", "frame_too_large", pending_start, data)
-            return
-        except MalformedFrameError as exc:
-            self._fail(connection, exc, "frames_malformed", "frame_malformed", pending_start, data)
+        except FramingError as exc:
+            self._fail(connection, exc, pending_start, data)
             return
         except MemoryError:
             self._end(connection, "no_memory", errno.ENOMEM)
@@ -565,13 +560,14 @@ class StreamEngine:
         sample = bytes(connection.header[: constants.PROTOCOL_ERROR_SAMPLE])
         self._end(connection, "proxy_header", (proxy.REASONS[reason], sample))
 
-    def _fail(self, connection, error, counter, kind, pending_start, data):
-        self._counters.add(counter, 1)
+    def _fail(self, connection, error, pending_start, data):
+        kind = BY_ERROR[type(error)]
+        self._counters.add(kind.counter, 1)
         self._counters.add("bytes_discarded", error.discarded)
         connection.unpublished.extend(error.messages)
         self._publish(connection)
         self._hold_partial(connection)
-        self._end(connection, kind, _offending_sample(error, pending_start, data))
+        self._end(connection, kind.name, _offending_sample(error, pending_start, data))
 
     def _publish(self, connection):
         while connection.unpublished:

@@ -93,6 +93,17 @@ class Framer:
     bytes_discarded = property(operator.attrgetter("_bytes_discarded"))
 
     @property
+    def largest_message(self):
+        line = self._max_line + len(self._delimiter)
+        return {
+            "raw": None,
+            "lines": line,
+            "length": self._max_frame,
+            "octets": self._max_frame,
+            "syslog": max(self._max_frame, line),
+        }[self._framing]
+
+    @property
     def pending(self):
         return len(self._buffer)
 

@@ -16,8 +16,9 @@ import termios
 import threading
 import time
 
+from fastsock._protocol_errors import BY_ERROR
 from fastsock.constants import RECEIVE_CHECK_INTERVAL, RECV_SIZE, SPANS_PER_PUBLISH
-from fastsock.errors import FrameTooLargeError, LineTooLongError, MalformedFrameError, QueueClosed
+from fastsock.errors import FramingError, QueueClosed
 from fastsock.stats import ReceiveStats
 
 __all__ = ["ConnectionLedger", "ReceiveCounters", "StreamReceiver"]
@@ -240,15 +241,9 @@ class StreamReceiver:
             pending_start = self._framer.peek_pending(SAMPLE_KEPT)
             try:
                 self._unpublished.extend(self._framer.feed(data))
-            except LineTooLongError as exc:
+            except FramingError as exc:
                 self._keep_sample(exc, pending_start, data)
-                return self._fail(exc, "lines_too_long", "line_too_long")
-            except FrameTooLargeError as exc:
-                self._keep_sample(exc, pending_start, data)
-                return self._fail(exc, "frames_too_large", "frame_too_large")
-            except MalformedFrameError as exc:
-                self._keep_sample(exc, pending_start, data)
-                return self._fail(exc, "frames_malformed", "frame_malformed")
+                return self._fail(exc)
             held = self._framer.pending
             over_budget = False
             if held != self.held_bytes:
@@ -315,11 +310,12 @@ class StreamReceiver:
             return True
         return False
 
-    def _fail(self, error, counter, end):
+    def _fail(self, error):
+        kind = BY_ERROR[type(error)]
         self._unpublished.extend(error.messages)
-        self._counters.add(counter, 1)
+        self._counters.add(kind.counter, 1)
         self._counters.add("bytes_discarded", error.discarded)
-        return self._publish() or end
+        return self._publish() or kind.name
 
     def _publish(self):
         while self._unpublished:

@@ -14,10 +14,9 @@ from libc.math cimport ceil
 from libc.stdint cimport uint16_t
 from libc.string cimport memchr, memcpy, memset
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.time cimport nanosleep, timespec, timeval
+from posix.uio cimport iovec
 from posix.unistd cimport close
-
-from fastsock._native cimport seconds_to_timeval, timeval
 
 import math
 import operator
@@ -62,50 +61,6 @@ cdef long LONGEST_PAUSE_NS = 1000 * 1000
 cdef double SINK_WAKE_SECONDS = 0.05
 
 
-cdef extern from *:
-    """
-    #include <netinet/in.h>
-    #include <stdint.h>
-    #include <string.h>
-    #include <sys/socket.h>
-    #ifndef UDP_SEGMENT
-    #define UDP_SEGMENT 103  /* <linux/udp.h>, which older C libraries do not pull in */
-    #endif
-    #ifndef IP_BIND_ADDRESS_NO_PORT
-    #define IP_BIND_ADDRESS_NO_PORT 24  /* Linux 4.2; C libraries before glibc 2.23 lack it */
-    #endif
-
-    static size_t fastsock_segment_control_bytes(void) {
-        return CMSG_SPACE(sizeof(uint16_t));
-    }
-
-    /* Makes the message one UDP GSO send of `size`-byte datagrams, through its own control
-       buffer, so that the caller's socket keeps its options. */
-    static void fastsock_attach_segment_size(struct msghdr *header, char *control,
-                                             uint16_t size) {
-        struct cmsghdr *option;
-        header->msg_control = control;
-        header->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
-        option = CMSG_FIRSTHDR(header);
-        option->cmsg_level = IPPROTO_UDP;
-        option->cmsg_type = UDP_SEGMENT;
-        option->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-        memcpy(CMSG_DATA(option), &size, sizeof(size));
-    }
-    """
-    enum:
-        IP_BIND_ADDRESS_NO_PORT
-    size_t fastsock_segment_control_bytes() noexcept nogil
-    void fastsock_attach_segment_size(msghdr* header, char* control,
-                                      uint16_t size) noexcept nogil
-
-
-cdef double monotonic() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
-
-
 cdef int milliseconds_until(double deadline, double now) noexcept nogil:
     if deadline <= now:
         return 0
@@ -128,11 +83,6 @@ cdef void close_descriptors(const int* fds, Py_ssize_t count) noexcept nogil:
     for i in range(count):
         if fds[i] >= 0:
             close(fds[i])
-
-
-cdef int raise_errno(int code) except -1:
-    # OSError's constructor picks the subclass (ConnectionResetError, TimeoutError, ...).
-    raise OSError(code, os.strerror(code))
 
 
 cdef int checked_fd(object fd, str name) except -1:
