@@ -127,6 +127,7 @@ cdef class StreamEngine:
     cdef int wake_fd                  # an eventfd: stop() writes it
     cdef int* listeners
     cdef Py_ssize_t listener_count
+    cdef bint shared_listeners        # other engines accept from the listeners too
     cdef bint accepting               # the listeners are in the epoll set
     cdef volatile bint accepting_wanted  # accept_connections()
     cdef uint64_t accept_resume_ns    # accepting paused after EMFILE until then; 0: not
@@ -201,8 +202,10 @@ cdef class StreamEngine:
     cdef EngineEnd loop(self) noexcept nogil
     cdef int wait_timeout(self, uint64_t now) noexcept nogil
     cdef void expire(self, uint64_t now) noexcept nogil
-    cdef void accept_from(self, int listener, uint64_t now) noexcept nogil
     cdef void set_accepting(self, bint accepting) noexcept nogil
+    cdef void watch_listener(self, Py_ssize_t index) noexcept nogil
+    cdef void accept_turn(self, Py_ssize_t index, uint64_t now) noexcept nogil
+    cdef int accept_from(self, int listener, int budget, uint64_t now) noexcept nogil
     cdef AdoptResult adopt(self, int fd, const PeerAddress* address,
                            uint64_t now) noexcept nogil
     cdef bint make_room(self, uint64_t now) noexcept nogil

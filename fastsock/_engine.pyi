@@ -72,6 +72,7 @@ class StreamEngine:
         options: ReceiveOptions,
         *,
         listeners: Sequence[int] = (),
+        shared_listeners: bool = False,
     ) -> None:
         """``options``: the framing and the limits (``fastsock.ReceiveOptions``, checked when
         it was made; the datagram fields are not used); ``max_connections`` None means the
@@ -87,7 +88,11 @@ class StreamEngine:
         ``constants.PROXY_HEADER_TIMEOUT`` and ``constants.PROXY_MAX_HEADER`` bytes; a peer
         outside ``proxy_trusted`` (checked at accept on its real address; a Unix socket peer
         is trusted) is closed unread, and ``add_connection()`` refuses it with
-        ``ConnectionRefusedError``."""
+        ``ConnectionRefusedError``.  ``shared_listeners``: other engines accept from the
+        same listeners; each turn then takes at most
+        ``constants.ENGINE_SHARED_ACCEPTS_PER_TURN`` connections from a listener and leaves
+        the next ones to an engine that is waiting, so that a burst spreads over the
+        engines (what is left is accepted in a later turn, never stranded)."""
 
     def add_connection(self, fd: int) -> int:
         """Receive an already accepted, connected stream socket too, as if the engine had

@@ -140,6 +140,7 @@ cdef uint64_t WAKE_TAG = 0
 # Connections accepted from one listener per turn at most: a connect flood then still
 # leaves the turn to the connections that have data.
 cdef int ACCEPTS_PER_TURN = 1024
+cdef int SHARED_ACCEPTS_PER_TURN = constants.ENGINE_SHARED_ACCEPTS_PER_TURN
 cdef int EVENTS_PER_WAIT = 1024
 cdef uint64_t ANNOUNCE_AFTER = constants.ENGINE_ANNOUNCE_AFTER
 cdef double PAUSED_WAIT_SLICE = constants.RING_WAIT_SLICE
@@ -504,7 +505,7 @@ cdef bint network_contains(const TrustedNetwork* network, int family,
 cdef class StreamEngine:
 
     def __cinit__(self, RingQueue ring not None, ReceiveCounters counters not None,
-                  options not None, *, listeners=()):
+                  options not None, *, listeners=(), bint shared_listeners=False):
         cdef Py_ssize_t index
         cdef int flags
         cdef epoll_event registration
@@ -583,6 +584,7 @@ cdef class StreamEngine:
             if flags < 0 or fcntl(self.listeners[index], F_SETFL, flags | O_NONBLOCK) != 0:
                 raise OSError(errno, f"listener {self.listeners[index]}")
         self.listener_count = len(listener_list)
+        self.shared_listeners = shared_listeners
         self.accepting_wanted = True
         self.set_accepting(True)
 
@@ -778,7 +780,7 @@ cdef class StreamEngine:
                 # Reading waits for ring room; accepting goes on between the waits.
                 if self.accepting and self.accepting_wanted:
                     for index in range(self.listener_count):
-                        self.accept_from(self.listeners[index], now)
+                        self.accept_turn(index, now)
                 self.resume()
                 continue
             ready = epoll_wait(self.epoll_fd, self.events, self.max_events,
@@ -797,7 +799,7 @@ cdef class StreamEngine:
                     read(self.wake_fd, &drained, sizeof(drained))
                 elif tag <= <uint64_t>self.listener_count:
                     if self.accepting and self.accepting_wanted:
-                        self.accept_from(self.listeners[tag - 1], now)
+                        self.accept_turn(<Py_ssize_t>(tag - 1), now)
                 elif not self.paused:
                     # Level-triggered: what a pause leaves unread is reported again.
                     connection = <Connection*>tag
@@ -882,26 +884,47 @@ cdef class StreamEngine:
     # -- Accepting ---------------------------------------------------------------------------
 
     cdef void set_accepting(self, bint accepting) noexcept nogil:
-        cdef epoll_event registration
         cdef Py_ssize_t index
         if accepting == self.accepting:
             return
         for index in range(self.listener_count):
             if accepting:
-                # EPOLLEXCLUSIVE: of several engines on one listener, one wakes per
-                # connection instead of all.
-                registration.events = EPOLLIN | EPOLLEXCLUSIVE
-                registration.data.u64 = <uint64_t>(index + 1)
-                epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.listeners[index], &registration)
+                self.watch_listener(index)
             else:
                 epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.listeners[index], NULL)
         self.accepting = accepting
 
-    cdef void accept_from(self, int listener, uint64_t now) noexcept nogil:
+    cdef void watch_listener(self, Py_ssize_t index) noexcept nogil:
+        # EPOLLEXCLUSIVE: of several engines on one listener, one wakes per connection
+        # instead of all -- the first registered of those waiting in epoll_wait().  Adding
+        # checks readiness at once, so a backlog that is already there is reported.
+        cdef epoll_event registration
+        registration.events = EPOLLIN | EPOLLEXCLUSIVE
+        registration.data.u64 = <uint64_t>(index + 1)
+        epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.listeners[index], &registration)
+
+    cdef void accept_turn(self, Py_ssize_t index, uint64_t now) noexcept nogil:
+        # A shared listener is taken a few connections at a time, and the engine that took
+        # some registers again, which puts it behind the other engines in the listener's
+        # queue of exclusive waiters: the next connection wakes another engine if one is
+        # waiting.  What this turn leaves in the backlog is not lost: the listener is
+        # level-triggered, so this engine's next epoll_wait() reports it again.
+        if not self.shared_listeners:
+            self.accept_from(self.listeners[index], ACCEPTS_PER_TURN, now)
+            return
+        if self.accept_from(self.listeners[index], SHARED_ACCEPTS_PER_TURN, now) == 0:
+            return
+        if self.accepting and not self.draining:
+            epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.listeners[index], NULL)
+            self.watch_listener(index)
+
+    cdef int accept_from(self, int listener, int budget, uint64_t now) noexcept nogil:
+        # Accepts at most budget connections; returns how many it took off the backlog.
         cdef PeerAddress address
         cdef AdoptResult result
         cdef int fd, error, _
-        for _ in range(ACCEPTS_PER_TURN):
+        cdef int taken = 0
+        for _ in range(budget):
             address.length = ADDRESS_ROOM
             fd = accept4(listener, <sockaddr*>address.bytes, &address.length,
                          SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -915,13 +938,15 @@ cdef class StreamEngine:
                     self.accept_resume_ns = now + seconds_to_ns(self.accept_backoff)
                     self.set_accepting(False)
                     self.record(EVENT_ACCEPT_PAUSED, NULL, NULL, self.accept_backoff, error)
-                return
+                return taken
+            taken += 1
             self.accept_backoff = 0
             result = self.adopt(fd, &address, now)
             if result == REFUSED:
                 self.record(EVENT_REFUSED, NULL, &address, 0, <uint64_t>self.max_connections)
             elif result == UNTRUSTED:
                 self.record(EVENT_PROXY_UNTRUSTED, NULL, &address, 0, 0)
+        return taken
 
     cdef AdoptResult adopt(self, int fd, const PeerAddress* address,
                            uint64_t now) noexcept nogil:
@@ -1304,7 +1329,7 @@ cdef class StreamEngine:
         self.drain_deadline_ns = now + (0 if self.ring_closed else self.drain_timeout_ns)
         if not self.ring_closed:
             for index in range(self.listener_count):
-                self.accept_from(self.listeners[index], now)
+                self.accept_from(self.listeners[index], ACCEPTS_PER_TURN, now)
         self.set_accepting(False)
         self.accept_resume_ns = 0
         connection = self.idle_list.head

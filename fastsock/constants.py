@@ -63,6 +63,10 @@ a recovering server accepts again almost at once."""
 ACCEPT_BACKOFF_MAX = 1.0
 """Longest pause between accept() retries while file descriptors stay exhausted."""
 
+ENGINE_SHARED_ACCEPTS_PER_TURN = 8
+"""Connections an event engine accepts per turn from a listener other engines share: a burst
+spreads over the engines instead of going to the one that woke first."""
+
 THREAD_POOL_IDLE_TIMEOUT = 60.0
 """Seconds an idle pooled handler thread lives before it exits, so a burst does not leave
 its threads behind forever."""

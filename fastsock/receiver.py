@@ -294,6 +294,12 @@ class StreamPath:
     def stats(self):
         return self.counters.snapshot()
 
+    def engine_connections(self):
+        """The connections each event engine holds open now, in engine order; empty while
+        the server serves on none.  How evenly engine_threads share the load."""
+        engines = self._engines
+        return [] if engines is None else engines.connections()
+
 
 class DatagramPath:
     """The compiled receive path of a datagram server: serve() runs the datagram loop on the
@@ -395,6 +401,7 @@ class EngineGroup:
                 path.counters,
                 path.options,
                 listeners=[server.socket.fileno()],
+                shared_listeners=count > 1,
             )
             for _ in range(count)
         ]
@@ -433,6 +440,9 @@ class EngineGroup:
         """Every engine stops gracefully (see StreamEngine.stop), without waiting."""
         for engine in self.engines:
             engine.stop()
+
+    def connections(self):
+        return [engine.connections for engine in self.engines]
 
     def peer(self, connection_id):
         for engine in self.engines:

@@ -354,6 +354,51 @@ def client_of(server, host, sock_dir, number):
     return client
 
 
+@pytest.mark.skipif(
+    fastsock.IMPLEMENTATION != "compiled",
+    reason="the reference's selectors wake every engine (no EPOLLEXCLUSIVE): a race picks one",
+)
+def test_connections_one_at_a_time_alternate_between_two_engines():
+    # Each connection arrives while both engines wait: the kernel wakes the first
+    # registered waiter of the shared listener, and an engine that accepted registers again
+    # behind the other (before, the first engine took 85-97% of them).
+    count = 200
+    ring = fastsock.RingQueue()
+    handler = fastsock.receiver(ring, framing="lines", engine_threads=2, max_connections=count)
+    with serving(fastsock.ThreadingTCPServer((HOST, 0), handler)) as server:
+        clients = []
+        try:
+            for number in range(count):
+                clients.append(connect(server.server_address))
+                clients[-1].sendall(b"%d\n" % number)
+                assert ring.get_many(timeout=GENEROUS) == [b"%d" % number]
+            held = server.receive_path.engine_connections()
+        finally:
+            for client in clients:
+                client.close()
+    assert sum(held) == count
+    assert max(held) <= count * 3 // 4, f"connections per engine: {held}"
+
+
+def test_a_burst_of_connections_spreads_over_two_engines():
+    # The engines share one listening socket and take a few connections per turn each, so
+    # that neither takes the whole burst; every connection is still accepted and served:
+    # none is left in the backlog.
+    count = 2000
+    with descriptor_limit(count + 1024):
+        ring = fastsock.RingQueue()
+        handler = fastsock.receiver(ring, framing="lines", engine_threads=2, max_connections=count)
+        with serving(fastsock.ThreadingTCPServer((HOST, 0), handler)) as server:
+            consumer = Consumer(ring)
+            with many_clients(server.server_address, count):
+                wait_until(lambda: len(consumer.taken) == count, GENEROUS, what="a line from each")
+                held = server.receive_path.engine_connections()
+            taken = consumer.stop()
+    assert sum(held) == count
+    assert max(held) <= count * 3 // 4, f"connections per engine: {held}"
+    assert sorted(payload for _, _, payload in taken) == many_clients_lines(count)
+
+
 @pytest.mark.parametrize("kind", sorted(SERVERS))
 def test_every_address_family_is_served_on_the_engines(kind, sock_dir):
     count, lines = 200, 50

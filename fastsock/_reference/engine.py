@@ -104,7 +104,7 @@ class _Connection:
 class StreamEngine:
     """Receives many stream connections in one loop; documented in fastsock/_engine.pyi."""
 
-    def __init__(self, ring, counters, options, *, listeners=()):
+    def __init__(self, ring, counters, options, *, listeners=(), shared_listeners=False):
         if not isinstance(ring, RingQueue):
             raise TypeError(f"ring must be a reference RingQueue, not {ring!r}")
         if not isinstance(counters, ReceiveCounters):
@@ -152,6 +152,11 @@ class StreamEngine:
         self._watch_listeners(True)
         self._accept_backoff = 0.0
         self._accept_resumes_at = None
+        # A listener other engines share is taken a few connections per turn, so that a
+        # burst spreads over them; what a turn leaves stays ready for the next one.
+        self._accepts_per_turn = (
+            constants.ENGINE_SHARED_ACCEPTS_PER_TURN if shared_listeners else None
+        )
 
         self._connections = {}
         # Connection id -> connection, silent longest first: the front holds the nearest idle
@@ -317,7 +322,7 @@ class StreamEngine:
                 if key.data.watched:
                     self._receive(key.data)
             elif self._accepting:
-                self._accept(key.data)
+                self._accept(key.data, self._accepts_per_turn)
         now = time.monotonic()
         if self._accept_resumes_at is not None and now >= self._accept_resumes_at:
             self._accept_resumes_at = None
@@ -383,7 +388,7 @@ class StreamEngine:
         # Reading waits for ring room; accepting goes on between the waits.
         if self._accepting and self._accepting_wanted:
             for listener in self._listeners:
-                self._accept(listener)
+                self._accept(listener, self._accepts_per_turn)
         paused_at = time.monotonic_ns()
         ready = self._wakeup_selector.select(timeout)
         self._wakeups += 1
@@ -413,8 +418,9 @@ class StreamEngine:
 
     # -- Connections ---------------------------------------------------------------------
 
-    def _accept(self, listener):
-        while True:
+    def _accept(self, listener, budget=None):
+        taken = 0
+        while budget is None or taken < budget:
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -426,6 +432,7 @@ class StreamEngine:
                 if exc.errno in ACCEPT_RETRY_ERRNOS:
                     continue
                 raise
+            taken += 1
             self._accept_backoff = 0.0
             sock.setblocking(False)
             admitted = self._admit(sock, address, time.monotonic())
