@@ -279,9 +279,10 @@ silent-live rows: the rate is the one live connection's, streaming while the oth
 fastsock-compiled-2: engine_threads=2. What limits it on 2 cores (--share-cpus): the two
   engines, the consumer thread and the generator share them, every message still goes
   through the one ring to one Python consumer, and the engines take connections from one
-  listening socket, whichever wakes first accepting the whole burst: in lines-16 one engine
-  held most of the 16 connections (epoll registrations read from /proc), so it ran about
-  as one engine does."""
+  listening socket, a few per turn (constants.ENGINE_SHARED_ACCEPTS_PER_TURN), each then
+  queueing behind the other for the listener's next wake-up: connections arriving while
+  both wait alternate between them, but an engine that runs while the other is not yet
+  scheduled still takes a fast burst's next ones (16 connections often all go to one)."""
 
 
 def report(rows, settings, placement, started, finished, load_average):
