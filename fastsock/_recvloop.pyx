@@ -170,6 +170,7 @@ cdef class ReceiveCounters:
             frames_too_large=values[<int>COUNT_FRAMES_TOO_LARGE],
             frames_malformed=values[<int>COUNT_FRAMES_MALFORMED],
             proxy_header_errors=values[<int>COUNT_PROXY_HEADER_ERRORS],
+            tls_handshake_errors=values[<int>COUNT_TLS_HANDSHAKE_ERRORS],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],
