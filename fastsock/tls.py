@@ -86,7 +86,11 @@ class TlsSession:
             while taken < room:
                 count = self.tls.read(room - taken, buffer[taken:])
                 if count == 0:
-                    break
+                    # ssl's read() returns 0, not SSLWantReadError, after close_notify.
+                    if taken:
+                        return taken
+                    self._close_notify()
+                    return TLS_CLOSED
                 taken += count
         except ssl.SSLWantReadError:
             pass
