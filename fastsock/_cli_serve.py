@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -57,6 +58,8 @@ output formats:
                      with --proxy-protocol, the client the connection's header names
          connection  the stream connection's id, shared by all its messages; null for
                      datagrams
+         subject     with --tls-client-ca, the subject of the client's certificate
+                     ("CN=client,O=Example"); null without one (and in --mode prefork)
          text        the payload, when it is valid UTF-8; otherwise "base64" holds it
 
 stopping (SIGINT, SIGTERM):
@@ -89,6 +92,18 @@ behind a load balancer (--proxy-protocol):
   Header limits: {constants.PROXY_HEADER_TIMEOUT:g} s to arrive whole;
   {constants.PROXY_MAX_HEADER:,} bytes (v2; a v1 header has at most 107).
 
+TLS (--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]):
+  every stream connection is TLS (1.2 or 1.3), terminated here by Python's ssl module (the
+  OpenSSL it links) with the certificate chain in --tls-cert (PEM) and its key. With
+  --tls-client-ca, each client must present a certificate signed by a CA in that file
+  (mTLS: its subject goes into jsonl records); without, none is asked for. A handshake
+  that fails (not TLS, a missing or untrusted client certificate) or is not done within
+  {constants.TLS_HANDSHAKE_TIMEOUT:g} s closes that connection, counted ("tls handshakes" in
+  the counters) and logged with OpenSSL's reason. With --proxy-protocol, the PROXY header
+  comes first, in plaintext, then TLS. No session tickets are sent: a client that
+  only sends never reads them, and its close would then reset the connection and lose what
+  the kernel still held of its data.
+
 log rotation (SIGHUP):
   with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
   messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
@@ -106,7 +121,7 @@ metrics (--metrics [HOST:]PORT):
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
   bytes discarded, lines or frames over the limits, connections closed for their PROXY
-  header; datagrams: ring full, truncated, kernel),
+  header or their TLS handshake; datagrams: ring full, truncated, kernel),
   backpressure (seconds the receive loops waited for this process to take messages) and
   the messages queued.
 """
@@ -210,6 +225,18 @@ def add_serve_arguments(parser):
         metavar="CIDR,...",
         help="with --proxy-protocol, the networks that may send a header (default "
         f"{','.join(constants.PROXY_TRUSTED)}); a connection from elsewhere is closed",
+    )
+    secured = parser.add_argument_group("TLS")
+    secured.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="streams: terminate TLS with this certificate chain (PEM); needs --tls-key",
+    )
+    secured.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    secured.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require a client certificate signed by a CA in FILE (PEM): mutual TLS",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -367,6 +394,12 @@ def check_serve_options(options, endpoint):
         raise UsageError(SERVE, "--proxy-protocol applies to stream endpoints (tcp://, unix://)")
     if options.proxy_trusted is not None and not options.proxy_protocol:
         raise UsageError(SERVE, "--proxy-trusted applies with --proxy-protocol")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise UsageError(SERVE, "--tls-cert and --tls-key go together")
+    if options.tls_client_ca is not None and options.tls_cert is None:
+        raise UsageError(SERVE, "--tls-client-ca applies with --tls-cert and --tls-key")
+    if endpoint.datagram and options.tls_cert is not None:
+        raise UsageError(SERVE, "--tls-cert applies to stream endpoints (tcp://, unix://)")
     if options.workers is not None and options.mode != "prefork":
         raise UsageError(SERVE, "--workers applies to --mode prefork")
     if options.mode == "prefork" and endpoint.scheme == "unixgram":
@@ -393,10 +426,38 @@ def receive_options(options, endpoint):
         limits["proxy_protocol"] = options.proxy_protocol
         if options.proxy_trusted is not None:
             limits["proxy_trusted"] = options.proxy_trusted
+        if options.tls_cert is not None:
+            limits["ssl_context"] = tls_context(options)
     try:
         return fastsock.ReceiveOptions(**limits)
     except (TypeError, ValueError) as exc:
         raise UsageError(SERVE, str(exc)) from None
+
+
+def tls_context(options):
+    """The server's SSLContext of --tls-cert, --tls-key and --tls-client-ca (a UsageError
+    for a file that cannot be read or a key that does not match)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # A sender that never reads leaves tickets unread: its close would reset the connection.
+    context.num_tickets = 0
+    # ssl.SSLError is an OSError: it is caught first.
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except ssl.SSLError as exc:
+        raise UsageError(
+            SERVE, f"--tls-cert/--tls-key: not a certificate and its key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise UsageError(SERVE, f"--tls-cert/--tls-key: {exc.strerror or exc}") from None
+    if options.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(options.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise UsageError(SERVE, f"--tls-client-ca: no CA certificate ({exc.reason})") from None
+        except OSError as exc:
+            raise UsageError(SERVE, f"--tls-client-ca: {exc.strerror or exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 # -- fastsock serve: servers -----------------------------------------------------------------
@@ -473,6 +534,9 @@ class ThreadedReceiver(Receiver):
     def peer(self, connection_id):
         return self.server.connection_address(connection_id)
 
+    def peer_subject(self, connection_id):
+        return self.server.receive_path.peer_subject(connection_id)
+
     def close(self):
         """Stop accepting, stop every loop gracefully (each hands over what its peer sent
         before the stop, within the drain timeout) and wait for their threads; the ring
@@ -517,6 +581,10 @@ class PreforkReceiver(Receiver):
 
     def peer(self, connection_id):
         """The workers accepted the connections: their peers are known only there."""
+        return None
+
+    def peer_subject(self, connection_id):
+        """Known only in the worker that accepted the connection, as its peer is."""
         return None
 
     def close(self):
@@ -586,8 +654,9 @@ class Output:
 class MessageWriter:
     """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
 
-    def __init__(self, output, output_format, separator, peer_of, datagram):
+    def __init__(self, output, output_format, separator, peer_of, datagram, subject_of=None):
         self.output = output
+        self.subject_of = subject_of
         self.jsonl = output_format == "jsonl"
         self.separator = separator
         self.peer_of = peer_of
@@ -610,6 +679,8 @@ class MessageWriter:
             "peer": self.peer_of(source_id, source),
             "connection": None if self.datagram else source_id,
         }
+        if self.subject_of is not None:
+            entry["subject"] = self.subject_of(source_id)
         try:
             entry["text"] = payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -645,7 +716,8 @@ def stats_line(stats, ring_stats, written, previous, seconds):
         parts.append(
             f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "
             f"unread {stats.bytes_unread:,} B, over limits {stats.framing_errors:,}, "
-            f"proxy headers {stats.proxy_header_errors:,}"
+            f"proxy headers {stats.proxy_header_errors:,}, "
+            f"tls handshakes {stats.tls_handshake_errors:,}"
         )
         parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
     parts.append(f"queued {ring_stats.messages_queued:,}")
@@ -752,7 +824,12 @@ class Session:
         # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
         separator = b"" if raw_stream else b"\n"
         self.writer = MessageWriter(
-            output, options.format, separator, self.peer_of, endpoint.datagram
+            output,
+            options.format,
+            separator,
+            self.peer_of,
+            endpoint.datagram,
+            receiver.peer_subject if options.tls_client_ca is not None else None,
         )
         self.stop = stop
         self.reopen = ReopenRequest()

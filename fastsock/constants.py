@@ -155,6 +155,12 @@ PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
 on the same host runs; any other must be named, since a trusted header sets the reported
 client address."""
 
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS connection may take to finish its handshake (from accept, or from the end of
+its PROXY header): two round trips and a certificate check take milliseconds, and seconds on
+a lossy mobile link; a client that sends no ClientHello, or stops halfway, holds a slot and
+a TLS object only this long."""
+
 ENGINE_EVENTS_KEPT = 4096
 """Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
 between two takes is reported whole, while a caller that stops taking them costs at most

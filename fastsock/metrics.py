@@ -82,6 +82,11 @@ STREAM_METRICS = (
         "proxy_header_errors",
         "Connections closed for a bad, late or untrusted PROXY header.",
     ),
+    _counter(
+        "tls_handshake_errors",
+        "tls_handshake_errors",
+        "Connections closed for a failed or late TLS handshake.",
+    ),
     _counter("connection_resets", "resets", "Connections reset by their peer."),
     _counter("idle_timeouts", "idle_timeouts", "Connections closed for silence."),
     _counter("message_timeouts", "message_timeouts", "Connections closed for a slow message."),

@@ -50,7 +50,9 @@ class ReceiveStats:
     ``framing_errors`` is their sum.  ``proxy_header_errors`` counts the connections closed
     for their PROXY protocol header (``proxy_protocol``): none, malformed, oversized, not
     finished in time, or sent from outside ``proxy_trusted`` (closed at accept, never
-    opened).
+    opened).  ``tls_handshake_errors`` counts the connections closed because their TLS
+    handshake failed (a refused or missing client certificate, not TLS at all, a protocol
+    error) or did not finish within ``tls_handshake_timeout``.
     """
 
     connections_opened: int
@@ -73,6 +75,7 @@ class ReceiveStats:
     bytes_unread: int = 0
     frames_malformed: int = 0
     proxy_header_errors: int = 0
+    tls_handshake_errors: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":
