@@ -1149,6 +1149,10 @@ cdef class RingQueue:
     def _wake_fd(self):
         return self.header.wake_fd
 
+    @property
+    def _async_waiters(self):
+        return load_u32(&self.header.async_waiters, ATOMIC_RELAXED)
+
     def _add_async_waiter(self):
         """Count in an asyncio waiter, unless a message is queued or the ring closed."""
         acquire(self.header)
