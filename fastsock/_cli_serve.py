@@ -620,13 +620,17 @@ def stats_line(stats, ring_stats, delivery, previous, seconds):
 
 
 class StopRequest:
-    """A signal handler that only notes the signal: the serving loop acts on it."""
+    """A signal handler that only notes the signal, and tells ``then`` (the pipeline, which
+    then stops retrying a sink that is down): the serving loop acts on it."""
 
     def __init__(self):
         self.signal_name = None
+        self.then = None
 
     def __call__(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
+        if self.then is not None:
+            self.then()
 
 
 class ReopenRequest:
@@ -728,6 +732,13 @@ class Session:
         self.pipeline = kind(ring, sink, server=receiver.peers, datagram=endpoint.datagram)
         self.reopens = isinstance(sink, pipeline.FileSink) and not sink.is_stdout
         self.stop = stop
+        drain = options.drain_timeout
+        # The receivers may take the drain timeout to hand over what was sent, and the
+        # pipeline the sink timeout beyond that to deliver it.
+        self.drain_timeout = constants.SHUTDOWN_DRAIN_TIMEOUT if drain is None else drain
+        stop.then = self.stop_requested
+        if stop.signal_name is not None:
+            self.stop_requested()
         self.reopen = ReopenRequest()
         self.exporter = None
         self.close_failure = None
@@ -894,14 +905,13 @@ class Session:
             return
         say(f"SIGHUP: reopened {self.sink.path}")
 
+    def stop_requested(self):
+        """From the signal handler: only sets the pipeline's deadline."""
+        self.pipeline.stop(self.drain_timeout + self.options.sink_timeout)
+
     def start_closing(self):
         """Stop the receiver gracefully in a thread while the caller delivers what it hands
-        over (its loops wait for ring room up to the drain timeout); the pipeline may take
-        the sink timeout beyond that."""
-        drain = self.options.drain_timeout
-        if drain is None:
-            drain = constants.SHUTDOWN_DRAIN_TIMEOUT
-        self.pipeline.stop(drain + self.options.sink_timeout)
+        over (its loops wait for ring room up to the drain timeout)."""
         closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
         closing.start()
         return closing
