@@ -64,7 +64,8 @@ stopping (SIGINT, SIGTERM):
   queued on the socket likewise. What is left then is counted in the final counters on
   stderr: "unread" (bytes the kernel held, or datagrams), "dropped" (framed messages) and
   "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
-  is written or counted. The exit status is 0.
+  is written or counted. The exit status is 0, or 1 when some of it could not be
+  delivered to the sink by the deadline (see sinks).
 
 syslog (--framing syslog):
   what rsyslog accepts over TCP: a connection whose first byte is a digit is read as RFC
@@ -741,7 +742,6 @@ class Session:
             self.stop_requested()
         self.reopen = ReopenRequest()
         self.exporter = None
-        self.close_failure = None
         interval = options.stats_interval
         self.previous, self.previous_at = None, time.monotonic()
         self.next_report = self.previous_at + interval
@@ -851,10 +851,8 @@ class Session:
             while self.stop.signal_name is None:
                 self.pipeline.deliver(LOOP_WAIT_SECONDS)
                 self.between_batches()
-            closing = self.start_closing()
-            while closing.is_alive():
-                self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
-            self.closed(closing)
+            self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
             self.pipeline.finish()
         except BaseException:
             self.pipeline.abort()
@@ -870,10 +868,8 @@ class Session:
             while self.stop.signal_name is None:
                 await self.pipeline.deliver(LOOP_WAIT_SECONDS)
                 self.between_batches()
-            closing = self.start_closing()
-            while closing.is_alive():
-                await self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
-            self.closed(closing)
+            await self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
             await self.pipeline.finish()
         except BaseException:
             await self.pipeline.abort()
@@ -909,21 +905,10 @@ class Session:
         """From the signal handler: only sets the pipeline's deadline."""
         self.pipeline.stop(self.drain_timeout + self.options.sink_timeout)
 
-    def start_closing(self):
-        """Stop the receiver gracefully in a thread while the caller delivers what it hands
-        over (its loops wait for ring room up to the drain timeout)."""
-        closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
-        closing.start()
-        return closing
-
-    def closed(self, closing):
-        closing.join()
-        if self.close_failure is not None:
-            raise CommandError(SERVE, f"stopping failed: {self.close_failure}")
-        self.pipeline.stop(self.options.sink_timeout)
-
     def close_receiver(self):
+        """Stop the receiver gracefully (its loops wait for ring room up to the drain
+        timeout, while the pipeline delivers what they hand over)."""
         try:
             self.receiver.close()
-        except BaseException as exc:
-            self.close_failure = exc
+        except Exception as exc:
+            raise CommandError(SERVE, f"stopping failed: {exc}") from None

@@ -28,6 +28,7 @@ import os
 import queue
 import socket
 import sys
+import threading
 import time
 import typing
 import urllib.parse
@@ -39,6 +40,7 @@ from fastsock.constants import (
     GET_MANY_DEFAULT,
     PIPELINE_STOP_TIMEOUT,
     PIPELINE_WAIT,
+    RECEIVE_CHECK_INTERVAL,
     RING_WAIT_SLICE,
     SINK_RETRY_INITIAL,
     SINK_RETRY_MAX,
@@ -416,6 +418,26 @@ class _Deliveries:
         return max(0.0, self._stop_at - time.monotonic())
 
 
+class _Call(threading.Thread):
+    """A function called in a thread of its own, its exception kept for ``result()``."""
+
+    def __init__(self, function):
+        super().__init__(target=self._call, args=(function,), name="fastsock-pipeline-stop")
+        self.failure = None
+        self.start()
+
+    def _call(self, function):
+        try:
+            function()
+        except BaseException as exc:
+            self.failure = exc
+
+    def result(self):
+        self.join()
+        if self.failure is not None:
+            raise self.failure
+
+
 class Pipeline(_Deliveries):
     """Drains ``ring`` into ``sink`` (a ``Sink``), one batch at a time.
 
@@ -466,13 +488,17 @@ class Pipeline(_Deliveries):
             self._retries += 1
             delay = min(2 * delay, SINK_RETRY_MAX)
 
-    def run(self):
-        """Deliver until ``stop()`` (or until the ring is closed and drained), then
+    def run(self, stop_producers=None):
+        """Deliver until ``stop()`` (or until the ring is closed and drained); then run
+        ``stop_producers`` (a function, e.g. one that calls ``server.shutdown()`` and
+        ``server.server_close()``) in a thread while delivering what they hand over, and
         ``finish()``; return the final ``stats``.  A fatal sink error closes the ring and
         the sink, counts what is left undelivered, and propagates."""
         try:
             while self._stop_at is None:
                 self.deliver(PIPELINE_WAIT)
+            if stop_producers is not None:
+                self.deliver_while(stop_producers)
         except QueueClosed:
             pass
         except BaseException:
@@ -480,6 +506,15 @@ class Pipeline(_Deliveries):
             raise
         self.finish()
         return self.stats
+
+    def deliver_while(self, function):
+        """Call ``function`` in a thread of its own and deliver until it returns: a graceful
+        stop of the producers, whose receive loops wait for ring room to hand over what
+        their peers sent.  Its exception, if any, is raised here."""
+        running = _Call(function)
+        while running.is_alive():
+            self.deliver(RECEIVE_CHECK_INTERVAL)
+        running.result()
 
     def finish(self):
         """Close the ring, deliver what is left in it until the stop's deadline (``stop()``'s
@@ -559,11 +594,13 @@ class AsyncPipeline(_Deliveries):
             self._retries += 1
             delay = min(2 * delay, SINK_RETRY_MAX)
 
-    async def run(self):
+    async def run(self, stop_producers=None):
         """As ``Pipeline.run``."""
         try:
             while self._stop_at is None:
                 await self.deliver(PIPELINE_WAIT)
+            if stop_producers is not None:
+                await self.deliver_while(stop_producers)
         except QueueClosed:
             pass
         except BaseException:
@@ -571,6 +608,13 @@ class AsyncPipeline(_Deliveries):
             raise
         await self.finish()
         return self.stats
+
+    async def deliver_while(self, function):
+        """As ``Pipeline.deliver_while``: ``function`` runs in a thread, the loop delivers."""
+        running = _Call(function)
+        while running.is_alive():
+            await self.deliver(RECEIVE_CHECK_INTERVAL)
+        running.result()
 
     async def finish(self):
         """As ``Pipeline.finish``."""
