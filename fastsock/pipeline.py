@@ -375,6 +375,29 @@ class _Deliveries:
         self._undelivered += len(batch)
         self.last_error = exc
 
+    def _attempts(self, batch):
+        """The delivery of one batch without its I/O, for both pipelines: a generator that
+        yields None when the batch is to be written (send back the SinkUnavailable the write
+        raised, or None once it returned) and the seconds to sleep between two writes; it
+        returns the messages delivered, 0 if the batch was set aside."""
+        stop_seen = self._stop_at is not None
+        delay = SINK_RETRY_INITIAL
+        while True:
+            started = time.monotonic()
+            refusal = yield None
+            if refusal is None:
+                self._confirmed(batch, time.monotonic() - started)
+                return len(batch)
+            self._refused(refusal)
+            retry_at = time.monotonic() + delay
+            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+                if pause is None:
+                    self._set_aside(batch)
+                    return 0
+                yield pause
+            self._retries += 1
+            delay = min(2 * delay, SINK_RETRY_MAX)
+
     def _pause(self, until, stop_seen):
         """Seconds to sleep before the retry due at ``until`` (0: retry now), or None once
         the stop's deadline has passed, or when a stop was requested since the batch was
@@ -465,28 +488,25 @@ class Pipeline(_Deliveries):
             except queue.Empty:
                 return 0
             batch = self.messages(records)
-        stop_seen = self._stop_at is not None
-        delay = SINK_RETRY_INITIAL
-        while True:
-            started = time.monotonic()
-            try:
-                self.sink.write(batch)
-            except SinkUnavailable as exc:
-                self._refused(exc)
-            except BaseException as exc:
-                self._failed(exc, batch)
-                raise
-            else:
-                self._confirmed(batch, time.monotonic() - started)
-                return len(batch)
-            retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+        steps = self._attempts(batch)
+        try:
+            pause = next(steps)
+            while True:
                 if pause is None:
-                    self._set_aside(batch)
-                    return 0
-                time.sleep(pause)
-            self._retries += 1
-            delay = min(2 * delay, SINK_RETRY_MAX)
+                    try:
+                        self.sink.write(batch)
+                    except SinkUnavailable as exc:
+                        pause = steps.send(exc)
+                    else:
+                        pause = steps.send(None)
+                else:
+                    time.sleep(pause)
+                    pause = next(steps)
+        except StopIteration as done:
+            return done.value
+        except BaseException as exc:
+            self._failed(exc, batch)
+            raise
 
     def run(self, stop_producers=None):
         """Deliver until ``stop()`` (or until the ring is closed and drained); then run
@@ -571,28 +591,25 @@ class AsyncPipeline(_Deliveries):
             except queue.Empty:
                 return 0
             batch = self.messages(records)
-        stop_seen = self._stop_at is not None
-        delay = SINK_RETRY_INITIAL
-        while True:
-            started = time.monotonic()
-            try:
-                await self.sink.write(batch)
-            except SinkUnavailable as exc:
-                self._refused(exc)
-            except BaseException as exc:
-                self._failed(exc, batch)
-                raise
-            else:
-                self._confirmed(batch, time.monotonic() - started)
-                return len(batch)
-            retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+        steps = self._attempts(batch)
+        try:
+            pause = next(steps)
+            while True:
                 if pause is None:
-                    self._set_aside(batch)
-                    return 0
-                await asyncio.sleep(pause)
-            self._retries += 1
-            delay = min(2 * delay, SINK_RETRY_MAX)
+                    try:
+                        await self.sink.write(batch)
+                    except SinkUnavailable as exc:
+                        pause = steps.send(exc)
+                    else:
+                        pause = steps.send(None)
+                else:
+                    await asyncio.sleep(pause)
+                    pause = next(steps)
+        except StopIteration as done:
+            return done.value
+        except BaseException as exc:
+            self._failed(exc, batch)
+            raise
 
     async def run(self, stop_producers=None):
         """As ``Pipeline.run``."""
