@@ -17,6 +17,7 @@ import urllib.parse
 import fastsock
 from fastsock import constants, metrics, pipeline, proxy
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
+from fastsock._impl import FRAMING_LIMITS
 from fastsock._ratelimit import RateLimitedLogger
 from fastsock.addresses import format_address
 from fastsock.server import _unlink_own_socket_file
@@ -150,7 +151,7 @@ def add_serve_arguments(parser):
     )
     parser.add_argument(
         "--framing",
-        choices=["lines", "length", "raw", "octets", "syslog"],
+        choices=list(FRAMING_LIMITS),
         help="streams: lines (default), length (4-byte big-endian prefix), raw chunks, "
         "octets (RFC 6587 octet counting: MSG-LEN SP MSG) or syslog (octets if a connection's "
         "first byte is a digit, else lines, as rsyslog; also accepted for udp://, where "
@@ -172,14 +173,14 @@ def add_serve_arguments(parser):
         type=positive_int,
         metavar="BYTES",
         help=f"longest line (default {constants.MAX_LINE_LENGTH}); longer closes that connection "
-        "(--framing lines, syslog)",
+        f"(--framing {framings_limited_by('max_line')})",
     )
     limits.add_argument(
         "--max-frame",
         type=positive_int,
         metavar="BYTES",
         help=f"largest length-prefixed or octet-counted frame (default "
-        f"{constants.MAX_FRAME_SIZE}; --framing length, octets, syslog)",
+        f"{constants.MAX_FRAME_SIZE}; --framing {framings_limited_by('max_frame')})",
     )
     limits.add_argument(
         "--idle-timeout",
@@ -402,6 +403,10 @@ def parse_endpoint(text, allow_remote):
     return Endpoint(scheme, (host, port), family)
 
 
+def framings_limited_by(limit):
+    return ", ".join(name for name, limits in FRAMING_LIMITS.items() if limit in limits)
+
+
 def check_serve_options(options, endpoint):
     """Options that conflict with the endpoint or with each other: UsageError."""
     given = {name for name in STREAM_ONLY if getattr(options, name) is not None}
@@ -416,10 +421,10 @@ def check_serve_options(options, endpoint):
     if not endpoint.datagram and options.max_datagram is not None:
         raise UsageError(SERVE, "--max-datagram applies to udp:// and unixgram:// endpoints")
     framing = options.framing or DEFAULT_FRAMING
-    if options.max_line is not None and framing not in ("lines", "syslog"):
-        raise UsageError(SERVE, "--max-line applies to --framing lines and syslog")
-    if options.max_frame is not None and framing not in ("length", "octets", "syslog"):
-        raise UsageError(SERVE, "--max-frame applies to --framing length, octets and syslog")
+    for limit in ("max_line", "max_frame"):
+        if getattr(options, limit) is not None and limit not in FRAMING_LIMITS[framing]:
+            flag = "--" + limit.replace("_", "-")
+            raise UsageError(SERVE, f"{flag} applies to --framing {framings_limited_by(limit)}")
     if endpoint.datagram and options.proxy_protocol:
         raise UsageError(SERVE, "--proxy-protocol applies to stream endpoints (tcp://, unix://)")
     if options.proxy_trusted is not None and not options.proxy_protocol:
