@@ -1,26 +1,25 @@
 """``fastsock serve``: a receive server on the compiled path, without writing code."""
 
 import argparse
-import base64
-import datetime
+import asyncio
 import ipaddress
-import json
 import logging
 import math
 import os
-import queue
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 import urllib.parse
 
 import fastsock
-from fastsock import constants, metrics, proxy
+from fastsock import constants, metrics, pipeline, proxy
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
+from fastsock._impl import FRAMING_LIMITS
 from fastsock._ratelimit import RateLimitedLogger
-from fastsock.addresses import address_from_sockaddr
+from fastsock.addresses import format_address
 from fastsock.server import _unlink_own_socket_file
 
 __all__ = ["SERVE_DETAILS", "add_serve_arguments", "run_serve"]
@@ -57,6 +56,8 @@ output formats:
                      with --proxy-protocol, the client the connection's header names
          connection  the stream connection's id, shared by all its messages; null for
                      datagrams
+         subject     with --tls-client-ca, the subject of the client's certificate
+                     ("CN=client,O=Example"); null without one (and in --mode prefork)
          text        the payload, when it is valid UTF-8; otherwise "base64" holds it
 
 stopping (SIGINT, SIGTERM):
@@ -67,7 +68,8 @@ stopping (SIGINT, SIGTERM):
   queued on the socket likewise. What is left then is counted in the final counters on
   stderr: "unread" (bytes the kernel held, or datagrams), "dropped" (framed messages) and
   "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
-  is written or counted. The exit status is 0.
+  is written or counted. The exit status is 0, or 1 when some of it could not be
+  delivered to the sink by the deadline (see sinks).
 
 syslog (--framing syslog):
   what rsyslog accepts over TCP: a connection whose first byte is a digit is read as RFC
@@ -89,6 +91,18 @@ behind a load balancer (--proxy-protocol):
   Header limits: {constants.PROXY_HEADER_TIMEOUT:g} s to arrive whole;
   {constants.PROXY_MAX_HEADER:,} bytes (v2; a v1 header has at most 107).
 
+TLS (--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]):
+  every stream connection is TLS (1.2 or 1.3), terminated here by Python's ssl module (the
+  OpenSSL it links) with the certificate chain in --tls-cert (PEM) and its key. With
+  --tls-client-ca, each client must present a certificate signed by a CA in that file
+  (mTLS: its subject goes into jsonl records); without, none is asked for. A handshake
+  that fails (not TLS, a missing or untrusted client certificate) or is not done within
+  {constants.TLS_HANDSHAKE_TIMEOUT:g} s closes that connection, counted ("tls handshakes" in
+  the counters) and logged with OpenSSL's reason. With --proxy-protocol, the PROXY header
+  comes first, in plaintext, then TLS. No session tickets are sent: a client that
+  only sends never reads them, and its close would then reset the connection and lose what
+  the kernel still held of its data.
+
 log rotation (SIGHUP):
   with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
   messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
@@ -96,19 +110,34 @@ log rotation (SIGHUP):
   none lost or written twice. Writing to stdout, SIGHUP is ignored (a line on stderr says
   so). Prefork workers ignore SIGHUP; only this process writes.
 
+sinks (--sink URL):
+  the messages go to the sink in batches; a batch leaves the queue only once the sink has
+  confirmed it (written to the kernel; acknowledged by the broker). While a sink is
+  unavailable (a broker down, a full disk) the same batch is retried, the wait doubling
+  from {constants.SINK_RETRY_INITIAL:g} s to {constants.SINK_RETRY_MAX:g} s, the queue fills,
+  and stream senders are held back by TCP (datagrams beyond the queue are dropped, counted).
+  On SIGINT/SIGTERM, what is left is delivered for at most --sink-timeout seconds beyond
+  the drain; what could not be is counted ("undelivered"), said on stderr, and the
+  exit status is then 1. A crash loses what the queue held and the batch being delivered.
+  Broker sinks need their extra: pip install 'fastsock[redis]' ('[nats]', '[kafka]').
+  python://MODULE:CLASS?QUERY imports CLASS from MODULE and uses CLASS.from_url(URL): a
+  class with write(messages), flush(timeout) and close(), or their coroutines (it then
+  runs on an asyncio event loop); see fastsock.pipeline.
+
 metrics (--metrics [HOST:]PORT):
   GET http://HOST:PORT/metrics answers the counters (the server's, summed over the prefork
-  workers, and the ring's) in Prometheus's text format 0.0.4, from a thread of its own, so a
-  scrape never holds up receiving. Per scrape: {constants.METRICS_REQUEST_TIMEOUT:g} s in all,
-  {constants.METRICS_MAX_REQUEST_BYTES:,} bytes of request. HOST, unless given:
-  {constants.METRICS_DEFAULT_HOST}. The README lists the metric names.
+  workers, the ring's and the sink pipeline's) in Prometheus's text format 0.0.4, from a
+  thread of its own, so a scrape never holds up receiving. Per scrape:
+  {constants.METRICS_REQUEST_TIMEOUT:g} s in all, {constants.METRICS_MAX_REQUEST_BYTES:,}
+  bytes of request. HOST, unless given: {constants.METRICS_DEFAULT_HOST}. The README lists
+  the metric names.
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
   bytes discarded, lines or frames over the limits, connections closed for their PROXY
-  header; datagrams: ring full, truncated, kernel),
-  backpressure (seconds the receive loops waited for this process to take messages) and
-  the messages queued.
+  header or their TLS handshake; datagrams: ring full, truncated, kernel),
+  backpressure (seconds the receive loops waited for this process to take messages), the
+  sink (batches delivered, retries, errors, messages undelivered) and the messages queued.
 """
 
 
@@ -122,7 +151,7 @@ def add_serve_arguments(parser):
     )
     parser.add_argument(
         "--framing",
-        choices=["lines", "length", "raw", "octets", "syslog"],
+        choices=list(FRAMING_LIMITS),
         help="streams: lines (default), length (4-byte big-endian prefix), raw chunks, "
         "octets (RFC 6587 octet counting: MSG-LEN SP MSG) or syslog (octets if a connection's "
         "first byte is a digit, else lines, as rsyslog; also accepted for udp://, where "
@@ -144,14 +173,14 @@ def add_serve_arguments(parser):
         type=positive_int,
         metavar="BYTES",
         help=f"longest line (default {constants.MAX_LINE_LENGTH}); longer closes that connection "
-        "(--framing lines, syslog)",
+        f"(--framing {framings_limited_by('max_line')})",
     )
     limits.add_argument(
         "--max-frame",
         type=positive_int,
         metavar="BYTES",
         help=f"largest length-prefixed or octet-counted frame (default "
-        f"{constants.MAX_FRAME_SIZE}; --framing length, octets, syslog)",
+        f"{constants.MAX_FRAME_SIZE}; --framing {framings_limited_by('max_frame')})",
     )
     limits.add_argument(
         "--idle-timeout",
@@ -211,6 +240,18 @@ def add_serve_arguments(parser):
         help="with --proxy-protocol, the networks that may send a header (default "
         f"{','.join(constants.PROXY_TRUSTED)}); a connection from elsewhere is closed",
     )
+    secured = parser.add_argument_group("TLS")
+    secured.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="streams: terminate TLS with this certificate chain (PEM); needs --tls-key",
+    )
+    secured.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    secured.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require a client certificate signed by a CA in FILE (PEM): mutual TLS",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output",
@@ -219,11 +260,28 @@ def add_serve_arguments(parser):
         "FILE, for logrotate's postrotate kill -HUP",
     )
     output.add_argument(
+        "--sink",
+        metavar="URL",
+        help="where the messages go instead of --output: - (stdout), a path or file:///PATH, "
+        "redis://HOST:PORT/..., nats://HOST:PORT/..., kafka://HOST:PORT/..., or "
+        "python://MODULE:CLASS?... (a sink class of your own); see 'sinks' below",
+    )
+    output.add_argument(
         "--format",
         choices=["raw", "jsonl"],
         default="raw",
-        help="raw (default): each message and a newline (raw framing: the bytes as received); "
-        "jsonl: one JSON object per message with time, peer and the payload as text or base64",
+        help="file sinks: raw (default): each message and a newline (raw framing: the bytes "
+        "as received); jsonl: one JSON object per message with time, peer and the payload "
+        "as text or base64",
+    )
+    output.add_argument(
+        "--sink-timeout",
+        type=_seconds,
+        default=constants.PIPELINE_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long delivering what was received may take once the "
+        "connections have handed it over; what is left then is counted as undelivered "
+        f"(default {constants.PIPELINE_STOP_TIMEOUT:g})",
     )
     output.add_argument(
         "--stats-interval",
@@ -345,6 +403,10 @@ def parse_endpoint(text, allow_remote):
     return Endpoint(scheme, (host, port), family)
 
 
+def framings_limited_by(limit):
+    return ", ".join(name for name, limits in FRAMING_LIMITS.items() if limit in limits)
+
+
 def check_serve_options(options, endpoint):
     """Options that conflict with the endpoint or with each other: UsageError."""
     given = {name for name in STREAM_ONLY if getattr(options, name) is not None}
@@ -359,14 +421,20 @@ def check_serve_options(options, endpoint):
     if not endpoint.datagram and options.max_datagram is not None:
         raise UsageError(SERVE, "--max-datagram applies to udp:// and unixgram:// endpoints")
     framing = options.framing or DEFAULT_FRAMING
-    if options.max_line is not None and framing not in ("lines", "syslog"):
-        raise UsageError(SERVE, "--max-line applies to --framing lines and syslog")
-    if options.max_frame is not None and framing not in ("length", "octets", "syslog"):
-        raise UsageError(SERVE, "--max-frame applies to --framing length, octets and syslog")
+    for limit in ("max_line", "max_frame"):
+        if getattr(options, limit) is not None and limit not in FRAMING_LIMITS[framing]:
+            flag = "--" + limit.replace("_", "-")
+            raise UsageError(SERVE, f"{flag} applies to --framing {framings_limited_by(limit)}")
     if endpoint.datagram and options.proxy_protocol:
         raise UsageError(SERVE, "--proxy-protocol applies to stream endpoints (tcp://, unix://)")
     if options.proxy_trusted is not None and not options.proxy_protocol:
         raise UsageError(SERVE, "--proxy-trusted applies with --proxy-protocol")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise UsageError(SERVE, "--tls-cert and --tls-key go together")
+    if options.tls_client_ca is not None and options.tls_cert is None:
+        raise UsageError(SERVE, "--tls-client-ca applies with --tls-cert and --tls-key")
+    if endpoint.datagram and options.tls_cert is not None:
+        raise UsageError(SERVE, "--tls-cert applies to stream endpoints (tcp://, unix://)")
     if options.workers is not None and options.mode != "prefork":
         raise UsageError(SERVE, "--workers applies to --mode prefork")
     if options.mode == "prefork" and endpoint.scheme == "unixgram":
@@ -393,10 +461,38 @@ def receive_options(options, endpoint):
         limits["proxy_protocol"] = options.proxy_protocol
         if options.proxy_trusted is not None:
             limits["proxy_trusted"] = options.proxy_trusted
+        if options.tls_cert is not None:
+            limits["ssl_context"] = tls_context(options)
     try:
         return fastsock.ReceiveOptions(**limits)
     except (TypeError, ValueError) as exc:
         raise UsageError(SERVE, str(exc)) from None
+
+
+def tls_context(options):
+    """The server's SSLContext of --tls-cert, --tls-key and --tls-client-ca (a UsageError
+    for a file that cannot be read or a key that does not match)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # A sender that never reads leaves tickets unread: its close would reset the connection.
+    context.num_tickets = 0
+    # ssl.SSLError is an OSError: it is caught first.
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except ssl.SSLError as exc:
+        raise UsageError(
+            SERVE, f"--tls-cert/--tls-key: not a certificate and its key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise UsageError(SERVE, f"--tls-cert/--tls-key: {exc.strerror or exc}") from None
+    if options.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(options.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise UsageError(SERVE, f"--tls-client-ca: no CA certificate ({exc.reason})") from None
+        except OSError as exc:
+            raise UsageError(SERVE, f"--tls-client-ca: {exc.strerror or exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 # -- fastsock serve: servers -----------------------------------------------------------------
@@ -451,6 +547,8 @@ class ThreadedReceiver(Receiver):
         self.server = self.server_class(endpoint.address, self.handler, **self.server_options)
         self.address = self.server.server_address
         self.counters = self.server
+        # Names the senders of stream messages (connection_address()).
+        self.peers = self.server
         self.failure = None
         self.thread = threading.Thread(target=self._serve, name="fastsock-serve", daemon=True)
 
@@ -470,8 +568,8 @@ class ThreadedReceiver(Receiver):
         if self.failure is not None:
             raise CommandError(SERVE, f"receiving failed: {self.failure}")
 
-    def peer(self, connection_id):
-        return self.server.connection_address(connection_id)
+    def peer_subject(self, connection_id):
+        return self.server.receive_path.peer_subject(connection_id)
 
     def close(self):
         """Stop accepting, stop every loop gracefully (each hands over what its peer sent
@@ -503,6 +601,8 @@ class PreforkReceiver(Receiver):
         # What the metrics thread reads: the same shared counters as self.stats(), without
         # the reaping that PreforkServer.stats() does, which only the serving loop may do.
         self.counters = self.prefork.server
+        # The workers accepted the connections: their peers are known only there.
+        self.peers = None
 
     def start(self):
         self.prefork.start()
@@ -515,8 +615,8 @@ class PreforkReceiver(Receiver):
         if not self.prefork.workers:
             raise CommandError(SERVE, "every prefork worker exited")
 
-    def peer(self, connection_id):
-        """The workers accepted the connections: their peers are known only there."""
+    def peer_subject(self, connection_id):
+        """Known only in the worker that accepted the connection, as its peer is."""
         return None
 
     def close(self):
@@ -528,97 +628,31 @@ class PreforkReceiver(Receiver):
 # -- fastsock serve: output ------------------------------------------------------------------
 
 
-def format_address(address):
-    """An address as people write it: 127.0.0.1:9000, [::1]:9000, a path; None if unknown."""
-    if not address:
-        return None
-    if isinstance(address, tuple):
-        host, port = address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if isinstance(address, bytes):
-        return "@" + address[1:].decode(errors="backslashreplace")
-    return str(address)
+def open_output(options, endpoint):
+    """The sink of --sink URL or --output FILE (default stdout): UsageError for a URL that
+    names no sink, CommandError for one that cannot be opened."""
+    if options.sink is not None and options.output is not None:
+        raise UsageError(SERVE, "--sink and --output both say where messages go: give one")
+    raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
+    # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
+    file_options = {"format": options.format, "separator": b"" if raw_stream else b"\n"}
+    name = options.output if options.sink is None else options.sink
+    try:
+        if options.sink is None:
+            return pipeline.FileSink(options.output, **file_options)
+        return pipeline.open_sink(options.sink, **file_options)
+    except ValueError as exc:
+        raise UsageError(SERVE, str(exc)) from None
+    except ImportError as exc:
+        raise CommandError(SERVE, str(exc)) from None
+    except OSError as exc:
+        raise CommandError(SERVE, f"cannot open {name}: {exc.strerror or exc}") from None
 
 
-def write_all(fd, data):
-    """os.write() until all of data is written.  Not a buffered stream's write(): when a
-    signal (the SIGTERM that stops the server) interrupts a large write to a pipe part way,
-    CPython's BufferedWriter (3.10-3.13) loses part of the data without an error."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class Output:
-    """Where the messages go: stdout, or a file appended to, which ``reopen()`` opens anew
-    (after logrotate renamed it)."""
-
-    def __init__(self, name):
-        self.path = None if name in (None, "-") else name
-        self.name = self.path or "stdout"
-        self.stream = sys.stdout.buffer if self.path is None else self.open()
-
-    @property
-    def is_stdout(self):
-        return self.path is None
-
-    def fileno(self):
-        return self.stream.fileno()
-
-    def open(self):
-        try:
-            return open(self.path, "ab")
-        except OSError as exc:
-            raise CommandError(SERVE, f"cannot open {self.path}: {exc.strerror}") from None
-
-    def reopen(self):
-        """Open the path again and close the file written so far; if it cannot be opened,
-        keep writing to that one (CommandError says why)."""
-        new = self.open()
-        old, self.stream = self.stream, new
-        old.close()
-
-    def close(self):
-        if not self.is_stdout:
-            self.stream.close()
-
-
-class MessageWriter:
-    """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
-
-    def __init__(self, output, output_format, separator, peer_of, datagram):
-        self.output = output
-        self.jsonl = output_format == "jsonl"
-        self.separator = separator
-        self.peer_of = peer_of
-        self.datagram = datagram
-        self.written = 0
-
-    def write(self, messages):
-        if self.jsonl:
-            taken = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-            lines = [self.record(taken, *message) for message in messages]
-            data = ("\n".join(lines) + "\n").encode()
-        else:
-            data = b"".join(payload + self.separator for _, _, payload in messages)
-        write_all(self.output.fileno(), data)
-        self.written += len(messages)
-
-    def record(self, taken, source_id, source, payload):
-        entry = {
-            "time": taken,
-            "peer": self.peer_of(source_id, source),
-            "connection": None if self.datagram else source_id,
-        }
-        try:
-            entry["text"] = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            entry["base64"] = base64.b64encode(payload).decode("ascii")
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def stats_line(stats, ring_stats, written, previous, seconds):
-    """One line of counters; with ``previous`` (the counters ``seconds`` ago), rates too."""
+def stats_line(stats, ring_stats, delivery, previous, seconds):
+    """One line of counters (``delivery``: the pipeline's ``PipelineStats``); with
+    ``previous`` (the counters ``seconds`` ago), rates too."""
+    written = delivery.messages_delivered
     datagram = isinstance(stats, fastsock.DatagramStats)
     received = stats.datagrams_received if datagram else stats.messages_received
     parts = []
@@ -645,9 +679,14 @@ def stats_line(stats, ring_stats, written, previous, seconds):
         parts.append(
             f"dropped {stats.messages_dropped:,}, discarded {stats.bytes_discarded:,} B, "
             f"unread {stats.bytes_unread:,} B, over limits {stats.framing_errors:,}, "
-            f"proxy headers {stats.proxy_header_errors:,}"
+            f"proxy headers {stats.proxy_header_errors:,}, "
+            f"tls handshakes {stats.tls_handshake_errors:,}"
         )
         parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
+    parts.append(
+        f"sink {delivery.batches_delivered:,} batches, {delivery.retries:,} retries, "
+        f"{delivery.sink_errors:,} errors, {delivery.undelivered:,} undelivered"
+    )
     parts.append(f"queued {ring_stats.messages_queued:,}")
     return " | ".join(parts)
 
@@ -656,13 +695,17 @@ def stats_line(stats, ring_stats, written, previous, seconds):
 
 
 class StopRequest:
-    """A signal handler that only notes the signal: the serving loop acts on it."""
+    """A signal handler that only notes the signal, and tells ``then`` (the pipeline, which
+    then stops retrying a sink that is down): the serving loop acts on it."""
 
     def __init__(self):
         self.signal_name = None
+        self.then = None
 
     def __call__(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
+        if self.then is not None:
+            self.then()
 
 
 class ReopenRequest:
@@ -714,65 +757,81 @@ def start_and_serve(options, endpoint, stop):
     largest = limits.max_datagram if endpoint.datagram else limits.largest_message
     ring = fastsock.RingQueue(max_bytes=max(constants.RING_MAX_BYTES, largest))
     handler = fastsock.receiver(ring, limits)
-    output = Output(options.output)
+    sink = open_output(options, endpoint)
     if _stderr_lines not in _log.handlers:
         _log.addHandler(_stderr_lines)
     try:
-        try:
-            if options.mode == "prefork":
-                receiver = PreforkReceiver(endpoint, handler, options.workers or DEFAULT_WORKERS)
-            else:
-                receiver = ThreadedReceiver(endpoint, handler)
-        except OSError as exc:
-            # A Unix path held by a live server or by another kind of file is refused here.
-            raise CommandError(
-                SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}"
-            ) from None
-        # Taken while the server is live, when the file at the path can only be its own.
-        bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
-        try:
-            return Session(options, endpoint, ring, receiver, output, stop).run()
-        finally:
-            if bound_file is not None:
-                _unlink_own_socket_file(endpoint.address, bound_file)
+        if options.mode == "prefork":
+            receiver = PreforkReceiver(endpoint, handler, options.workers or DEFAULT_WORKERS)
+        else:
+            receiver = ThreadedReceiver(endpoint, handler)
+    except OSError as exc:
+        close_sink(sink)
+        # A Unix path held by a live server or by another kind of file is refused here.
+        raise CommandError(SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}") from None
+    except BaseException:
+        close_sink(sink)
+        raise
+    # Taken while the server is live, when the file at the path can only be its own.
+    bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
+    try:
+        return Session(options, endpoint, ring, receiver, sink, stop).run()
     finally:
-        output.close()
+        if bound_file is not None:
+            _unlink_own_socket_file(endpoint.address, bound_file)
+
+
+def close_sink(sink):
+    if pipeline.is_async_sink(sink):
+        asyncio.run(sink.close())
+    else:
+        sink.close()
+
+
+def sink_name(sink):
+    return getattr(sink, "name", type(sink).__name__)
 
 
 class Session:
-    """A running ``fastsock serve``: consume, write, report, and stop on a signal."""
+    """A running ``fastsock serve``: deliver, report, and stop on a signal.  The pipeline
+    owns the sink: it closes it when it finishes or aborts."""
 
-    def __init__(self, options, endpoint, ring, receiver, output, stop):
+    def __init__(self, options, endpoint, ring, receiver, sink, stop):
         self.options = options
         self.endpoint = endpoint
         self.ring = ring
         self.receiver = receiver
-        self.output = output
-        raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
-        # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
-        separator = b"" if raw_stream else b"\n"
-        self.writer = MessageWriter(
-            output, options.format, separator, self.peer_of, endpoint.datagram
-        )
+        self.sink = sink
+        self.is_async = pipeline.is_async_sink(sink)
+        kind = pipeline.AsyncPipeline if self.is_async else pipeline.Pipeline
+        self.pipeline = kind(ring, sink, server=receiver.peers, datagram=endpoint.datagram)
+        self.reopens = isinstance(sink, pipeline.FileSink) and not sink.is_stdout
+        if options.tls_client_ca is not None and isinstance(sink, pipeline.FileSink):
+            sink.subject_of = receiver.peer_subject
         self.stop = stop
+        drain = options.drain_timeout
+        # The receivers may take the drain timeout to hand over what was sent, and the
+        # pipeline the sink timeout beyond that to deliver it.
+        self.drain_timeout = constants.SHUTDOWN_DRAIN_TIMEOUT if drain is None else drain
+        stop.then = self.stop_requested
+        if stop.signal_name is not None:
+            self.stop_requested()
         self.reopen = ReopenRequest()
         self.exporter = None
-        self.close_failure = None
-
-    def peer_of(self, source_id, source):
-        if self.endpoint.datagram:
-            return format_address(address_from_sockaddr(source))
-        return format_address(self.receiver.peer(source_id))
+        interval = options.stats_interval
+        self.previous, self.previous_at = None, time.monotonic()
+        self.next_report = self.previous_at + interval
 
     def announce(self):
         framing = "datagrams" if self.endpoint.datagram else self.options.framing or DEFAULT_FRAMING
         mode = self.options.mode
         if mode == "prefork":
             mode += f", {self.options.workers or DEFAULT_WORKERS} workers"
+        written = self.options.format if isinstance(self.sink, pipeline.FileSink) else "messages"
         print(
             f"fastsock serve: receiving {framing} on {self.endpoint.url(self.receiver.address)} "
-            f"({mode}), writing {self.options.format} to {self.output.name}; SIGINT or SIGTERM "
-            "stops" + ("" if self.output.is_stdout else ", SIGHUP reopens the file"),
+            f"({mode}), writing {written} to {sink_name(self.sink)}; SIGINT or SIGTERM "
+            "stops" + (", SIGHUP reopens the file" if self.reopens else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -795,7 +854,9 @@ class Session:
         if address is None:
             return
         try:
-            self.exporter = metrics.MetricsHTTPServer(address, self.receiver.counters, self.ring)
+            self.exporter = metrics.MetricsHTTPServer(
+                address, self.receiver.counters, self.ring, pipeline=self.pipeline
+            )
         except OSError as exc:
             raise CommandError(
                 SERVE, f"cannot serve metrics on {format_address(address)}: {exc.strerror or exc}"
@@ -808,87 +869,122 @@ class Session:
             signal.signal(signal.SIGHUP, self.reopen)
             self.start_metrics()
             self.announce()
-            self.serve()
+            self.previous = self.receiver.stats()
+            if self.is_async:
+                asyncio.run(self.serve_async())
+            else:
+                self.serve()
         except BrokenPipeError:
-            if self.output.is_stdout:
+            if getattr(self.sink, "is_stdout", False):
                 # Nothing can reach a closed stdout: do not let exit-time flushing fail.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            delivered = self.pipeline.stats.messages_delivered
             raise CommandError(
-                SERVE,
-                f"{self.output.name} was closed: stopped after {self.writer.written:,} messages",
+                SERVE, f"{sink_name(self.sink)} was closed: stopped after {delivered:,} messages"
             ) from None
+        except (CommandError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise CommandError(SERVE, f"the sink failed: {type(exc).__name__}: {exc}") from None
         finally:
             self.receiver.close()
             if self.exporter is not None:
                 self.exporter.close()
+        delivery = self.pipeline.stats
         print(
             f"fastsock serve: stopped by {self.stop.signal_name}: "
-            + stats_line(self.receiver.stats(), self.ring.stats, self.writer.written, None, 0),
+            + stats_line(self.receiver.stats(), self.ring.stats, delivery, None, 0),
             file=sys.stderr,
             flush=True,
         )
+        if delivery.undelivered:
+            say(
+                f"{delivery.undelivered:,} messages received were not delivered to "
+                f"{sink_name(self.sink)} by the deadline (--sink-timeout)"
+                + (f"; last error: {self.pipeline.last_error}" if self.pipeline.last_error else "")
+            )
+            return 1
         return 0
 
-    def serve(self):
-        interval = self.options.stats_interval
-        previous, previous_at = self.receiver.stats(), time.monotonic()
-        next_report = previous_at + interval
-        while self.stop.signal_name is None:
-            self.take(LOOP_WAIT_SECONDS)
-            self.receiver.check()
-            now = time.monotonic()
-            if interval and now >= next_report:
-                stats = self.receiver.stats()
-                line = stats_line(
-                    stats, self.ring.stats, self.writer.written, previous, now - previous_at
-                )
-                print(f"fastsock serve: {line}", file=sys.stderr, flush=True)
-                previous, previous_at = stats, now
-                next_report = now + interval
-        self.drain()
-
-    def take(self, wait):
-        """Write one batch of messages; False if none came within ``wait`` seconds."""
-        try:
-            messages = self.ring.get_many(timeout=wait, block=wait > 0, with_source=True)
-        except queue.Empty:
-            messages = None
+    def between_batches(self):
+        """SIGHUP's reopen, the receiver's health, and the counters when they are due."""
         if self.reopen.requested:
             self.reopen_output()
-        if messages is None:
-            return False
-        self.writer.write(messages)
-        return True
+        self.receiver.check()
+        interval = self.options.stats_interval
+        now = time.monotonic()
+        if interval and now >= self.next_report:
+            stats = self.receiver.stats()
+            line = stats_line(
+                stats, self.ring.stats, self.pipeline.stats, self.previous, now - self.previous_at
+            )
+            print(f"fastsock serve: {line}", file=sys.stderr, flush=True)
+            self.previous, self.previous_at = stats, now
+            self.next_report = now + interval
+
+    def serve(self):
+        try:
+            while self.stop.signal_name is None:
+                self.pipeline.deliver(LOOP_WAIT_SECONDS)
+                self.between_batches()
+            self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
+            self.pipeline.finish()
+        except BaseException:
+            self.pipeline.abort()
+            raise
+
+    async def serve_async(self):
+        """serve(), on an event loop: signals come through the loop."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop, signum, None)
+        loop.add_signal_handler(signal.SIGHUP, self.reopen, signal.SIGHUP, None)
+        try:
+            while self.stop.signal_name is None:
+                await self.pipeline.deliver(LOOP_WAIT_SECONDS)
+                self.between_batches()
+            await self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
+            await self.pipeline.finish()
+        except BaseException:
+            await self.pipeline.abort()
+            raise
+        finally:
+            # Removing a loop's handler resets the signal to its default: note it instead,
+            # until run_serve() puts the handlers from before back.
+            for signum, handler in (
+                (signal.SIGINT, self.stop),
+                (signal.SIGTERM, self.stop),
+                (signal.SIGHUP, self.reopen),
+            ):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, handler)
 
     def reopen_output(self):
         """SIGHUP: write what follows to a new file at the output's path."""
         self.reopen.requested = False
-        if self.output.is_stdout:
-            say("SIGHUP ignored: writing to stdout, no file to reopen")
+        if not self.reopens:
+            say(f"SIGHUP ignored: writing to {sink_name(self.sink)}, no file to reopen")
             return
         try:
-            self.output.reopen()
-        except CommandError as error:
-            say(f"SIGHUP: {error}; still writing to the file open before")
+            self.sink.reopen()
+        except OSError as exc:
+            say(
+                f"SIGHUP: cannot open {self.sink.path}: {exc.strerror or exc}; still writing "
+                "to the file open before"
+            )
             return
-        say(f"SIGHUP: reopened {self.output.name}")
+        say(f"SIGHUP: reopened {self.sink.path}")
 
-    def drain(self):
-        """Stop the receiver gracefully while writing what it hands over (its loops wait
-        for ring room up to the drain timeout), then write out everything received."""
-        closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
-        closing.start()
-        while closing.is_alive():
-            self.take(constants.RECEIVE_CHECK_INTERVAL)
-        closing.join()
-        if self.close_failure is not None:
-            raise CommandError(SERVE, f"stopping failed: {self.close_failure}")
-        while self.take(0):
-            pass
-        self.ring.close()
+    def stop_requested(self):
+        """From the signal handler: only sets the pipeline's deadline."""
+        self.pipeline.stop(self.drain_timeout + self.options.sink_timeout)
 
     def close_receiver(self):
+        """Stop the receiver gracefully (its loops wait for ring room up to the drain
+        timeout, while the pipeline delivers what they hand over)."""
         try:
             self.receiver.close()
-        except BaseException as exc:
-            self.close_failure = exc
+        except Exception as exc:
+            raise CommandError(SERVE, f"stopping failed: {exc}") from None

@@ -45,10 +45,12 @@ cdef struct TrustedNetwork:
 cdef enum ConnectionListKind:
     # Every connection is in the idle list, ordered by last_data_ns (silent longest first);
     # one with a partial message also in the message list, by message_started_ns; one
-    # holding a receive buffer also in the buffer list, by last_data_ns.
+    # holding a receive buffer also in the buffer list, by last_data_ns; a TLS one whose
+    # handshake is under way also in the handshake list, by handshake_started_ns.
     IDLE_LIST
     MESSAGE_LIST
     BUFFER_LIST
+    HANDSHAKE_LIST
     LIST_KINDS
 
 
@@ -65,6 +67,9 @@ cdef struct Connection:
     bint listed[LIST_KINDS]
     Connection* next_ended        # the turn's ended connections, freed after it
     ProxyHeader* proxy            # NULL unless its PROXY header is still pending
+    bint tls                      # its TlsSession is in the engine's tls_sessions
+    bint handshaking              # TLS, and the handshake is not done
+    uint64_t handshake_started_ns
 
 
 cdef struct ConnectionList:
@@ -152,6 +157,16 @@ cdef class StreamEngine:
     cdef ProxyHeader* proxy_head      # pending headers, oldest first
     cdef ProxyHeader* proxy_tail
 
+    # TLS (ssl_context): each connection's fastsock.tls.TlsSession by connection id; the
+    # subjects of client certificates, of the open connections and the last RECENT_PEERS
+    # closed ones; the ciphertext of one read, before it goes to its session.
+    cdef object ssl_context
+    cdef dict tls_sessions
+    cdef object tls_subjects
+    cdef uint64_t tls_handshake_timeout_ns
+    cdef ConnectionList handshake_list
+    cdef uint8_t* ciphertext
+
     # Connections, by descriptor.
     cdef Connection** by_fd
     cdef Py_ssize_t by_fd_capacity
@@ -211,6 +226,14 @@ cdef class StreamEngine:
     cdef bint make_room(self, uint64_t now) noexcept nogil
     cdef void serve(self, Connection* connection, uint64_t now) noexcept nogil
     cdef void receive_failed(self, Connection* connection, int error) noexcept nogil
+    cdef void serve_tls(self, Connection* connection, uint64_t now) noexcept nogil
+    cdef void tls_process(self, Connection* connection, Py_ssize_t fed, bint eof,
+                          uint64_t now) noexcept nogil
+    cdef Py_ssize_t tls_step(self, Connection* connection, Py_ssize_t fed, bint eof,
+                             char* plaintext, Py_ssize_t room) noexcept with gil
+    cdef bint tls_open(self, Connection* connection) noexcept with gil
+    cdef void tls_forget(self, Connection* connection) noexcept with gil
+    cdef void handshake_start(self, Connection* connection, uint64_t now) noexcept nogil
     cdef void serve_header(self, Connection* connection, uint64_t now) noexcept nogil
     cdef void header_done(self, Connection* connection, Py_ssize_t consumed,
                           const PeerAddress* address, uint64_t now) noexcept nogil
@@ -227,4 +250,5 @@ cdef class StreamEngine:
     cdef void end_connection(self, Connection* connection) noexcept nogil
     cdef void free_ended(self) noexcept nogil
     cdef void record(self, int kind, Connection* connection, const PeerAddress* address,
-                     double seconds, uint64_t number) noexcept nogil
+                     double seconds, uint64_t number, const char* text=*,
+                     Py_ssize_t text_length=*) noexcept nogil

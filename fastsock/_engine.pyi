@@ -53,7 +53,16 @@ class EngineEvent(NamedTuple):
       ``constants.PROTOCOL_ERROR_SAMPLE``); counted in ``proxy_header_errors``;
     - "proxy_untrusted" (``proxy_protocol``): a new connection from outside
       ``proxy_trusted`` was closed at accept, unread (counted in ``proxy_header_errors``,
-      not opened); ``connection_id`` and ``detail`` are None.
+      not opened); ``connection_id`` and ``detail`` are None;
+    - "tls_handshake" (``ssl_context``): the connection was closed because its TLS
+      handshake failed (not TLS, a client certificate missing or refused, a protocol
+      error, a reset) or was not done within ``tls_handshake_timeout``; ``detail`` is the
+      reason, as OpenSSL names it ("WRONG_VERSION_NUMBER", "HTTP_REQUEST",
+      "PEER_DID_NOT_RETURN_A_CERTIFICATE"...) or "no handshake within
+      tls_handshake_timeout"; counted in ``tls_handshake_errors``;
+    - "tls_error" (``ssl_context``): after the handshake, a record that does not decrypt
+      (tampered, or not TLS) closed the connection; ``detail`` is OpenSSL's reason;
+      counted in ``resets``, as a connection broken mid-stream is.
 
     ``address`` is the peer's address as ``socket.accept()`` gives it (for a connection
     closed for its PROXY header, the real peer's: the header was never believed).
@@ -92,7 +101,19 @@ class StreamEngine:
         same listeners; each turn then takes at most
         ``constants.ENGINE_SHARED_ACCEPTS_PER_TURN`` connections from a listener and leaves
         the next ones to an engine that is waiting, so that a burst spreads over the
-        engines (what is left is accepted in a later turn, never stranded)."""
+        engines (what is left is accepted in a later turn, never stranded).
+
+        ``ssl_context`` (a server-side ``ssl.SSLContext``): every connection is TLS, after
+        its PROXY header if ``proxy_protocol``.  The loop reads the ciphertext without the
+        GIL, at most ``recv_size`` per turn as for plaintext, then takes the GIL once to
+        hand it to the connection's ``fastsock.tls.TlsSession`` (Python's ``ssl`` over
+        memory BIOs) and decrypt the plaintext straight into the framer's buffer (no bytes
+        object), which it frames without the GIL; a plaintext connection never takes it.
+        ``bytes_received`` counts the PROXY header and the plaintext, not the ciphertext.
+        The handshake has ``tls_handshake_timeout`` (a deadline list, as pending PROXY
+        headers have); its output and alerts are written to the socket at once.  A peer's
+        close_notify is answered and ends the connection as its FIN does; an end without
+        close_notify is an ordinary end too (most clients end so)."""
 
     def add_connection(self, fd: int) -> int:
         """Receive an already accepted, connected stream socket too, as if the engine had
@@ -138,6 +159,16 @@ class StreamEngine:
         ``constants.RECENT_PEERS`` closed last; None otherwise.  With ``proxy_protocol``,
         the client its PROXY header named once it was read (the real peer before, and for
         a v2 LOCAL or v1 UNKNOWN header)."""
+
+    def peer_subject(self, connection_id: int) -> str | None:
+        """The subject of the certificate the client of a TLS connection presented, in RFC
+        4514's order ("CN=client,O=Example"), known as long as ``peer()`` knows its address;
+        None without one (no ``ssl_context``, no client certificate, or not yet)."""
+
+    @property
+    def tls_sessions_open(self) -> int:
+        """TLS sessions the engine holds: one per open TLS connection, none once they end
+        (every end frees its session: a leak would show here)."""
 
     @property
     def connections(self) -> int:

@@ -5,7 +5,9 @@ its nearest deadline (kept in lists ordered by time, so the nearest is at a list
 or for stop() through its eventfd; Python runs only when there are events to report.
 """
 
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport (
     EAGAIN,
@@ -22,7 +24,7 @@ from libc.errno cimport (
     errno,
 )
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close, read, write
 
@@ -94,12 +96,13 @@ from fastsock._recvloop cimport (
     COUNT_PAUSES,
     COUNT_PROXY_HEADER_ERRORS,
     COUNT_RESETS,
+    COUNT_TLS_HANDSHAKE_ERRORS,
 )
 
 import ipaddress
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
-from fastsock import constants, proxy
+from fastsock import constants, proxy, tls
 from fastsock._protocol_errors import numbered
 from fastsock.addresses import address_from_sockaddr
 from fastsock.options import ReceiveOptions
@@ -116,6 +119,8 @@ cdef enum EventKind:
     EVENT_OS_ERROR
     EVENT_PROXY_HEADER
     EVENT_PROXY_UNTRUSTED
+    EVENT_TLS_HANDSHAKE
+    EVENT_TLS_ERROR
 
 
 EVENT_NAMES = {
@@ -128,6 +133,8 @@ EVENT_NAMES = {
     EVENT_OS_ERROR: "os_error",
     EVENT_PROXY_HEADER: "proxy_header",
     EVENT_PROXY_UNTRUSTED: "proxy_untrusted",
+    EVENT_TLS_HANDSHAKE: "tls_handshake",
+    EVENT_TLS_ERROR: "tls_error",
 }
 
 END_NAMES = {ENGINE_EVENTS: "events", ENGINE_STOPPED: "stopped", ENGINE_EMPTY: "empty"}
@@ -147,6 +154,15 @@ cdef double PAUSED_WAIT_SLICE = constants.RING_WAIT_SLICE
 cdef Py_ssize_t SAMPLE_LENGTH = constants.PROTOCOL_ERROR_SAMPLE
 cdef double BACKOFF_INITIAL = constants.ACCEPT_BACKOFF_INITIAL
 cdef double BACKOFF_MAX = constants.ACCEPT_BACKOFF_MAX
+# What tls_step() returns besides a plaintext byte count: the peer's close_notify, or a
+# failure it recorded and counted (the caller ends the connection).
+cdef Py_ssize_t TLS_CLOSED = tls.TLS_CLOSED
+cdef Py_ssize_t TLS_FAILED = -2
+# The most plaintext one TLS record carries: a read may complete a record begun by the
+# bytes of an earlier one, so it can yield up to this much more than it brought.
+cdef Py_ssize_t TLS_RECORD_PLAINTEXT = 16384
+cdef const char* HANDSHAKE_TIMED_OUT = b"no handshake within tls_handshake_timeout"
+cdef const char* HANDSHAKE_RESET = b"the connection was reset during the handshake"
 
 
 # -- Connection lists: intrusive, doubly linked, ordered by the time of the last move -----
@@ -547,6 +563,15 @@ cdef class StreamEngine:
             self.trusted[index].prefix = networks[index].prefixlen
             memcpy(self.trusted[index].bytes, <const char*>packed, len(packed))
         self.trusted_count = len(networks)
+        self.ssl_context = options.ssl_context
+        self.tls_sessions = {}
+        self.tls_subjects = OrderedDict()
+        self.tls_handshake_timeout_ns = seconds_to_ns(options.tls_handshake_timeout)
+        self.handshake_list.kind = HANDSHAKE_LIST
+        if self.ssl_context is not None:
+            self.ciphertext = <uint8_t*>PyMem_RawMalloc(self.recv_size)
+            if self.ciphertext == NULL:
+                raise MemoryError()
         self.idle_list.kind = IDLE_LIST
         self.message_list.kind = MESSAGE_LIST
         self.buffer_list.kind = BUFFER_LIST
@@ -596,6 +621,7 @@ cdef class StreamEngine:
         PyMem_RawFree(self.event_records)
         PyMem_RawFree(self.listeners)
         PyMem_RawFree(self.trusted)
+        PyMem_RawFree(self.ciphertext)
         peer_table_free(&self.peers)
         if self.framer_configured:
             framer_config_clear(&self.framer_config)
@@ -693,6 +719,8 @@ cdef class StreamEngine:
             return (proxy.REASONS[event.number], event.sample[:event.sample_length])
         if event.kind == EVENT_PROXY_UNTRUSTED:
             return None
+        if event.kind == EVENT_TLS_HANDSHAKE or event.kind == EVENT_TLS_ERROR:
+            return event.sample[:event.sample_length].decode("ascii", "replace")
         if (event.kind == EVENT_MESSAGE_TIMEOUT or event.kind == EVENT_EVICTED_IDLE
                 or event.kind == EVENT_ACCEPT_PAUSED):
             return event.seconds
@@ -710,6 +738,13 @@ cdef class StreamEngine:
         if slot == NULL:
             return None
         return address_object(&address)
+
+    def peer_subject(self, uint32_t connection_id):
+        return self.tls_subjects.get(connection_id)
+
+    @property
+    def tls_sessions_open(self):
+        return len(self.tls_sessions)
 
     @property
     def connections(self):
@@ -839,6 +874,12 @@ cdef class StreamEngine:
                              + self.proxy_timeout_ns)
                 if deadline == 0 or candidate < deadline:
                     deadline = candidate
+            head = self.handshake_list.head
+            if head != NULL:
+                candidate = (max(head.handshake_started_ns, self.resumed_at_ns)
+                             + self.tls_handshake_timeout_ns)
+                if deadline == 0 or candidate < deadline:
+                    deadline = candidate
         if deadline == 0:
             return -1
         if deadline <= now:
@@ -877,6 +918,15 @@ cdef class StreamEngine:
                     < self.proxy_timeout_ns):
                 break
             self.header_failed(<Connection*>self.proxy_head.connection, PROXY_TIMED_OUT)
+        while self.handshake_list.head != NULL:
+            head = self.handshake_list.head
+            if (now - max(head.handshake_started_ns, self.resumed_at_ns)
+                    < self.tls_handshake_timeout_ns):
+                break
+            self.counters.add(COUNT_TLS_HANDSHAKE_ERRORS, 1)
+            self.record(EVENT_TLS_HANDSHAKE, head, NULL, 0, 0, HANDSHAKE_TIMED_OUT,
+                        strlen(HANDSHAKE_TIMED_OUT))
+            self.end_connection(head)
         if self.accept_resume_ns and now >= self.accept_resume_ns:
             self.accept_resume_ns = 0
             self.set_accepting(True)
@@ -987,8 +1037,12 @@ cdef class StreamEngine:
         pthread_mutex_lock(&self.lock)
         reserved = peer_reserve(&self.peers)
         pthread_mutex_unlock(&self.lock)
+        if connection != NULL:
+            connection.fd = fd
+            connection.id = self.counters.take_connection_id()
         if (connection == NULL or stored == NULL or not reserved
-                or (self.proxy_protocol and header == NULL)):
+                or (self.proxy_protocol and header == NULL)
+                or (self.ssl_context is not None and not self.tls_open(connection))):
             failure, error = EVENT_NO_MEMORY, ENOMEM
         else:
             registration.events = EPOLLIN
@@ -997,13 +1051,13 @@ cdef class StreamEngine:
                 failure, error = EVENT_OS_ERROR, errno
         if error != 0:
             self.record(failure, NULL, address, 0, error)
+            if connection != NULL and connection.tls:
+                self.tls_forget(connection)
             PyMem_RawFree(header)
             PyMem_RawFree(stored)
             PyMem_RawFree(connection)
             close(fd)
             return FAILED
-        connection.fd = fd
-        connection.id = self.counters.take_connection_id()
         connection.last_data_ns = now
         self.by_fd[fd] = connection
         self.connection_count += 1
@@ -1024,6 +1078,8 @@ cdef class StreamEngine:
                 self.proxy_head = header
             self.proxy_tail = header
             connection.proxy = header
+        elif connection.tls:
+            self.handshake_start(connection, now)
         if self.draining:
             # Accepted from the backlog by a stop: it hands over what it sent, like the rest.
             shutdown(fd, SHUT_RDWR)
@@ -1052,6 +1108,9 @@ cdef class StreamEngine:
         cdef ssize_t received
         if connection.proxy != NULL:
             self.serve_header(connection, now)
+            return
+        if connection.tls:
+            self.serve_tls(connection, now)
             return
         if framer_reserve(&connection.framer, &self.framer_config, self.recv_size) != 0:
             self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
@@ -1086,6 +1145,123 @@ cdef class StreamEngine:
         else:
             self.record(EVENT_OS_ERROR, connection, NULL, 0, error)
         self.end_connection(connection)
+
+    # -- TLS: the ciphertext is read here without the GIL, and its session (Python's ssl)
+    # -- decrypts it with the GIL straight into the framer's buffer -------------------------
+
+    cdef void serve_tls(self, Connection* connection, uint64_t now) noexcept nogil:
+        # One recv() of ciphertext, at most recv_size, as for a plaintext connection.
+        cdef ssize_t received = recv(connection.fd, self.ciphertext, self.recv_size, 0)
+        cdef int error
+        if received < 0:
+            error = errno
+            if connection.handshaking and is_reset(error):
+                self.counters.add(COUNT_TLS_HANDSHAKE_ERRORS, 1)
+                self.record(EVENT_TLS_HANDSHAKE, connection, NULL, 0, error, HANDSHAKE_RESET,
+                            strlen(HANDSHAKE_RESET))
+                self.end_connection(connection)
+                return
+            self.receive_failed(connection, error)
+            return
+        if received > 0:
+            connection.last_data_ns = now
+            list_append(&self.idle_list, connection)
+        self.tls_process(connection, received, received == 0, now)
+
+    cdef void tls_process(self, Connection* connection, Py_ssize_t fed, bint eof,
+                          uint64_t now) noexcept nogil:
+        # Hands the ciphertext in self.ciphertext[:fed] (and the peer's end if eof) to the
+        # session, then frames all the plaintext it yields, a framer's buffer at a time;
+        # stops early when the ring is full (resume() calls again) or the connection ends.
+        cdef Py_ssize_t plaintext
+        while connection.fd >= 0:
+            if framer_reserve(&connection.framer, &self.framer_config,
+                              self.recv_size + TLS_RECORD_PLAINTEXT) != 0:
+                self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
+                self.end_connection(connection)
+                return
+            plaintext = self.tls_step(connection, fed, eof,
+                                      framer_write_pointer(&connection.framer),
+                                      framer_write_space(&connection.framer))
+            fed = 0
+            if plaintext == TLS_FAILED or plaintext == TLS_CLOSED:
+                self.end_connection(connection)
+                return
+            if plaintext == 0:
+                break
+            list_append(&self.buffer_list, connection)
+            self.counters.add(COUNT_BYTES_RECEIVED, <uint64_t>plaintext)
+            self.published = 0
+            self.status = framer_commit(&connection.framer, &self.framer_config, plaintext,
+                                        self.spans, self.max_spans, &self.nspans)
+            if not self.deliver(connection):
+                return
+            self.after_read(connection, now)
+        if eof and connection.fd >= 0:
+            # The peer finished without close_notify, outside a record (inside one, the
+            # session said so): an ordinary end, as for plaintext.
+            self.end_connection(connection)
+
+    cdef Py_ssize_t tls_step(self, Connection* connection, Py_ssize_t fed, bint eof,
+                             char* plaintext, Py_ssize_t room) noexcept with gil:
+        # The one place the engine takes the GIL: feed, handshake, decrypt into plaintext.
+        cdef int kind = EVENT_TLS_HANDSHAKE
+        cdef bytes reason
+        try:
+            session = self.tls_sessions[connection.id]
+            if fed:
+                session.receive(PyMemoryView_FromMemory(<char*>self.ciphertext, fed, PyBUF_READ))
+            if eof:
+                if connection.handshaking and not session.received:
+                    # Closed before a byte (a TCP health check, a port scan): no handshake.
+                    return TLS_CLOSED
+                session.receive(b"")
+            if connection.handshaking:
+                if not session.advance_handshake():
+                    return 0
+                connection.handshaking = False
+                list_remove(&self.handshake_list, connection)
+                if session.subject is not None:
+                    self.tls_subjects[connection.id] = session.subject
+            return session.read_into(
+                PyMemoryView_FromMemory(plaintext, room, PyBUF_WRITE))
+        except tls.HandshakeFailed as exc:
+            self.counters.add(COUNT_TLS_HANDSHAKE_ERRORS, 1)
+            reason = exc.reason.encode("ascii", "replace")
+        except tls.TlsBroken as exc:
+            kind = EVENT_TLS_ERROR
+            self.counters.add(COUNT_RESETS, 1)
+            reason = exc.reason.encode("ascii", "replace")
+        except BaseException:
+            self.record(EVENT_NO_MEMORY, connection, NULL, 0, ENOMEM)
+            return TLS_FAILED
+        self.record(kind, connection, NULL, 0, 0, reason, len(reason))
+        return TLS_FAILED
+
+    cdef bint tls_open(self, Connection* connection) noexcept with gil:
+        # False out of memory (or if the context refuses to make a session).
+        try:
+            self.tls_sessions[connection.id] = tls.TlsSession(self.ssl_context, connection.fd)
+        except BaseException:
+            return False
+        connection.tls = True
+        return True
+
+    cdef void tls_forget(self, Connection* connection) noexcept with gil:
+        # The session goes with the connection; a subject stays as long as its address.
+        connection.tls = False
+        if self.tls_sessions is None:
+            return  # the engine is being collected: its tables went first
+        self.tls_sessions.pop(connection.id, None)
+        if connection.id in self.tls_subjects:
+            self.tls_subjects.move_to_end(connection.id)
+            while len(self.tls_subjects) > constants.RECENT_PEERS + len(self.tls_sessions):
+                self.tls_subjects.popitem(last=False)
+
+    cdef void handshake_start(self, Connection* connection, uint64_t now) noexcept nogil:
+        connection.handshaking = True
+        connection.handshake_started_ns = now
+        list_append(&self.handshake_list, connection)
 
     cdef void serve_header(self, Connection* connection, uint64_t now) noexcept nogil:
         # One recv() into the pending PROXY header's buffer, at most what it has room for
@@ -1139,6 +1315,17 @@ cdef class StreamEngine:
             pthread_mutex_lock(&self.lock)
             peer_put(&self.peers, connection.id, stored)
             pthread_mutex_unlock(&self.lock)
+        if connection.tls:
+            # PROXY comes before TLS: the bytes after the header begin the handshake, and
+            # are counted as their plaintext (they were counted as received with the header;
+            # the unsigned add of the negation subtracts).
+            self.counters.add(COUNT_BYTES_RECEIVED, <uint64_t>0 - <uint64_t>rest)
+            memcpy(self.ciphertext, proxy_bytes(header) + consumed, rest)
+            self.header_release(connection)
+            self.handshake_start(connection, now)
+            if rest:
+                self.tls_process(connection, rest, False, now)
+            return
         if rest == 0:
             self.header_release(connection)
             return
@@ -1275,6 +1462,9 @@ cdef class StreamEngine:
         list_append(&self.idle_list, connection)
         if self.deliver(connection):
             self.after_read(connection, now)
+            if connection.tls:
+                # What the session still holds yields no readiness event of its own.
+                self.tls_process(connection, 0, False, now)
 
     cdef void framing_failed(self, Connection* connection) noexcept nogil:
         cdef ProtocolError kind = <ProtocolError>connection.framer.failed
@@ -1358,6 +1548,8 @@ cdef class StreamEngine:
         if connection.proxy != NULL:
             unpublished_bytes += <uint64_t>connection.proxy.length
             self.header_release(connection)
+        if connection.tls:
+            self.tls_forget(connection)
         self.counters.add(COUNT_BYTES_DISCARDED,
                           unpublished_bytes + framer_discard_pending(&connection.framer))
         self.counters.hold_partial(connection.held_bytes, 0)
@@ -1370,6 +1562,7 @@ cdef class StreamEngine:
         list_remove(&self.idle_list, connection)
         list_remove(&self.message_list, connection)
         list_remove(&self.buffer_list, connection)
+        list_remove(&self.handshake_list, connection)
         pthread_mutex_lock(&self.lock)
         peer_closed(&self.peers, connection.id)
         pthread_mutex_unlock(&self.lock)
@@ -1386,7 +1579,8 @@ cdef class StreamEngine:
             PyMem_RawFree(connection)
 
     cdef void record(self, int kind, Connection* connection, const PeerAddress* address,
-                     double seconds, uint64_t number) noexcept nogil:
+                     double seconds, uint64_t number, const char* text=NULL,
+                     Py_ssize_t text_length=0) noexcept nogil:
         cdef EngineEventRecord* event
         cdef PeerSlot* slot
         pthread_mutex_lock(&self.lock)
@@ -1416,4 +1610,7 @@ cdef class StreamEngine:
             event.sample_length = min(framer_held_bytes(&connection.framer), SAMPLE_LENGTH)
             memcpy(event.sample, framer_base(&connection.framer) + connection.framer.head,
                    event.sample_length)
+        if text != NULL:
+            event.sample_length = min(text_length, <Py_ssize_t>sizeof(event.sample))
+            memcpy(event.sample, text, event.sample_length)
         pthread_mutex_unlock(&self.lock)

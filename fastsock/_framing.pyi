@@ -8,6 +8,14 @@ from typing import Literal
 
 from _typeshed import ReadableBuffer
 
+FRAMINGS: tuple[str, ...]
+"""The framings a Framer knows: "raw", "lines", "length", "octets", "syslog"."""
+
+FRAMING_LIMITS: dict[str, tuple[str, ...]]
+"""For each framing, the limits it enforces, named as Framer's arguments ("max_line",
+"max_frame"): ``fastsock serve`` offers its --framing choices and checks which of
+--max-line/--max-frame apply from this table, so a new framing needs no change there."""
+
 class Framer:
     """Splits the bytes of one stream into complete messages.
 

@@ -12,6 +12,7 @@ __all__ = [
     "ConnectionLedger",
     "DatagramCounters",
     "DatagramReceiver",
+    "FRAMING_LIMITS",
     "Framer",
     "ReceiveCounters",
     "RingQueue",
@@ -29,7 +30,7 @@ if _choice not in ("", "0", "1"):
 if _choice == "1":
     from ._reference.dgramloop import DatagramCounters, DatagramReceiver
     from ._reference.engine import StreamEngine
-    from ._reference.framing import Framer
+    from ._reference.framing import FRAMING_LIMITS, Framer
     from ._reference.receiver import ConnectionLedger, ReceiveCounters, StreamReceiver
     from ._reference.ring import RingQueue
 
@@ -38,7 +39,7 @@ else:
     try:
         from ._dgramloop import DatagramCounters, DatagramReceiver
         from ._engine import StreamEngine
-        from ._framing import Framer
+        from ._framing import FRAMING_LIMITS, Framer
         from ._recvloop import ConnectionLedger, ReceiveCounters, StreamReceiver
         from ._ring import RingQueue
     except ImportError as exc:

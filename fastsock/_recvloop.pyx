@@ -160,6 +160,7 @@ cdef class ReceiveCounters:
             messages_dropped=values[<int>COUNT_MESSAGES_DROPPED],
             bytes_discarded=values[<int>COUNT_BYTES_DISCARDED],
             proxy_header_errors=values[<int>COUNT_PROXY_HEADER_ERRORS],
+            tls_handshake_errors=values[<int>COUNT_TLS_HANDSHAKE_ERRORS],
             resets=values[<int>COUNT_RESETS],
             idle_timeouts=values[<int>COUNT_IDLE_TIMEOUTS],
             message_timeouts=values[<int>COUNT_MESSAGE_TIMEOUTS],

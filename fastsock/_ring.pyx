@@ -25,9 +25,13 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE
 from posix.mman cimport mmap, munmap
+from posix.unistd cimport close, write
 
 from fastsock._native cimport (
+    EFD_CLOEXEC,
+    EFD_NONBLOCK,
     EOWNERDEAD,
+    eventfd,
     fastsock_counter_add,
     fastsock_counter_load,
     fastsock_futex_wait,
@@ -48,6 +52,7 @@ from fastsock._native cimport (
 )
 from fastsock._span cimport MessageSpan
 
+from fastsock import _asyncring
 from fastsock.constants import (
     GET_MANY_DEFAULT,
     RING_MAP_STRIDE,
@@ -201,6 +206,15 @@ cdef inline void wake_data_sleepers(RingHeader* header, int count) noexcept nogi
     if fastsock_word_load(&header.data_waiters):
         fastsock_word_add(&header.data_seq, 1)
         fastsock_futex_wake(&header.data_seq, count)
+    if fastsock_word_load(&header.async_waiters):
+        signal_async_waiters(header)
+
+
+cdef inline void signal_async_waiters(RingHeader* header) noexcept nogil:
+    # The eventfd adds what is written to its count and is readable while that is not zero;
+    # a write fails only when the count would overflow, and then it is readable already.
+    cdef uint64_t one = 1
+    write(header.wake_fd, &one, sizeof(one))
 
 
 cdef inline uint64_t queued_messages(const RingState* state) noexcept nogil:
@@ -565,12 +579,19 @@ cdef class RingQueue:
         self.header = <RingHeader*>mapping
         self.mapping_size = header_size + self.capacity
         self.records = <char*>mapping + header_size
+        self.header.wake_fd = -1
         cdef int rc = fastsock_ring_mutex_init(&self.header.lock)
         if rc != 0:
             raise OSError(rc, "cannot initialise the ring's process-shared mutex")
+        # Made here, before any fork, so that producers in forked children signal it too.
+        self.header.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.header.wake_fd < 0:
+            raise_errno(errno)
 
     def __dealloc__(self):
         if self.header != NULL:
+            if self.header.wake_fd >= 0:
+                close(self.header.wake_fd)
             munmap(self.header, self.mapping_size)
 
     # -- C-level producer API ------------------------------------------------------------
@@ -1023,6 +1044,38 @@ cdef class RingQueue:
         self.fill_batch(batch, max_items, max_payload)
         return batch
 
+    def get_many_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, with_source=False):
+        return _asyncring.get_many_async(self, max_items, timeout, with_source)
+
+    def get_batch_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, max_bytes=None):
+        return _asyncring.get_batch_async(self, max_items, timeout, max_bytes)
+
+    def batches(self, max_items=GET_MANY_DEFAULT, *, with_source=False):
+        return _asyncring.batches(self, max_items, with_source)
+
+    # The primitives of fastsock._asyncring.
+
+    @property
+    def _wake_fd(self):
+        return self.header.wake_fd
+
+    @property
+    def _async_waiters(self):
+        return fastsock_word_load(&self.header.async_waiters)
+
+    def _add_async_waiter(self):
+        """Count in an asyncio waiter, unless a message is queued or the ring closed."""
+        acquire(self.header)
+        if queued_messages(committed(self.header)) or self.header.closed:
+            unlock_ring(self.header)
+            return False
+        fastsock_word_add(&self.header.async_waiters, 1)
+        unlock_ring(self.header)
+        return True
+
+    def _remove_async_waiter(self):
+        fastsock_word_sub(&self.header.async_waiters, 1)
+
     # -- State ---------------------------------------------------------------------------
 
     def qsize(self):
@@ -1056,6 +1109,7 @@ cdef class RingQueue:
         unlock_ring(self.header)
         fastsock_futex_wake(&self.header.data_seq, INT_MAX)
         fastsock_futex_wake(&self.header.space_seq, INT_MAX)
+        signal_async_waiters(self.header)
 
     @property
     def closed(self):

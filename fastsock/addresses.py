@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-__all__ = ["address_from_sockaddr", "sockaddr_from_address"]
+__all__ = ["address_from_sockaddr", "format_address", "sockaddr_from_address"]
 
 # sa_family is in host byte order, ports, IPv4 addresses and the flow label in network
 # order, and the IPv6 scope id in host order: hence one struct per byte order.
@@ -49,6 +49,19 @@ def address_from_sockaddr(blob):
             _cache.clear()
         _cache[blob] = address
     return address
+
+
+def format_address(address):
+    """An address as people write it: 127.0.0.1:9000, [::1]:9000, a path, @name for a Linux
+    abstract name; None if unknown."""
+    if not address:
+        return None
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode(errors="backslashreplace")
+    return str(address)
 
 
 def _decode(blob):

@@ -159,6 +159,12 @@ PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
 on the same host runs; any other must be named, since a trusted header sets the reported
 client address."""
 
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS connection may take to finish its handshake (from accept, or from the end of
+its PROXY header): two round trips and a certificate check take milliseconds, and seconds on
+a lossy mobile link; a client that sends no ClientHello, or stops halfway, holds a slot and
+a TLS object only this long."""
+
 ENGINE_EVENTS_KEPT = 4096
 """Events an event engine keeps for ``take_events()``: a burst of refusals or protocol errors
 between two takes is reported whole, while a caller that stops taking them costs at most
@@ -186,6 +192,31 @@ much CPU per burst, and nothing under light traffic (small batches)."""
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""
+
+
+# -- Pipelines (fastsock.pipeline, fastsock serve --sink) ----------------------------------
+
+SINK_RETRY_INITIAL = 0.05
+"""Seconds a pipeline waits before it writes a batch again after SinkUnavailable: a broker
+that refused one batch under load often takes it a moment later."""
+
+SINK_RETRY_MAX = 5.0
+"""Longest wait between two writes of a batch to a sink that stays unavailable (the wait
+doubles from SINK_RETRY_INITIAL): a restarted broker is used within seconds, while a dead
+one costs a write every few seconds, not a busy loop."""
+
+PIPELINE_WAIT = 0.1
+"""Seconds a pipeline's run() waits for messages before it looks for a stop request."""
+
+PIPELINE_STOP_TIMEOUT = 10.0
+"""Seconds a stopping pipeline may take to deliver what is left in the ring and flush its
+sink: a 64 MiB ring drains to a file in well under a second, and with the receivers' drain
+(SHUTDOWN_DRAIN_TIMEOUT) it stays inside the 30 s supervisors grant a stopping process."""
+
+RING_ASYNC_RECHECK = 0.5
+"""Seconds an asyncio consumer waits on the ring's eventfd before it looks at the ring
+anyway: several event loops share the eventfd and one may reset it before another saw it,
+and a producer killed between its publish and its wake-up never signals."""
 
 
 # -- Metrics (fastsock serve --metrics, fastsock.metrics.MetricsHTTPServer) ---------------

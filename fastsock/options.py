@@ -5,6 +5,7 @@ event engine and the per-connection loop all take their options from it."""
 import dataclasses
 import math
 import resource
+import ssl
 
 # _impl as a module, not its names: the engines import this module while _impl is imported.
 from . import _impl, constants, proxy
@@ -29,7 +30,11 @@ class ReceiveOptions:
     ThreadingMixIn server, each a thread of its own; ``proxy_protocol``, every connection begins
     with a PROXY protocol header (v1 or v2) naming the client a load balancer accepted, which
     becomes the connection's address; ``proxy_trusted``, the networks (CIDR strings) that may
-    send one: a peer outside them is closed at accept.
+    send one: a peer outside them is closed at accept;
+    ``ssl_context``, a server-side ``ssl.SSLContext``: every connection is TLS, terminated
+    here with the context's certificate, and client certificates required or checked as its
+    ``verify_mode`` and CA settings say (None: plaintext); ``tls_handshake_timeout``, seconds
+    a connection may take to finish its handshake.
 
     Datagrams: ``max_datagram``, bytes of buffer per datagram; ``datagram_batch``, datagrams
     one recvmmsg() takes; ``datagram_busy_poll``, seconds the loop keeps asking after a busy
@@ -56,6 +61,8 @@ class ReceiveOptions:
     receive_buffer: int | None = None
     proxy_protocol: bool = False
     proxy_trusted: tuple = constants.PROXY_TRUSTED
+    ssl_context: ssl.SSLContext | None = None
+    tls_handshake_timeout: float = constants.TLS_HANDSHAKE_TIMEOUT
 
     def __post_init__(self):
         # The framer checks its own options (framing, delimiter, the limits).
@@ -85,6 +92,11 @@ class ReceiveOptions:
             raise ValueError(f"proxy_trusted: {exc}") from None
         # Normalised, so that equal options compare equal and the engines parse one form.
         object.__setattr__(self, "proxy_trusted", tuple(str(network) for network in networks))
+        _check_ssl_context(self.ssl_context)
+        if not (_is_number(self.tls_handshake_timeout) and self.tls_handshake_timeout > 0):
+            raise ValueError(
+                f"tls_handshake_timeout must be positive, not {self.tls_handshake_timeout!r}"
+            )
         if not (
             _is_number(self.datagram_busy_poll)
             and 0 <= self.datagram_busy_poll <= constants.RECEIVE_CHECK_INTERVAL
@@ -93,6 +105,11 @@ class ReceiveOptions:
                 f"datagram_busy_poll must be between 0 and {constants.RECEIVE_CHECK_INTERVAL} "
                 f"seconds, not {self.datagram_busy_poll!r}"
             )
+
+    def fields(self):
+        """The options as a dict of field name to value, the values themselves (an
+        SSLContext cannot be copied, as ``dataclasses.asdict()`` would)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     def framer(self):
         """A new Framer with these framing options."""
@@ -151,6 +168,19 @@ def default_max_connections(*, thread_each):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ssl_context(context):
+    if context is None:
+        return
+    if not isinstance(context, ssl.SSLContext):
+        raise ValueError(f"ssl_context must be an ssl.SSLContext or None, not {context!r}")
+    if context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+        raise ValueError(
+            "ssl_context is a client-side context (PROTOCOL_TLS_CLIENT); a server needs "
+            "ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) or "
+            "ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)"
+        )
 
 
 def _check_positive_int(name, value):

@@ -179,6 +179,13 @@ class StreamPath:
         # In a forked request process: the ledger its parent keeps for its connection.
         self.request_ledger = None
         self.on_engines = _runs_on_engines(server, handler)
+        if self.options.ssl_context is not None and not self.on_engines:
+            raise ValueError(
+                "ssl_context: TLS is terminated by the event engines only, and this server "
+                "receives each connection in a handler of its own (ForkingMixIn, or a "
+                "request hook or handler step overridden); serve it on the engines, or "
+                "terminate TLS in front of it"
+            )
         self._server = server
         self._handler = handler
         self._engines_lock = threading.Lock()
@@ -291,6 +298,12 @@ class StreamPath:
             address = engines.peer(connection_id)
         return address
 
+    def peer_subject(self, connection_id):
+        """The subject of the client certificate of a TLS connection, open or among the
+        recently closed ("CN=client,O=Example"); None without one."""
+        engines = self._engines
+        return None if engines is None else engines.peer_subject(connection_id)
+
     def stats(self):
         return self.counters.snapshot()
 
@@ -309,6 +322,8 @@ class DatagramPath:
 
     def __init__(self, server, handler):
         self.options = _checked_options(handler, datagrams=True)
+        if self.options.ssl_context is not None:
+            raise ValueError("ssl_context: a datagram server has no TLS (DTLS is not supported)")
         self.queue = handler.queue
         self.counters = DatagramCounters()
         self.running = None
@@ -353,6 +368,10 @@ class DatagramPath:
 
     def peer(self, connection_id):
         """Datagrams carry their sender in the message's source, not a connection id."""
+        return None
+
+    def peer_subject(self, connection_id):
+        """Datagrams have no TLS."""
         return None
 
     def stats(self):
@@ -451,6 +470,13 @@ class EngineGroup:
                 return address
         return None
 
+    def peer_subject(self, connection_id):
+        for engine in self.engines:
+            subject = engine.peer_subject(connection_id)
+            if subject is not None:
+                return subject
+        return None
+
     def close(self):
         """Stop, wait for the drains, release the engines."""
         self.stop()
@@ -471,6 +497,15 @@ def _report(path, event):
     elif event.kind in ("proxy_header", "proxy_untrusted"):
         reason, sample = event.detail if event.kind == "proxy_header" else (None, None)
         _reject_proxy(server, event.address, reason, sample)
+    elif event.kind in ("tls_handshake", "tls_error"):
+        what = "TLS handshake failed" if event.kind == "tls_handshake" else "TLS stream broke"
+        _log.warning(
+            event.kind.replace("_", "-"),
+            "closed %s: %s (%s)",
+            peer,
+            what,
+            _escaped(event.detail),
+        )
     elif event.kind == "message_timeout":
         _log.warning(
             "message-timeout",
@@ -778,5 +813,5 @@ def receiver(queue, options=None, **overrides):
     return type(
         "ReceiveHandler",
         (ReceiveHandler,),
-        {"queue": queue, **dataclasses.asdict(options)},
+        {"queue": queue, **options.fields()},
     )

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ._protocol_errors import PROTOCOL_ERRORS
 
-__all__ = ["DatagramStats", "ReceiveStats", "RingStats"]
+__all__ = ["DatagramStats", "PipelineStats", "ReceiveStats", "RingStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,9 @@ class ReceiveStats:
     ``framing_errors`` is their sum.  ``proxy_header_errors`` counts the connections closed
     for their PROXY protocol header (``proxy_protocol``): none, malformed, oversized, not
     finished in time, or sent from outside ``proxy_trusted`` (closed at accept, never
-    opened).
+    opened).  ``tls_handshake_errors`` counts the connections closed because their TLS
+    handshake failed (a refused or missing client certificate, not TLS at all, a protocol
+    error) or did not finish within ``tls_handshake_timeout``.
     """
 
     connections_opened: int
@@ -73,6 +75,7 @@ class ReceiveStats:
     bytes_unread: int = 0
     frames_malformed: int = 0
     proxy_header_errors: int = 0
+    tls_handshake_errors: int = 0
 
     @classmethod
     def zero(cls) -> "ReceiveStats":
@@ -119,3 +122,27 @@ class DatagramStats:
     @property
     def datagrams_dropped(self) -> int:
         return self.dropped_queue_full + self.truncated + self.kernel_drops
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStats:
+    """Counters of one ``fastsock.pipeline`` pipeline, read at one instant.
+
+    ``messages_delivered`` (in ``batches_delivered`` batches, ``bytes_delivered`` of
+    payload) are the messages the sink confirmed; ``undelivered`` those taken from the ring
+    that never will be (the stop's deadline passed, or the sink failed fatally), counted
+    with what was left in the ring then.  ``sink_errors`` counts the sink's failed writes
+    and flushes, ``retries`` the writes of a batch again after ``SinkUnavailable``.
+    ``lag`` is the messages queued in the ring now (a gauge), ``delivery_seconds`` the time
+    spent in the sink's confirmed writes: divided by ``batches_delivered``, the mean time a
+    batch takes to be confirmed.
+    """
+
+    batches_delivered: int
+    messages_delivered: int
+    bytes_delivered: int
+    retries: int
+    sink_errors: int
+    undelivered: int
+    lag: int
+    delivery_seconds: float

@@ -643,6 +643,19 @@ def test_largest_message_is_the_longest_the_limits_let_through(framer_class, fra
     assert framer_class("raw").largest_message is None
 
 
+@pytest.mark.parametrize("framing", _framing.FRAMINGS)
+def test_framing_limits_name_exactly_the_limits_that_bound_each_framing(framer_class, framing):
+    # fastsock serve offers --max-line/--max-frame per framing from this table.
+    assert reference.FRAMING_LIMITS == _framing.FRAMING_LIMITS
+    assert tuple(_framing.FRAMING_LIMITS) == _framing.FRAMINGS == reference.FRAMINGS
+    for limit in ("max_line", "max_frame"):
+        largest = {
+            framer_class(framing, **{"max_line": 50, "max_frame": 50, limit: value}).largest_message
+            for value in (10, 1000)
+        }
+        assert (len(largest) == 2) == (limit in _framing.FRAMING_LIMITS[framing]), limit
+
+
 def test_framers_share_nothing(framer_class):
     delimiter = bytearray(b"\r\n")
     crlf = framer_class(delimiter=delimiter, max_line=8)

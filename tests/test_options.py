@@ -3,6 +3,7 @@ fastsock serve and the engines."""
 
 import dataclasses
 import resource
+import ssl
 
 import pytest
 
@@ -31,6 +32,11 @@ BAD_OPTIONS = [
     {"datagram_batch": 0},
     {"datagram_busy_poll": 1.0},
     {"receive_buffer": -1},
+    {"ssl_context": "server.pem"},
+    {"ssl_context": ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)},
+    {"ssl_context": ssl.create_default_context()},
+    {"tls_handshake_timeout": 0},
+    {"tls_handshake_timeout": None},
 ]
 
 
@@ -110,3 +116,17 @@ def test_max_connections_follows_the_descriptor_limit_on_engines_only(soft):
         assert ReceiveOptions(max_connections=7).connections_limit(thread_each=False) == 7
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (old_soft, hard))
+
+
+def test_a_server_side_ssl_context_is_taken_as_it_is():
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    options = ReceiveOptions(ssl_context=context, tls_handshake_timeout=2.5)
+    assert options.ssl_context is context and options.tls_handshake_timeout == 2.5
+    assert ReceiveOptions().ssl_context is None
+    assert ReceiveOptions().tls_handshake_timeout == constants.TLS_HANDSHAKE_TIMEOUT
+    # The handler class holds the context itself: an SSLContext cannot be copied.
+    handler = fastsock.receiver(fastsock.RingQueue(), options)
+    assert handler.ssl_context is context
+    assert handler.receive_options() == options
+    with pytest.raises(ValueError, match="client-side"):
+        ReceiveOptions(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))

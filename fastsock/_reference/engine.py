@@ -14,12 +14,13 @@ import os
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
 from typing import NamedTuple
 
-from fastsock import constants, proxy
+from fastsock import constants, proxy, tls
 from fastsock._protocol_errors import BY_ERROR
 from fastsock._reference.framing import Framer
 from fastsock._reference.receiver import ReceiveCounters, count_leftovers, count_unread
@@ -50,10 +51,16 @@ ACCEPT_RETRY_ERRNOS = frozenset(
 )
 RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
 WAKEUP = "wakeup"
-# What _admit() returns for a peer outside proxy_trusted.
+# What _admit() returns for a peer outside proxy_trusted, and when it could not make the
+# connection's TLS session (the event is recorded).
 UNTRUSTED = "untrusted"
+FAILED = "failed"
 # Bytes a pending PROXY header may take: what one read brings at most until it is parsed.
 PROXY_ROOM = max(constants.PROXY_MAX_HEADER, proxy.V1_MAX_HEADER)
+# The most plaintext one TLS record carries (the compiled engine's room beyond recv_size).
+TLS_RECORD_PLAINTEXT = 16384
+HANDSHAKE_TIMED_OUT = "no handshake within tls_handshake_timeout"
+HANDSHAKE_RESET = "the connection was reset during the handshake"
 
 
 class EngineEvent(NamedTuple):
@@ -80,6 +87,9 @@ class _Connection:
         "watched",
         "header",
         "header_started",
+        "tls",
+        "handshake_started",
+        "header_started",
     )
 
     def __init__(self, connection_id, sock, address, framer, now):
@@ -99,6 +109,9 @@ class _Connection:
         # The PROXY header received so far, while it is pending; None after (or without).
         self.header = None
         self.header_started = now
+        # Its TlsSession (ssl_context), and when its handshake began while it is under way.
+        self.tls = None
+        self.handshake_started = None
 
 
 class StreamEngine:
@@ -131,6 +144,11 @@ class StreamEngine:
         self._partial_budget = options.max_partial_bytes
         self._proxy_protocol = options.proxy_protocol
         self._proxy_trusted = proxy.trusted_networks(options.proxy_trusted)
+        self._ssl_context = options.ssl_context
+        self._tls_handshake_timeout = options.tls_handshake_timeout
+        # Connection id -> connection whose TLS handshake is under way, oldest first.
+        self._by_handshake_start = OrderedDict()
+        self._tls_subjects = OrderedDict()
 
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -204,6 +222,9 @@ class StreamEngine:
             if connection is UNTRUSTED:
                 sock.close()
                 raise ConnectionRefusedError(errno.ECONNREFUSED, "the peer is not in proxy_trusted")
+            if connection is FAILED:
+                sock.close()
+                raise MemoryError("no memory for the connection's TLS session")
             if connection is None:
                 sock.close()
                 raise ConnectionRefusedError(
@@ -245,6 +266,13 @@ class StreamEngine:
         if connection is not None:
             return connection.address
         return self._closed_peers.get(connection_id)
+
+    def peer_subject(self, connection_id):
+        return self._tls_subjects.get(connection_id)
+
+    @property
+    def tls_sessions_open(self):
+        return sum(1 for connection in self._connections.values() if connection.tls is not None)
 
     @property
     def connections(self):
@@ -344,6 +372,11 @@ class StreamEngine:
             deadlines.append(
                 self._clock_start(oldest.header_started) + constants.PROXY_HEADER_TIMEOUT
             )
+        if self._by_handshake_start:
+            oldest = next(iter(self._by_handshake_start.values()))
+            deadlines.append(
+                self._clock_start(oldest.handshake_started) + self._tls_handshake_timeout
+            )
         if self._draining:
             deadlines.append(self._drain_deadline)
         if not deadlines:
@@ -379,6 +412,12 @@ class StreamEngine:
             if now - started < constants.PROXY_HEADER_TIMEOUT:
                 break
             self._header_failed(connection, proxy.TIMED_OUT)
+        while self._by_handshake_start:
+            connection = next(iter(self._by_handshake_start.values()))
+            started = self._clock_start(connection.handshake_started)
+            if now - started < self._tls_handshake_timeout:
+                break
+            self._handshake_failed(connection, HANDSHAKE_TIMED_OUT)
 
     def _wait_for_ring(self):
         """The ring refused a message: read nothing, retry it every RING_POLL_INTERVAL."""
@@ -439,6 +478,8 @@ class StreamEngine:
             if admitted is UNTRUSTED:
                 sock.close()
                 self._record(EngineEvent("proxy_untrusted", None, address, None))
+            elif admitted is FAILED:
+                sock.close()
             elif admitted is None:
                 sock.close()
                 self._record(EngineEvent("refused", None, address, self._max_connections))
@@ -462,6 +503,13 @@ class StreamEngine:
         if len(self._connections) >= self._max_connections and not self._evict_idlest(now):
             self._counters.count_refusal()
             return None
+        session = None
+        if self._ssl_context is not None:
+            try:
+                session = tls.TlsSession(self._ssl_context, sock.fileno())
+            except (MemoryError, ssl.SSLError):
+                self._record(EngineEvent("no_memory", None, address, errno.ENOMEM))
+                return FAILED
         connection = _Connection(
             self._counters.next_connection_id(),
             sock,
@@ -473,9 +521,12 @@ class StreamEngine:
         self._selector.register(sock, selectors.EVENT_READ, connection)
         self._connections[connection.id] = connection
         self._by_silence[connection.id] = connection
+        connection.tls = session
         if self._proxy_protocol:
             connection.header = bytearray()
             self._by_header_start[connection.id] = connection
+        elif connection.tls is not None:
+            self._handshake_start(connection, now)
         if self._draining:
             self._shutdown(connection)
         return connection
@@ -501,7 +552,9 @@ class StreamEngine:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno in RESET_ERRNOS:
+            if exc.errno in RESET_ERRNOS and connection.handshake_started is not None:
+                self._handshake_failed(connection, HANDSHAKE_RESET)
+            elif exc.errno in RESET_ERRNOS:
                 self._counters.add("resets", 1)
                 self._close(connection)
             else:
@@ -511,18 +564,79 @@ class StreamEngine:
             if connection.header:
                 self._header_failed(connection, proxy.TRUNCATED)
                 return
+            if connection.tls is not None and connection.header is None:
+                if connection.handshake_started is None or connection.tls.received:
+                    self._receive_tls(connection, data, time.monotonic())
+                    return
             # The peer's end, or, in a drain, everything it sent before the stop (or a peer
-            # that sent no PROXY header at all: a health check, a port scan).
+            # that sent no PROXY header, or no ClientHello, at all: a health check, a port
+            # scan).
             self._close(connection)
             return
         now = time.monotonic()
         connection.last_data = now
         self._by_silence.move_to_end(connection.id)
-        self._counters.add("bytes_received", len(data))
+        if connection.tls is None or connection.header is not None:
+            self._counters.add("bytes_received", len(data))
         if connection.header is not None:
             data = self._read_header(connection, data)
+            if connection.tls is not None and connection.header is None and not connection.ending:
+                # PROXY comes before TLS: the bytes after the header begin the handshake.
+                self._counters.add("bytes_received", -len(data))
+                self._handshake_start(connection, now)
+                if data:
+                    self._receive_tls(connection, data, now)
+                return
             if not data:
                 return
+        if connection.tls is not None:
+            self._receive_tls(connection, data, now)
+            return
+        self._frame(connection, data, now)
+
+    def _receive_tls(self, connection, ciphertext, now):
+        """Hand the ciphertext (b"": the peer's end) to the connection's session and frame
+        the plaintext it yields; then end the connection if TLS or the peer ended it."""
+        session = connection.tls
+        session.receive(ciphertext)
+        if connection.handshake_started is not None:
+            try:
+                if not session.advance_handshake():
+                    return
+            except tls.HandshakeFailed as exc:
+                self._handshake_failed(connection, exc.reason)
+                return
+            connection.handshake_started = None
+            self._by_handshake_start.pop(connection.id, None)
+            if session.subject is not None:
+                self._tls_subjects[connection.id] = session.subject
+        buffer = memoryview(bytearray(self._recv_size + TLS_RECORD_PLAINTEXT))
+        while connection.ending is None and connection.id in self._connections:
+            try:
+                count = session.read_into(buffer)
+            except tls.TlsBroken as exc:
+                self._counters.add("resets", 1)
+                self._end(connection, "tls_error", exc.reason)
+                return
+            if count == tls.TLS_CLOSED:
+                self._close(connection)
+                return
+            if count == 0:
+                break
+            self._counters.add("bytes_received", count)
+            self._frame(connection, bytes(buffer[:count]), now)
+        if not ciphertext:
+            self._close(connection)
+
+    def _handshake_start(self, connection, now):
+        connection.handshake_started = now
+        self._by_handshake_start[connection.id] = connection
+
+    def _handshake_failed(self, connection, reason):
+        self._counters.add("tls_handshake_errors", 1)
+        self._end(connection, "tls_handshake", reason)
+
+    def _frame(self, connection, data, now):
         framer = connection.framer
         pending_start = framer.peek_pending(constants.PROTOCOL_ERROR_SAMPLE)
         try:
@@ -649,6 +763,7 @@ class StreamEngine:
         self._by_silence.pop(connection.id, None)
         self._by_message_start.pop(connection.id, None)
         self._by_header_start.pop(connection.id, None)
+        self._by_handshake_start.pop(connection.id, None)
 
     def _close(self, connection):
         """Count what the connection leaves behind (the kernel's unread bytes, messages framed
@@ -671,6 +786,12 @@ class StreamEngine:
         self._closed_peers[connection.id] = connection.address
         while len(self._closed_peers) > constants.RECENT_PEERS:
             self._closed_peers.popitem(last=False)
+        connection.tls = None
+        if connection.id in self._tls_subjects:
+            self._tls_subjects.move_to_end(connection.id)
+            open_tls = sum(1 for other in self._connections.values() if other.tls is not None)
+            while len(self._tls_subjects) > constants.RECENT_PEERS + open_tls:
+                self._tls_subjects.popitem(last=False)
         del self._connections[connection.id]
         connection.sock.close()
         if connection.ending is not None:

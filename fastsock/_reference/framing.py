@@ -17,6 +17,15 @@ from fastsock.errors import (
 __all__ = ["Framer"]
 
 FRAMINGS = ("raw", "lines", "length", "octets", "syslog")
+# The limits each framing enforces, by the Framer argument that sets them: what a caller
+# such as `fastsock serve` may let a user set for that framing.
+FRAMING_LIMITS = {
+    "raw": (),
+    "lines": ("max_line",),
+    "length": ("max_frame",),
+    "octets": ("max_frame",),
+    "syslog": ("max_line", "max_frame"),
+}
 LARGEST_LIMIT = 2 ** (8 * LENGTH_PREFIX_SIZE) - 1
 LINE_TOO_LONG_TEXT = "line longer than max_line={} bytes"
 FRAME_TOO_LARGE_TEXT = "length prefix announces {} bytes, more than max_frame={}"

@@ -68,7 +68,7 @@ VM, over the default 33 s when the machine was busy."""
 class Workload:
     name: str
     transport: str
-    """"tcp", "unix" (stream), "udp" or "unixgram" (datagram)."""
+    """"tcp", "unix", "tls" (stream; TLS over TCP), "udp" or "unixgram" (datagram)."""
     pattern: str
     """"bulk", "lines", "frames", "datagrams", "churn", "idle" or "silent"."""
     unit_bytes: int
@@ -117,6 +117,15 @@ WORKLOADS = {
         ),
         Workload("unixgram-64", "unixgram", "datagrams", 64, 0, "64-byte Unix datagrams"),
         Workload(
+            "tls-lines-1",
+            "tls",
+            "lines",
+            LINE_BYTES,
+            1,
+            "64-byte lines over TLS 1.3 (AES-256-GCM), one TCP connection; lines-1 in the same "
+            "run is its plaintext cost",
+        ),
+        Workload(
             "churn", "tcp", "churn", LINE_BYTES, 0, "short TCP connections, one 64-byte line each"
         ),
         Workload(
@@ -141,12 +150,14 @@ class Server:
     patterns: frozenset
     """The workload patterns it runs."""
     transports: frozenset = frozenset({"tcp", "unix", "udp", "unixgram"})
+    """The transports it serves; only servers that name "tls" terminate TLS."""
 
     def applies(self, workload):
         return workload.pattern in self.patterns and workload.transport in self.transports
 
 
 _ALL = frozenset({"bulk", "lines", "frames", "datagrams", "churn", "idle", "silent"})
+_WITH_TLS = frozenset({"tcp", "unix", "udp", "unixgram", "tls"})
 _LINE_PATTERNS = frozenset({"lines", "churn", "idle", "silent"})
 HELD_PATTERNS = frozenset({"idle", "silent"})
 """Workloads whose rows measure what held connections cost: a fresh server per run."""
@@ -161,8 +172,10 @@ SERVERS = {
         ),
         Server(
             "stdlib-readline-queue",
-            "socketserver threading stream server, StreamRequestHandler lines into a queue.Queue",
+            "socketserver threading stream server, StreamRequestHandler lines into a queue.Queue "
+            "(TLS: the accepted socket wrapped by ssl)",
             _LINE_PATTERNS,
+            _WITH_TLS,
         ),
         Server(
             "stdlib-frame-queue",
@@ -174,10 +187,18 @@ SERVERS = {
             "socketserver.UDPServer / UnixDatagramServer, handler puts datagrams into a queue",
             frozenset({"datagrams"}),
         ),
-        Server("fastsock-dropin", "the stdlib row's code with fastsock's classes", _ALL),
-        Server("fastsock-compiled", "fastsock.receiver(ring), consumer ring.get_many()", _ALL),
+        Server("fastsock-dropin", "the stdlib row's code with fastsock's classes", _ALL, _WITH_TLS),
         Server(
-            "fastsock-compiled-batch", "fastsock.receiver(ring), consumer ring.get_batch()", _ALL
+            "fastsock-compiled",
+            "fastsock.receiver(ring), consumer ring.get_many() (TLS: ssl_context)",
+            _ALL,
+            _WITH_TLS,
+        ),
+        Server(
+            "fastsock-compiled-batch",
+            "fastsock.receiver(ring), consumer ring.get_batch()",
+            _ALL,
+            _WITH_TLS,
         ),
         Server(
             "fastsock-compiled-2",
@@ -205,8 +226,13 @@ SERVERS = {
             frozenset({"bulk", "lines", "frames", "churn"}),
             frozenset({"tcp"}),
         ),
-        Server("asyncio-protocol", "asyncio Protocol / DatagramProtocol counting inline", _ALL),
-        Server("uvloop-protocol", "the same protocols on uvloop", _ALL),
+        Server(
+            "asyncio-protocol",
+            "asyncio Protocol / DatagramProtocol counting inline (TLS: create_server(ssl=))",
+            _ALL,
+            _WITH_TLS,
+        ),
+        Server("uvloop-protocol", "the same protocols on uvloop", _ALL, _WITH_TLS),
         Server(
             "c-sink",
             "fastsock.bench._loadgen.sink_stream / sink_datagrams: "

@@ -2,7 +2,8 @@
 
 Run by ``fastsock.bench.coordinator`` as ``python -m fastsock.bench.load CONFIG``.  Everything is
 sent by the compiled generator (``fastsock.bench._loadgen``, GIL-free): streams, datagrams, churn's
-short connections and the held connections of idle and silent-live.  It reports in one JSON
+short connections and the held connections of idle and silent-live; but TLS, which Python's
+ssl sends.  It reports in one JSON
 line: ``{"start": T, "sent_units": N, "seconds": S, "cpu_seconds": C}``, ``start`` on the
 system-wide monotonic clock that the server process reads too, ``C`` the CPU it used.  For
 idle and silent-live it first reports ``{"opened": N, "start": T, "seconds": S}`` (when it
@@ -14,6 +15,7 @@ and waits for ``{"continue": true}``.
 import json
 import os
 import socket
+import ssl
 import sys
 import time
 
@@ -51,7 +53,7 @@ def block(workload):
 
 
 def family(workload):
-    return socket.AF_INET if workload.transport in ("tcp", "udp") else socket.AF_UNIX
+    return socket.AF_INET if workload.transport in ("tcp", "tls", "udp") else socket.AF_UNIX
 
 
 def connect(workload, address):
@@ -77,6 +79,30 @@ def send_stream(workload, address, config):
     finally:
         for connection in connections:
             connection.close()
+    return start, sent // workload.unit_bytes, seconds
+
+
+TLS_SEND_BYTES = 1024 * 1024
+"""Bytes of whole lines in each sendall() of the TLS generator: ssl cuts them into 16 KiB
+records, encrypted in C with the GIL released, so Python's cost per call is amortised over
+16,384 lines."""
+
+
+def send_tls_stream(workload, address, config):
+    """Lines over TLS with Python's ssl (the compiled generator has no TLS): large sendall()s
+    of prebuilt lines for --seconds or the byte budget.  The server's certificate is the
+    bench's own, self-signed: not verified."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    data = block(workload) * (TLS_SEND_BYTES // len(block(workload)))
+    with context.wrap_socket(connect(workload, address)) as client:
+        start = time.monotonic()
+        sent = 0
+        while sent < config["total_bytes"] and time.monotonic() - start < config["seconds"]:
+            client.sendall(data)
+            sent += len(data)
+        seconds = time.monotonic() - start
     return start, sent // workload.unit_bytes, seconds
 
 
@@ -193,6 +219,8 @@ def main(config):
     else:
         patterns = {"churn": churn, "idle": hold_idle, "silent": silent_live}
         send = patterns.get(workload.pattern, send_stream)
+        if workload.transport == "tls":
+            send = send_tls_stream
     cpu = time.process_time()
     start, units, seconds = send(workload, address, config)
     emit(

@@ -18,6 +18,7 @@ last message was taken, measured without a clock read per message.
 """
 
 import asyncio
+import functools
 import json
 import os
 import queue
@@ -26,6 +27,8 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -216,21 +219,65 @@ def stdlib_handlers(module, received):
 
 _SOCKETSERVER_CLASSES = {
     "tcp": "ThreadingTCPServer",
+    "tls": "ThreadingTCPServer",
     "unix": "ThreadingUnixStreamServer",
     "udp": "UDPServer",
     "unixgram": "UnixDatagramServer",
 }
 
 
-def socketserver_class(module, workload):
-    """The module's server class for the workload's transport, with the shared backlog."""
+def socketserver_class(module, workload, wrap_tls=False):
+    """The module's server class for the workload's transport, with the shared backlog; with
+    ``wrap_tls`` (a TLS workload on a stdlib handler), get_request() wraps each accepted
+    socket (the handshake in the accepting thread)."""
     name = _SOCKETSERVER_CLASSES[workload.transport]
-    return type(name, (getattr(module, name),), {"request_queue_size": BACKLOG})
+    attributes = {"request_queue_size": BACKLOG}
+    if wrap_tls and workload.transport == "tls":
+        base = getattr(module, name)
+
+        def get_request(self):
+            sock, address = base.get_request(self)
+            return tls_context().wrap_socket(sock, server_side=True), address
+
+        attributes["get_request"] = get_request
+    return type(name, (getattr(module, name),), attributes)
+
+
+@functools.cache
+def tls_context():
+    """The server context every TLS row uses: a self-signed P-256 certificate made by the
+    openssl command, TLS 1.3's default cipher (AES-256-GCM), no session tickets (the
+    generator never reads, so they would only wait unread)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError(
+            "the TLS rows need the openssl command (Debian: apt-get install openssl)"
+        )
+    directory = tempfile.mkdtemp(prefix="fastsock-bench-tls-")
+    try:
+        subprocess.run(
+            [
+                openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                "-keyout", "key.pem", "-out", "cert.pem",
+            ],
+            cwd=directory,
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(
+            os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    context.num_tickets = 0
+    return context
 
 
 def bound_socket(workload, address):
     """A socket bound to ``address`` (listening, for streams), for asyncio and the sinks."""
-    family = socket.AF_INET if workload.transport in ("tcp", "udp") else socket.AF_UNIX
+    family = socket.AF_INET if workload.transport in ("tcp", "tls", "udp") else socket.AF_UNIX
     kind = socket.SOCK_DGRAM if workload.datagram else socket.SOCK_STREAM
     sock = socket.socket(family, kind)
     sock.bind(address)
@@ -252,6 +299,7 @@ def compiled_handler(ring, workload, engine_threads=1):
         framing=workload.framing,
         max_connections=soft_limit,
         engine_threads=engine_threads,
+        ssl_context=tls_context() if workload.transport == "tls" else None,
     )
 
 
@@ -339,7 +387,7 @@ class QueueServer(UnderTest):
         super().__init__(workload, tally)
         received = queue.Queue()
         handler = stdlib_handlers(module, received)[handler_name]
-        server = socketserver_class(module, workload)(address, handler)
+        server = socketserver_class(module, workload, wrap_tls=True)(address, handler)
         server.daemon_threads = True
         self.address = server.server_address
         in_thread(server.serve_forever)
@@ -548,7 +596,8 @@ class ProtocolServer(UnderTest):
             if workload.transport == "unix":
                 opening = loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
             else:
-                opening = loop.create_server(factory, sock=sock, backlog=BACKLOG)
+                secure = tls_context() if workload.transport == "tls" else None
+                opening = loop.create_server(factory, sock=sock, backlog=BACKLOG, ssl=secure)
         loop.run_until_complete(opening)
         in_thread(loop.run_forever)
 
@@ -712,7 +761,7 @@ def measure_run(under_test, timeout):
 
 def serve(config, directory):
     workload = WORKLOADS[config["workload"]]
-    if workload.transport in ("tcp", "udp"):
+    if workload.transport in ("tcp", "tls", "udp"):
         address = (HOST, 0)
     else:
         address = os.path.join(directory, "server.sock")
