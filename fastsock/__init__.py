@@ -37,6 +37,6 @@ try:
     from .server import ForkingUnixDatagramServer, ForkingUnixStreamServer
 except ImportError:  # a platform without fork() or Unix sockets
     pass
-from .stats import DatagramStats, ReceiveStats, RingStats
+from .stats import DatagramStats, PipelineStats, ReceiveStats, RingStats
 
 __version__ = "0.1.0"

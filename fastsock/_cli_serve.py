@@ -1,14 +1,11 @@
 """``fastsock serve``: a receive server on the compiled path, without writing code."""
 
 import argparse
-import base64
-import datetime
+import asyncio
 import ipaddress
-import json
 import logging
 import math
 import os
-import queue
 import signal
 import socket
 import sys
@@ -17,10 +14,10 @@ import time
 import urllib.parse
 
 import fastsock
-from fastsock import constants, metrics, proxy
+from fastsock import constants, metrics, pipeline, proxy
 from fastsock._cli_support import CommandError, UsageError, number, positive_float, positive_int
 from fastsock._ratelimit import RateLimitedLogger
-from fastsock.addresses import address_from_sockaddr
+from fastsock.addresses import format_address
 from fastsock.server import _unlink_own_socket_file
 
 __all__ = ["SERVE_DETAILS", "add_serve_arguments", "run_serve"]
@@ -96,19 +93,34 @@ log rotation (SIGHUP):
   none lost or written twice. Writing to stdout, SIGHUP is ignored (a line on stderr says
   so). Prefork workers ignore SIGHUP; only this process writes.
 
+sinks (--sink URL):
+  the messages go to the sink in batches; a batch leaves the queue only once the sink has
+  confirmed it (written to the kernel; acknowledged by the broker). While a sink is
+  unavailable (a broker down, a full disk) the same batch is retried, the wait doubling
+  from {constants.SINK_RETRY_INITIAL:g} s to {constants.SINK_RETRY_MAX:g} s, the queue
+  fills, and stream senders are held back by TCP (datagrams beyond the queue are dropped,
+  counted). On SIGINT/SIGTERM, what is left is delivered for at most --sink-timeout seconds
+  beyond the drain; what could not be is counted ("undelivered"), said on stderr, and the
+  exit status is then 1. A crash loses what the queue held and the batch being delivered.
+  Broker sinks need their extra: pip install 'fastsock[redis]' ('[nats]', '[kafka]').
+  python://MODULE:CLASS?QUERY imports CLASS from MODULE and uses CLASS.from_url(URL): a
+  class with write(messages), flush(timeout) and close(), or their coroutines (it then
+  runs on an asyncio event loop); see fastsock.pipeline.
+
 metrics (--metrics [HOST:]PORT):
   GET http://HOST:PORT/metrics answers the counters (the server's, summed over the prefork
-  workers, and the ring's) in Prometheus's text format 0.0.4, from a thread of its own, so a
-  scrape never holds up receiving. Per scrape: {constants.METRICS_REQUEST_TIMEOUT:g} s in all,
-  {constants.METRICS_MAX_REQUEST_BYTES:,} bytes of request. HOST, unless given:
-  {constants.METRICS_DEFAULT_HOST}. The README lists the metric names.
+  workers, the ring's and the sink pipeline's) in Prometheus's text format 0.0.4, from a
+  thread of its own, so a scrape never holds up receiving. Per scrape:
+  {constants.METRICS_REQUEST_TIMEOUT:g} s in all, {constants.METRICS_MAX_REQUEST_BYTES:,}
+  bytes of request. HOST, unless given: {constants.METRICS_DEFAULT_HOST}. The README lists
+  the metric names.
 
 counters (stderr, every --stats-interval seconds):
   rates, messages received and written, connections, drops (streams: messages dropped,
   bytes discarded, lines or frames over the limits, connections closed for their PROXY
   header; datagrams: ring full, truncated, kernel),
-  backpressure (seconds the receive loops waited for this process to take messages) and
-  the messages queued.
+  backpressure (seconds the receive loops waited for this process to take messages), the
+  sink (batches delivered, retries, errors, messages undelivered) and the messages queued.
 """
 
 
@@ -219,11 +231,28 @@ def add_serve_arguments(parser):
         "FILE, for logrotate's postrotate kill -HUP",
     )
     output.add_argument(
+        "--sink",
+        metavar="URL",
+        help="where the messages go instead of --output: - (stdout), a path or file:///PATH, "
+        "redis://HOST:PORT/..., nats://HOST:PORT/..., kafka://HOST:PORT/..., or "
+        "python://MODULE:CLASS?... (a sink class of your own); see 'sinks' below",
+    )
+    output.add_argument(
         "--format",
         choices=["raw", "jsonl"],
         default="raw",
-        help="raw (default): each message and a newline (raw framing: the bytes as received); "
-        "jsonl: one JSON object per message with time, peer and the payload as text or base64",
+        help="file sinks: raw (default): each message and a newline (raw framing: the bytes "
+        "as received); jsonl: one JSON object per message with time, peer and the payload "
+        "as text or base64",
+    )
+    output.add_argument(
+        "--sink-timeout",
+        type=_seconds,
+        default=constants.PIPELINE_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long delivering what was received may take once the "
+        "connections have handed it over; what is left then is counted as undelivered "
+        f"(default {constants.PIPELINE_STOP_TIMEOUT:g})",
     )
     output.add_argument(
         "--stats-interval",
@@ -451,6 +480,8 @@ class ThreadedReceiver(Receiver):
         self.server = self.server_class(endpoint.address, self.handler, **self.server_options)
         self.address = self.server.server_address
         self.counters = self.server
+        # Names the senders of stream messages (connection_address()).
+        self.peers = self.server
         self.failure = None
         self.thread = threading.Thread(target=self._serve, name="fastsock-serve", daemon=True)
 
@@ -469,9 +500,6 @@ class ThreadedReceiver(Receiver):
     def check(self):
         if self.failure is not None:
             raise CommandError(SERVE, f"receiving failed: {self.failure}")
-
-    def peer(self, connection_id):
-        return self.server.connection_address(connection_id)
 
     def close(self):
         """Stop accepting, stop every loop gracefully (each hands over what its peer sent
@@ -503,6 +531,8 @@ class PreforkReceiver(Receiver):
         # What the metrics thread reads: the same shared counters as self.stats(), without
         # the reaping that PreforkServer.stats() does, which only the serving loop may do.
         self.counters = self.prefork.server
+        # The workers accepted the connections: their peers are known only there.
+        self.peers = None
 
     def start(self):
         self.prefork.start()
@@ -515,10 +545,6 @@ class PreforkReceiver(Receiver):
         if not self.prefork.workers:
             raise CommandError(SERVE, "every prefork worker exited")
 
-    def peer(self, connection_id):
-        """The workers accepted the connections: their peers are known only there."""
-        return None
-
     def close(self):
         """Stop the workers gracefully, as ThreadedReceiver.close() does in each, and reap
         them; the ring must be consumed meanwhile.  Idempotent."""
@@ -528,97 +554,31 @@ class PreforkReceiver(Receiver):
 # -- fastsock serve: output ------------------------------------------------------------------
 
 
-def format_address(address):
-    """An address as people write it: 127.0.0.1:9000, [::1]:9000, a path; None if unknown."""
-    if not address:
-        return None
-    if isinstance(address, tuple):
-        host, port = address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if isinstance(address, bytes):
-        return "@" + address[1:].decode(errors="backslashreplace")
-    return str(address)
+def open_output(options, endpoint):
+    """The sink of --sink URL or --output FILE (default stdout): UsageError for a URL that
+    names no sink, CommandError for one that cannot be opened."""
+    if options.sink is not None and options.output is not None:
+        raise UsageError(SERVE, "--sink and --output both say where messages go: give one")
+    raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
+    # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
+    file_options = {"format": options.format, "separator": b"" if raw_stream else b"\n"}
+    name = options.output if options.sink is None else options.sink
+    try:
+        if options.sink is None:
+            return pipeline.FileSink(options.output, **file_options)
+        return pipeline.open_sink(options.sink, **file_options)
+    except ValueError as exc:
+        raise UsageError(SERVE, str(exc)) from None
+    except ImportError as exc:
+        raise CommandError(SERVE, str(exc)) from None
+    except OSError as exc:
+        raise CommandError(SERVE, f"cannot open {name}: {exc.strerror or exc}") from None
 
 
-def write_all(fd, data):
-    """os.write() until all of data is written.  Not a buffered stream's write(): when a
-    signal (the SIGTERM that stops the server) interrupts a large write to a pipe part way,
-    CPython's BufferedWriter (3.10-3.13) loses part of the data without an error."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class Output:
-    """Where the messages go: stdout, or a file appended to, which ``reopen()`` opens anew
-    (after logrotate renamed it)."""
-
-    def __init__(self, name):
-        self.path = None if name in (None, "-") else name
-        self.name = self.path or "stdout"
-        self.stream = sys.stdout.buffer if self.path is None else self.open()
-
-    @property
-    def is_stdout(self):
-        return self.path is None
-
-    def fileno(self):
-        return self.stream.fileno()
-
-    def open(self):
-        try:
-            return open(self.path, "ab")
-        except OSError as exc:
-            raise CommandError(SERVE, f"cannot open {self.path}: {exc.strerror}") from None
-
-    def reopen(self):
-        """Open the path again and close the file written so far; if it cannot be opened,
-        keep writing to that one (CommandError says why)."""
-        new = self.open()
-        old, self.stream = self.stream, new
-        old.close()
-
-    def close(self):
-        if not self.is_stdout:
-            self.stream.close()
-
-
-class MessageWriter:
-    """Writes batches of ``(source_id, source, payload)`` messages, raw or as JSON lines."""
-
-    def __init__(self, output, output_format, separator, peer_of, datagram):
-        self.output = output
-        self.jsonl = output_format == "jsonl"
-        self.separator = separator
-        self.peer_of = peer_of
-        self.datagram = datagram
-        self.written = 0
-
-    def write(self, messages):
-        if self.jsonl:
-            taken = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-            lines = [self.record(taken, *message) for message in messages]
-            data = ("\n".join(lines) + "\n").encode()
-        else:
-            data = b"".join(payload + self.separator for _, _, payload in messages)
-        write_all(self.output.fileno(), data)
-        self.written += len(messages)
-
-    def record(self, taken, source_id, source, payload):
-        entry = {
-            "time": taken,
-            "peer": self.peer_of(source_id, source),
-            "connection": None if self.datagram else source_id,
-        }
-        try:
-            entry["text"] = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            entry["base64"] = base64.b64encode(payload).decode("ascii")
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def stats_line(stats, ring_stats, written, previous, seconds):
-    """One line of counters; with ``previous`` (the counters ``seconds`` ago), rates too."""
+def stats_line(stats, ring_stats, delivery, previous, seconds):
+    """One line of counters (``delivery``: the pipeline's ``PipelineStats``); with
+    ``previous`` (the counters ``seconds`` ago), rates too."""
+    written = delivery.messages_delivered
     datagram = isinstance(stats, fastsock.DatagramStats)
     received = stats.datagrams_received if datagram else stats.messages_received
     parts = []
@@ -648,6 +608,10 @@ def stats_line(stats, ring_stats, written, previous, seconds):
             f"proxy headers {stats.proxy_header_errors:,}"
         )
         parts.append(f"backpressure {stats.paused_seconds:,.2f} s")
+    parts.append(
+        f"sink {delivery.batches_delivered:,} batches, {delivery.retries:,} retries, "
+        f"{delivery.sink_errors:,} errors, {delivery.undelivered:,} undelivered"
+    )
     parts.append(f"queued {ring_stats.messages_queued:,}")
     return " | ".join(parts)
 
@@ -714,65 +678,73 @@ def start_and_serve(options, endpoint, stop):
     largest = limits.max_datagram if endpoint.datagram else limits.largest_message
     ring = fastsock.RingQueue(max_bytes=max(constants.RING_MAX_BYTES, largest))
     handler = fastsock.receiver(ring, limits)
-    output = Output(options.output)
+    sink = open_output(options, endpoint)
     if _stderr_lines not in _log.handlers:
         _log.addHandler(_stderr_lines)
     try:
-        try:
-            if options.mode == "prefork":
-                receiver = PreforkReceiver(endpoint, handler, options.workers or DEFAULT_WORKERS)
-            else:
-                receiver = ThreadedReceiver(endpoint, handler)
-        except OSError as exc:
-            # A Unix path held by a live server or by another kind of file is refused here.
-            raise CommandError(
-                SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}"
-            ) from None
-        # Taken while the server is live, when the file at the path can only be its own.
-        bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
-        try:
-            return Session(options, endpoint, ring, receiver, output, stop).run()
-        finally:
-            if bound_file is not None:
-                _unlink_own_socket_file(endpoint.address, bound_file)
+        if options.mode == "prefork":
+            receiver = PreforkReceiver(endpoint, handler, options.workers or DEFAULT_WORKERS)
+        else:
+            receiver = ThreadedReceiver(endpoint, handler)
+    except OSError as exc:
+        close_sink(sink)
+        # A Unix path held by a live server or by another kind of file is refused here.
+        raise CommandError(SERVE, f"cannot bind {endpoint.url()}: {exc.strerror or exc}") from None
+    except BaseException:
+        close_sink(sink)
+        raise
+    # Taken while the server is live, when the file at the path can only be its own.
+    bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
+    try:
+        return Session(options, endpoint, ring, receiver, sink, stop).run()
     finally:
-        output.close()
+        if bound_file is not None:
+            _unlink_own_socket_file(endpoint.address, bound_file)
+
+
+def close_sink(sink):
+    if pipeline.is_async_sink(sink):
+        asyncio.run(sink.close())
+    else:
+        sink.close()
+
+
+def sink_name(sink):
+    return getattr(sink, "name", type(sink).__name__)
 
 
 class Session:
-    """A running ``fastsock serve``: consume, write, report, and stop on a signal."""
+    """A running ``fastsock serve``: deliver, report, and stop on a signal.  The pipeline
+    owns the sink: it closes it when it finishes or aborts."""
 
-    def __init__(self, options, endpoint, ring, receiver, output, stop):
+    def __init__(self, options, endpoint, ring, receiver, sink, stop):
         self.options = options
         self.endpoint = endpoint
         self.ring = ring
         self.receiver = receiver
-        self.output = output
-        raw_stream = not endpoint.datagram and (options.framing or DEFAULT_FRAMING) == "raw"
-        # A raw stream's chunks are cut wherever recv() returned: copy the bytes unchanged.
-        separator = b"" if raw_stream else b"\n"
-        self.writer = MessageWriter(
-            output, options.format, separator, self.peer_of, endpoint.datagram
-        )
+        self.sink = sink
+        self.is_async = pipeline.is_async_sink(sink)
+        kind = pipeline.AsyncPipeline if self.is_async else pipeline.Pipeline
+        self.pipeline = kind(ring, sink, server=receiver.peers, datagram=endpoint.datagram)
+        self.reopens = isinstance(sink, pipeline.FileSink) and not sink.is_stdout
         self.stop = stop
         self.reopen = ReopenRequest()
         self.exporter = None
         self.close_failure = None
-
-    def peer_of(self, source_id, source):
-        if self.endpoint.datagram:
-            return format_address(address_from_sockaddr(source))
-        return format_address(self.receiver.peer(source_id))
+        interval = options.stats_interval
+        self.previous, self.previous_at = None, time.monotonic()
+        self.next_report = self.previous_at + interval
 
     def announce(self):
         framing = "datagrams" if self.endpoint.datagram else self.options.framing or DEFAULT_FRAMING
         mode = self.options.mode
         if mode == "prefork":
             mode += f", {self.options.workers or DEFAULT_WORKERS} workers"
+        written = self.options.format if isinstance(self.sink, pipeline.FileSink) else "messages"
         print(
             f"fastsock serve: receiving {framing} on {self.endpoint.url(self.receiver.address)} "
-            f"({mode}), writing {self.options.format} to {self.output.name}; SIGINT or SIGTERM "
-            "stops" + ("" if self.output.is_stdout else ", SIGHUP reopens the file"),
+            f"({mode}), writing {written} to {sink_name(self.sink)}; SIGINT or SIGTERM "
+            "stops" + (", SIGHUP reopens the file" if self.reopens else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -795,7 +767,9 @@ class Session:
         if address is None:
             return
         try:
-            self.exporter = metrics.MetricsHTTPServer(address, self.receiver.counters, self.ring)
+            self.exporter = metrics.MetricsHTTPServer(
+                address, self.receiver.counters, self.ring, pipeline=self.pipeline
+            )
         except OSError as exc:
             raise CommandError(
                 SERVE, f"cannot serve metrics on {format_address(address)}: {exc.strerror or exc}"
@@ -808,84 +782,135 @@ class Session:
             signal.signal(signal.SIGHUP, self.reopen)
             self.start_metrics()
             self.announce()
-            self.serve()
+            self.previous = self.receiver.stats()
+            if self.is_async:
+                asyncio.run(self.serve_async())
+            else:
+                self.serve()
         except BrokenPipeError:
-            if self.output.is_stdout:
+            if getattr(self.sink, "is_stdout", False):
                 # Nothing can reach a closed stdout: do not let exit-time flushing fail.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            delivered = self.pipeline.stats.messages_delivered
             raise CommandError(
-                SERVE,
-                f"{self.output.name} was closed: stopped after {self.writer.written:,} messages",
+                SERVE, f"{sink_name(self.sink)} was closed: stopped after {delivered:,} messages"
             ) from None
+        except (CommandError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise CommandError(SERVE, f"the sink failed: {type(exc).__name__}: {exc}") from None
         finally:
             self.receiver.close()
             if self.exporter is not None:
                 self.exporter.close()
+        delivery = self.pipeline.stats
         print(
             f"fastsock serve: stopped by {self.stop.signal_name}: "
-            + stats_line(self.receiver.stats(), self.ring.stats, self.writer.written, None, 0),
+            + stats_line(self.receiver.stats(), self.ring.stats, delivery, None, 0),
             file=sys.stderr,
             flush=True,
         )
+        if delivery.undelivered:
+            say(
+                f"{delivery.undelivered:,} messages received were not delivered to "
+                f"{sink_name(self.sink)} by the deadline (--sink-timeout)"
+                + (f"; last error: {self.pipeline.last_error}" if self.pipeline.last_error else "")
+            )
+            return 1
         return 0
 
-    def serve(self):
-        interval = self.options.stats_interval
-        previous, previous_at = self.receiver.stats(), time.monotonic()
-        next_report = previous_at + interval
-        while self.stop.signal_name is None:
-            self.take(LOOP_WAIT_SECONDS)
-            self.receiver.check()
-            now = time.monotonic()
-            if interval and now >= next_report:
-                stats = self.receiver.stats()
-                line = stats_line(
-                    stats, self.ring.stats, self.writer.written, previous, now - previous_at
-                )
-                print(f"fastsock serve: {line}", file=sys.stderr, flush=True)
-                previous, previous_at = stats, now
-                next_report = now + interval
-        self.drain()
-
-    def take(self, wait):
-        """Write one batch of messages; False if none came within ``wait`` seconds."""
-        try:
-            messages = self.ring.get_many(timeout=wait, block=wait > 0, with_source=True)
-        except queue.Empty:
-            messages = None
+    def between_batches(self):
+        """SIGHUP's reopen, the receiver's health, and the counters when they are due."""
         if self.reopen.requested:
             self.reopen_output()
-        if messages is None:
-            return False
-        self.writer.write(messages)
-        return True
+        self.receiver.check()
+        interval = self.options.stats_interval
+        now = time.monotonic()
+        if interval and now >= self.next_report:
+            stats = self.receiver.stats()
+            line = stats_line(
+                stats, self.ring.stats, self.pipeline.stats, self.previous, now - self.previous_at
+            )
+            print(f"fastsock serve: {line}", file=sys.stderr, flush=True)
+            self.previous, self.previous_at = stats, now
+            self.next_report = now + interval
+
+    def serve(self):
+        try:
+            while self.stop.signal_name is None:
+                self.pipeline.deliver(LOOP_WAIT_SECONDS)
+                self.between_batches()
+            closing = self.start_closing()
+            while closing.is_alive():
+                self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
+            self.closed(closing)
+            self.pipeline.finish()
+        except BaseException:
+            self.pipeline.abort()
+            raise
+
+    async def serve_async(self):
+        """serve(), on an event loop: signals come through the loop."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop, signum, None)
+        loop.add_signal_handler(signal.SIGHUP, self.reopen, signal.SIGHUP, None)
+        try:
+            while self.stop.signal_name is None:
+                await self.pipeline.deliver(LOOP_WAIT_SECONDS)
+                self.between_batches()
+            closing = self.start_closing()
+            while closing.is_alive():
+                await self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
+            self.closed(closing)
+            await self.pipeline.finish()
+        except BaseException:
+            await self.pipeline.abort()
+            raise
+        finally:
+            # Removing a loop's handler resets the signal to its default: note it instead,
+            # until run_serve() puts the handlers from before back.
+            for signum, handler in (
+                (signal.SIGINT, self.stop),
+                (signal.SIGTERM, self.stop),
+                (signal.SIGHUP, self.reopen),
+            ):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, handler)
 
     def reopen_output(self):
         """SIGHUP: write what follows to a new file at the output's path."""
         self.reopen.requested = False
-        if self.output.is_stdout:
-            say("SIGHUP ignored: writing to stdout, no file to reopen")
+        if not self.reopens:
+            say(f"SIGHUP ignored: writing to {sink_name(self.sink)}, no file to reopen")
             return
         try:
-            self.output.reopen()
-        except CommandError as error:
-            say(f"SIGHUP: {error}; still writing to the file open before")
+            self.sink.reopen()
+        except OSError as exc:
+            say(
+                f"SIGHUP: cannot open {self.sink.path}: {exc.strerror or exc}; still writing "
+                "to the file open before"
+            )
             return
-        say(f"SIGHUP: reopened {self.output.name}")
+        say(f"SIGHUP: reopened {self.sink.path}")
 
-    def drain(self):
-        """Stop the receiver gracefully while writing what it hands over (its loops wait
-        for ring room up to the drain timeout), then write out everything received."""
+    def start_closing(self):
+        """Stop the receiver gracefully in a thread while the caller delivers what it hands
+        over (its loops wait for ring room up to the drain timeout); the pipeline may take
+        the sink timeout beyond that."""
+        drain = self.options.drain_timeout
+        if drain is None:
+            drain = constants.SHUTDOWN_DRAIN_TIMEOUT
+        self.pipeline.stop(drain + self.options.sink_timeout)
         closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
         closing.start()
-        while closing.is_alive():
-            self.take(constants.RECEIVE_CHECK_INTERVAL)
+        return closing
+
+    def closed(self, closing):
         closing.join()
         if self.close_failure is not None:
             raise CommandError(SERVE, f"stopping failed: {self.close_failure}")
-        while self.take(0):
-            pass
-        self.ring.close()
+        self.pipeline.stop(self.options.sink_timeout)
 
     def close_receiver(self):
         try:

@@ -78,6 +78,12 @@ cdef struct RingHeader:
     uint32_t data_waiters
     uint32_t space_waiters
     uint32_t resume_waiters
+    # asyncio consumers waiting on wake_fd, an eventfd made with the ring, so the same
+    # descriptor in every forked process: producers add to it where they would wake
+    # data_waiters, only while this count is not zero.  Counted in under the lock, as the
+    # sleepers above.
+    uint32_t async_waiters
+    int wake_fd
     uint32_t closed
     # Index of the committed entry of state.  An operation writes the other entry and then
     # flips this index: that single store publishes it, so a process killed mid-operation

@@ -14,7 +14,8 @@ empty source is returned as ``None``.  ``fastsock._reference.ring`` has the same
 pure Python, without the sharing across processes.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from typing import Any
 
 from _typeshed import ReadableBuffer
 
@@ -172,6 +173,39 @@ class RingQueue:
         """Like ``get_many``, but return the messages as one ``Batch`` instead of one bytes
         object each.  ``max_bytes`` caps the batch's payload bytes; the first message is
         taken even if it alone exceeds the cap."""
+
+    # -- asyncio consumer --------------------------------------------------------------
+    #
+    # The ring owns an eventfd, made by the constructor and so shared with forked producers.
+    # An asyncio consumer that finds the ring empty counts itself in (in the shared memory)
+    # and waits for the eventfd on its event loop (asyncio's or uvloop's), with no thread:
+    # producers signal it only while a consumer is counted in, at the moments they would
+    # wake a sleeping get() (the compiled receive loops every ENGINE_ANNOUNCE_AFTER messages
+    # and at the end of each turn), and close() always does.  Taking messages never awaits,
+    # so cancelling a wait loses no message and leaves no waiter counted.
+
+    def get_many_async(
+        self,
+        max_items: int = 4096,
+        timeout: float | None = None,
+        *,
+        with_source: bool = False,
+    ) -> Coroutine[Any, Any, list[bytes] | list[tuple[int, bytes | None, bytes]]]:
+        """``await ring.get_many_async()``: ``get_many`` on an event loop.  Waits, without
+        blocking the loop, until at least one message is queued (or ``timeout`` seconds,
+        then ``queue.Empty``); ``QueueClosed`` once the queue is closed and drained."""
+
+    def get_batch_async(
+        self, max_items: int = 4096, timeout: float | None = None, *, max_bytes: int | None = None
+    ) -> Coroutine[Any, Any, Batch]:
+        """``await ring.get_batch_async()``: ``get_batch`` on an event loop, waiting as
+        ``get_many_async`` does."""
+
+    def batches(
+        self, max_items: int = 4096, *, with_source: bool = False
+    ) -> AsyncIterator[list[bytes] | list[tuple[int, bytes | None, bytes]]]:
+        """``async for messages in ring.batches():`` each non-empty ``get_many_async()``
+        list, until the queue is closed and drained (``QueueClosed`` ends the iteration)."""
 
     # -- State -------------------------------------------------------------------------
 

@@ -25,9 +25,11 @@ from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE
 from posix.mman cimport mmap, munmap
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close, write
 
 from fastsock._span cimport MessageSpan
 
+from fastsock import _asyncring
 from fastsock.constants import (
     GET_MANY_DEFAULT,
     RING_MAP_STRIDE,
@@ -43,6 +45,12 @@ from fastsock.stats import RingStats
 cdef extern from "<errno.h>":
     enum:
         EOWNERDEAD
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_lock(pthread_mutex_t* mutex)
@@ -288,6 +296,15 @@ cdef inline void wake_data_sleepers(RingHeader* header, int count) noexcept nogi
     if load_u32(&header.data_waiters, ATOMIC_RELAXED):
         add_u32(&header.data_seq, 1, ATOMIC_RELAXED)
         futex_wake(&header.data_seq, count)
+    if load_u32(&header.async_waiters, ATOMIC_RELAXED):
+        signal_async_waiters(header)
+
+
+cdef inline void signal_async_waiters(RingHeader* header) noexcept nogil:
+    # The eventfd adds what is written to its count and is readable while that is not zero;
+    # a write fails only when the count would overflow, and then it is readable already.
+    cdef uint64_t one = 1
+    write(header.wake_fd, &one, sizeof(one))
 
 
 cdef inline uint64_t queued_messages(const RingState* state) noexcept nogil:
@@ -652,12 +669,19 @@ cdef class RingQueue:
         self.header = <RingHeader*>mapping
         self.mapping_size = header_size + self.capacity
         self.records = <char*>mapping + header_size
+        self.header.wake_fd = -1
         cdef int rc = ring_mutex_init(&self.header.lock)
         if rc != 0:
             raise OSError(rc, "cannot initialise the ring's process-shared mutex")
+        # Made here, before any fork, so that producers in forked children signal it too.
+        self.header.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.header.wake_fd < 0:
+            PyErr_SetFromErrno(OSError)
 
     def __dealloc__(self):
         if self.header != NULL:
+            if self.header.wake_fd >= 0:
+                close(self.header.wake_fd)
             munmap(self.header, self.mapping_size)
 
     # -- C-level producer API ------------------------------------------------------------
@@ -1110,6 +1134,38 @@ cdef class RingQueue:
         self.fill_batch(batch, max_items, max_payload)
         return batch
 
+    def get_many_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, with_source=False):
+        return _asyncring.get_many_async(self, max_items, timeout, with_source)
+
+    def get_batch_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, max_bytes=None):
+        return _asyncring.get_batch_async(self, max_items, timeout, max_bytes)
+
+    def batches(self, max_items=GET_MANY_DEFAULT, *, with_source=False):
+        return _asyncring.batches(self, max_items, with_source)
+
+    # The primitives of fastsock._asyncring.
+
+    @property
+    def _wake_fd(self):
+        return self.header.wake_fd
+
+    @property
+    def _async_waiters(self):
+        return load_u32(&self.header.async_waiters, ATOMIC_RELAXED)
+
+    def _add_async_waiter(self):
+        """Count in an asyncio waiter, unless a message is queued or the ring closed."""
+        acquire(self.header)
+        if queued_messages(committed(self.header)) or self.header.closed:
+            unlock_ring(self.header)
+            return False
+        add_u32(&self.header.async_waiters, 1, ATOMIC_RELAXED)
+        unlock_ring(self.header)
+        return True
+
+    def _remove_async_waiter(self):
+        sub_u32(&self.header.async_waiters, 1, ATOMIC_RELAXED)
+
     # -- State ---------------------------------------------------------------------------
 
     def qsize(self):
@@ -1143,6 +1199,7 @@ cdef class RingQueue:
         unlock_ring(self.header)
         futex_wake(&self.header.data_seq, INT_MAX)
         futex_wake(&self.header.space_seq, INT_MAX)
+        signal_async_waiters(self.header)
 
     @property
     def closed(self):

@@ -184,6 +184,31 @@ DATAGRAM_BATCH = 64
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""
 
 
+# -- Pipelines (fastsock.pipeline, fastsock serve --sink) ----------------------------------
+
+SINK_RETRY_INITIAL = 0.05
+"""Seconds a pipeline waits before it writes a batch again after SinkUnavailable: a broker
+that refused one batch under load often takes it a moment later."""
+
+SINK_RETRY_MAX = 5.0
+"""Longest wait between two writes of a batch to a sink that stays unavailable (the wait
+doubles from SINK_RETRY_INITIAL): a restarted broker is used within seconds, while a dead
+one costs a write every few seconds, not a busy loop."""
+
+PIPELINE_WAIT = 0.1
+"""Seconds a pipeline's run() waits for messages before it looks for a stop request."""
+
+PIPELINE_STOP_TIMEOUT = 10.0
+"""Seconds a stopping pipeline may take to deliver what is left in the ring and flush its
+sink: a 64 MiB ring drains to a file in well under a second, and with the receivers' drain
+(SHUTDOWN_DRAIN_TIMEOUT) it stays inside the 30 s supervisors grant a stopping process."""
+
+RING_ASYNC_RECHECK = 0.5
+"""Seconds an asyncio consumer waits on the ring's eventfd before it looks at the ring
+anyway: several event loops share the eventfd and one may reset it before another saw it,
+and a producer killed between its publish and its wake-up never signals."""
+
+
 # -- Broker sinks (fastsock.sinks: Redis Streams, NATS JetStream, Kafka) -------------------
 
 SINK_CONNECT_TIMEOUT = 5.0

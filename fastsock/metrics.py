@@ -5,19 +5,22 @@
     text = metrics.prometheus_text(server, ring)       # for an exporter of your own
     REGISTRY.register(metrics.Collector(server, ring))  # prometheus_client's registry
     exporter = metrics.MetricsHTTPServer(("127.0.0.1", 9108), server, ring)
+    # ... pipeline=pipeline in each: a fastsock.pipeline pipeline's counters too
     exporter.start()                                    # GET http://127.0.0.1:9108/metrics
     ...
     exporter.close()
 
 ``server`` is a fastsock server or a ``PreforkServer`` (anything with ``stats()``), or a
-``ReceiveStats``/``DatagramStats`` snapshot; ``ring`` a ``RingQueue`` or a ``RingStats``.
+``ReceiveStats``/``DatagramStats`` snapshot; ``ring`` a ``RingQueue`` or a ``RingStats``;
+``pipeline`` a ``fastsock.pipeline`` pipeline or a ``PipelineStats``.
 The counters live in shared memory, so a server's are summed over its prefork workers and
 forked children, as ``stats()`` sums them.  Reading them takes atomic loads (and the ring's
 lock for an instant): a scrape never waits for the consumer or holds up a receive loop.
 
-The names are stable: ``STREAM_METRICS``, ``DATAGRAM_METRICS`` and ``RING_METRICS`` list
-them, with the counter field each reports.  Counters end in ``_total``; the messages and
-bytes queued, the connections open and the partial bytes held are gauges.
+The names are stable: ``STREAM_METRICS``, ``DATAGRAM_METRICS``, ``RING_METRICS`` and
+``PIPELINE_METRICS`` list them, with the counter field each reports.  Counters end in
+``_total``; the messages and bytes queued, the connections open, the partial bytes held and
+the pipeline's lag are gauges.
 
 Only the standard library is needed at run time: ``Collector`` imports prometheus_client
 when it is collected, which only its users do.
@@ -31,11 +34,12 @@ import time
 from collections import namedtuple
 
 from . import constants
-from .stats import DatagramStats, ReceiveStats, RingStats
+from .stats import DatagramStats, PipelineStats, ReceiveStats, RingStats
 
 __all__ = [
     "CONTENT_TYPE",
     "DATAGRAM_METRICS",
+    "PIPELINE_METRICS",
     "RING_METRICS",
     "STREAM_METRICS",
     "Collector",
@@ -133,10 +137,29 @@ RING_METRICS = (
 )
 """The metrics of a ring (``RingStats``)."""
 
+PIPELINE_METRICS = (
+    _counter("pipeline_batches_delivered", "batches_delivered", "Batches the sink confirmed."),
+    _counter("pipeline_messages_delivered", "messages_delivered", "Messages the sink confirmed."),
+    _counter("pipeline_bytes_delivered", "bytes_delivered", "Payload bytes the sink confirmed."),
+    _counter("pipeline_retries", "retries", "Batches written again after the sink refused them."),
+    _counter("pipeline_sink_errors", "sink_errors", "Failed writes and flushes of the sink."),
+    _counter(
+        "pipeline_undelivered_messages",
+        "undelivered",
+        "Messages received that the sink never confirmed: stop deadline or fatal sink error.",
+    ),
+    _counter(
+        "pipeline_delivery_seconds", "delivery_seconds", "Seconds spent in confirmed sink writes."
+    ),
+    _gauge("pipeline_lag_messages", "lag", "Messages in the ring, not yet taken for the sink."),
+)
+"""The metrics of a pipeline (``PipelineStats``)."""
 
-def samples(server=None, ring=None):
-    """``(Metric, value)`` for every metric of ``server`` and ``ring`` (either may be
-    None), read now: the server's (stream or datagram) first, then the ring's."""
+
+def samples(server=None, ring=None, pipeline=None):
+    """``(Metric, value)`` for every metric of ``server``, ``ring`` and ``pipeline`` (any
+    may be None), read now: the server's (stream or datagram) first, then the ring's, then
+    the pipeline's."""
     found = []
     if server is not None:
         stats = server if isinstance(server, (ReceiveStats, DatagramStats)) else server.stats()
@@ -145,14 +168,17 @@ def samples(server=None, ring=None):
     if ring is not None:
         stats = ring if isinstance(ring, RingStats) else ring.stats
         found += [(metric, getattr(stats, metric.field)) for metric in RING_METRICS]
+    if pipeline is not None:
+        stats = pipeline if isinstance(pipeline, PipelineStats) else pipeline.stats
+        found += [(metric, getattr(stats, metric.field)) for metric in PIPELINE_METRICS]
     return found
 
 
-def prometheus_text(server=None, ring=None):
-    """The metrics of ``server`` and ``ring`` in the text exposition format 0.0.4 (serve it
-    as ``CONTENT_TYPE``): a HELP line, a TYPE line and the sample of each."""
+def prometheus_text(server=None, ring=None, pipeline=None):
+    """The metrics of ``server``, ``ring`` and ``pipeline`` in the text exposition format
+    0.0.4 (serve it as ``CONTENT_TYPE``): a HELP line, a TYPE line and the sample of each."""
     lines = []
-    for metric, value in samples(server, ring):
+    for metric, value in samples(server, ring, pipeline):
         help_text = metric.help.replace("\\", "\\\\").replace("\n", "\\n")
         lines += [
             f"# HELP {metric.name} {help_text}",
@@ -164,23 +190,25 @@ def prometheus_text(server=None, ring=None):
 
 class Collector:
     """A collector for prometheus_client's registry: ``REGISTRY.register(Collector(server,
-    ring))`` exports the metrics of ``prometheus_text()``, read at each collection."""
+    ring, pipeline))`` exports the metrics of ``prometheus_text()``, read at each
+    collection."""
 
-    def __init__(self, server=None, ring=None):
+    def __init__(self, server=None, ring=None, pipeline=None):
         self.server = server
         self.ring = ring
+        self.pipeline = pipeline
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        for metric, value in samples(self.server, self.ring):
+        for metric, value in samples(self.server, self.ring, self.pipeline):
             family = CounterMetricFamily if metric.type == "counter" else GaugeMetricFamily
             yield family(metric.name, metric.help, value=value)
 
 
 class MetricsHTTPServer(http.server.ThreadingHTTPServer):
-    """Serves ``prometheus_text(server, ring)`` at ``GET /metrics`` (404 elsewhere), from a
-    thread of its own (``start()``) and a thread per scrape.
+    """Serves ``prometheus_text(server, ring, pipeline)`` at ``GET /metrics`` (404
+    elsewhere), from a thread of its own (``start()``) and a thread per scrape.
 
     Binds at construction (``OSError`` if it cannot); ``server_address`` is then the bound
     address, its port chosen when 0 was asked.  A scrape may take ``request_timeout``
@@ -197,11 +225,13 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         server=None,
         ring=None,
         *,
+        pipeline=None,
         request_timeout=constants.METRICS_REQUEST_TIMEOUT,
         max_request_bytes=constants.METRICS_MAX_REQUEST_BYTES,
     ):
         self.source = server
         self.ring = ring
+        self.pipeline = pipeline
         self.request_timeout = request_timeout
         self.max_request_bytes = max_request_bytes
         if ":" in address[0]:
@@ -302,7 +332,9 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, "metrics are at /metrics")
             return
         try:
-            text = prometheus_text(self.server.source, self.server.ring).encode()
+            text = prometheus_text(
+                self.server.source, self.server.ring, self.server.pipeline
+            ).encode()
         except Exception as exc:
             _log.warning("metrics: reading the counters failed: %s", exc)
             self.send_error(500)

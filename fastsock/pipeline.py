@@ -16,24 +16,51 @@ nothing received is lost while the process lives.  Any other exception is fatal.
 stubs (``pipeline.pyi``) and the README's "Pipelines and sinks" say the exact semantics.
 """
 
+import asyncio
 import base64
 import datetime
 import errno
 import importlib
+import inspect
 import json
+import logging
 import os
+import queue
+import socket
 import sys
+import time
 import typing
 import urllib.parse
 
+from fastsock._ratelimit import RateLimitedLogger
+from fastsock.addresses import address_from_sockaddr, format_address
+from fastsock.constants import (
+    ERROR_LOG_INTERVAL,
+    GET_MANY_DEFAULT,
+    PIPELINE_STOP_TIMEOUT,
+    PIPELINE_WAIT,
+    RING_WAIT_SLICE,
+    SINK_RETRY_INITIAL,
+    SINK_RETRY_MAX,
+)
+from fastsock.errors import QueueClosed
+from fastsock.stats import PipelineStats
+
 __all__ = [
+    "AsyncPipeline",
     "AsyncSink",
     "FileSink",
     "Message",
+    "Pipeline",
+    "PipelineStats",
     "Sink",
     "SinkUnavailable",
+    "is_async_sink",
     "open_sink",
 ]
+
+_log = logging.getLogger("fastsock")
+_errors = RateLimitedLogger(_log, ERROR_LOG_INTERVAL)
 
 
 class Message(typing.NamedTuple):
@@ -205,7 +232,8 @@ def open_sink(url: str, *, format: str = "raw", separator: bytes = b"\n") -> "Si
     "-" or "stdout": stdout; a path or file:///PATH: that file, appended to (``format``
     "raw", each payload and ``separator``, or "jsonl"; see ``FileSink``); redis://,
     rediss://, nats://, kafka://: the broker sinks of ``fastsock.sinks``, imported only
-    then: ImportError names the extra to install when the client library is missing.
+    then: ImportError names the extra to install when the client library is missing;
+    python://MODULE:CLASS?QUERY: a sink class of your own, ``CLASS.from_url(url)``.
     ValueError for an unknown scheme; OSError if the file cannot be opened.
     """
     if url in ("-", "stdout"):
@@ -219,8 +247,10 @@ def open_sink(url: str, *, format: str = "raw", separator: bytes = b"\n") -> "Si
         if not path:
             raise ValueError(f"{url!r} names no file: say file:///PATH")
         return FileSink(path, format=format, separator=separator)
+    if scheme == "python":
+        return _user_sink(url)
     if scheme not in _BROKER_SINKS:
-        known = ", ".join(["file", *sorted(_BROKER_SINKS)])
+        known = ", ".join(["file", "python", *sorted(_BROKER_SINKS)])
         raise ValueError(f"{url!r}: unknown sink scheme {scheme!r} (known: {known}, or a path)")
     module_name, class_name, extra = _BROKER_SINKS[scheme]
     try:
@@ -231,3 +261,319 @@ def open_sink(url: str, *, format: str = "raw", separator: bytes = b"\n") -> "Si
             f"pip install 'fastsock[{extra}]'"
         ) from exc
     return getattr(module, class_name).from_url(url)
+
+
+def _user_sink(url):
+    """python://MODULE:CLASS?QUERY: ``CLASS.from_url(url)``, CLASS imported from MODULE."""
+    spec = url.partition("://")[2].partition("?")[0]
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"{url!r} names no class: say python://MODULE:CLASS?...")
+    module = importlib.import_module(module_name)
+    try:
+        sink_class = getattr(module, class_name)
+    except AttributeError:
+        raise ValueError(f"{url!r}: module {module_name} has no {class_name}") from None
+    return sink_class.from_url(url)
+
+
+def is_async_sink(sink):
+    """True for an ``AsyncSink`` (its write() is a coroutine function)."""
+    return inspect.iscoroutinefunction(sink.write)
+
+
+# -- Pipelines -------------------------------------------------------------------------------
+
+
+class _Deliveries:
+    """What both pipelines share: the batches' Messages, the counters, the stop deadline."""
+
+    def __init__(self, ring, sink, *, server=None, datagram=None, max_batch=GET_MANY_DEFAULT):
+        self.ring = ring
+        self.sink = sink
+        self.server = server
+        if datagram is None:
+            datagram = server is not None and server.socket_type == socket.SOCK_DGRAM
+        self.datagram = datagram
+        self.max_batch = max_batch
+        self.last_error = None
+        self._sink_open = True
+        self._stop_at = None
+        self._batches = self._messages = self._bytes = 0
+        self._retries = self._sink_errors = self._undelivered = 0
+        self._delivery_seconds = 0.0
+
+    def stop(self, timeout=PIPELINE_STOP_TIMEOUT):
+        """Ask ``run()`` to stop: it then delivers what is left for at most ``timeout``
+        seconds from now.  Safe in a signal handler; a later call can only bring the
+        deadline nearer."""
+        deadline = time.monotonic() + timeout
+        if self._stop_at is None or deadline < self._stop_at:
+            self._stop_at = deadline
+
+    @property
+    def stopping(self):
+        """True once ``stop()`` was called."""
+        return self._stop_at is not None
+
+    @property
+    def stats(self):
+        """The counters now: a ``PipelineStats``."""
+        return PipelineStats(
+            batches_delivered=self._batches,
+            messages_delivered=self._messages,
+            bytes_delivered=self._bytes,
+            retries=self._retries,
+            sink_errors=self._sink_errors,
+            undelivered=self._undelivered,
+            lag=self.ring.qsize(),
+            delivery_seconds=self._delivery_seconds,
+        )
+
+    def messages(self, records):
+        """``Message``s of the ``(source_id, source, payload)`` records of a get_many(),
+        asking the server for each connection's (or decoding each sender's) address once."""
+        peers = {}
+        batch = []
+        if self.datagram:
+            for _, source, payload in records:
+                peer = peers.get(source, peers)
+                if peer is peers:
+                    peer = peers[source] = format_address(address_from_sockaddr(source))
+                batch.append(Message(None, peer, payload))
+            return batch
+        server = self.server
+        for connection_id, _, payload in records:
+            peer = peers.get(connection_id, peers)
+            if peer is peers:
+                address = None if server is None else server.connection_address(connection_id)
+                peer = peers[connection_id] = format_address(address)
+            batch.append(Message(connection_id, peer, payload))
+        return batch
+
+    def _confirmed(self, batch, seconds):
+        self._batches += 1
+        self._messages += len(batch)
+        self._bytes += sum(len(message.payload) for message in batch)
+        self._delivery_seconds += seconds
+
+    def _refused(self, exc):
+        self._sink_errors += 1
+        self.last_error = exc
+        _errors.warning("sink", "sink unavailable, retrying: %s", exc)
+
+    def _failed(self, exc, batch):
+        self._sink_errors += 1
+        self._undelivered += len(batch)
+        self.last_error = exc
+
+    def _pause(self, until):
+        """Seconds to sleep before the retry due at ``until`` (0: retry now), or None once
+        the stop's deadline has passed: the batch is then given up."""
+        now = time.monotonic()
+        if self._stop_at is not None and now >= self._stop_at:
+            return None
+        if now >= until:
+            return 0.0
+        # In slices, so that a stop requested meanwhile is seen promptly.
+        limit = until if self._stop_at is None else min(until, self._stop_at)
+        return min(limit - now, RING_WAIT_SLICE)
+
+    def _deadline_passed(self):
+        return self._stop_at is not None and time.monotonic() >= self._stop_at
+
+    def _count_left(self):
+        """The ring is closed: what is still in it is undelivered."""
+        while True:
+            try:
+                left = self.ring.get_many(self.max_batch, block=False)
+            except (QueueClosed, queue.Empty):
+                return
+            self._undelivered += len(left)
+
+    def _flush_timeout(self):
+        if self._stop_at is None:
+            return PIPELINE_STOP_TIMEOUT
+        return max(0.0, self._stop_at - time.monotonic())
+
+
+class Pipeline(_Deliveries):
+    """Drains ``ring`` into ``sink`` (a ``Sink``), one batch at a time.
+
+    ``server`` (the receiving server, or None) names each stream message's sender through
+    ``connection_address()``; ``datagram`` says the ring holds datagrams, whose senders are
+    in the messages (default: whether ``server`` is a datagram server).  ``max_batch``
+    bounds the messages of one batch.  ``run()`` delivers until ``stop()``, then finishes;
+    or call ``deliver()`` in a loop of your own and ``finish()`` at the end.
+    """
+
+    def deliver(self, timeout=0.0):
+        """Take one batch, waiting up to ``timeout`` seconds for its first message, and
+        deliver it, retrying while the sink is unavailable; return its size, 0 if no message
+        came (or the stop's deadline passed before the sink took it: see ``undelivered``).
+        ``QueueClosed`` once the ring is closed and drained; a fatal sink error propagates,
+        its batch counted undelivered."""
+        try:
+            records = self.ring.get_many(
+                self.max_batch, timeout=timeout, block=timeout > 0, with_source=True
+            )
+        except queue.Empty:
+            return 0
+        batch = self.messages(records)
+        delay = SINK_RETRY_INITIAL
+        while True:
+            started = time.monotonic()
+            try:
+                self.sink.write(batch)
+            except SinkUnavailable as exc:
+                self._refused(exc)
+            except BaseException as exc:
+                self._failed(exc, batch)
+                raise
+            else:
+                self._confirmed(batch, time.monotonic() - started)
+                return len(batch)
+            retry_at = time.monotonic() + delay
+            while (pause := self._pause(retry_at)) != 0.0:
+                if pause is None:
+                    self._undelivered += len(batch)
+                    return 0
+                time.sleep(pause)
+            self._retries += 1
+            delay = min(2 * delay, SINK_RETRY_MAX)
+
+    def run(self):
+        """Deliver until ``stop()`` (or until the ring is closed and drained), then
+        ``finish()``; return the final ``stats``.  A fatal sink error closes the ring and
+        the sink, counts what is left undelivered, and propagates."""
+        try:
+            while self._stop_at is None:
+                self.deliver(PIPELINE_WAIT)
+        except QueueClosed:
+            pass
+        except BaseException:
+            self.abort()
+            raise
+        self.finish()
+        return self.stats
+
+    def finish(self):
+        """Close the ring, deliver what is left in it until the stop's deadline (``stop()``'s
+        timeout; ``PIPELINE_STOP_TIMEOUT`` if it was not called), flush the sink within
+        what is left of the deadline, and close it.  Stop the producers first: the
+        receivers' graceful stop hands over what their peers sent, and a producer still
+        running finds the ring closed.  What is left at the deadline is ``undelivered``."""
+        if self._stop_at is None:
+            self.stop()
+        self.ring.close()
+        try:
+            while not self._deadline_passed():
+                self.deliver(0.0)
+        except QueueClosed:
+            pass
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            self.sink.flush(self._flush_timeout())
+        except SinkUnavailable as exc:
+            self._sink_errors += 1
+            self.last_error = exc
+        finally:
+            self._count_left()
+            self._close_sink()
+
+    def abort(self):
+        """Stop at once: close the ring and the sink, counting what is left undelivered."""
+        self.ring.close()
+        self._count_left()
+        self._close_sink()
+
+    def _close_sink(self):
+        if self._sink_open:
+            self._sink_open = False
+            self.sink.close()
+
+
+class AsyncPipeline(_Deliveries):
+    """``Pipeline`` for an ``AsyncSink``, on an asyncio (or uvloop) event loop: it waits for
+    messages with ``ring.get_many_async()``, without a thread.  The same arguments, and the
+    same methods as coroutines; ``stop()`` stays a plain function (call it from a
+    ``loop.add_signal_handler`` callback)."""
+
+    async def deliver(self, timeout=0.0):
+        """As ``Pipeline.deliver``."""
+        try:
+            records = await self.ring.get_many_async(
+                self.max_batch, timeout=timeout, with_source=True
+            )
+        except queue.Empty:
+            return 0
+        batch = self.messages(records)
+        delay = SINK_RETRY_INITIAL
+        while True:
+            started = time.monotonic()
+            try:
+                await self.sink.write(batch)
+            except SinkUnavailable as exc:
+                self._refused(exc)
+            except BaseException as exc:
+                self._failed(exc, batch)
+                raise
+            else:
+                self._confirmed(batch, time.monotonic() - started)
+                return len(batch)
+            retry_at = time.monotonic() + delay
+            while (pause := self._pause(retry_at)) != 0.0:
+                if pause is None:
+                    self._undelivered += len(batch)
+                    return 0
+                await asyncio.sleep(pause)
+            self._retries += 1
+            delay = min(2 * delay, SINK_RETRY_MAX)
+
+    async def run(self):
+        """As ``Pipeline.run``."""
+        try:
+            while self._stop_at is None:
+                await self.deliver(PIPELINE_WAIT)
+        except QueueClosed:
+            pass
+        except BaseException:
+            await self.abort()
+            raise
+        await self.finish()
+        return self.stats
+
+    async def finish(self):
+        """As ``Pipeline.finish``."""
+        if self._stop_at is None:
+            self.stop()
+        self.ring.close()
+        try:
+            while not self._deadline_passed():
+                await self.deliver(0.0)
+        except QueueClosed:
+            pass
+        except BaseException:
+            await self.abort()
+            raise
+        try:
+            await self.sink.flush(self._flush_timeout())
+        except SinkUnavailable as exc:
+            self._sink_errors += 1
+            self.last_error = exc
+        finally:
+            self._count_left()
+            await self._close_sink()
+
+    async def abort(self):
+        """As ``Pipeline.abort``."""
+        self.ring.close()
+        self._count_left()
+        await self._close_sink()
+
+    async def _close_sink(self):
+        if self._sink_open:
+            self._sink_open = False
+            await self.sink.close()

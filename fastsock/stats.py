@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-__all__ = ["DatagramStats", "ReceiveStats", "RingStats"]
+__all__ = ["DatagramStats", "PipelineStats", "ReceiveStats", "RingStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +117,27 @@ class DatagramStats:
     @property
     def datagrams_dropped(self) -> int:
         return self.dropped_queue_full + self.truncated + self.kernel_drops
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStats:
+    """Counters of one ``fastsock.pipeline`` pipeline, read at one instant.
+
+    ``messages_delivered`` (in ``batches_delivered`` batches, ``bytes_delivered`` of
+    payload) are the messages the sink confirmed; ``undelivered`` those taken from the ring
+    that never will be (the stop's deadline passed, or the sink failed fatally), counted
+    with what was left in the ring then.  ``sink_errors`` counts the sink's failed writes
+    and flushes, ``retries`` the writes of a batch again after ``SinkUnavailable``.
+    ``lag`` is the messages queued in the ring now (a gauge), ``delivery_seconds`` the time
+    spent in the sink's confirmed writes: divided by ``batches_delivered``, the mean time a
+    batch takes to be confirmed.
+    """
+
+    batches_delivered: int
+    messages_delivered: int
+    bytes_delivered: int
+    retries: int
+    sink_errors: int
+    undelivered: int
+    lag: int
+    delivery_seconds: float

@@ -6,12 +6,15 @@ forked children, each of which gets its own copy.
 
 import numbers
 import operator
+import os
 import queue
 import threading
 import time
+import weakref
 from array import array
 from collections import deque
 
+from fastsock import _asyncring
 from fastsock.constants import (
     GET_MANY_DEFAULT,
     RING_MAX_BYTES,
@@ -135,6 +138,9 @@ class RingQueue:
         self._got_messages = self._got_bytes = 0
         self._dropped_messages = self._dropped_bytes = 0
         self._full_events = 0
+        self._async_waiters = 0
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self._wake_fd)
 
     @property
     def max_messages(self):
@@ -191,6 +197,7 @@ class RingQueue:
                     raise queue.Full
             self._append(source_id, source, payload)
             self._data.notify()
+            self._wake_async()
 
     def put_nowait(self, data, *, source_id=0, source=None):
         self.put(data, False, source_id=source_id, source=source)
@@ -210,6 +217,7 @@ class RingQueue:
                 return False
             self._append(source_id, source, payload)
             self._data.notify()
+            self._wake_async()
             return True
 
     def put_many(self, items, *, source_id=0):
@@ -228,6 +236,8 @@ class RingQueue:
                 self._append(source_id, None, payload)
                 published += 1
             self._data.notify(published)
+            if published:
+                self._wake_async()
             return published
 
     # -- Consumer side -------------------------------------------------------------------
@@ -287,6 +297,33 @@ class RingQueue:
             records = self._take(count)
         return Batch(records)
 
+    def get_many_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, with_source=False):
+        return _asyncring.get_many_async(self, max_items, timeout, with_source)
+
+    def get_batch_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, max_bytes=None):
+        return _asyncring.get_batch_async(self, max_items, timeout, max_bytes)
+
+    def batches(self, max_items=GET_MANY_DEFAULT, *, with_source=False):
+        return _asyncring.batches(self, max_items, with_source)
+
+    # The primitives of fastsock._asyncring.
+
+    def _wake_async(self):
+        """Called with the lock held, after a publish."""
+        if self._async_waiters:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _add_async_waiter(self):
+        with self._lock:
+            if self._records or self._closed:
+                return False
+            self._async_waiters += 1
+            return True
+
+    def _remove_async_waiter(self):
+        with self._lock:
+            self._async_waiters -= 1
+
     # -- State ---------------------------------------------------------------------------
 
     def qsize(self):
@@ -308,6 +345,7 @@ class RingQueue:
             self._closed = True
             self._data.notify_all()
             self._space.notify_all()
+        os.eventfd_write(self._wake_fd, 1)
 
     @property
     def closed(self):
