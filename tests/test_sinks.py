@@ -259,13 +259,14 @@ def test_kafka_batches_are_read_back_in_per_source_order_with_their_source():
         write_through(f"kafka://{bootstrap}/ingest", batches)
         messages = kafka_topic_messages(bootstrap, "ingest", len(sent))
     assert sorted(value for *_, value in messages) == sorted(message.payload for message in sent)
-    # Keyed by peer: one source's messages share a partition, in the order sent.
+    # Keyed by connection (a datagram sender: by peer): one source's messages share a
+    # partition, in the order sent.
     for peer in {message.peer for message in sent}:
-        received = [
-            (partition, value) for partition, key, _, value in messages if key == peer.encode()
-        ]
+        mine = [message for message in sent if message.peer == peer]
+        key = (peer if mine[0].connection_id is None else str(mine[0].connection_id)).encode()
+        received = [(partition, value) for partition, got, _, value in messages if got == key]
         assert len({partition for partition, _ in received}) == 1
-        assert [value for _, value in received] == [m.payload for m in sent if m.peer == peer]
+        assert [value for _, value in received] == [message.payload for message in mine]
     by_payload = {value: headers for _, _, headers, value in messages}
     for message in sent:
         headers = by_payload[message.payload]

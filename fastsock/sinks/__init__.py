@@ -74,6 +74,10 @@ def _host_port(url: str, server: str, default_port: int) -> tuple[str, int]:
     return parts.hostname, default_port if port is None else port
 
 
+TIMEOUT_OPTIONS = {"connect_timeout": float, "write_timeout": float}
+"""URL options every broker sink takes: seconds to (re)connect, seconds for a batch's acks."""
+
+
 def take_options(url: str, options: dict[str, str], converters: dict) -> dict:
     """The URL's options converted by converters (option name -> function of the string);
     an unknown option or a value the converter refuses is a ValueError naming it."""

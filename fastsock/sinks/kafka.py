@@ -14,7 +14,13 @@ import confluent_kafka
 
 from fastsock import constants
 from fastsock.pipeline import Message, SinkUnavailable
-from fastsock.sinks import SOURCE_CONNECTION, SOURCE_PEER, parse_sink_url
+from fastsock.sinks import (
+    SOURCE_CONNECTION,
+    SOURCE_PEER,
+    TIMEOUT_OPTIONS,
+    parse_sink_url,
+    take_options,
+)
 
 DEFAULT_PORT = 9092
 CONNECTION_HEADER = "fastsock-" + SOURCE_CONNECTION
@@ -62,8 +68,9 @@ class _Batch:
 
 
 class KafkaSink:
-    """Produces each message to a Kafka topic, keyed by its peer address (so a connection's
-    messages share a partition and keep their order), with headers ``fastsock-connection``
+    """Produces each message to a Kafka topic, keyed by its connection id (a datagram: by its
+    sender's address), so a connection's messages share a partition and keep their order; with
+    headers ``fastsock-connection``
     (its connection id, in decimal; absent for datagrams) and ``fastsock-peer``.  ``write``
     returns once every message's delivery report is OK: with acks=all, every in-sync replica
     of its partition has it."""
@@ -97,12 +104,20 @@ class KafkaSink:
     @classmethod
     def from_url(cls, url: str) -> "KafkaSink":
         """``kafka://broker[:port][,broker[:port]...]/topic[?librdkafka.property=value...]``:
-        the options are librdkafka properties (``compression.type=lz4``, ``linger.ms=20``)."""
+        the options are librdkafka properties (``compression.type=lz4``, ``linger.ms=20``),
+        and ``write_timeout=S``."""
         address = parse_sink_url(url, "kafka", DEFAULT_PORT, "topic")
+        config = dict(address.options)
+        timeouts = {}
+        if "write_timeout" in config:
+            timeouts = take_options(
+                url, {"write_timeout": config.pop("write_timeout")}, TIMEOUT_OPTIONS
+            )
         return cls(
             topic=address.name,
             bootstrap_servers=",".join(f"{host}:{port}" for host, port in address.servers),
-            config=address.options,
+            config=config,
+            **timeouts,
         )
 
     def write(self, messages: list[Message]) -> None:
@@ -149,12 +164,13 @@ class KafkaSink:
                 headers.append((CONNECTION_HEADER, str(message.connection_id)))
             if message.peer is not None:
                 headers.append((PEER_HEADER, message.peer))
+            # The key picks the partition, so it must not change within a connection: its
+            # id is there for every message, its peer address may be unknown for some.
+            key = message.peer if message.connection_id is None else str(message.connection_id)
             report = functools.partial(batch.report, index)
             while True:
                 try:
-                    produce(
-                        topic, message.payload, message.peer, on_delivery=report, headers=headers
-                    )
+                    produce(topic, message.payload, key, on_delivery=report, headers=headers)
                     break
                 except BufferError:
                     # librdkafka's queue is full: serve its reports to make room.

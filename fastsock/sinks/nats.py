@@ -17,7 +17,13 @@ import nats.js.errors
 
 from fastsock import constants
 from fastsock.pipeline import Message, SinkUnavailable
-from fastsock.sinks import SOURCE_CONNECTION, SOURCE_PEER, parse_sink_url, take_options
+from fastsock.sinks import (
+    SOURCE_CONNECTION,
+    SOURCE_PEER,
+    TIMEOUT_OPTIONS,
+    parse_sink_url,
+    take_options,
+)
 
 DEFAULT_PORT = 4222
 MESSAGE_ID_HEADER = "Nats-Msg-Id"
@@ -80,9 +86,10 @@ class NatsJetStreamSink:
 
     @classmethod
     def from_url(cls, url: str) -> "NatsJetStreamSink":
-        """``nats://[user:password@]host[:port][,host[:port]...]/subject[?token=T]``."""
+        """``nats://[user:password@]host[:port][,host[:port]...]/subject[?token=T&
+        connect_timeout=S&write_timeout=S]``."""
         address = parse_sink_url(url, "nats", DEFAULT_PORT, "subject")
-        options = take_options(url, address.options, {"token": str})
+        options = take_options(url, address.options, {"token": str, **TIMEOUT_OPTIONS})
         return cls(
             subject=address.name,
             servers=tuple(f"nats://{host}:{port}" for host, port in address.servers),

@@ -14,7 +14,13 @@ from redis.retry import Retry
 
 from fastsock import constants
 from fastsock.pipeline import Message, SinkUnavailable
-from fastsock.sinks import SOURCE_CONNECTION, SOURCE_PEER, parse_sink_url, take_options
+from fastsock.sinks import (
+    SOURCE_CONNECTION,
+    SOURCE_PEER,
+    TIMEOUT_OPTIONS,
+    parse_sink_url,
+    take_options,
+)
 
 DEFAULT_PORT = 6379
 PAYLOAD_FIELD = b"payload"
@@ -70,13 +76,13 @@ class RedisStreamSink:
 
     @classmethod
     def from_url(cls, url: str) -> "RedisStreamSink":
-        """``redis://[user:password@]host[:port]/stream[?maxlen=N&db=N]``; ``rediss://`` for
-        TLS."""
+        """``redis://[user:password@]host[:port]/stream[?maxlen=N&db=N&connect_timeout=S&
+        write_timeout=S]``; ``rediss://`` for TLS."""
         tls = url.lower().startswith("rediss://")
         address = parse_sink_url(url, "rediss" if tls else "redis", DEFAULT_PORT, "stream")
         if len(address.servers) != 1:
             raise ValueError(f"{url!r}: a Redis sink writes to one server")
-        options = take_options(url, address.options, {"maxlen": int, "db": int})
+        options = take_options(url, address.options, {"maxlen": int, "db": int, **TIMEOUT_OPTIONS})
         host, port = address.servers[0]
         return cls(
             stream=address.name,
