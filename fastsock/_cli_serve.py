@@ -64,7 +64,8 @@ stopping (SIGINT, SIGTERM):
   queued on the socket likewise. What is left then is counted in the final counters on
   stderr: "unread" (bytes the kernel held, or datagrams), "dropped" (framed messages) and
   "discarded" (a line or frame cut short). So every byte a sender's TCP saw acknowledged
-  is written or counted. The exit status is 0.
+  is written or counted. The exit status is 0, or 1 when some of it could not be
+  delivered to the sink by the deadline (see sinks).
 
 syslog (--framing syslog):
   what rsyslog accepts over TCP: a connection whose first byte is a digit is read as RFC
@@ -620,13 +621,17 @@ def stats_line(stats, ring_stats, delivery, previous, seconds):
 
 
 class StopRequest:
-    """A signal handler that only notes the signal: the serving loop acts on it."""
+    """A signal handler that only notes the signal, and tells ``then`` (the pipeline, which
+    then stops retrying a sink that is down): the serving loop acts on it."""
 
     def __init__(self):
         self.signal_name = None
+        self.then = None
 
     def __call__(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
+        if self.then is not None:
+            self.then()
 
 
 class ReopenRequest:
@@ -728,9 +733,15 @@ class Session:
         self.pipeline = kind(ring, sink, server=receiver.peers, datagram=endpoint.datagram)
         self.reopens = isinstance(sink, pipeline.FileSink) and not sink.is_stdout
         self.stop = stop
+        drain = options.drain_timeout
+        # The receivers may take the drain timeout to hand over what was sent, and the
+        # pipeline the sink timeout beyond that to deliver it.
+        self.drain_timeout = constants.SHUTDOWN_DRAIN_TIMEOUT if drain is None else drain
+        stop.then = self.stop_requested
+        if stop.signal_name is not None:
+            self.stop_requested()
         self.reopen = ReopenRequest()
         self.exporter = None
-        self.close_failure = None
         interval = options.stats_interval
         self.previous, self.previous_at = None, time.monotonic()
         self.next_report = self.previous_at + interval
@@ -840,10 +851,8 @@ class Session:
             while self.stop.signal_name is None:
                 self.pipeline.deliver(LOOP_WAIT_SECONDS)
                 self.between_batches()
-            closing = self.start_closing()
-            while closing.is_alive():
-                self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
-            self.closed(closing)
+            self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
             self.pipeline.finish()
         except BaseException:
             self.pipeline.abort()
@@ -859,10 +868,8 @@ class Session:
             while self.stop.signal_name is None:
                 await self.pipeline.deliver(LOOP_WAIT_SECONDS)
                 self.between_batches()
-            closing = self.start_closing()
-            while closing.is_alive():
-                await self.pipeline.deliver(constants.RECEIVE_CHECK_INTERVAL)
-            self.closed(closing)
+            await self.pipeline.deliver_while(self.close_receiver)
+            self.pipeline.stop(self.options.sink_timeout)
             await self.pipeline.finish()
         except BaseException:
             await self.pipeline.abort()
@@ -894,26 +901,14 @@ class Session:
             return
         say(f"SIGHUP: reopened {self.sink.path}")
 
-    def start_closing(self):
-        """Stop the receiver gracefully in a thread while the caller delivers what it hands
-        over (its loops wait for ring room up to the drain timeout); the pipeline may take
-        the sink timeout beyond that."""
-        drain = self.options.drain_timeout
-        if drain is None:
-            drain = constants.SHUTDOWN_DRAIN_TIMEOUT
-        self.pipeline.stop(drain + self.options.sink_timeout)
-        closing = threading.Thread(target=self.close_receiver, name="fastsock-serve-stop")
-        closing.start()
-        return closing
-
-    def closed(self, closing):
-        closing.join()
-        if self.close_failure is not None:
-            raise CommandError(SERVE, f"stopping failed: {self.close_failure}")
-        self.pipeline.stop(self.options.sink_timeout)
+    def stop_requested(self):
+        """From the signal handler: only sets the pipeline's deadline."""
+        self.pipeline.stop(self.drain_timeout + self.options.sink_timeout)
 
     def close_receiver(self):
+        """Stop the receiver gracefully (its loops wait for ring room up to the drain
+        timeout, while the pipeline delivers what they hand over)."""
         try:
             self.receiver.close()
-        except BaseException as exc:
-            self.close_failure = exc
+        except Exception as exc:
+            raise CommandError(SERVE, f"stopping failed: {exc}") from None

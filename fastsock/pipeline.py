@@ -28,6 +28,7 @@ import os
 import queue
 import socket
 import sys
+import threading
 import time
 import typing
 import urllib.parse
@@ -39,6 +40,7 @@ from fastsock.constants import (
     GET_MANY_DEFAULT,
     PIPELINE_STOP_TIMEOUT,
     PIPELINE_WAIT,
+    RECEIVE_CHECK_INTERVAL,
     RING_WAIT_SLICE,
     SINK_RETRY_INITIAL,
     SINK_RETRY_MAX,
@@ -169,6 +171,10 @@ class FileSink:
     def is_stdout(self):
         return self.path is None
 
+    def fileno(self):
+        """The file descriptor written to."""
+        return self._fd
+
     def _open(self):
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
@@ -298,6 +304,8 @@ class _Deliveries:
         self.max_batch = max_batch
         self.last_error = None
         self._sink_open = True
+        # A batch the sink has not taken yet, kept across deliver() calls (see _set_aside).
+        self._held = None
         self._stop_at = None
         self._batches = self._messages = self._bytes = 0
         self._retries = self._sink_errors = self._undelivered = 0
@@ -367,11 +375,12 @@ class _Deliveries:
         self._undelivered += len(batch)
         self.last_error = exc
 
-    def _pause(self, until):
+    def _pause(self, until, stop_seen):
         """Seconds to sleep before the retry due at ``until`` (0: retry now), or None once
-        the stop's deadline has passed: the batch is then given up."""
+        the stop's deadline has passed, or when a stop was requested since the batch was
+        taken (``stop_seen`` False): see ``_set_aside``."""
         now = time.monotonic()
-        if self._stop_at is not None and now >= self._stop_at:
+        if self._stop_at is not None and (now >= self._stop_at or not stop_seen):
             return None
         if now >= until:
             return 0.0
@@ -379,11 +388,23 @@ class _Deliveries:
         limit = until if self._stop_at is None else min(until, self._stop_at)
         return min(limit - now, RING_WAIT_SLICE)
 
+    def _set_aside(self, batch):
+        """Past the stop's deadline the batch is undelivered; before it, it is held for the
+        next deliver(), which returns meanwhile so that its caller can act on the stop
+        (stop the receivers) while the sink stays unavailable."""
+        if self._deadline_passed():
+            self._undelivered += len(batch)
+        else:
+            self._held = batch
+
     def _deadline_passed(self):
         return self._stop_at is not None and time.monotonic() >= self._stop_at
 
     def _count_left(self):
-        """The ring is closed: what is still in it is undelivered."""
+        """The ring is closed: what is still in it, or held, is undelivered."""
+        if self._held is not None:
+            self._undelivered += len(self._held)
+            self._held = None
         while True:
             try:
                 left = self.ring.get_many(self.max_batch, block=False)
@@ -395,6 +416,26 @@ class _Deliveries:
         if self._stop_at is None:
             return PIPELINE_STOP_TIMEOUT
         return max(0.0, self._stop_at - time.monotonic())
+
+
+class _Call(threading.Thread):
+    """A function called in a thread of its own, its exception kept for ``result()``."""
+
+    def __init__(self, function):
+        super().__init__(target=self._call, args=(function,), name="fastsock-pipeline-stop")
+        self.failure = None
+        self.start()
+
+    def _call(self, function):
+        try:
+            function()
+        except BaseException as exc:
+            self.failure = exc
+
+    def result(self):
+        self.join()
+        if self.failure is not None:
+            raise self.failure
 
 
 class Pipeline(_Deliveries):
@@ -410,16 +451,21 @@ class Pipeline(_Deliveries):
     def deliver(self, timeout=0.0):
         """Take one batch, waiting up to ``timeout`` seconds for its first message, and
         deliver it, retrying while the sink is unavailable; return its size, 0 if no message
-        came (or the stop's deadline passed before the sink took it: see ``undelivered``).
+        came.  A ``stop()`` while the sink refuses the batch makes it return 0 at once,
+        holding the batch for the next call, which retries it until the stop's deadline;
+        past that the batch is counted ``undelivered``.
         ``QueueClosed`` once the ring is closed and drained; a fatal sink error propagates,
         its batch counted undelivered."""
-        try:
-            records = self.ring.get_many(
-                self.max_batch, timeout=timeout, block=timeout > 0, with_source=True
-            )
-        except queue.Empty:
-            return 0
-        batch = self.messages(records)
+        batch, self._held = self._held, None
+        if batch is None:
+            try:
+                records = self.ring.get_many(
+                    self.max_batch, timeout=timeout, block=timeout > 0, with_source=True
+                )
+            except queue.Empty:
+                return 0
+            batch = self.messages(records)
+        stop_seen = self._stop_at is not None
         delay = SINK_RETRY_INITIAL
         while True:
             started = time.monotonic()
@@ -434,21 +480,25 @@ class Pipeline(_Deliveries):
                 self._confirmed(batch, time.monotonic() - started)
                 return len(batch)
             retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at)) != 0.0:
+            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
                 if pause is None:
-                    self._undelivered += len(batch)
+                    self._set_aside(batch)
                     return 0
                 time.sleep(pause)
             self._retries += 1
             delay = min(2 * delay, SINK_RETRY_MAX)
 
-    def run(self):
-        """Deliver until ``stop()`` (or until the ring is closed and drained), then
+    def run(self, stop_producers=None):
+        """Deliver until ``stop()`` (or until the ring is closed and drained); then run
+        ``stop_producers`` (a function, e.g. one that calls ``server.shutdown()`` and
+        ``server.server_close()``) in a thread while delivering what they hand over, and
         ``finish()``; return the final ``stats``.  A fatal sink error closes the ring and
         the sink, counts what is left undelivered, and propagates."""
         try:
             while self._stop_at is None:
                 self.deliver(PIPELINE_WAIT)
+            if stop_producers is not None:
+                self.deliver_while(stop_producers)
         except QueueClosed:
             pass
         except BaseException:
@@ -456,6 +506,15 @@ class Pipeline(_Deliveries):
             raise
         self.finish()
         return self.stats
+
+    def deliver_while(self, function):
+        """Call ``function`` in a thread of its own and deliver until it returns: a graceful
+        stop of the producers, whose receive loops wait for ring room to hand over what
+        their peers sent.  Its exception, if any, is raised here."""
+        running = _Call(function)
+        while running.is_alive():
+            self.deliver(RECEIVE_CHECK_INTERVAL)
+        running.result()
 
     def finish(self):
         """Close the ring, deliver what is left in it until the stop's deadline (``stop()``'s
@@ -503,13 +562,16 @@ class AsyncPipeline(_Deliveries):
 
     async def deliver(self, timeout=0.0):
         """As ``Pipeline.deliver``."""
-        try:
-            records = await self.ring.get_many_async(
-                self.max_batch, timeout=timeout, with_source=True
-            )
-        except queue.Empty:
-            return 0
-        batch = self.messages(records)
+        batch, self._held = self._held, None
+        if batch is None:
+            try:
+                records = await self.ring.get_many_async(
+                    self.max_batch, timeout=timeout, with_source=True
+                )
+            except queue.Empty:
+                return 0
+            batch = self.messages(records)
+        stop_seen = self._stop_at is not None
         delay = SINK_RETRY_INITIAL
         while True:
             started = time.monotonic()
@@ -524,19 +586,21 @@ class AsyncPipeline(_Deliveries):
                 self._confirmed(batch, time.monotonic() - started)
                 return len(batch)
             retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at)) != 0.0:
+            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
                 if pause is None:
-                    self._undelivered += len(batch)
+                    self._set_aside(batch)
                     return 0
                 await asyncio.sleep(pause)
             self._retries += 1
             delay = min(2 * delay, SINK_RETRY_MAX)
 
-    async def run(self):
+    async def run(self, stop_producers=None):
         """As ``Pipeline.run``."""
         try:
             while self._stop_at is None:
                 await self.deliver(PIPELINE_WAIT)
+            if stop_producers is not None:
+                await self.deliver_while(stop_producers)
         except QueueClosed:
             pass
         except BaseException:
@@ -544,6 +608,13 @@ class AsyncPipeline(_Deliveries):
             raise
         await self.finish()
         return self.stats
+
+    async def deliver_while(self, function):
+        """As ``Pipeline.deliver_while``: ``function`` runs in a thread, the loop delivers."""
+        running = _Call(function)
+        while running.is_alive():
+            await self.deliver(RECEIVE_CHECK_INTERVAL)
+        running.result()
 
     async def finish(self):
         """As ``Pipeline.finish``."""
