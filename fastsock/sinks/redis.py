@@ -1,9 +1,8 @@
-"""A Redis Streams sink: each batch becomes one MULTI/EXEC transaction of pipelined XADDs
-(``pip install 'fastsock[redis]'``, redis-py).
-
-The transaction also records the batch's number in a key of the sink's own, so when a write
-fails with its outcome unknown (the connection broke after EXEC went out), the retry reads
-that key and does not add the batch twice.
+"""A Redis Streams sink (``pip install 'fastsock[redis]'``, redis-py): each batch is one call
+of a server-side script that XADDs every message (with ``MAXLEN ~`` when asked) and records
+the batch's number in a key of the sink's own, atomically.  When a write fails with its
+outcome unknown (the connection broke after the call went out), the retry finds that number
+and adds nothing twice.
 """
 
 import uuid
@@ -23,9 +22,36 @@ from fastsock.sinks import (
 )
 
 DEFAULT_PORT = 6379
-PAYLOAD_FIELD = b"payload"
-_CONNECTION_FIELD = SOURCE_CONNECTION.encode()
-_PEER_FIELD = SOURCE_PEER.encode()
+PAYLOAD_FIELD = "payload"
+
+# KEYS: the stream, the sink's marker key.  ARGV: the batch's number, the marker's lifetime,
+# MAXLEN ("" for none), then payload, connection id and peer of each message ("" for none).
+# A script runs atomically, so the marker says exactly whether the batch was added; and the
+# whole batch is one command to pack and one reply to parse, where one XADD each cost the
+# client more than Redis.
+_ADD_BATCH = f"""
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
+local added = 0
+for i = 4, #ARGV, 3 do
+    local fields = {{'{PAYLOAD_FIELD}', ARGV[i]}}
+    if ARGV[i + 1] ~= '' then
+        fields[#fields + 1] = '{SOURCE_CONNECTION}'
+        fields[#fields + 1] = ARGV[i + 1]
+    end
+    if ARGV[i + 2] ~= '' then
+        fields[#fields + 1] = '{SOURCE_PEER}'
+        fields[#fields + 1] = ARGV[i + 2]
+    end
+    if ARGV[3] == '' then
+        redis.call('XADD', KEYS[1], '*', unpack(fields))
+    else
+        redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+    end
+    added = added + 1
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return added
+"""
 
 # Replies that mean "not now" rather than "never": the server is loading its data, out of
 # memory (MAXLEN trimming or a consumer may free it), a replica, or failing to persist.
@@ -35,8 +61,8 @@ _RETRYABLE_REPLIES = ("LOADING", "OOM", "READONLY", "MISCONF", "TRYAGAIN", "MAST
 class RedisStreamSink:
     """Appends each message to a Redis stream with XADD: field ``payload`` (the bytes),
     ``connection`` (its connection id, in decimal; absent for datagrams) and ``peer`` (its peer
-    address, when known).  ``write`` returns once the transaction holding the whole batch has
-    been executed (with ``appendfsync always``, also written to the AOF)."""
+    address, when known).  ``write`` returns once Redis has executed the script holding the
+    whole batch (with ``appendfsync always``, also written to the AOF)."""
 
     def __init__(
         self,
@@ -58,7 +84,7 @@ class RedisStreamSink:
         self.maxlen = maxlen
         self.address = f"{host}:{port}"
         # No retries inside redis-py: the pipeline retries the whole batch, with backoff and
-        # counters, and a transaction retried blindly could be executed twice.
+        # counters.
         self._client = redis.Redis(
             host=host,
             port=port,
@@ -70,6 +96,7 @@ class RedisStreamSink:
             socket_timeout=write_timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        self._add_batch = self._client.register_script(_ADD_BATCH)
         self._marker_key = f"{stream}:fastsock-batch:{uuid.uuid4().hex}"
         self._batch_number = 0
         self._unconfirmed: list[Message] | None = None
@@ -97,14 +124,10 @@ class RedisStreamSink:
     def write(self, messages: list[Message]) -> None:
         if not messages:
             return
+        if self._unconfirmed is None or self._unconfirmed != messages:
+            self._batch_number += 1
+            self._unconfirmed = list(messages)
         try:
-            if self._unconfirmed is not None and self._unconfirmed == messages:
-                if self._client.get(self._marker_key) == b"%d" % self._batch_number:
-                    self._unconfirmed = None
-                    return
-            else:
-                self._batch_number += 1
-                self._unconfirmed = list(messages)
             self._commit(messages)
         except redis.RedisError as error:
             if _retryable(error):
@@ -113,20 +136,15 @@ class RedisStreamSink:
         self._unconfirmed = None
 
     def _commit(self, messages: list[Message]) -> None:
-        transaction = self._client.pipeline(transaction=True)
-        stream = self.stream
-        maxlen = self.maxlen
-        for message in messages:
-            fields = {PAYLOAD_FIELD: message.payload}
-            if message.connection_id is not None:
-                fields[_CONNECTION_FIELD] = message.connection_id
-            if message.peer is not None:
-                fields[_PEER_FIELD] = message.peer
-            transaction.xadd(stream, fields, maxlen=maxlen, approximate=True)
-        transaction.set(
-            self._marker_key, self._batch_number, ex=constants.REDIS_BATCH_MARKER_SECONDS
-        )
-        transaction.execute()
+        """One call of the batch script: it adds the batch unless the marker says it did."""
+        arguments = [
+            self._batch_number,
+            constants.REDIS_BATCH_MARKER_SECONDS,
+            "" if self.maxlen is None else self.maxlen,
+        ]
+        for connection_id, peer, payload in messages:
+            arguments += (payload, "" if connection_id is None else connection_id, peer or "")
+        self._add_batch(keys=[self.stream, self._marker_key], args=arguments)
 
     def flush(self, timeout: float) -> None:
         """Nothing is buffered: ``write`` returns only once Redis has executed the batch."""
