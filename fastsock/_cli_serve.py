@@ -98,10 +98,10 @@ sinks (--sink URL):
   the messages go to the sink in batches; a batch leaves the queue only once the sink has
   confirmed it (written to the kernel; acknowledged by the broker). While a sink is
   unavailable (a broker down, a full disk) the same batch is retried, the wait doubling
-  from {constants.SINK_RETRY_INITIAL:g} s to {constants.SINK_RETRY_MAX:g} s, the queue
-  fills, and stream senders are held back by TCP (datagrams beyond the queue are dropped,
-  counted). On SIGINT/SIGTERM, what is left is delivered for at most --sink-timeout seconds
-  beyond the drain; what could not be is counted ("undelivered"), said on stderr, and the
+  from {constants.SINK_RETRY_INITIAL:g} s to {constants.SINK_RETRY_MAX:g} s, the queue fills,
+  and stream senders are held back by TCP (datagrams beyond the queue are dropped, counted).
+  On SIGINT/SIGTERM, what is left is delivered for at most --sink-timeout seconds beyond
+  the drain; what could not be is counted ("undelivered"), said on stderr, and the
   exit status is then 1. A crash loses what the queue held and the batch being delivered.
   Broker sinks need their extra: pip install 'fastsock[redis]' ('[nats]', '[kafka]').
   python://MODULE:CLASS?QUERY imports CLASS from MODULE and uses CLASS.from_url(URL): a

@@ -123,12 +123,12 @@ FORMATS = ("raw", "jsonl")
 _RETRYABLE_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN})
 
 
-def encode_raw(messages, separator):
+def encode_raw(messages: list[Message], separator: bytes) -> bytes:
     """Each payload followed by ``separator``."""
     return b"".join(message.payload + separator for message in messages)
 
 
-def encode_jsonl(messages):
+def encode_jsonl(messages: list[Message]) -> bytes:
     """One JSON object per message and line (the format ``fastsock serve --format jsonl``
     documents): time, peer, connection, and text or base64."""
     taken = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
@@ -154,7 +154,13 @@ class FileSink:
     fatal.  The file is opened at once: OSError if it cannot be.
     """
 
-    def __init__(self, path=None, *, format="raw", separator=b"\n"):
+    def __init__(
+        self,
+        path: "str | os.PathLike[str] | None" = None,
+        *,
+        format: str = "raw",
+        separator: bytes = b"\n",
+    ) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         self.path = None if path in (None, "-") else os.fspath(path)
@@ -168,22 +174,22 @@ class FileSink:
         self._pending = b""
 
     @property
-    def is_stdout(self):
+    def is_stdout(self) -> bool:
         return self.path is None
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The file descriptor written to."""
         return self._fd
 
     def _open(self):
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
-    def encode(self, messages):
+    def encode(self, messages: list[Message]) -> bytes:
         if self.format == "jsonl":
             return encode_jsonl(messages)
         return encode_raw(messages, self.separator)
 
-    def write(self, messages):
+    def write(self, messages: list[Message]) -> None:
         if messages is self._pending_batch:
             data = self._pending
         else:
@@ -202,10 +208,10 @@ class FileSink:
                 self._pending_batch, self._pending = messages, bytes(view)
                 raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
 
-    def flush(self, timeout):
+    def flush(self, timeout: float) -> None:
         """Nothing to do: write() hands every byte to the kernel before it returns."""
 
-    def reopen(self):
+    def reopen(self) -> None:
         """Open the path anew (after logrotate renamed the file) and close the file written
         so far; OSError, and the old file kept, if the path cannot be opened.  Call it
         between two batches."""
@@ -215,7 +221,7 @@ class FileSink:
         old, self._fd = self._fd, new
         os.close(old)
 
-    def close(self):
+    def close(self) -> None:
         if not self.is_stdout and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -283,7 +289,7 @@ def _user_sink(url):
     return sink_class.from_url(url)
 
 
-def is_async_sink(sink):
+def is_async_sink(sink: "Sink | AsyncSink") -> bool:
     """True for an ``AsyncSink`` (its write() is a coroutine function)."""
     return inspect.iscoroutinefunction(sink.write)
 
@@ -294,7 +300,15 @@ def is_async_sink(sink):
 class _Deliveries:
     """What both pipelines share: the batches' Messages, the counters, the stop deadline."""
 
-    def __init__(self, ring, sink, *, server=None, datagram=None, max_batch=GET_MANY_DEFAULT):
+    def __init__(
+        self,
+        ring: typing.Any,
+        sink: typing.Any,
+        *,
+        server: typing.Any = None,
+        datagram: bool | None = None,
+        max_batch: int = GET_MANY_DEFAULT,
+    ) -> None:
         self.ring = ring
         self.sink = sink
         self.server = server
@@ -311,7 +325,7 @@ class _Deliveries:
         self._retries = self._sink_errors = self._undelivered = 0
         self._delivery_seconds = 0.0
 
-    def stop(self, timeout=PIPELINE_STOP_TIMEOUT):
+    def stop(self, timeout: float = PIPELINE_STOP_TIMEOUT) -> None:
         """Ask ``run()`` to stop: it then delivers what is left for at most ``timeout``
         seconds from now.  Safe in a signal handler; a later call can only bring the
         deadline nearer."""
@@ -320,12 +334,12 @@ class _Deliveries:
             self._stop_at = deadline
 
     @property
-    def stopping(self):
+    def stopping(self) -> bool:
         """True once ``stop()`` was called."""
         return self._stop_at is not None
 
     @property
-    def stats(self):
+    def stats(self) -> PipelineStats:
         """The counters now: a ``PipelineStats``."""
         return PipelineStats(
             batches_delivered=self._batches,
@@ -338,7 +352,7 @@ class _Deliveries:
             delivery_seconds=self._delivery_seconds,
         )
 
-    def messages(self, records):
+    def messages(self, records: list[tuple[int, bytes | None, bytes]]) -> list[Message]:
         """``Message``s of the ``(source_id, source, payload)`` records of a get_many(),
         asking the server for each connection's (or decoding each sender's) address once."""
         peers = {}
@@ -374,6 +388,29 @@ class _Deliveries:
         self._sink_errors += 1
         self._undelivered += len(batch)
         self.last_error = exc
+
+    def _attempts(self, batch):
+        """The delivery of one batch without its I/O, for both pipelines: a generator that
+        yields None when the batch is to be written (send back the SinkUnavailable the write
+        raised, or None once it returned) and the seconds to sleep between two writes; it
+        returns the messages delivered, 0 if the batch was set aside."""
+        stop_seen = self._stop_at is not None
+        delay = SINK_RETRY_INITIAL
+        while True:
+            started = time.monotonic()
+            refusal = yield None
+            if refusal is None:
+                self._confirmed(batch, time.monotonic() - started)
+                return len(batch)
+            self._refused(refusal)
+            retry_at = time.monotonic() + delay
+            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+                if pause is None:
+                    self._set_aside(batch)
+                    return 0
+                yield pause
+            self._retries += 1
+            delay = min(2 * delay, SINK_RETRY_MAX)
 
     def _pause(self, until, stop_seen):
         """Seconds to sleep before the retry due at ``until`` (0: retry now), or None once
@@ -448,7 +485,7 @@ class Pipeline(_Deliveries):
     or call ``deliver()`` in a loop of your own and ``finish()`` at the end.
     """
 
-    def deliver(self, timeout=0.0):
+    def deliver(self, timeout: float = 0.0) -> int:
         """Take one batch, waiting up to ``timeout`` seconds for its first message, and
         deliver it, retrying while the sink is unavailable; return its size, 0 if no message
         came.  A ``stop()`` while the sink refuses the batch makes it return 0 at once,
@@ -465,30 +502,27 @@ class Pipeline(_Deliveries):
             except queue.Empty:
                 return 0
             batch = self.messages(records)
-        stop_seen = self._stop_at is not None
-        delay = SINK_RETRY_INITIAL
-        while True:
-            started = time.monotonic()
-            try:
-                self.sink.write(batch)
-            except SinkUnavailable as exc:
-                self._refused(exc)
-            except BaseException as exc:
-                self._failed(exc, batch)
-                raise
-            else:
-                self._confirmed(batch, time.monotonic() - started)
-                return len(batch)
-            retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+        steps = self._attempts(batch)
+        try:
+            pause = next(steps)
+            while True:
                 if pause is None:
-                    self._set_aside(batch)
-                    return 0
-                time.sleep(pause)
-            self._retries += 1
-            delay = min(2 * delay, SINK_RETRY_MAX)
+                    try:
+                        self.sink.write(batch)
+                    except SinkUnavailable as exc:
+                        pause = steps.send(exc)
+                    else:
+                        pause = steps.send(None)
+                else:
+                    time.sleep(pause)
+                    pause = next(steps)
+        except StopIteration as done:
+            return done.value
+        except BaseException as exc:
+            self._failed(exc, batch)
+            raise
 
-    def run(self, stop_producers=None):
+    def run(self, stop_producers: "typing.Callable[[], object] | None" = None) -> PipelineStats:
         """Deliver until ``stop()`` (or until the ring is closed and drained); then run
         ``stop_producers`` (a function, e.g. one that calls ``server.shutdown()`` and
         ``server.server_close()``) in a thread while delivering what they hand over, and
@@ -507,7 +541,7 @@ class Pipeline(_Deliveries):
         self.finish()
         return self.stats
 
-    def deliver_while(self, function):
+    def deliver_while(self, function: "typing.Callable[[], object]") -> None:
         """Call ``function`` in a thread of its own and deliver until it returns: a graceful
         stop of the producers, whose receive loops wait for ring room to hand over what
         their peers sent.  Its exception, if any, is raised here."""
@@ -516,7 +550,7 @@ class Pipeline(_Deliveries):
             self.deliver(RECEIVE_CHECK_INTERVAL)
         running.result()
 
-    def finish(self):
+    def finish(self) -> None:
         """Close the ring, deliver what is left in it until the stop's deadline (``stop()``'s
         timeout; ``PIPELINE_STOP_TIMEOUT`` if it was not called), flush the sink within
         what is left of the deadline, and close it.  Stop the producers first: the
@@ -542,7 +576,7 @@ class Pipeline(_Deliveries):
             self._count_left()
             self._close_sink()
 
-    def abort(self):
+    def abort(self) -> None:
         """Stop at once: close the ring and the sink, counting what is left undelivered."""
         self.ring.close()
         self._count_left()
@@ -560,7 +594,7 @@ class AsyncPipeline(_Deliveries):
     same methods as coroutines; ``stop()`` stays a plain function (call it from a
     ``loop.add_signal_handler`` callback)."""
 
-    async def deliver(self, timeout=0.0):
+    async def deliver(self, timeout: float = 0.0) -> int:
         """As ``Pipeline.deliver``."""
         batch, self._held = self._held, None
         if batch is None:
@@ -571,30 +605,29 @@ class AsyncPipeline(_Deliveries):
             except queue.Empty:
                 return 0
             batch = self.messages(records)
-        stop_seen = self._stop_at is not None
-        delay = SINK_RETRY_INITIAL
-        while True:
-            started = time.monotonic()
-            try:
-                await self.sink.write(batch)
-            except SinkUnavailable as exc:
-                self._refused(exc)
-            except BaseException as exc:
-                self._failed(exc, batch)
-                raise
-            else:
-                self._confirmed(batch, time.monotonic() - started)
-                return len(batch)
-            retry_at = time.monotonic() + delay
-            while (pause := self._pause(retry_at, stop_seen)) != 0.0:
+        steps = self._attempts(batch)
+        try:
+            pause = next(steps)
+            while True:
                 if pause is None:
-                    self._set_aside(batch)
-                    return 0
-                await asyncio.sleep(pause)
-            self._retries += 1
-            delay = min(2 * delay, SINK_RETRY_MAX)
+                    try:
+                        await self.sink.write(batch)
+                    except SinkUnavailable as exc:
+                        pause = steps.send(exc)
+                    else:
+                        pause = steps.send(None)
+                else:
+                    await asyncio.sleep(pause)
+                    pause = next(steps)
+        except StopIteration as done:
+            return done.value
+        except BaseException as exc:
+            self._failed(exc, batch)
+            raise
 
-    async def run(self, stop_producers=None):
+    async def run(
+        self, stop_producers: "typing.Callable[[], object] | None" = None
+    ) -> PipelineStats:
         """As ``Pipeline.run``."""
         try:
             while self._stop_at is None:
@@ -609,14 +642,14 @@ class AsyncPipeline(_Deliveries):
         await self.finish()
         return self.stats
 
-    async def deliver_while(self, function):
+    async def deliver_while(self, function: "typing.Callable[[], object]") -> None:
         """As ``Pipeline.deliver_while``: ``function`` runs in a thread, the loop delivers."""
         running = _Call(function)
         while running.is_alive():
             await self.deliver(RECEIVE_CHECK_INTERVAL)
         running.result()
 
-    async def finish(self):
+    async def finish(self) -> None:
         """As ``Pipeline.finish``."""
         if self._stop_at is None:
             self.stop()
@@ -638,7 +671,7 @@ class AsyncPipeline(_Deliveries):
             self._count_left()
             await self._close_sink()
 
-    async def abort(self):
+    async def abort(self) -> None:
         """As ``Pipeline.abort``."""
         self.ring.close()
         self._count_left()

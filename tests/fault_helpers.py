@@ -103,7 +103,7 @@ class ServerProcess:
     Keyword arguments configure the child (see ``ChildConfig``).  ``pid`` and ``port`` name
     it; ``stats()`` returns its counters and its consumer's tally; the child's stderr is kept
     in a file, read by ``stderr_text()``; ``fds_at_start`` is how many descriptors it held
-    before it made its server.
+    before it made its server, and its ring's eventfd.
     """
 
     def __init__(self, directory, label="server", **config):
@@ -412,6 +412,10 @@ def _child_main(config):
     fds_at_start = open_fd_count()
     errors = []
     server, source = _build_server(config, errors)
+    if not isinstance(source, queue.Queue):
+        # The ring holds its eventfd (the asyncio wake-up) for its life, unlike the server
+        # its listening socket, which server_close() closes.
+        fds_at_start += 1
     tally = Tally(config.ordered)
     resumed = threading.Event()
     stopping = threading.Event()

@@ -7,6 +7,7 @@ The in-process server harness is in tests/fault_servers.py, the blasting clients
 tests/fault_clients.py.
 """
 
+import gc
 import threading
 import time
 
@@ -26,8 +27,11 @@ from tests.support import Consumer
 
 def test_shutdown_during_a_burst_loses_nothing_it_counted_and_leaks_nothing():
     threads_before = set(threading.enumerate())
-    fds_before = open_fd_count()
     ring = fastsock.RingQueue()
+    # Counted with the ring, which holds its eventfd (the asyncio wake-up) for its life,
+    # and without earlier tests' rings, which garbage collection may free meanwhile.
+    gc.collect()
+    fds_before = open_fd_count()
     server = _recording_server(fastsock.receiver(ring, framing="lines"), backlog=64)
     loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     loop.start()
