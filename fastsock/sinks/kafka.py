@@ -81,6 +81,7 @@ class KafkaSink:
         topic: str,
         bootstrap_servers: str = f"127.0.0.1:{DEFAULT_PORT}",
         config: dict | None = None,
+        connect_timeout: float = constants.SINK_CONNECT_TIMEOUT,
         write_timeout: float = constants.SINK_WRITE_TIMEOUT,
     ):
         config = dict(config or {})
@@ -93,6 +94,7 @@ class KafkaSink:
         self._producer = confluent_kafka.Producer(
             {
                 "bootstrap.servers": bootstrap_servers,
+                "socket.connection.setup.timeout.ms": int(connect_timeout * 1000),
                 "linger.ms": constants.KAFKA_LINGER_MS,
                 "message.timeout.ms": constants.KAFKA_MESSAGE_TIMEOUT_MS,
                 **config,
@@ -105,14 +107,14 @@ class KafkaSink:
     def from_url(cls, url: str) -> "KafkaSink":
         """``kafka://broker[:port][,broker[:port]...]/topic[?librdkafka.property=value...]``:
         the options are librdkafka properties (``compression.type=lz4``, ``linger.ms=20``),
-        and ``write_timeout=S``."""
+        and ``connect_timeout=S``, ``write_timeout=S``."""
         address = parse_sink_url(url, "kafka", DEFAULT_PORT, "topic")
         config = dict(address.options)
-        timeouts = {}
-        if "write_timeout" in config:
-            timeouts = take_options(
-                url, {"write_timeout": config.pop("write_timeout")}, TIMEOUT_OPTIONS
-            )
+        timeouts = take_options(
+            url,
+            {name: config.pop(name) for name in TIMEOUT_OPTIONS if name in config},
+            TIMEOUT_OPTIONS,
+        )
         return cls(
             topic=address.name,
             bootstrap_servers=",".join(f"{host}:{port}" for host, port in address.servers),
