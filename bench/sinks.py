@@ -2,7 +2,7 @@
 both writing into the same broker with the same sink class (same client library, same batches
 of GET_MANY_DEFAULT messages), from 16 connections of 64-byte lines.
 
-    python bench/sinks.py                           # redis, nats, kafka; about a minute
+    python bench/sinks.py                           # redis, nats, kafka: about 3 minutes
     python bench/sinks.py --sinks redis --messages 400000 --runs 3
 
 Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
