@@ -226,10 +226,6 @@ REDIS_BATCH_MARKER_SECONDS = 24 * 3600
 sink process): it is read only when a retried batch's outcome is unknown, seconds later, so a
 day keeps it for any outage a restart recovers from without leaving keys behind forever."""
 
-NATS_MAX_PENDING_ACKS = 4096
-"""JetStream publishes a NATS sink has awaiting their acks at once: a whole pipeline batch goes
-out without a round trip per message, and the publisher's memory stays bounded."""
-
 NATS_RECONNECT_WAIT = 0.5
 """Seconds nats-py waits between attempts to reconnect to a NATS server it lost: a restarted
 server is written to again within half a second, at two connection attempts a second."""

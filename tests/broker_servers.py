@@ -88,20 +88,25 @@ def nats_server(directory, stream, subjects):
     )
     broker.start()
     try:
-        asyncio.run(_add_stream(port, stream, subjects))
+        add_nats_stream(port, stream, subjects)
         yield broker
     finally:
         broker.stop()
 
 
-async def _add_stream(port, stream, subjects):
+def add_nats_stream(port, stream, subjects, **config):
+    """A file stream named stream taking subjects, with config (nats-py's StreamConfig
+    fields: max_msg_size, ...)."""
     import nats
 
-    connection = await nats.connect(f"nats://{LOCALHOST}:{port}")
-    try:
-        await connection.jetstream().add_stream(name=stream, subjects=subjects)
-    finally:
-        await connection.close()
+    async def add():
+        connection = await nats.connect(f"nats://{LOCALHOST}:{port}")
+        try:
+            await connection.jetstream().add_stream(name=stream, subjects=subjects, **config)
+        finally:
+            await connection.close()
+
+    asyncio.run(add())
 
 
 def nats_stream_messages(port, stream, subject):

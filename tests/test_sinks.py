@@ -10,6 +10,7 @@ import pytest
 
 from fastsock.pipeline import Message, SinkUnavailable, open_sink
 from tests.broker_servers import (
+    add_nats_stream,
     kafka_mock_cluster,
     kafka_topic_messages,
     nats_server,
@@ -193,9 +194,12 @@ def test_nats_retried_batch_is_stored_once(tmp_path):
             sink = nats_sink_for(broker)
             batch = numbered_batch(0)
             await sink.write(batch)
-            # As if the write had raised SinkUnavailable after JetStream stored the batch.
+            # As if every ack had been lost: the write raised SinkUnavailable after JetStream
+            # stored the batch, and the retry publishes it all again.
             sink._unconfirmed = batch
+            sink._awaited = set(range(sink._first_sequence, sink._next_sequence))
             await sink.write(batch)
+            assert not sink._awaited
             await sink.write(numbered_batch(1))
             await sink.close()
 
@@ -235,6 +239,24 @@ def test_nats_subject_without_a_stream_is_a_clear_error(tmp_path):
         )
         with pytest.raises(LookupError, match="no JetStream stream takes subject 'elsewhere'"):
             asyncio.run(sink.write(numbered_batch(0)))
+
+
+def test_nats_a_message_the_stream_refuses_is_a_fatal_error(tmp_path):
+    with nats_server(tmp_path, "INGEST", ["ingest.>"]) as broker:
+        add_nats_stream(broker.port, "SMALL", ["small"], max_msg_size=256)
+        sink = nats_sink.NatsJetStreamSink(
+            subject="small", servers=(f"nats://{LOCALHOST}:{broker.port}",)
+        )
+        batch = [Message(1, "127.0.0.1:5000", b"short"), Message(1, "127.0.0.1:5000", b"x" * 512)]
+
+        async def write():
+            try:
+                await sink.write(batch)
+            finally:
+                await sink.close()
+
+        with pytest.raises(nats_sink.JetStreamRefused, match="refused 1 messages"):
+            asyncio.run(write())
 
 
 def test_nats_no_server_is_retryable():
