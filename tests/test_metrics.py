@@ -49,9 +49,17 @@ def scrape(url, timeout=NETWORK_TIMEOUT):
         return answer.read().decode()
 
 
+TABLES = (
+    metrics.STREAM_METRICS,
+    metrics.DATAGRAM_METRICS,
+    metrics.RING_METRICS,
+    metrics.PIPELINE_METRICS,
+)
+
+
 def test_the_names_are_unique_conventional_and_in_the_readme():
     readme = README.read_text()
-    for table in (metrics.STREAM_METRICS, metrics.DATAGRAM_METRICS, metrics.RING_METRICS):
+    for table in TABLES:
         names = [metric.name for metric in table]
         assert len(set(names)) == len(names)
         for metric in table:
@@ -59,11 +67,7 @@ def test_the_names_are_unique_conventional_and_in_the_readme():
             assert metric.name.endswith("_total") == (metric.type == "counter"), metric
             assert f"`{metric.name}`" in readme, f"{metric.name} is not in the README"
     documented = set(re.findall(r"`(fastsock_[a-z_]+)`", readme))
-    exported = {
-        metric.name
-        for table in (metrics.STREAM_METRICS, metrics.DATAGRAM_METRICS, metrics.RING_METRICS)
-        for metric in table
-    }
+    exported = {metric.name for table in TABLES for metric in table}
     assert documented <= exported, f"the README names unknown metrics: {documented - exported}"
 
 
