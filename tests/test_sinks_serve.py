@@ -231,11 +231,6 @@ def expected_after_outage():
     return [numbered_lines(sender, 0, OUTAGE_LINES) for sender in range(SENDERS)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pipeline names peers through the server, whose peer table is gone once "
-    "SIGTERM closed it: messages delivered during the stop get no peer",
-)
 def test_messages_delivered_during_the_stop_keep_their_peer(tmp_path, sink_serve):
     with redis_server(tmp_path) as broker:
         server = sink_serve(f"redis://{LOCALHOST}:{broker.port}/ingest")
