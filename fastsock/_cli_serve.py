@@ -404,7 +404,9 @@ def parse_endpoint(text, allow_remote):
 
 
 def framings_limited_by(limit):
-    return ", ".join(name for name, limits in FRAMING_LIMITS.items() if limit in limits)
+    """The framings that ``limit`` bounds, in words: "length, octets and syslog"."""
+    *first, last = [name for name, limits in FRAMING_LIMITS.items() if limit in limits]
+    return f"{', '.join(first)} and {last}" if first else last
 
 
 def check_serve_options(options, endpoint):

@@ -219,6 +219,37 @@ anyway: several event loops share the eventfd and one may reset it before anothe
 and a producer killed between its publish and its wake-up never signals."""
 
 
+# -- Broker sinks (fastsock.sinks: Redis Streams, NATS JetStream, Kafka) -------------------
+
+SINK_CONNECT_TIMEOUT = 5.0
+"""Seconds a sink waits to (re)connect to its broker before the write counts as failed and
+the pipeline backs off: a broker on the network answers within milliseconds, and a dead one
+must not hold the pipeline longer than a retry is worth."""
+
+SINK_WRITE_TIMEOUT = 10.0
+"""Seconds a sink waits for the broker to confirm one batch before it reports the broker as
+unavailable (the pipeline then retries the same batch): long enough for a broker fsyncing or
+electing a leader, short enough that the counters show a stall within seconds."""
+
+REDIS_BATCH_MARKER_SECONDS = 24 * 3600
+"""Lifetime of the key in which a Redis sink records the last batch it committed (one key per
+sink process): it is read only when a retried batch's outcome is unknown, seconds later, so a
+day keeps it for any outage a restart recovers from without leaving keys behind forever."""
+
+NATS_RECONNECT_WAIT = 0.5
+"""Seconds nats-py waits between attempts to reconnect to a NATS server it lost: a restarted
+server is written to again within half a second, at two connection attempts a second."""
+
+KAFKA_LINGER_MS = 5
+"""librdkafka's linger.ms: a batch handed to the Kafka sink is produced all at once, so a
+short linger fills the broker's batches without delaying the acks the pipeline waits for."""
+
+KAFKA_MESSAGE_TIMEOUT_MS = 300_000
+"""librdkafka's message.timeout.ms: how long it keeps retrying a produced message itself (with
+idempotence, without duplicating it) while the sink reports the broker unavailable and the
+pipeline waits; past it the message fails and the sink produces it again."""
+
+
 # -- Metrics (fastsock serve --metrics, fastsock.metrics.MetricsHTTPServer) ---------------
 
 METRICS_DEFAULT_HOST = "127.0.0.1"

@@ -190,6 +190,7 @@ class StreamPath:
         self._handler = handler
         self._engines_lock = threading.Lock()
         self._engines = None
+        self._finished_engines = None
 
     @property
     def serves_itself(self):
@@ -231,8 +232,11 @@ class StreamPath:
         none (the server never served on engines)."""
         with self._engines_lock:
             engines, self._engines = self._engines, None
-        if engines is None:
-            return False
+            if engines is None:
+                return False
+            # Closed engines still name the peers of their connections: the ring may hold
+            # their messages for a consumer that looks them up after the stop.
+            self._finished_engines = engines
         engines.close()
         return True
 
@@ -291,9 +295,10 @@ class StreamPath:
         ledger.settle(self.counters)
 
     def peer(self, connection_id):
-        """The client address of a connection, open or among the recently closed."""
+        """The client address of a connection, open or among the recently closed (also
+        after finish())."""
         address = self.connections.peer(connection_id)
-        engines = self._engines
+        engines = self._engines or self._finished_engines
         if address is None and engines is not None:
             address = engines.peer(connection_id)
         return address
@@ -301,7 +306,7 @@ class StreamPath:
     def peer_subject(self, connection_id):
         """The subject of the client certificate of a TLS connection, open or among the
         recently closed ("CN=client,O=Example"); None without one."""
-        engines = self._engines
+        engines = self._engines or self._finished_engines
         return None if engines is None else engines.peer_subject(connection_id)
 
     def stats(self):

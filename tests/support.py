@@ -36,6 +36,25 @@ TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
 TCP_INFO_BYTES_ACKED_OFFSET = 120
 
 
+def free_port():
+    """A TCP port free on loopback now, for a server the test starts as another process."""
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        return probe.getsockname()[1]
+
+
+def require_program(path, name, package, tests):
+    """path, a program the tests run (None when it is not installed): without it the test
+    fails under CI=true, as .ci/run installs it, and skips, loudly, elsewhere; tests says
+    which ("the tests behind a real HAProxy")."""
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: {tests} cannot run")
+        pytest.skip(f"!!! {message}: {tests} are SKIPPED !!!")
+    return path
+
+
 def connect(address, family=socket.AF_INET):
     """A stream client connected to `address`, with NETWORK_TIMEOUT on every operation."""
     client = socket.socket(family, socket.SOCK_STREAM)

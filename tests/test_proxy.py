@@ -9,7 +9,6 @@ handle_error."""
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import socket
@@ -23,7 +22,7 @@ import pytest
 import fastsock
 from fastsock import ReceiveOptions, _cli_serve, cli, constants, proxy
 from tests import test_cli, test_engine
-from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
+from tests.support import LOCALHOST, NETWORK_TIMEOUT, free_port, require_program, serving
 from tests.test_engine import adopted_pair, client_of, closed_by_server, make_engine, running, take
 from tests.test_syslog import Recorded, wait_for
 
@@ -445,20 +444,8 @@ CLIENT_HOST = "127.0.0.2"
 
 @pytest.fixture
 def haproxy():
-    """The haproxy binary; the tests fail without it under CI=true, and skip loudly
-    elsewhere (.ci/run installs it)."""
-    if HAPROXY is None:
-        message = "haproxy is not installed (Debian: apt-get install haproxy)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: the tests behind a real HAProxy cannot run")
-        pytest.skip(f"!!! {message}: the tests behind a real HAProxy are SKIPPED !!!")
-    return HAPROXY
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind((LOCALHOST, 0))
-        return probe.getsockname()[1]
+    """The haproxy binary (.ci/run installs it)."""
+    return require_program(HAPROXY, "haproxy", "haproxy", "the tests behind a real HAProxy")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,412 @@
+"""Broker sinks: fastsock's receive path and pipeline against a plain asyncio server loop,
+both writing into the same broker with the same sink class (same client library, same batches
+of GET_MANY_DEFAULT messages), from 16 connections of 64-byte lines.
+
+    python bench/sinks.py                           # redis, nats, kafka: about 3 minutes
+    python bench/sinks.py --sinks redis --messages 400000 --runs 3
+
+Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
+sink has confirmed them all; the load generator and the broker (redis-server, nats-server, or
+librdkafka's mock cluster in this coordinating process) are pinned to CPU 1.  The rows of a
+sink take their runs in turns.  A row's rate is MESSAGES over the time from the generator's
+first byte to the sink's last confirmation.  Beside them, where the time goes: the same sink
+fed pre-built batches with no receiving at all ("sink alone": client library and broker), the
+two servers with a sink that discards ("receive alone"), and the CPU seconds the server
+process and the broker used per 100,000 messages.
+
+Needs redis-server and nats-server on PATH (or /usr/sbin) and fastsock's test extra (the
+client libraries); the ratios in one run are the result, not the absolute rates.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CONNECTIONS = 16
+LINE_BYTES = 64
+LINES_PER_BLOCK = 1024
+SERVER_CPU = 0
+OTHER_CPU = 1
+HOST = "127.0.0.1"
+NATS_STREAM = "BENCH"
+NATS_SUBJECT = "bench.lines"
+
+
+def pin(cpu):
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- The server processes ------------------------------------------------------------------------
+
+
+class NullSink:
+    """Discards every batch: the receive path alone."""
+
+    def write(self, messages):
+        pass
+
+    def flush(self, timeout):
+        pass
+
+    def close(self):
+        pass
+
+
+def open_bench_sink(url):
+    from fastsock.pipeline import open_sink
+
+    return NullSink() if url == "null" else open_sink(url)
+
+
+def serve_fastsock(url, messages, ready):
+    import fastsock
+    from fastsock.pipeline import AsyncPipeline, Pipeline, is_async_sink
+
+    ring = fastsock.RingQueue()
+    server = fastsock.ThreadingTCPServer((HOST, 0), fastsock.receiver(ring, framing="lines"))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    sink = open_bench_sink(url)
+    ready(server.server_address[1])
+    if is_async_sink(sink):
+        pipeline = AsyncPipeline(ring, sink, server=server)
+
+        async def deliver_all():
+            while pipeline.stats.messages_delivered < messages:
+                await pipeline.deliver(0.1)
+
+        asyncio.run(deliver_all())
+    else:
+        pipeline = Pipeline(ring, sink, server=server)
+        while pipeline.stats.messages_delivered < messages:
+            pipeline.deliver(0.1)
+    return server
+
+
+def serve_asyncio(url, messages, ready):
+    """The plain loop: an asyncio server reading lines with StreamReader.readline() into a
+    list, a task handing the sink batches of the same size as the pipeline's, a synchronous
+    sink's writes in the default executor so reading goes on meanwhile."""
+    from fastsock.constants import GET_MANY_DEFAULT
+    from fastsock.pipeline import Message, is_async_sink
+
+    sink = open_bench_sink(url)
+
+    async def main():
+        pending = []
+        arrived = asyncio.Event()
+        connection_ids = iter(range(1, 1 << 62))
+
+        async def receive(reader, writer):
+            connection = next(connection_ids)
+            host, port = writer.get_extra_info("peername")[:2]
+            peer = f"{host}:{port}"
+            while line := await reader.readline():
+                pending.append(Message(connection, peer, line[:-1]))
+                if len(pending) >= GET_MANY_DEFAULT:
+                    arrived.set()
+            writer.close()
+
+        server = await asyncio.start_server(receive, HOST, 0, backlog=CONNECTIONS)
+        ready(server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        delivered = 0
+        while delivered < messages:
+            if not pending:
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), 0.1)
+                arrived.clear()
+                continue
+            batch = pending[:GET_MANY_DEFAULT]
+            del pending[:GET_MANY_DEFAULT]
+            if is_async_sink(sink):
+                await sink.write(batch)
+            else:
+                await loop.run_in_executor(None, sink.write, batch)
+            delivered += len(batch)
+        server.close()
+
+    asyncio.run(main())
+
+
+def serve_child(kind, url, messages):
+    """A row's server: announces its port, delivers messages, reports when and its CPU."""
+    pin(SERVER_CPU)
+    started = cpu_seconds()
+
+    def ready(port):
+        print(json.dumps({"port": port}), flush=True)
+
+    result = (serve_fastsock if kind == "fastsock" else serve_asyncio)(url, messages, ready)
+    done = time.monotonic()
+    print(json.dumps({"done": done, "cpu": cpu_seconds() - started}), flush=True)
+    if result is not None:
+        result.server_close()
+    os._exit(0)
+
+
+def sink_alone_child(url, messages):
+    """The sink fed pre-built batches: the client library and the broker, no receiving."""
+    from fastsock.constants import GET_MANY_DEFAULT
+    from fastsock.pipeline import Message, is_async_sink
+
+    pin(SERVER_CPU)
+    sink = open_bench_sink(url)
+    batches = []
+    for first in range(0, messages, GET_MANY_DEFAULT):
+        count = min(GET_MANY_DEFAULT, messages - first)
+        batches.append(
+            [
+                Message(1 + index % CONNECTIONS, f"{HOST}:{40000 + index % CONNECTIONS}", b"x" * 63)
+                for index in range(count)
+            ]
+        )
+    started, cpu = time.monotonic(), cpu_seconds()
+    if is_async_sink(sink):
+
+        async def write_all():
+            for batch in batches:
+                await sink.write(batch)
+
+        asyncio.run(write_all())
+    else:
+        for batch in batches:
+            sink.write(batch)
+    seconds = time.monotonic() - started
+    print(json.dumps({"seconds": seconds, "cpu": cpu_seconds() - cpu}), flush=True)
+    os._exit(0)
+
+
+def load_child(port, messages):
+    """16 connections, each sending its share of 64-byte lines in blocks, one thread each."""
+    pin(OTHER_CPU)
+    line = b"x" * (LINE_BYTES - 1) + b"\n"
+    per_connection = messages // CONNECTIONS
+    clients = [socket.create_connection((HOST, port)) for _ in range(CONNECTIONS)]
+
+    def send(client):
+        left = per_connection
+        while left:
+            count = min(LINES_PER_BLOCK, left)
+            client.sendall(line * count)
+            left -= count
+        client.close()
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=send, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps({"start": start}), flush=True)
+
+
+# -- The coordinator ---------------------------------------------------------------------------
+
+
+def child(*arguments):
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *map(str, arguments)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def report_of(process):
+    return json.loads(process.stdout.readline())
+
+
+def process_cpu(pid):
+    """User and system CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_row(kind, url, messages, broker_cpu):
+    server = child("serve", kind, url, messages)
+    port = report_of(server)["port"]
+    broker_before = broker_cpu()
+    load = child("load", port, messages)
+    start = report_of(load)["start"]
+    done = report_of(server)
+    broker_used = broker_cpu() - broker_before
+    load.wait()
+    server.wait()
+    return {
+        "rate": messages / (done["done"] - start),
+        "server_cpu": done["cpu"],
+        "broker_cpu": broker_used,
+    }
+
+
+def sink_alone(url, messages):
+    process = child("sink-alone", url, messages)
+    result = report_of(process)
+    process.wait()
+    return messages / result["seconds"]
+
+
+def program(name):
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin")
+    if found is None:
+        raise SystemExit(f"{name} is not installed (Debian: apt-get install {name})")
+    return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def wait_listening(port, process):
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"broker on port {port} did not start") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def broker_process(command, port):
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: pin(OTHER_CPU),
+    )
+    try:
+        wait_listening(port, process)
+        yield process
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextlib.contextmanager
+def broker(name, directory):
+    """(the sink URL of a fresh stream/subject/topic per call, broker CPU seconds so far)."""
+    if name == "redis":
+        port = free_port()
+        command = [program("redis-server"), "--port", str(port), "--bind", HOST,
+                   "--dir", directory, "--save", "",
+                   "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
+        with broker_process(command, port) as process:
+            names = iter(range(1 << 30))
+            yield (
+                (lambda: f"redis://{HOST}:{port}/bench{next(names)}"),
+                (lambda: process_cpu(process.pid)),
+            )
+    elif name == "nats":
+        port = free_port()
+        command = [program("nats-server"), "-a", HOST, "-p", str(port), "-js", "-sd",
+                   os.path.join(directory, "jetstream")]  # fmt: skip
+        with broker_process(command, port) as process:
+            asyncio.run(add_nats_stream(port))
+            yield (
+                (lambda: f"nats://{HOST}:{port}/{NATS_SUBJECT}"),
+                (lambda: process_cpu(process.pid)),
+            )
+    elif name == "kafka":
+        import confluent_kafka
+
+        pin(OTHER_CPU)
+        holder = confluent_kafka.Producer({"test.mock.num.brokers": 1, "log_level": 3})
+        brokers = holder.list_topics(timeout=10).brokers.values()
+        bootstrap = ",".join(f"{entry.host}:{entry.port}" for entry in brokers)
+        names = iter(range(1 << 30))
+        yield (lambda: f"kafka://{bootstrap}/bench{next(names)}?log_level=3"), cpu_seconds
+    else:
+        raise SystemExit(f"unknown sink {name!r}: redis, nats or kafka")
+
+
+async def add_nats_stream(port):
+    import nats
+
+    connection = await nats.connect(f"nats://{HOST}:{port}")
+    try:
+        await connection.jetstream().add_stream(name=NATS_STREAM, subjects=[NATS_SUBJECT])
+    finally:
+        await connection.close()
+
+
+def bench_sink(name, messages, runs):
+    rows = {"fastsock": [], "asyncio": []}
+    with tempfile.TemporaryDirectory() as directory, broker(name, directory) as (url, broker_cpu):
+        alone = sink_alone(url(), messages)
+        for run in range(runs):
+            order = ["fastsock", "asyncio"] if run % 2 == 0 else ["asyncio", "fastsock"]
+            for kind in order:
+                rows[kind].append(run_row(kind, url(), messages, broker_cpu))
+                print(f"  {name} {kind} run {run + 1}: {rows[kind][-1]['rate']:,.0f} msg/s",
+                      file=sys.stderr)  # fmt: skip
+    return rows, alone
+
+
+def median(rows, field):
+    return statistics.median(row[field] for row in rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sinks", default="redis,nats,kafka")
+    parser.add_argument("--messages", type=int, default=160_000)
+    parser.add_argument("--runs", type=int, default=3)
+    options = parser.parse_args()
+    messages = options.messages - options.messages % CONNECTIONS
+    print(f"{CONNECTIONS} connections x {messages // CONNECTIONS:,} lines of {LINE_BYTES} bytes; "
+          f"server on CPU {SERVER_CPU}, load and broker on CPU {OTHER_CPU}; median of "
+          f"{options.runs} runs in turns", file=sys.stderr)  # fmt: skip
+    null_rows = {"fastsock": [], "asyncio": []}
+    for _ in range(options.runs):
+        for kind in null_rows:
+            null_rows[kind].append(run_row(kind, "null", messages, lambda: 0.0))
+    print("receive alone (a sink that discards): fastsock "
+          f"{median(null_rows['fastsock'], 'rate'):,.0f} msg/s, asyncio loop "
+          f"{median(null_rows['asyncio'], 'rate'):,.0f} msg/s")  # fmt: skip
+    header = ("sink", "fastsock msg/s", "asyncio msg/s", "ratio", "sink alone msg/s",
+              "server CPU s/100k (fastsock, asyncio)",
+              "broker CPU s/100k (fastsock, asyncio)")  # fmt: skip
+    print(" | ".join(header))
+    for name in options.sinks.split(","):
+        rows, alone = bench_sink(name, messages, options.runs)
+        fast, plain = median(rows["fastsock"], "rate"), median(rows["asyncio"], "rate")
+        per = 100_000 / messages
+
+        def cpu(field, per=per, rows=rows):
+            return ", ".join(f"{median(rows[kind], field) * per:.2f}" for kind in rows)
+
+        print(f"{name} | {fast:,.0f} | {plain:,.0f} | {fast / plain:.2f}x | {alone:,.0f} | "
+              f"{cpu('server_cpu')} | {cpu('broker_cpu')}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "sink-alone":
+        sink_alone_child(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "load":
+        load_child(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
