@@ -806,7 +806,13 @@ class Session:
         self.sink = sink
         self.is_async = pipeline.is_async_sink(sink)
         kind = pipeline.AsyncPipeline if self.is_async else pipeline.Pipeline
-        self.pipeline = kind(ring, sink, server=receiver.peers, datagram=endpoint.datagram)
+        self.pipeline = kind(
+            ring,
+            sink,
+            server=receiver.peers,
+            datagram=endpoint.datagram,
+            while_unavailable=self.report_when_due,
+        )
         self.reopens = isinstance(sink, pipeline.FileSink) and not sink.is_stdout
         if options.tls_client_ca is not None and isinstance(sink, pipeline.FileSink):
             sink.subject_of = receiver.peer_subject
@@ -909,10 +915,16 @@ class Session:
         return 0
 
     def between_batches(self):
-        """SIGHUP's reopen, the receiver's health, and the counters when they are due."""
+        """SIGHUP's reopen (only here: a file gets whole batches), the receiver's health,
+        and the counters when they are due."""
         if self.reopen.requested:
             self.reopen_output()
         self.receiver.check()
+        self.report_when_due()
+
+    def report_when_due(self):
+        """The counters, when they are due: between batches, and between the attempts at a
+        batch while the sink is unavailable."""
         interval = self.options.stats_interval
         now = time.monotonic()
         if interval and now >= self.next_report:

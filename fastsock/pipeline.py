@@ -317,10 +317,12 @@ class _Deliveries:
         server: typing.Any = None,
         datagram: bool | None = None,
         max_batch: int = GET_MANY_DEFAULT,
+        while_unavailable: "typing.Callable[[], object] | None" = None,
     ) -> None:
         self.ring = ring
         self.sink = sink
         self.server = server
+        self.while_unavailable = while_unavailable
         if datagram is None:
             datagram = server is not None and server.socket_type == socket.SOCK_DGRAM
         self.datagram = datagram
@@ -443,6 +445,11 @@ class _Deliveries:
         else:
             self._held = batch
 
+    def _unavailable_pause_done(self):
+        # A deliver() can wait out a long outage: its caller still reports meanwhile.
+        if self.while_unavailable is not None:
+            self.while_unavailable()
+
     def _deadline_passed(self):
         return self._stop_at is not None and time.monotonic() >= self._stop_at
 
@@ -490,8 +497,11 @@ class Pipeline(_Deliveries):
     ``server`` (the receiving server, or None) names each stream message's sender through
     ``connection_address()``; ``datagram`` says the ring holds datagrams, whose senders are
     in the messages (default: whether ``server`` is a datagram server).  ``max_batch``
-    bounds the messages of one batch.  ``run()`` delivers until ``stop()``, then finishes;
-    or call ``deliver()`` in a loop of your own and ``finish()`` at the end.
+    bounds the messages of one batch.  ``while_unavailable``, if given, is called after each
+    wait between two attempts at a batch the sink refused, so that a caller whose
+    ``deliver()`` waits out a long outage can still report (``fastsock serve`` prints its
+    counters from it).  ``run()`` delivers until ``stop()``, then finishes; or call
+    ``deliver()`` in a loop of your own and ``finish()`` at the end.
     """
 
     def deliver(self, timeout: float = 0.0) -> int:
@@ -524,6 +534,7 @@ class Pipeline(_Deliveries):
                         pause = steps.send(None)
                 else:
                     time.sleep(pause)
+                    self._unavailable_pause_done()
                     pause = next(steps)
         except StopIteration as done:
             return done.value
@@ -627,6 +638,7 @@ class AsyncPipeline(_Deliveries):
                         pause = steps.send(None)
                 else:
                     await asyncio.sleep(pause)
+                    self._unavailable_pause_done()
                     pause = next(steps)
         except StopIteration as done:
             return done.value

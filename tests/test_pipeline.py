@@ -278,6 +278,25 @@ def test_serve_counts_and_reports_what_a_full_disk_kept_from_delivery_at_sigterm
     assert "0 batches" in final and "100 undelivered" in final
 
 
+def test_serve_reports_its_counters_while_the_sink_stays_unavailable(serve):
+    # The pipeline retries one batch for as long as the outage lasts: the stats lines go on.
+    server = serve(
+        "tcp://127.0.0.1:0",
+        *("--sink", "/dev/full", "--sink-timeout", "0.3", "--drain-timeout", "0.3"),
+        *("--stats-interval", "0.2"),
+    )
+    send_lines(server.address, 0, 100)
+    server.line_matching("sink unavailable")
+    retries = []
+    while len(retries) < 3:
+        line = server.line_matching(" retries, ")
+        retries.append(int(line.split(" retries, ")[0].rsplit(" ", 1)[-1].replace(",", "")))
+    assert retries == sorted(retries) and retries[-1] > retries[0] >= 0, retries
+    assert "received 100 messages" in line and "0 batches" in line
+    status, _ = server.stop()
+    assert status == 1, server.stderr
+
+
 def test_serve_runs_an_asyncio_sink_on_an_event_loop(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
     output = tmp_path / "async.out"
