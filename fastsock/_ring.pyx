@@ -52,7 +52,6 @@ from fastsock._native cimport (
 )
 from fastsock._span cimport MessageSpan
 
-from fastsock import _asyncring
 from fastsock.constants import (
     GET_MANY_DEFAULT,
     RING_MAP_STRIDE,
@@ -1044,13 +1043,22 @@ cdef class RingQueue:
         self.fill_batch(batch, max_items, max_payload)
         return batch
 
+    # fastsock._asyncring is imported by the async methods only: it imports asyncio, which
+    # would add tens of milliseconds to every `import fastsock`.
+
     def get_many_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, with_source=False):
+        from fastsock import _asyncring
+
         return _asyncring.get_many_async(self, max_items, timeout, with_source)
 
     def get_batch_async(self, max_items=GET_MANY_DEFAULT, timeout=None, *, max_bytes=None):
+        from fastsock import _asyncring
+
         return _asyncring.get_batch_async(self, max_items, timeout, max_bytes)
 
     def batches(self, max_items=GET_MANY_DEFAULT, *, with_source=False):
+        from fastsock import _asyncring
+
         return _asyncring.batches(self, max_items, with_source)
 
     # The primitives of fastsock._asyncring.

@@ -7,6 +7,8 @@ import asyncio
 import os
 import queue
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +18,7 @@ from fastsock import _ring as compiled
 from fastsock._reference import ring as reference
 from fastsock.errors import QueueClosed
 from tests.support import NETWORK_TIMEOUT, start_thread
+from tests.test_cli import fastsock_command
 from tests.test_ring import exit_code, fork, forks_with_threads
 
 IMPLEMENTATIONS = {"compiled": compiled.RingQueue, "reference": reference.RingQueue}
@@ -231,3 +234,23 @@ def test_the_eventfd_is_made_once_per_ring_and_closed_with_it(ring_class):
     del ring
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_only_the_async_methods_import_asyncio(tmp_path):
+    # asyncio adds tens of milliseconds to an import: `import fastsock` must not pay for it.
+    code = (
+        "import sys, fastsock\n"
+        "print('asyncio' in sys.modules)\n"
+        "fastsock.RingQueue().get_many_async().close()\n"
+        "print('asyncio' in sys.modules)\n"
+    )
+    _, environment = fastsock_command()
+    finished = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=NETWORK_TIMEOUT,
+    )
+    assert finished.stdout.split() == ["False", "True"], finished.stderr
