@@ -13,7 +13,8 @@ returned.  ``SinkUnavailable`` from the sink is retried with the same batch, wit
 exponential back-off, taking nothing more from the ring meanwhile: the ring fills and the
 receive loops stop reading, so stream senders are held back by TCP's flow control and
 nothing received is lost while the process lives.  Any other exception is fatal.  The
-stubs (``pipeline.pyi``) and the README's "Pipelines and sinks" say the exact semantics.
+docstrings below (this module carries its types inline, no separate stub) and the README's
+"Pipelines and sinks" say the exact semantics.
 """
 
 import asyncio
