@@ -22,7 +22,13 @@ import fastsock
 from fastsock import tls
 from tests import test_engine
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
-from tests.test_cli import ServeProcess, fastsock_command, payload, started_by
+from tests.test_cli import (
+    ServeProcess,
+    fastsock_command,
+    payload,
+    run_short_bench,
+    started_by,
+)
 from tests.test_engine import client_of, closed_by_server, make_engine, running, take
 from tests.test_proxy import GOOD_HEADERS
 from tests.test_syslog import Recorded, wait_for
@@ -502,6 +508,27 @@ def test_serve_help_names_the_tls_flags(tmp_path):
     )
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "TLS (--tls-cert"):
         assert flag in completed.stdout
+
+
+# -- The benchmark's TLS rows ------------------------------------------------------------------
+
+
+def test_the_tls_rows_of_the_benchmark_take_everything_sent(tmp_path):
+    servers = "stdlib-recv-queue,stdlib-readline-queue,fastsock-compiled-batch,uvloop-protocol"
+    finished, document = run_short_bench(tmp_path, "tls-bulk,tls-lines-1", servers)
+    assert "Traceback" not in finished.stderr
+    rows = {(row["workload"], row["server"]): row for row in document["rows"]}
+    assert set(rows) == {
+        ("tls-bulk", "stdlib-recv-queue"),
+        ("tls-bulk", "fastsock-compiled-batch"),
+        ("tls-bulk", "uvloop-protocol"),
+        ("tls-lines-1", "stdlib-readline-queue"),
+        ("tls-lines-1", "fastsock-compiled-batch"),
+        ("tls-lines-1", "uvloop-protocol"),
+    }
+    for row in rows.values():
+        assert row["status"] == "ok", row["error"]
+        assert row["summary"]["received"] > 0 and row["summary"]["lost"] == 0
 
 
 # -- Record boundaries -------------------------------------------------------------------------
