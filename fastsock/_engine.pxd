@@ -42,6 +42,16 @@ cdef struct TrustedNetwork:
     uint8_t bytes[16]
 
 
+cdef struct TlsRecords:
+    # Where a TLS connection's ciphertext stands in its records (fastsock.tls's
+    # RecordBoundaries in C): the header so far, the body bytes still to come, and the bytes
+    # of the incomplete record at the end (-1: the stream is not made of TLS records).
+    uint8_t header[5]
+    uint8_t header_length
+    uint32_t body_left
+    Py_ssize_t unfinished
+
+
 cdef enum ConnectionListKind:
     # Every connection is in the idle list, ordered by last_data_ns (silent longest first);
     # one with a partial message also in the message list, by message_started_ns; one
@@ -70,6 +80,7 @@ cdef struct Connection:
     bint tls                      # its TlsSession is in the engine's tls_sessions
     bint handshaking              # TLS, and the handshake is not done
     uint64_t handshake_started_ns
+    TlsRecords records            # TLS: where its ciphertext stands in its records
 
 
 cdef struct ConnectionList:
@@ -230,7 +241,8 @@ cdef class StreamEngine:
     cdef void tls_process(self, Connection* connection, Py_ssize_t fed, bint eof,
                           uint64_t now) noexcept nogil
     cdef Py_ssize_t tls_step(self, Connection* connection, Py_ssize_t fed, bint eof,
-                             char* plaintext, Py_ssize_t room) noexcept with gil
+                             char* plaintext, Py_ssize_t room,
+                             bint* drained) noexcept with gil
     cdef bint tls_open(self, Connection* connection) noexcept with gil
     cdef void tls_forget(self, Connection* connection) noexcept with gil
     cdef void handshake_start(self, Connection* connection, uint64_t now) noexcept nogil

@@ -109,6 +109,8 @@ class StreamEngine:
         hand it to the connection's ``fastsock.tls.TlsSession`` (Python's ``ssl`` over
         memory BIOs) and decrypt the plaintext straight into the framer's buffer (no bytes
         object), which it frames without the GIL; a plaintext connection never takes it.
+        It follows the TLS record boundaries of the ciphertext (without the GIL), so that
+        it asks ``ssl`` for plaintext only while a whole record waits.
         ``bytes_received`` counts the PROXY header and the plaintext, not the ciphertext.
         The handshake has ``tls_handshake_timeout`` (a deadline list, as pending PROXY
         headers have); its output and alerts are written to the socket at once.  A peer's

@@ -163,6 +163,42 @@ cdef Py_ssize_t TLS_FAILED = -2
 cdef Py_ssize_t TLS_RECORD_PLAINTEXT = 16384
 cdef const char* HANDSHAKE_TIMED_OUT = b"no handshake within tls_handshake_timeout"
 cdef const char* HANDSHAKE_RESET = b"the connection was reset during the handshake"
+cdef uint8_t RECORD_HEADER_BYTES = tls.RECORD_HEADER_BYTES
+cdef uint32_t RECORD_MAX_BODY = tls.RECORD_MAX_BODY
+cdef uint8_t RECORD_TYPE_FIRST = tls.RECORD_TYPES.start
+cdef uint8_t RECORD_TYPE_LAST = tls.RECORD_TYPES.stop - 1
+cdef Py_ssize_t RECORDS_UNKNOWN = tls.UNKNOWN
+
+
+cdef Py_ssize_t tls_records_follow(TlsRecords* records, const uint8_t* data,
+                                   Py_ssize_t size) noexcept nogil:
+    # fastsock.tls.RecordBoundaries.follow(): the bytes of an incomplete record at the end
+    # of all the ciphertext so far, after these; RECORDS_UNKNOWN once a header is not a
+    # TLS record's.
+    cdef Py_ssize_t at = 0
+    cdef Py_ssize_t take
+    while at < size and records.unfinished != RECORDS_UNKNOWN:
+        if records.header_length < RECORD_HEADER_BYTES:
+            take = min(RECORD_HEADER_BYTES - records.header_length, size - at)
+            memcpy(records.header + records.header_length, data + at, take)
+            records.header_length += take
+            records.unfinished += take
+            at += take
+            if records.header_length < RECORD_HEADER_BYTES:
+                break
+            records.body_left = (<uint32_t>records.header[3] << 8) | records.header[4]
+            if (records.header[0] < RECORD_TYPE_FIRST or records.header[0] > RECORD_TYPE_LAST
+                    or records.header[1] != 3 or records.body_left > RECORD_MAX_BODY):
+                records.unfinished = RECORDS_UNKNOWN
+                break
+        take = min(<Py_ssize_t>records.body_left, size - at)
+        records.body_left -= take
+        records.unfinished += take
+        at += take
+        if records.body_left == 0:
+            records.header_length = 0
+            records.unfinished = 0
+    return records.unfinished
 
 
 # -- Connection lists: intrusive, doubly linked, ordered by the time of the last move -----
@@ -1174,6 +1210,9 @@ cdef class StreamEngine:
         # session, then frames all the plaintext it yields, a framer's buffer at a time;
         # stops early when the ring is full (resume() calls again) or the connection ends.
         cdef Py_ssize_t plaintext
+        cdef bint drained = False
+        if fed:
+            tls_records_follow(&connection.records, self.ciphertext, fed)
         while connection.fd >= 0:
             if framer_reserve(&connection.framer, &self.framer_config,
                               self.recv_size + TLS_RECORD_PLAINTEXT) != 0:
@@ -1182,7 +1221,7 @@ cdef class StreamEngine:
                 return
             plaintext = self.tls_step(connection, fed, eof,
                                       framer_write_pointer(&connection.framer),
-                                      framer_write_space(&connection.framer))
+                                      framer_write_space(&connection.framer), &drained)
             fed = 0
             if plaintext == TLS_FAILED or plaintext == TLS_CLOSED:
                 self.end_connection(connection)
@@ -1197,20 +1236,27 @@ cdef class StreamEngine:
             if not self.deliver(connection):
                 return
             self.after_read(connection, now)
+            if drained:
+                # Another step would only find that the session wants more ciphertext.
+                break
         if eof and connection.fd >= 0:
             # The peer finished without close_notify, outside a record (inside one, the
             # session said so): an ordinary end, as for plaintext.
             self.end_connection(connection)
 
     cdef Py_ssize_t tls_step(self, Connection* connection, Py_ssize_t fed, bint eof,
-                             char* plaintext, Py_ssize_t room) noexcept with gil:
-        # The one place the engine takes the GIL: feed, handshake, decrypt into plaintext.
+                             char* plaintext, Py_ssize_t room,
+                             bint* drained) noexcept with gil:
+        # The one place the engine takes the GIL: feed, handshake, decrypt into plaintext;
+        # drained: the plaintext was all the session had.
         cdef int kind = EVENT_TLS_HANDSHAKE
         cdef bytes reason
+        cdef Py_ssize_t taken
         try:
             session = self.tls_sessions[connection.id]
             if fed:
-                session.receive(PyMemoryView_FromMemory(<char*>self.ciphertext, fed, PyBUF_READ))
+                session.receive(PyMemoryView_FromMemory(<char*>self.ciphertext, fed, PyBUF_READ),
+                                connection.records.unfinished)
             if eof:
                 if connection.handshaking and not session.received:
                     # Closed before a byte (a TCP health check, a port scan): no handshake.
@@ -1223,8 +1269,9 @@ cdef class StreamEngine:
                 list_remove(&self.handshake_list, connection)
                 if session.subject is not None:
                     self.tls_subjects[connection.id] = session.subject
-            return session.read_into(
-                PyMemoryView_FromMemory(plaintext, room, PyBUF_WRITE))
+            taken = session.read_into(PyMemoryView_FromMemory(plaintext, room, PyBUF_WRITE))
+            drained[0] = session.drained
+            return taken
         except tls.HandshakeFailed as exc:
             self.counters.add(COUNT_TLS_HANDSHAKE_ERRORS, 1)
             reason = exc.reason.encode("ascii", "replace")

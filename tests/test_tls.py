@@ -14,13 +14,21 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
 import fastsock
+from fastsock import tls
 from tests import test_engine
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
-from tests.test_cli import ServeProcess, fastsock_command, payload, started_by
+from tests.test_cli import (
+    ServeProcess,
+    fastsock_command,
+    payload,
+    run_short_bench,
+    started_by,
+)
 from tests.test_engine import client_of, closed_by_server, make_engine, running, take
 from tests.test_proxy import GOOD_HEADERS
 from tests.test_syslog import Recorded, wait_for
@@ -177,6 +185,42 @@ def test_multi_mebibyte_bulk_arrives_whole(engine_impl, listener, certificates):
         sender.join(NETWORK_TIMEOUT)
     assert [payload for _, payload in got] == lines
     assert counters.snapshot().tls_handshake_errors == 0
+
+
+def memory_client(sock, context):
+    """A client whose records the test sends itself: an SSLObject over memory BIOs, its
+    handshake done over ``sock``; returns (client, outgoing)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock.settimeout(NETWORK_TIMEOUT)
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    return client, outgoing
+
+
+def test_records_trickled_a_few_bytes_at_a_time_arrive_whole(engine_impl, listener, certificates):
+    # Record headers and bodies cut across reads: the engine follows the record boundaries
+    # to ask for plaintext only when a whole record waits, and must lose none of them.
+    engine, ring, counters = tls_engine(engine_impl, listener, certificates, framing="lines")
+    lines = [b"line %d" % index for index in range(6)]
+    with running(engine), client_of(listener) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client, outgoing = memory_client(sock, client_context(certificates))
+        for line in lines:
+            client.write(line + b"\n")
+        wire = outgoing.read()
+        for start in range(0, len(wire), 3):
+            sock.sendall(wire[start : start + 3])
+            time.sleep(0.002)
+        got = take(ring, len(lines))
+    assert [payload for _, payload in got] == lines
+    assert counters.snapshot().resets == 0
 
 
 def test_a_required_client_certificate_missing_is_refused(engine_impl, listener, certificates):
@@ -464,3 +508,91 @@ def test_serve_help_names_the_tls_flags(tmp_path):
     )
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "TLS (--tls-cert"):
         assert flag in completed.stdout
+
+
+# -- The benchmark's TLS rows ------------------------------------------------------------------
+
+
+def test_the_tls_rows_of_the_benchmark_take_everything_sent(tmp_path):
+    servers = "stdlib-recv-queue,stdlib-readline-queue,fastsock-compiled-batch,uvloop-protocol"
+    finished, document = run_short_bench(tmp_path, "tls-bulk,tls-lines-1", servers)
+    assert "Traceback" not in finished.stderr
+    rows = {(row["workload"], row["server"]): row for row in document["rows"]}
+    assert set(rows) == {
+        ("tls-bulk", "stdlib-recv-queue"),
+        ("tls-bulk", "fastsock-compiled-batch"),
+        ("tls-bulk", "uvloop-protocol"),
+        ("tls-lines-1", "stdlib-readline-queue"),
+        ("tls-lines-1", "fastsock-compiled-batch"),
+        ("tls-lines-1", "uvloop-protocol"),
+    }
+    for row in rows.values():
+        assert row["status"] == "ok", row["error"]
+        assert row["summary"]["received"] > 0 and row["summary"]["lost"] == 0
+
+
+# -- Record boundaries -------------------------------------------------------------------------
+
+
+def records(*bodies, kind=23):
+    return b"".join(bytes([kind, 3, 3]) + len(body).to_bytes(2, "big") + body for body in bodies)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 300, 100_000])
+def test_record_boundaries_count_the_incomplete_record_at_any_cut(chunk):
+    bodies = [b"", b"a", b"b" * 300, b"c" * (2**14 + 256), b"d" * 5]
+    stream = records(*bodies)
+    ends = []
+    for body in bodies:
+        ends.append((ends[-1] if ends else 0) + 5 + len(body))
+    boundaries = tls.RecordBoundaries()
+    for start in range(0, len(stream), chunk):
+        fed = min(start + chunk, len(stream))
+        last_end = max([end for end in ends if end <= fed], default=0)
+        assert boundaries.follow(stream[start:fed]) == fed - last_end
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"GET / HTTP/1.1\r\n",  # not a record type
+        b"\x80\x2e\x01\x03\x01",  # an SSLv2-style ClientHello
+        b"\x17\x02\x00\x00\x01",  # not version 3.x
+        b"\x17\x03\x03\x48\x01",  # a body longer than TLS allows
+    ],
+)
+def test_record_boundaries_give_up_on_what_is_not_tls(stream):
+    boundaries = tls.RecordBoundaries()
+    assert boundaries.follow(records(b"fine") + stream) == tls.UNKNOWN
+    assert boundaries.follow(records(b"later")) == tls.UNKNOWN
+
+
+def test_a_session_asks_ssl_only_for_whole_records(certificates):
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        session = tls.TlsSession(server_context(certificates), server_end.fileno())
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_context(certificates).wrap_bio(
+            incoming, outgoing, server_hostname="localhost"
+        )
+        client_end.settimeout(NETWORK_TIMEOUT)
+        while True:
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                session.receive(outgoing.read())
+                assert not session.advance_handshake()
+                incoming.write(client_end.recv(65536))
+        session.receive(outgoing.read())
+        assert session.advance_handshake()
+        buffer = memoryview(bytearray(65536))
+        assert session.read_into(buffer) == 0 and session.drained
+        client.write(b"x" * 100)
+        record = outgoing.read()
+        session.receive(record[:50])
+        assert session.read_into(buffer) == 0 and session.drained
+        assert session.unfinished == 50
+        session.receive(record[50:])
+        assert session.read_into(buffer) == 100 and session.drained
+        assert bytes(buffer[:100]) == b"x" * 100

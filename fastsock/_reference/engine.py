@@ -625,6 +625,8 @@ class StreamEngine:
                 break
             self._counters.add("bytes_received", count)
             self._frame(connection, bytes(buffer[:count]), now)
+            if session.drained:
+                break
         if not ciphertext:
             self._close(connection)
 

@@ -126,6 +126,15 @@ WORKLOADS = {
             "run is its plaintext cost",
         ),
         Workload(
+            "tls-bulk",
+            "tls",
+            "bulk",
+            1,
+            1,
+            "raw 64 KiB blocks over TLS 1.3 (AES-256-GCM), one TCP connection; bulk in the same "
+            "run is its plaintext cost",
+        ),
+        Workload(
             "churn", "tcp", "churn", LINE_BYTES, 0, "short TCP connections, one 64-byte line each"
         ),
         Workload(
@@ -167,8 +176,10 @@ SERVERS = {
     for server in [
         Server(
             "stdlib-recv-queue",
-            "socketserver.ThreadingTCPServer, recv(65536) chunks into a queue.Queue",
+            "socketserver.ThreadingTCPServer, recv(65536) chunks into a queue.Queue "
+            "(TLS: the accepted socket wrapped by ssl)",
             frozenset({"bulk"}),
+            _WITH_TLS,
         ),
         Server(
             "stdlib-readline-queue",
