@@ -316,6 +316,12 @@ def test_nats_a_message_the_stream_refuses_is_a_fatal_error(tmp_path):
             asyncio.run(write())
 
 
+@pytest.mark.parametrize("subject", ["", "ingest lines", "ingest\r\nPUB x 1"])
+def test_nats_subject_that_is_no_subject_is_refused_clearly(subject):
+    with pytest.raises(ValueError, match="not a NATS subject"):
+        nats_sink.NatsJetStreamSink(subject=subject)
+
+
 def test_nats_no_server_is_retryable():
     sink = nats_sink.NatsJetStreamSink(
         subject="ingest.lines",
