@@ -1,6 +1,9 @@
 """Broker sinks: fastsock's receive path and pipeline against a plain asyncio server loop,
-both writing into the same broker with the same sink class (same client library, same batches
-of GET_MANY_DEFAULT messages), from 16 connections of 64-byte lines.
+all writing into the same broker in the same batches of GET_MANY_DEFAULT messages, from 16
+connections of 64-byte lines.  The asyncio loop writes twice over: with fastsock's own sink
+class (same client library, same encoding: the receiving compared), and with the client
+library's ordinary API as a user would write it (redis-py's pipeline of XADDs, nats-py's
+JetStream publish per message, confluent-kafka's produce and flush: the issue's comparison).
 
     python bench/sinks.py                           # redis, nats, kafka: about 3 minutes
     python bench/sinks.py --sinks redis --messages 400000 --runs 3
@@ -99,16 +102,26 @@ def serve_fastsock(url, messages, ready):
     return server
 
 
-def serve_asyncio(url, messages, ready):
+def serve_asyncio(url, messages, ready, plain=False):
     """The plain loop: an asyncio server reading lines with StreamReader.readline() into a
-    list, a task handing the sink batches of the same size as the pipeline's, a synchronous
-    sink's writes in the default executor so reading goes on meanwhile."""
+    list, a task handing batches of the same size as the pipeline's to fastsock's sink class
+    (a synchronous sink's writes in the default executor, so reading goes on meanwhile), or
+    with plain, to the client library's ordinary API as a user would call it."""
     from fastsock.constants import GET_MANY_DEFAULT
     from fastsock.pipeline import Message, is_async_sink
 
-    sink = open_bench_sink(url)
-
     async def main():
+        if plain:
+            write = await plain_writer(url)
+        else:
+            sink = open_bench_sink(url)
+            if is_async_sink(sink):
+                write = sink.write
+            else:
+
+                async def write(batch):
+                    await loop.run_in_executor(None, sink.write, batch)
+
         pending = []
         arrived = asyncio.Event()
         connection_ids = iter(range(1, 1 << 62))
@@ -135,14 +148,78 @@ def serve_asyncio(url, messages, ready):
                 continue
             batch = pending[:GET_MANY_DEFAULT]
             del pending[:GET_MANY_DEFAULT]
-            if is_async_sink(sink):
-                await sink.write(batch)
-            else:
-                await loop.run_in_executor(None, sink.write, batch)
+            await write(batch)
             delivered += len(batch)
         server.close()
 
     asyncio.run(main())
+
+
+async def plain_writer(url):
+    """A coroutine writing one batch with the client library's ordinary API, the same
+    fields or headers as fastsock's sink, and returning once the broker confirmed it all:
+    redis-py's asyncio pipeline of one XADD per message, nats-py's JetStream publish per
+    message gathered, confluent-kafka's produce per message and a flush."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    name = parts.path.lstrip("/")
+    if parts.scheme == "redis":
+        import redis.asyncio
+
+        client = redis.asyncio.Redis(host=parts.hostname, port=parts.port)
+
+        async def write(batch):
+            pipeline = client.pipeline(transaction=False)
+            for connection, peer, payload in batch:
+                pipeline.xadd(name, {"payload": payload, "connection": connection, "peer": peer})
+            await pipeline.execute()
+
+    elif parts.scheme == "nats":
+        import uuid
+
+        import nats
+
+        jetstream = (await nats.connect(f"nats://{parts.netloc}")).jetstream()
+        producer, sequences = uuid.uuid4().hex, iter(range(1 << 62))
+
+        async def write(batch):
+            await asyncio.gather(
+                *(
+                    jetstream.publish(
+                        name,
+                        payload,
+                        headers={
+                            "Nats-Msg-Id": f"{producer}-{next(sequences)}",
+                            "Fastsock-Connection": str(connection),
+                            "Fastsock-Peer": peer,
+                        },
+                    )
+                    for connection, peer, payload in batch
+                )
+            )
+
+    elif parts.scheme == "kafka":
+        import confluent_kafka
+
+        producer = confluent_kafka.Producer(
+            {"bootstrap.servers": parts.netloc, "acks": "all", "enable.idempotence": True,
+             "linger.ms": 5, "log_level": 3}
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+
+        async def write(batch):
+            for connection, peer, payload in batch:
+                key = str(connection)
+                headers = {"fastsock-connection": key, "fastsock-peer": peer}
+                producer.produce(name, payload, key, headers=headers)
+                producer.poll(0)
+            if await loop.run_in_executor(None, producer.flush, 30):
+                raise RuntimeError("kafka: messages left unconfirmed")
+
+    else:
+        raise SystemExit(f"no plain client loop for {url}")
+    return write
 
 
 def serve_child(kind, url, messages):
@@ -153,7 +230,10 @@ def serve_child(kind, url, messages):
     def ready(port):
         print(json.dumps({"port": port}), flush=True)
 
-    result = (serve_fastsock if kind == "fastsock" else serve_asyncio)(url, messages, ready)
+    if kind == "fastsock":
+        result = serve_fastsock(url, messages, ready)
+    else:
+        result = serve_asyncio(url, messages, ready, plain=kind == "plain")
     done = time.monotonic()
     print(json.dumps({"done": done, "cpu": cpu_seconds() - started}), flush=True)
     if result is not None:
@@ -352,11 +432,11 @@ async def add_nats_stream(port):
 
 
 def bench_sink(name, messages, runs):
-    rows = {"fastsock": [], "asyncio": []}
+    rows = {"fastsock": [], "asyncio": [], "plain": []}
     with tempfile.TemporaryDirectory() as directory, broker(name, directory) as (url, broker_cpu):
         alone = sink_alone(url(), messages)
         for run in range(runs):
-            order = ["fastsock", "asyncio"] if run % 2 == 0 else ["asyncio", "fastsock"]
+            order = list(rows)[run % 3 :] + list(rows)[: run % 3]
             for kind in order:
                 rows[kind].append(run_row(kind, url(), messages, broker_cpu))
                 print(f"  {name} {kind} run {run + 1}: {rows[kind][-1]['rate']:,.0f} msg/s",
@@ -385,20 +465,22 @@ def main():
     print("receive alone (a sink that discards): fastsock "
           f"{median(null_rows['fastsock'], 'rate'):,.0f} msg/s, asyncio loop "
           f"{median(null_rows['asyncio'], 'rate'):,.0f} msg/s")  # fmt: skip
-    header = ("sink", "fastsock msg/s", "asyncio msg/s", "ratio", "sink alone msg/s",
-              "server CPU s/100k (fastsock, asyncio)",
-              "broker CPU s/100k (fastsock, asyncio)")  # fmt: skip
+    header = ("sink", "fastsock msg/s", "asyncio + sink class msg/s", "ratio",
+              "asyncio + client API msg/s", "ratio", "sink alone msg/s",
+              "server CPU s/100k (fastsock, sink class, client API)",
+              "broker CPU s/100k (same)")  # fmt: skip
     print(" | ".join(header))
     for name in options.sinks.split(","):
         rows, alone = bench_sink(name, messages, options.runs)
-        fast, plain = median(rows["fastsock"], "rate"), median(rows["asyncio"], "rate")
+        fast, same, plain = (median(rows[kind], "rate") for kind in rows)
         per = 100_000 / messages
 
         def cpu(field, per=per, rows=rows):
             return ", ".join(f"{median(rows[kind], field) * per:.2f}" for kind in rows)
 
-        print(f"{name} | {fast:,.0f} | {plain:,.0f} | {fast / plain:.2f}x | {alone:,.0f} | "
-              f"{cpu('server_cpu')} | {cpu('broker_cpu')}", flush=True)  # fmt: skip
+        print(f"{name} | {fast:,.0f} | {same:,.0f} | {fast / same:.2f}x | {plain:,.0f} | "
+              f"{fast / plain:.2f}x | {alone:,.0f} | {cpu('server_cpu')} | {cpu('broker_cpu')} | "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
