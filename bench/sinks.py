@@ -15,7 +15,8 @@ sink take their runs in turns.  A row's rate is MESSAGES over the time from the 
 first byte to the sink's last confirmation.  Beside them, where the time goes: the same sink
 fed pre-built batches with no receiving at all ("sink alone": client library and broker), the
 two servers with a sink that discards ("receive alone"), and the CPU seconds the server
-process and the broker used per 100,000 messages.
+process, the broker and the generator (which shares the broker's CPU) used per 100,000
+messages.
 
 Needs redis-server and nats-server on PATH (or /usr/sbin) and fastsock's test extra (the
 client libraries); the ratios in one run are the result, not the absolute rates.
@@ -294,7 +295,7 @@ def load_child(port, messages):
         thread.start()
     for thread in threads:
         thread.join()
-    print(json.dumps({"start": start}), flush=True)
+    print(json.dumps({"start": start, "cpu": cpu_seconds()}), flush=True)
 
 
 # -- The coordinator ---------------------------------------------------------------------------
@@ -324,15 +325,16 @@ def run_row(kind, url, messages, broker_cpu):
     port = report_of(server)["port"]
     broker_before = broker_cpu()
     load = child("load", port, messages)
-    start = report_of(load)["start"]
+    generator = report_of(load)
     done = report_of(server)
     broker_used = broker_cpu() - broker_before
     load.wait()
     server.wait()
     return {
-        "rate": messages / (done["done"] - start),
+        "rate": messages / (done["done"] - generator["start"]),
         "server_cpu": done["cpu"],
         "broker_cpu": broker_used,
+        "generator_cpu": generator["cpu"],
     }
 
 
@@ -468,7 +470,7 @@ def main():
     header = ("sink", "fastsock msg/s", "asyncio + sink class msg/s", "ratio",
               "asyncio + client API msg/s", "ratio", "sink alone msg/s",
               "server CPU s/100k (fastsock, sink class, client API)",
-              "broker CPU s/100k (same)")  # fmt: skip
+              "broker CPU s/100k (same)", "generator CPU s/100k (same)")  # fmt: skip
     print(" | ".join(header))
     for name in options.sinks.split(","):
         rows, alone = bench_sink(name, messages, options.runs)
@@ -480,6 +482,7 @@ def main():
 
         print(f"{name} | {fast:,.0f} | {same:,.0f} | {fast / same:.2f}x | {plain:,.0f} | "
               f"{fast / plain:.2f}x | {alone:,.0f} | {cpu('server_cpu')} | {cpu('broker_cpu')} | "
+              f"{cpu('generator_cpu')} | "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 
 
