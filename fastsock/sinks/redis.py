@@ -181,7 +181,8 @@ class RedisStreamSink:
                 except redis.ResponseError as error:
                     failure = failure or error
                 else:
-                    self._chunks_added += failure is None
+                    if failure is None:
+                        self._chunks_added += 1
         except BaseException:
             # Replies may be left unread: the connection's state is unknown.
             connection.disconnect()
