@@ -5,7 +5,7 @@ class (same client library, same encoding: the receiving compared), and with the
 library's ordinary API as a user would write it (redis-py's pipeline of XADDs, nats-py's
 JetStream publish per message, confluent-kafka's produce and flush: the issue's comparison).
 
-    python bench/sinks.py                           # redis, nats, kafka: about 3 minutes
+    python bench/sinks.py                           # redis, nats, kafka: about 5 minutes
     python bench/sinks.py --sinks redis --messages 400000 --runs 3
 
 Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
