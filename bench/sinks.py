@@ -1,8 +1,11 @@
 """Broker sinks: fastsock's receive path and pipeline against a plain asyncio server loop,
-both writing into the same broker with the same sink class (same client library, same batches
-of GET_MANY_DEFAULT messages), from 16 connections of 64-byte lines.
+all writing into the same broker in the same batches of GET_MANY_DEFAULT messages, from 16
+connections of 64-byte lines.  The asyncio loop writes twice over: with fastsock's own sink
+class (same client library, same encoding: the receiving compared), and with the client
+library's ordinary API as a user would write it (redis-py's pipeline of XADDs, nats-py's
+JetStream publish per message, confluent-kafka's produce and flush: the issue's comparison).
 
-    python bench/sinks.py                           # redis, nats, kafka: about 3 minutes
+    python bench/sinks.py                           # redis, nats, kafka: about 5 minutes
     python bench/sinks.py --sinks redis --messages 400000 --runs 3
 
 Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
@@ -12,7 +15,8 @@ sink take their runs in turns.  A row's rate is MESSAGES over the time from the 
 first byte to the sink's last confirmation.  Beside them, where the time goes: the same sink
 fed pre-built batches with no receiving at all ("sink alone": client library and broker), the
 two servers with a sink that discards ("receive alone"), and the CPU seconds the server
-process and the broker used per 100,000 messages.
+process, the broker and the generator (which shares the broker's CPU) used per 100,000
+messages.
 
 Needs redis-server and nats-server on PATH (or /usr/sbin) and fastsock's test extra (the
 client libraries); the ratios in one run are the result, not the absolute rates.
@@ -99,16 +103,26 @@ def serve_fastsock(url, messages, ready):
     return server
 
 
-def serve_asyncio(url, messages, ready):
+def serve_asyncio(url, messages, ready, plain=False):
     """The plain loop: an asyncio server reading lines with StreamReader.readline() into a
-    list, a task handing the sink batches of the same size as the pipeline's, a synchronous
-    sink's writes in the default executor so reading goes on meanwhile."""
+    list, a task handing batches of the same size as the pipeline's to fastsock's sink class
+    (a synchronous sink's writes in the default executor, so reading goes on meanwhile), or
+    with plain, to the client library's ordinary API as a user would call it."""
     from fastsock.constants import GET_MANY_DEFAULT
     from fastsock.pipeline import Message, is_async_sink
 
-    sink = open_bench_sink(url)
-
     async def main():
+        if plain:
+            write = await plain_writer(url)
+        else:
+            sink = open_bench_sink(url)
+            if is_async_sink(sink):
+                write = sink.write
+            else:
+
+                async def write(batch):
+                    await loop.run_in_executor(None, sink.write, batch)
+
         pending = []
         arrived = asyncio.Event()
         connection_ids = iter(range(1, 1 << 62))
@@ -135,14 +149,78 @@ def serve_asyncio(url, messages, ready):
                 continue
             batch = pending[:GET_MANY_DEFAULT]
             del pending[:GET_MANY_DEFAULT]
-            if is_async_sink(sink):
-                await sink.write(batch)
-            else:
-                await loop.run_in_executor(None, sink.write, batch)
+            await write(batch)
             delivered += len(batch)
         server.close()
 
     asyncio.run(main())
+
+
+async def plain_writer(url):
+    """A coroutine writing one batch with the client library's ordinary API, the same
+    fields or headers as fastsock's sink, and returning once the broker confirmed it all:
+    redis-py's asyncio pipeline of one XADD per message, nats-py's JetStream publish per
+    message gathered, confluent-kafka's produce per message and a flush."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    name = parts.path.lstrip("/")
+    if parts.scheme == "redis":
+        import redis.asyncio
+
+        client = redis.asyncio.Redis(host=parts.hostname, port=parts.port)
+
+        async def write(batch):
+            pipeline = client.pipeline(transaction=False)
+            for connection, peer, payload in batch:
+                pipeline.xadd(name, {"payload": payload, "connection": connection, "peer": peer})
+            await pipeline.execute()
+
+    elif parts.scheme == "nats":
+        import uuid
+
+        import nats
+
+        jetstream = (await nats.connect(f"nats://{parts.netloc}")).jetstream()
+        producer, sequences = uuid.uuid4().hex, iter(range(1 << 62))
+
+        async def write(batch):
+            await asyncio.gather(
+                *(
+                    jetstream.publish(
+                        name,
+                        payload,
+                        headers={
+                            "Nats-Msg-Id": f"{producer}-{next(sequences)}",
+                            "Fastsock-Connection": str(connection),
+                            "Fastsock-Peer": peer,
+                        },
+                    )
+                    for connection, peer, payload in batch
+                )
+            )
+
+    elif parts.scheme == "kafka":
+        import confluent_kafka
+
+        producer = confluent_kafka.Producer(
+            {"bootstrap.servers": parts.netloc, "acks": "all", "enable.idempotence": True,
+             "linger.ms": 5, "log_level": 3}
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+
+        async def write(batch):
+            for connection, peer, payload in batch:
+                key = str(connection)
+                headers = {"fastsock-connection": key, "fastsock-peer": peer}
+                producer.produce(name, payload, key, headers=headers)
+                producer.poll(0)
+            if await loop.run_in_executor(None, producer.flush, 30):
+                raise RuntimeError("kafka: messages left unconfirmed")
+
+    else:
+        raise SystemExit(f"no plain client loop for {url}")
+    return write
 
 
 def serve_child(kind, url, messages):
@@ -153,7 +231,10 @@ def serve_child(kind, url, messages):
     def ready(port):
         print(json.dumps({"port": port}), flush=True)
 
-    result = (serve_fastsock if kind == "fastsock" else serve_asyncio)(url, messages, ready)
+    if kind == "fastsock":
+        result = serve_fastsock(url, messages, ready)
+    else:
+        result = serve_asyncio(url, messages, ready, plain=kind == "plain")
     done = time.monotonic()
     print(json.dumps({"done": done, "cpu": cpu_seconds() - started}), flush=True)
     if result is not None:
@@ -214,7 +295,7 @@ def load_child(port, messages):
         thread.start()
     for thread in threads:
         thread.join()
-    print(json.dumps({"start": start}), flush=True)
+    print(json.dumps({"start": start, "cpu": cpu_seconds()}), flush=True)
 
 
 # -- The coordinator ---------------------------------------------------------------------------
@@ -244,15 +325,16 @@ def run_row(kind, url, messages, broker_cpu):
     port = report_of(server)["port"]
     broker_before = broker_cpu()
     load = child("load", port, messages)
-    start = report_of(load)["start"]
+    generator = report_of(load)
     done = report_of(server)
     broker_used = broker_cpu() - broker_before
     load.wait()
     server.wait()
     return {
-        "rate": messages / (done["done"] - start),
+        "rate": messages / (done["done"] - generator["start"]),
         "server_cpu": done["cpu"],
         "broker_cpu": broker_used,
+        "generator_cpu": generator["cpu"],
     }
 
 
@@ -352,11 +434,11 @@ async def add_nats_stream(port):
 
 
 def bench_sink(name, messages, runs):
-    rows = {"fastsock": [], "asyncio": []}
+    rows = {"fastsock": [], "asyncio": [], "plain": []}
     with tempfile.TemporaryDirectory() as directory, broker(name, directory) as (url, broker_cpu):
         alone = sink_alone(url(), messages)
         for run in range(runs):
-            order = ["fastsock", "asyncio"] if run % 2 == 0 else ["asyncio", "fastsock"]
+            order = list(rows)[run % 3 :] + list(rows)[: run % 3]
             for kind in order:
                 rows[kind].append(run_row(kind, url(), messages, broker_cpu))
                 print(f"  {name} {kind} run {run + 1}: {rows[kind][-1]['rate']:,.0f} msg/s",
@@ -385,20 +467,23 @@ def main():
     print("receive alone (a sink that discards): fastsock "
           f"{median(null_rows['fastsock'], 'rate'):,.0f} msg/s, asyncio loop "
           f"{median(null_rows['asyncio'], 'rate'):,.0f} msg/s")  # fmt: skip
-    header = ("sink", "fastsock msg/s", "asyncio msg/s", "ratio", "sink alone msg/s",
-              "server CPU s/100k (fastsock, asyncio)",
-              "broker CPU s/100k (fastsock, asyncio)")  # fmt: skip
+    header = ("sink", "fastsock msg/s", "asyncio + sink class msg/s", "ratio",
+              "asyncio + client API msg/s", "ratio", "sink alone msg/s",
+              "server CPU s/100k (fastsock, sink class, client API)",
+              "broker CPU s/100k (same)", "generator CPU s/100k (same)")  # fmt: skip
     print(" | ".join(header))
     for name in options.sinks.split(","):
         rows, alone = bench_sink(name, messages, options.runs)
-        fast, plain = median(rows["fastsock"], "rate"), median(rows["asyncio"], "rate")
+        fast, same, plain = (median(rows[kind], "rate") for kind in rows)
         per = 100_000 / messages
 
         def cpu(field, per=per, rows=rows):
             return ", ".join(f"{median(rows[kind], field) * per:.2f}" for kind in rows)
 
-        print(f"{name} | {fast:,.0f} | {plain:,.0f} | {fast / plain:.2f}x | {alone:,.0f} | "
-              f"{cpu('server_cpu')} | {cpu('broker_cpu')}", flush=True)  # fmt: skip
+        print(f"{name} | {fast:,.0f} | {same:,.0f} | {fast / same:.2f}x | {plain:,.0f} | "
+              f"{fast / plain:.2f}x | {alone:,.0f} | {cpu('server_cpu')} | {cpu('broker_cpu')} | "
+              f"{cpu('generator_cpu')} | "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -264,3 +264,12 @@ stalls holds its one thread for no longer than this."""
 METRICS_MAX_REQUEST_BYTES = 8192
 """Bytes of request line and headers a scrape may send: Prometheus sends about 300; more is
 refused (431) rather than buffered."""
+
+REDIS_CHUNK_MESSAGES = 512
+"""Messages per script call of the Redis sink: a batch of GET_MANY_DEFAULT goes out as 8 calls
+back to back, so Redis adds one chunk while the sink encodes the next, and a chunk's
+arguments stay far below Lua's stack limits."""
+
+NATS_CHUNK_MESSAGES = 512
+"""Messages the NATS sink publishes before it lets nats-py's flusher send them: JetStream stores
+one chunk while the sink encodes the next, instead of waiting for the whole batch."""

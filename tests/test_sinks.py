@@ -56,6 +56,7 @@ def write_through(url, batches):
 # -- Redis Streams -----------------------------------------------------------------------------
 
 redis_sink = pytest.importorskip("fastsock.sinks.redis")
+redis = pytest.importorskip("redis")
 
 
 def test_redis_batches_are_read_back_in_order_with_their_source(tmp_path):
@@ -110,22 +111,78 @@ def test_redis_down_is_retryable_and_the_retry_resumes_after_a_restart(tmp_path)
 
 
 def test_redis_retry_of_a_batch_committed_unknowingly_adds_nothing(tmp_path):
-    """The connection broke after EXEC went out: Redis committed the batch, but the sink got
-    no reply, so it raised SinkUnavailable and the pipeline retries the same batch."""
+    """The connection broke after the chunks went out: Redis added them all, but the sink
+    read only the first reply, so it raised SinkUnavailable and the pipeline retries the
+    same batch."""
     with redis_server(tmp_path) as broker:
-        sink = redis_sink.RedisStreamSink(stream="ingest", port=broker.port)
-        batch = numbered_batch(0)
+        sink = redis_sink.RedisStreamSink(stream="ingest", port=broker.port, chunk_messages=64)
         sink.write(numbered_batch(1))
-        # What a write does up to EXEC, then the reply lost: the batch is left unconfirmed.
-        sink._batch_number += 1
-        sink._unconfirmed = batch
-        sink._commit(batch)
+        pool = sink._client.connection_pool
+        connection = pool.get_connection()
+        replies = []
+
+        def reply_then_lost_connection(*args, **kwargs):
+            if replies:
+                del connection.read_response
+                raise redis.ConnectionError("connection lost")
+            replies.append(type(connection).read_response(connection, *args, **kwargs))
+            return replies[-1]
+
+        connection.read_response = reply_then_lost_connection
+        pool.release(connection)
+        batch = numbered_batch(0)
+        with pytest.raises(SinkUnavailable, match="connection lost"):
+            sink.write(batch)
+        assert replies == [1]
         sink.write(batch)
         sink.write(numbered_batch(2))
         sink.close()
         entries = redis_stream_entries(broker.port, "ingest")
     assert [entry[b"payload"] for entry in entries] == expected_payloads(
         [numbered_batch(1), batch, numbered_batch(2)]
+    )
+
+
+def test_redis_chunk_after_one_not_added_adds_nothing(tmp_path):
+    """A batch's chunks go out back to back; one that failed must not leave the next ones
+    added, or the retry (which skips what the marker says was added) would lose it."""
+    with redis_server(tmp_path) as broker:
+        sink = redis_sink.RedisStreamSink(stream="ingest", port=broker.port, chunk_messages=64)
+        sink.write(numbered_batch(1))
+        client = redis.Redis(port=broker.port)
+        # The chunk numbered after the next one, chained to a predecessor never sent.
+        sink._first_chunk = sink._next_chunk + 1
+        command = sink._chunk_command(0, True, numbered_batch(2)[:64])
+        connection = client.connection_pool.get_connection()
+        connection.send_packed_command([command])
+        with pytest.raises(redis.ResponseError, match="FASTSOCKGAP"):
+            connection.read_response()
+        client.close()
+        sink.write(numbered_batch(3))
+        sink.close()
+        entries = redis_stream_entries(broker.port, "ingest")
+    assert [entry[b"payload"] for entry in entries] == expected_payloads(
+        [numbered_batch(1), numbered_batch(3)]
+    )
+
+
+def test_redis_refusal_for_now_is_retryable_and_the_retry_adds_the_batch_once(tmp_path):
+    """Out of memory (maxmemory reached): the write is retryable; once Redis has room, the
+    same batch is added once, its chunks in order."""
+    with redis_server(tmp_path) as broker:
+        sink = redis_sink.RedisStreamSink(stream="ingest", port=broker.port, chunk_messages=64)
+        sink.write(numbered_batch(1))
+        admin = redis.Redis(port=broker.port)
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(SinkUnavailable, match="maxmemory"):
+            sink.write(numbered_batch(2))
+        admin.config_set("maxmemory", 0)
+        sink.write(numbered_batch(2))
+        sink.close()
+        admin.close()
+        entries = redis_stream_entries(broker.port, "ingest")
+    assert [entry[b"payload"] for entry in entries] == expected_payloads(
+        [numbered_batch(1), numbered_batch(2)]
     )
 
 
@@ -257,6 +314,12 @@ def test_nats_a_message_the_stream_refuses_is_a_fatal_error(tmp_path):
 
         with pytest.raises(nats_sink.JetStreamRefused, match="refused 1 messages"):
             asyncio.run(write())
+
+
+@pytest.mark.parametrize("subject", ["", "ingest lines", "ingest\r\nPUB x 1"])
+def test_nats_subject_that_is_no_subject_is_refused_clearly(subject):
+    with pytest.raises(ValueError, match="not a NATS subject"):
+        nats_sink.NatsJetStreamSink(subject=subject)
 
 
 def test_nats_no_server_is_retryable():
