@@ -3,7 +3,10 @@
 that it belongs to no producer of the test.  It listens on loopback ports, where the sink
 under test (in this process or in a ``fastsock serve`` child) and the reader connect to it as
 to any Kafka broker; ``stop`` closes every connection and refuses new ones, ``start`` accepts
-them again on the same ports, and the partitions keep what they held."""
+them again on the same ports, and the partitions keep what they held.  Unlike a real broker,
+the mock checks producer sequence numbers for transactional producers only: it appends again
+what an idempotent producer retries after a lost reply, so a test that wants no duplicate
+takes the brokers down while no reply is outstanding."""
 
 import ctypes
 import ctypes.util
@@ -41,6 +44,8 @@ def _librdkafka():
         ("rd_kafka_mock_cluster_destroy", None, [ctypes.c_void_p]),
         ("rd_kafka_mock_broker_set_down", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int32]),
         ("rd_kafka_mock_broker_set_up", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int32]),
+        ("rd_kafka_mock_broker_set_rtt", ctypes.c_int,
+         [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]),
     ):  # fmt: skip
         function = getattr(library, name)
         function.restype, function.argtypes = result, arguments
@@ -77,8 +82,13 @@ class KafkaMockCluster:
         """Every broker up again, on the same ports, with the partitions as they were."""
         self._check("set_up", self._library.rd_kafka_mock_broker_set_up)
 
-    def _check(self, what, function):
-        error = function(self._cluster, ALL_BROKERS)
+    def delay_replies(self, milliseconds):
+        """Every broker holds each reply that long after handling its request: a request can
+        be in the log and its reply still unsent when the broker goes down."""
+        self._check("set_rtt", self._library.rd_kafka_mock_broker_set_rtt, milliseconds)
+
+    def _check(self, what, function, *arguments):
+        error = function(self._cluster, ALL_BROKERS, *arguments)
         if error:
             raise RuntimeError(f"rd_kafka_mock_broker_{what}: error {error}")
 

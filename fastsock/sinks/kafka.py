@@ -2,9 +2,16 @@
 and idempotence, and a batch confirmed only when every message's delivery report is OK.
 
 When the broker is slow or away, ``write`` reports it unavailable after its timeout but leaves
-the batch's messages with librdkafka, which keeps retrying them itself (idempotence keeps those
-retries from duplicating or reordering anything); the pipeline's retry of the same batch then
-waits for the reports still missing and produces again only the messages that failed.
+the batch's messages with librdkafka, which keeps retrying them itself, with no deadline of its
+own (``message.timeout.ms`` 0); the pipeline's retry of the same batch then waits for the
+reports still missing and produces again only the messages whose report said they failed.
+
+A message reaches the topic twice only when librdkafka sent it, the reply was lost (the
+connection broke, the request timed out) and then either the broker does not recognise the
+retry (idempotence off on the broker's side; librdkafka's mock cluster checks sequence numbers
+for transactional producers only), or the message failed locally after being sent: a
+``message.timeout.ms`` given in the URL ran out, librdkafka reports ``_MSG_TIMED_OUT``, and the
+sink produces it again as a new message.
 """
 
 import functools
