@@ -244,10 +244,11 @@ KAFKA_LINGER_MS = 5
 """librdkafka's linger.ms: a batch handed to the Kafka sink is produced all at once, so a
 short linger fills the broker's batches without delaying the acks the pipeline waits for."""
 
-KAFKA_MESSAGE_TIMEOUT_MS = 300_000
-"""librdkafka's message.timeout.ms: how long it keeps retrying a produced message itself (with
-idempotence, without duplicating it) while the sink reports the broker unavailable and the
-pipeline waits; past it the message fails and the sink produces it again."""
+KAFKA_MESSAGE_TIMEOUT_MS = 0
+"""librdkafka's message.timeout.ms, 0 for none: librdkafka retries a produced message itself
+(idempotently: the same sequence number, which the broker recognises) until the broker takes
+it, while the sink reports the broker unavailable and the pipeline waits; a timeout would fail
+a message possibly already written, which the sink would then produce again as a new one."""
 
 
 # -- Metrics (fastsock serve --metrics, fastsock.metrics.MetricsHTTPServer) ---------------

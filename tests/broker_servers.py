@@ -1,8 +1,9 @@
 """Real brokers for the sink tests, started on free loopback ports and stopped by the tests:
 Debian's redis-server (AOF with ``appendfsync always``, so a restart keeps every entry it
 acknowledged) and nats-server (JetStream on, its store in a temporary directory), both
-installed by ``.ci/run``; and Kafka as librdkafka's mock cluster, which listens on a real
-loopback port, so the sink under test and the reader are ordinary clients of it."""
+installed by ``.ci/run``; and Kafka as librdkafka's mock cluster (``tests.kafka_mock``), which
+listens on a real loopback port, so the sink under test and the reader are ordinary clients
+of it."""
 
 import asyncio
 import contextlib
@@ -142,14 +143,12 @@ def redis_stream_entries(port, stream):
 
 @contextlib.contextmanager
 def kafka_mock_cluster():
-    """librdkafka's mock cluster (one broker), held by a producer kept open; yields its
-    bootstrap servers ("127.0.0.1:port")."""
-    import confluent_kafka
+    """librdkafka's mock cluster (one broker); yields its bootstrap servers
+    ("127.0.0.1:port")."""
+    from tests.kafka_mock import KafkaMockCluster
 
-    holder = confluent_kafka.Producer({"test.mock.num.brokers": 1, "log_level": 3})
-    brokers = holder.list_topics(timeout=NETWORK_TIMEOUT).brokers.values()
-    yield ",".join(f"{broker.host}:{broker.port}" for broker in brokers)
-    holder.flush(0)
+    with KafkaMockCluster() as cluster:
+        yield cluster.bootstrap_servers
 
 
 def kafka_topic_messages(bootstrap_servers, topic, count):
@@ -176,5 +175,25 @@ def kafka_topic_messages(bootstrap_servers, topic, count):
                 headers = dict(message.headers() or [])
                 messages.append((message.partition(), message.key(), headers, message.value()))
         return messages
+    finally:
+        consumer.close()
+
+
+def kafka_topic_size(bootstrap_servers, topic):
+    """How many messages the topic holds: the sum of its partitions' high watermarks (the
+    sink never deletes, so every partition starts at offset 0)."""
+    import confluent_kafka
+
+    consumer = confluent_kafka.Consumer(
+        {"bootstrap.servers": bootstrap_servers, "group.id": "sizer", "log_level": 3}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=NETWORK_TIMEOUT).topics[topic].partitions
+        return sum(
+            consumer.get_watermark_offsets(
+                confluent_kafka.TopicPartition(topic, partition), timeout=NETWORK_TIMEOUT
+            )[1]
+            for partition in partitions
+        )
     finally:
         consumer.close()

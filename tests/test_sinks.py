@@ -2,7 +2,9 @@
 nats-server started by the test on loopback, Kafka as librdkafka's mock cluster.  Each sink
 writes batches that are read back from the stream, subject or topic with their source fields;
 a stopped server makes a write raise SinkUnavailable, and after a restart the pipeline's retry
-of the same batch resumes, without losing or duplicating a message."""
+of the same batch resumes, without losing or duplicating a message.  For Kafka also a broker
+down longer than librdkafka's message.timeout.ms, a broker slower than the write timeout, and
+the one case where the retry writes a message twice."""
 
 import asyncio
 
@@ -13,12 +15,14 @@ from tests.broker_servers import (
     add_nats_stream,
     kafka_mock_cluster,
     kafka_topic_messages,
+    kafka_topic_size,
     nats_server,
     nats_stream_messages,
     redis_server,
     redis_stream_entries,
 )
-from tests.support import LOCALHOST, free_port
+from tests.kafka_mock import KafkaMockCluster
+from tests.support import LOCALHOST, NETWORK_TIMEOUT, free_port
 
 BATCHES = 5
 BATCH_SIZE = 200
@@ -337,12 +341,9 @@ def test_nats_no_server_is_retryable():
 kafka_sink = pytest.importorskip("fastsock.sinks.kafka")
 
 
-def test_kafka_batches_are_read_back_in_per_source_order_with_their_source():
-    batches = [numbered_batch(number) for number in range(BATCHES)]
-    sent = [message for batch in batches for message in batch]
-    with kafka_mock_cluster() as bootstrap:
-        write_through(f"kafka://{bootstrap}/ingest", batches)
-        messages = kafka_topic_messages(bootstrap, "ingest", len(sent))
+def check_kafka_messages(messages, sent):
+    """messages, as read from the topic, are exactly sent: each source's (a connection's, a
+    datagram sender's) in one partition in the order sent, with its key and headers."""
     assert sorted(value for *_, value in messages) == sorted(message.payload for message in sent)
     # Keyed by connection (a datagram sender: by peer): one source's messages share a
     # partition, in the order sent.
@@ -362,6 +363,15 @@ def test_kafka_batches_are_read_back_in_per_source_order_with_their_source():
             assert headers[kafka_sink.CONNECTION_HEADER] == b"%d" % message.connection_id
 
 
+def test_kafka_batches_are_read_back_in_per_source_order_with_their_source():
+    batches = [numbered_batch(number) for number in range(BATCHES)]
+    sent = [message for batch in batches for message in batch]
+    with kafka_mock_cluster() as bootstrap:
+        write_through(f"kafka://{bootstrap}/ingest", batches)
+        messages = kafka_topic_messages(bootstrap, "ingest", len(sent))
+    check_kafka_messages(messages, sent)
+
+
 def test_kafka_no_broker_is_retryable_and_the_messages_stay_queued():
     sink = kafka_sink.KafkaSink(
         topic="ingest",
@@ -377,6 +387,113 @@ def test_kafka_no_broker_is_retryable_and_the_messages_stay_queued():
         sink.write(batch)
     assert len(sink._producer) == BATCH_SIZE
     sink._producer.purge()
+
+
+KAFKA_MESSAGE_TIMEOUT_MS = 2000
+"""A message.timeout.ms given in the URL: long enough for the first write's connection and
+metadata, short enough for the test to outlast it."""
+KAFKA_SLOW_REPLIES_MS = 2 * KAFKA_MESSAGE_TIMEOUT_MS
+
+
+def kafka_sink_for(broker, write_timeout, **config):
+    return kafka_sink.KafkaSink(
+        topic="ingest",
+        bootstrap_servers=broker.bootstrap_servers,
+        config={"log_level": 0, **config},
+        write_timeout=write_timeout,
+    )
+
+
+def write_until_confirmed(sink, batch):
+    for _ in range(20):
+        try:
+            sink.write(batch)
+            return
+        except SinkUnavailable:
+            pass
+    pytest.fail("the Kafka sink did not resume")
+
+
+def kafka_messages(broker):
+    """Every message the topic holds."""
+    size = kafka_topic_size(broker.bootstrap_servers, "ingest")
+    messages = kafka_topic_messages(broker.bootstrap_servers, "ingest", size)
+    assert len(messages) == size
+    return messages
+
+
+def kafka_payloads(broker):
+    return sorted(value for *_, value in kafka_messages(broker))
+
+
+def write_through_an_outage(sink, broker, refusal):
+    """A batch written, the broker stopped, the next batch refused twice as refusal says,
+    the broker started: both batches end up in the topic exactly once, in order."""
+    first, second = numbered_batch(0), numbered_batch(1)
+    write_until_confirmed(sink, first)
+    broker.stop()
+    for _ in range(2):
+        with pytest.raises(SinkUnavailable, match=refusal):
+            sink.write(second)
+    broker.start()
+    write_until_confirmed(sink, second)
+    sink.close()
+    check_kafka_messages(kafka_messages(broker), first + second)
+
+
+def test_kafka_down_longer_than_message_timeout_is_retryable_and_loses_nothing():
+    """Messages that time out in librdkafka before they were ever sent fail the write as
+    unavailable; the retry produces them again, once."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(
+            broker, NETWORK_TIMEOUT, **{"message.timeout.ms": KAFKA_MESSAGE_TIMEOUT_MS}
+        )
+        write_through_an_outage(sink, broker, f"timed out.*{BATCH_SIZE} of {BATCH_SIZE}")
+
+
+def test_kafka_full_local_queue_is_retryable_and_keeps_each_source_in_order():
+    """librdkafka's queue takes a quarter of the batch while the broker is down: the rest is
+    refused from the first message it has no room for, and produced again by the retries
+    in the same order."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(
+            broker, SHORT_TIMEOUT, **{"queue.buffering.max.messages": BATCH_SIZE // 4}
+        )
+        write_through_an_outage(sink, broker, f"{BATCH_SIZE // 4} of {BATCH_SIZE}")
+
+
+def test_kafka_broker_slower_than_the_write_timeout_gets_each_message_once():
+    """The retry of a batch still in flight waits for its reports: nothing produced again."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(broker, SHORT_TIMEOUT)
+        first, second = numbered_batch(0), numbered_batch(1)
+        write_until_confirmed(sink, first)
+        broker.delay_replies(KAFKA_SLOW_REPLIES_MS)
+        with pytest.raises(SinkUnavailable, match="not confirmed"):
+            sink.write(second)
+        write_until_confirmed(sink, second)
+        broker.delay_replies(0)
+        sink.close()
+        assert kafka_payloads(broker) == sorted(expected_payloads([first, second]))
+
+
+def test_kafka_message_timed_out_after_it_was_sent_is_written_twice():
+    """The one way the sink itself duplicates: a message.timeout.ms that runs out while the
+    broker holds the message and its reply is still on the way; the retry produces the
+    message again, as a new one."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(
+            broker, NETWORK_TIMEOUT, **{"message.timeout.ms": KAFKA_MESSAGE_TIMEOUT_MS}
+        )
+        first, second = numbered_batch(0), numbered_batch(1)
+        write_until_confirmed(sink, first)
+        broker.delay_replies(KAFKA_SLOW_REPLIES_MS)
+        with pytest.raises(SinkUnavailable, match="timed out"):
+            sink.write(second)
+        broker.delay_replies(0)
+        write_until_confirmed(sink, second)
+        sink.close()
+        assert kafka_payloads(broker) == sorted(expected_payloads([first, second, second]))
 
 
 def test_kafka_settings_its_guarantees_rest_on_cannot_be_overridden():

@@ -1,9 +1,10 @@
 """``fastsock serve --sink`` into real brokers, end to end: several TCP senders, a known set of
 numbered lines, everything read back from the Redis stream, the JetStream subject or the
 Kafka topic exactly once and in each connection's order.  The broker stopped mid-run and
-started again loses nothing: the counters show the sink's retries and the receive loops
-held back (backpressure) while the ring was full, and delivery resumes.  SIGTERM delivers
-what was received before the process exits."""
+started again (the redis-server or nats-server process; every broker of Kafka's mock cluster,
+through librdkafka's mock API) loses nothing: the counters show the sink's retries and the
+receive loops held back (backpressure) while the ring was full, and delivery resumes.
+SIGTERM delivers what was received before the process exits."""
 
 import collections
 import re
@@ -14,13 +15,14 @@ import urllib.request
 import pytest
 
 from tests.broker_servers import (
-    kafka_mock_cluster,
     kafka_topic_messages,
+    kafka_topic_size,
     nats_server,
     nats_stream_messages,
     redis_server,
     redis_stream_entries,
 )
+from tests.kafka_mock import KafkaMockCluster
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, start_thread
 from tests.test_cli import PipedServeProcess
 
@@ -129,6 +131,17 @@ def redis_records(port):
     ]
 
 
+def kafka_messages(bootstrap_servers, count):
+    """The topic's messages, after checking that it holds count, no more (a duplicate) and
+    no fewer."""
+    assert kafka_topic_size(bootstrap_servers, "ingest") == count
+    return kafka_topic_messages(bootstrap_servers, "ingest", count)
+
+
+def kafka_records(messages):
+    return [(headers["fastsock-connection"], value) for _, _, headers, value in messages]
+
+
 def nats_records(port):
     return [
         (headers["Fastsock-Connection"], payload)
@@ -164,12 +177,11 @@ def test_serve_into_nats_delivers_every_line_once_in_order(tmp_path, sink_serve)
 
 
 def test_serve_into_kafka_delivers_every_line_once_in_order(tmp_path, sink_serve):
-    with kafka_mock_cluster() as bootstrap:
-        server = sink_serve(f"kafka://{bootstrap}/ingest?log_level=3")
+    with KafkaMockCluster() as broker:
+        server = sink_serve(f"kafka://{broker.bootstrap_servers}/ingest?log_level=3")
         sent = send_through(server, LINES)
-        messages = kafka_topic_messages(bootstrap, "ingest", SENDERS * LINES)
-    records = [(headers["fastsock-connection"], value) for _, _, headers, value in messages]
-    check_exactly_once_in_order(records, sent)
+        messages = kafka_messages(broker.bootstrap_servers, SENDERS * LINES)
+    check_exactly_once_in_order(kafka_records(messages), sent)
     # Keyed by connection: a connection's messages share a partition.
     partitions = collections.defaultdict(set)
     for partition, key, headers, _ in messages:
@@ -225,6 +237,18 @@ def test_nats_stopped_mid_run_loses_nothing_and_delivery_resumes(tmp_path, sink_
         outage(server, broker)
         records = nats_records(broker.port)
     check_exactly_once_in_order(records, expected_after_outage())
+
+
+@pytest.mark.slow
+@pytest.mark.watchdog(180)
+def test_kafka_stopped_mid_run_loses_nothing_and_delivery_resumes(tmp_path, sink_serve):
+    with KafkaMockCluster() as broker:
+        server = sink_serve(
+            f"kafka://{broker.bootstrap_servers}/ingest?log_level=0&write_timeout=1"
+        )
+        outage(server, broker)
+        messages = kafka_messages(broker.bootstrap_servers, SENDERS * OUTAGE_LINES)
+    check_exactly_once_in_order(kafka_records(messages), expected_after_outage())
 
 
 def expected_after_outage():

@@ -1,13 +1,20 @@
 """A Kafka sink (``pip install 'fastsock[kafka]'``, confluent-kafka on librdkafka): acks=all
-and idempotence, and a batch confirmed only when every message's delivery report is OK.
+and idempotence, and a batch confirmed only once librdkafka holds none of its messages and
+has reported none failed (it reports failures only).
 
 When the broker is slow or away, ``write`` reports it unavailable after its timeout but leaves
-the batch's messages with librdkafka, which keeps retrying them itself (idempotence keeps those
-retries from duplicating or reordering anything); the pipeline's retry of the same batch then
-waits for the reports still missing and produces again only the messages that failed.
+the batch's messages with librdkafka, which keeps retrying them itself, with no deadline of its
+own (``message.timeout.ms`` 0); the pipeline's retry of the same batch then waits for the
+messages still pending and produces again only those reported failed.
+
+A message reaches the topic twice only when librdkafka sent it, the reply was lost (the
+connection broke, the request timed out) and then either the broker does not recognise the
+retry (idempotence off on the broker's side; librdkafka's mock cluster checks sequence numbers
+for transactional producers only), or the message failed locally after being sent: a
+``message.timeout.ms`` given in the URL ran out, librdkafka reports ``_MSG_TIMED_OUT``, and the
+sink produces it again as a new message.
 """
 
-import functools
 import time
 
 import confluent_kafka
@@ -28,8 +35,16 @@ PEER_HEADER = "fastsock-" + SOURCE_PEER
 POLL_SLICE = 0.1
 """Seconds of each wait for delivery reports, so a write's own deadline is kept."""
 
-# What the sink's guarantees rest on: the configuration cannot weaken them.
-_FIXED_CONFIG = {"acks": "all", "enable.idempotence": True}
+# What the sink's guarantees rest on: the configuration cannot weaken them.  Reports of
+# failures only: a message leaves librdkafka's count (len(producer)) when the broker acks it
+# or when its failure is reported, so that count reaching 0 with no failure reported
+# confirms the batch, without a Python call per message.
+_FIXED_CONFIG = {"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True}
+# produce()'s arguments after the key, given by position because parsing its keywords costs
+# more per message than librdkafka's own work: the partition (any: the key's), the
+# delivery callback, its alias on_delivery (None), the timestamp (0: now), the headers.
+_ANY_PARTITION = -1
+_NOW = 0
 _KafkaError = confluent_kafka.KafkaError
 # Failed deliveries that a wait cures, beyond those librdkafka itself calls retriable: a
 # message that timed out while the broker was away, brokers down, a full local queue.
@@ -51,29 +66,13 @@ class KafkaDeliveryError(Exception):
     or a fatal error of the idempotent producer): retrying cannot deliver it."""
 
 
-class _Batch:
-    """The delivery reports of one batch, filled in by librdkafka's callbacks."""
-
-    def __init__(self, messages: list[Message]):
-        self.messages = messages
-        self.awaited = len(messages)
-        self.failed: list[int] = []
-        self.errors: list = []
-
-    def report(self, index: int, error, _message) -> None:
-        self.awaited -= 1
-        if error is not None:
-            self.failed.append(index)
-            self.errors.append(error)
-
-
 class KafkaSink:
     """Produces each message to a Kafka topic, keyed by its connection id (a datagram: by its
     sender's address), so a connection's messages share a partition and keep their order; with
     headers ``fastsock-connection``
     (its connection id, in decimal; absent for datagrams) and ``fastsock-peer``.  ``write``
-    returns once every message's delivery report is OK: with acks=all, every in-sync replica
-    of its partition has it."""
+    returns once librdkafka holds none of the batch's messages and reported none failed: with
+    acks=all, every in-sync replica of each message's partition has it."""
 
     def __init__(
         self,
@@ -101,7 +100,11 @@ class KafkaSink:
                 **_FIXED_CONFIG,
             }
         )
-        self._batch: _Batch | None = None
+        self._unconfirmed: list[Message] | None = None
+        # The failures librdkafka reported, as (error, payload, key, headers, report), in
+        # report order (a partition's in produce order): what the retry of the batch produces
+        # again.  One list for the sink's life: the callbacks of the batch's sources hold it.
+        self._failed: list[tuple] = []
 
     @classmethod
     def from_url(cls, url: str) -> "KafkaSink":
@@ -125,61 +128,70 @@ class KafkaSink:
     def write(self, messages: list[Message]) -> None:
         if not messages:
             return
-        batch = self._batch
-        if batch is None or batch.messages != messages:
-            batch = self._batch = _Batch(list(messages))
-            pending = range(len(messages))
+        if self._unconfirmed is None or self._unconfirmed != messages:
+            self._unconfirmed = list(messages)
+            self._failed.clear()
+            outgoing = _outgoing(messages, self._failed)
         else:
-            pending, batch.failed, batch.errors = batch.failed, [], []
-            batch.awaited += len(pending)
+            outgoing = [failure[1:] for failure in self._failed]
+            self._failed.clear()
         deadline = time.monotonic() + self._write_timeout
-        self._produce(batch, pending, deadline)
-        while batch.awaited:
+        self._produce(outgoing, deadline)
+        producer = self._producer
+        while unconfirmed := len(producer):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SinkUnavailable(
-                    f"kafka {self.bootstrap_servers} {self.topic}: {batch.awaited} of "
+                    f"kafka {self.bootstrap_servers} {self.topic}: {unconfirmed} of "
                     f"{len(messages)} messages not confirmed within {self._write_timeout} s"
                 )
-            self._producer.poll(min(remaining, POLL_SLICE))
-        if batch.errors:
-            fatal = [error for error in batch.errors if not _retryable(error)]
+            producer.poll(min(remaining, POLL_SLICE))
+        if self._failed:
+            errors = [error for error, *_ in self._failed]
+            fatal = [error for error in errors if not _retryable(error)]
             if fatal:
-                self._batch = None
+                self._unconfirmed = None
+                self._failed.clear()
                 raise KafkaDeliveryError(
                     f"kafka {self.bootstrap_servers} {self.topic}: {fatal[0]} "
                     f"({len(fatal)} of {len(messages)} messages)"
                 )
             raise SinkUnavailable(
-                f"kafka {self.bootstrap_servers} {self.topic}: {batch.errors[0]} "
-                f"({len(batch.errors)} of {len(messages)} messages)"
+                f"kafka {self.bootstrap_servers} {self.topic}: {errors[0]} "
+                f"({len(errors)} of {len(messages)} messages)"
             )
-        self._batch = None
+        self._unconfirmed = None
 
-    def _produce(self, batch: _Batch, indexes, deadline: float) -> None:
+    def _produce(self, outgoing, deadline: float) -> None:
+        """Hands librdkafka each (payload, key, headers, report) of outgoing."""
         produce = self._producer.produce
         topic = self.topic
-        for index in indexes:
-            message = batch.messages[index]
-            headers = []
-            if message.connection_id is not None:
-                headers.append((CONNECTION_HEADER, str(message.connection_id)))
-            if message.peer is not None:
-                headers.append((PEER_HEADER, message.peer))
-            # The key picks the partition, so it must not change within a connection: its
-            # id is there for every message, its peer address may be unknown for some.
-            key = message.peer if message.connection_id is None else str(message.connection_id)
-            report = functools.partial(batch.report, index)
-            while True:
-                try:
-                    produce(topic, message.payload, key, on_delivery=report, headers=headers)
-                    break
-                except BufferError:
-                    # librdkafka's queue is full: serve its reports to make room.
-                    if time.monotonic() >= deadline:
-                        report(_KafkaError(_KafkaError._QUEUE_FULL), None)
-                        break
-                    self._producer.poll(POLL_SLICE)
+        outgoing = iter(outgoing)
+        for payload, key, headers, report in outgoing:
+            try:
+                produce(topic, payload, key, _ANY_PARTITION, report, None, _NOW, headers)
+            except BufferError:
+                if not self._produce_when_room(payload, key, headers, report, deadline):
+                    # Refused as one, this message and all after it: a connection's order
+                    # holds on the retry.
+                    error = _KafkaError(_KafkaError._QUEUE_FULL)
+                    self._failed.append((error, payload, key, headers, report))
+                    self._failed.extend((error, *rest) for rest in outgoing)
+                    return
+
+    def _produce_when_room(self, payload, key, headers, report, deadline: float) -> bool:
+        """librdkafka's queue is full: serves its reports to make room until the message is
+        taken (True) or the deadline passes (False)."""
+        while time.monotonic() < deadline:
+            self._producer.poll(POLL_SLICE)
+            try:
+                self._producer.produce(
+                    self.topic, payload, key, _ANY_PARTITION, report, None, _NOW, headers
+                )
+                return True
+            except BufferError:
+                pass
+        return False
 
     def flush(self, timeout: float) -> None:
         """Waits up to timeout for librdkafka to deliver what it still holds."""
@@ -187,6 +199,41 @@ class KafkaSink:
 
     def close(self) -> None:
         self._producer.flush(0)
+
+
+class _Source:
+    """A source's (a connection's, a datagram sender's) key and headers in one batch, and
+    the delivery callback of its messages.  librdkafka reports failures only, and a report
+    carries the payload and the key but not the headers: the callback records the failure
+    with what producing the message again takes."""
+
+    __slots__ = ("key", "headers", "_failed")
+
+    def __init__(self, connection_id: int | None, peer: str | None, failed: list):
+        # The key picks the partition, so it must not change within a connection: its id is
+        # there for every message, its peer address may be unknown for some.
+        headers = [] if peer is None else [(PEER_HEADER, peer)]
+        if connection_id is None:
+            self.key = peer
+        else:
+            self.key = str(connection_id)
+            headers.insert(0, (CONNECTION_HEADER, self.key))
+        self.headers = headers
+        self._failed = failed
+
+    def report(self, error, message) -> None:
+        self._failed.append((error, message.value(), self.key, self.headers, self.report))
+
+
+def _outgoing(messages: list[Message], failed: list):
+    """Each message as (payload, key, headers, report), one _Source per source."""
+    sources = {}
+    for connection_id, peer, payload in messages:
+        produced_as = sources.get((connection_id, peer))
+        if produced_as is None:
+            source = _Source(connection_id, peer, failed)
+            produced_as = sources[connection_id, peer] = (source.key, source.headers, source.report)
+        yield payload, *produced_as
 
 
 def _retryable(error) -> bool:
