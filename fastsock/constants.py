@@ -256,6 +256,11 @@ METRICS_DEFAULT_HOST = "127.0.0.1"
 """Where the metrics server listens when only a port is given: counters tell an outsider how
 busy the server is, so they are served to other hosts only when asked."""
 
+METRICS_MAX_SCRAPES = 8
+"""Scrapes answered at once, each in a thread: Prometheus scrapes a target once an interval,
+so a few cover several scrapers, and connections beyond are closed at once, so that stuck
+or hostile ones cannot make threads without bound."""
+
 METRICS_REQUEST_TIMEOUT = 5.0
 """Seconds a scrape may take to send its request and read the answer: Prometheus answers
 within milliseconds on a live network (its default scrape timeout is 10 s), and a scraper that
