@@ -67,20 +67,20 @@ cdef int socket_option(int fd, int name) except? -1:
     cdef int value = 0
     cdef socklen_t length = sizeof(value)
     if getsockopt(fd, SOL_SOCKET, name, &value, &length) != 0:
-        raise_errno(errno)
+        raise_errno(errno, "getsockopt")
     return value
 
 
 cdef int set_socket_option(int fd, int name, const void* value, socklen_t length) except -1:
     if setsockopt(fd, SOL_SOCKET, name, value, length) != 0:
-        raise_errno(errno)
+        raise_errno(errno, "setsockopt")
     return 0
 
 
 cdef int require_blocking_datagram_socket(int fd) except -1:
     cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
-        raise_errno(errno)
+        raise_errno(errno, "fcntl")
     if socket_option(fd, SO_TYPE) != SOCK_DGRAM:
         raise ValueError(f"fd {fd} is not a datagram socket")
     if flags & O_NONBLOCK:
@@ -94,7 +94,7 @@ cdef class DatagramCounters:
         cdef void* mapping = mmap(NULL, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t),
                                   PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise_errno(errno)
+            raise_errno(errno, "mmap")
         self.values = <uint64_t*>mapping
 
     def __dealloc__(self):

@@ -262,6 +262,10 @@ cdef inline timeval seconds_to_timeval(double seconds) noexcept nogil:
 # -- Errors: C reports, the Python boundary raises ----------------------------------------
 
 # Raises the OSError subclass the stdlib raises for code (ECONNRESET: ConnectionResetError,
-# ...), with strerror's text.
-cdef inline int raise_errno(int code) except -1:
-    raise OSError(code, strerror(code).decode("utf-8", "replace"))
+# ...), with strerror's text, and what failed (the system call) where the stdlib puts the
+# file name: "[Errno 24] Too many open files: 'accept4'".
+cdef inline int raise_errno(int code, object what=None) except -1:
+    text = strerror(code).decode("utf-8", "replace")
+    if what is None:
+        raise OSError(code, text)
+    raise OSError(code, text, what)
