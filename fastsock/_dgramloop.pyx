@@ -23,7 +23,9 @@ from fastsock._native cimport (
     SOCK_DGRAM,
     SOL_SOCKET,
     fastsock_counter_add,
+    fastsock_counter_add_release,
     fastsock_counter_load,
+    fastsock_counter_load_acquire,
     fastsock_read_drops,
     fastsock_receive_datagrams,
     getsockopt,
@@ -43,6 +45,7 @@ from fastsock.constants import (
     DATAGRAM_ANNOUNCE_AFTER,
     DATAGRAM_BATCH,
     DATAGRAM_BUSY_POLL,
+    DATAGRAM_COUNT_WAIT,
     DATAGRAM_MAX_SIZE,
     RECEIVE_CHECK_INTERVAL,
 )
@@ -107,6 +110,14 @@ cdef class DatagramCounters:
     def snapshot(self):
         cdef uint64_t[DATAGRAM_COUNTER_SLOTS] values
         cdef int slot
+        cdef uint64_t started = fastsock_counter_load(&self.values[<int>COUNT_PUBLISHES_STARTED])
+        cdef uint64_t give_up_at = monotonic_ns() + seconds_to_ns(DATAGRAM_COUNT_WAIT)
+        with nogil:
+            # A datagram a consumer took may be in a batch whose counts are still being
+            # added: wait for those (acquire: then their counts are seen whole).
+            while (fastsock_counter_load_acquire(&self.values[<int>COUNT_PUBLISHES_COUNTED])
+                   < started and monotonic_ns() < give_up_at):
+                sched_yield()
         for slot in range(<int>DATAGRAM_COUNTER_SLOTS):
             values[slot] = fastsock_counter_load(&self.values[slot])
         return DatagramStats(
@@ -299,6 +310,8 @@ cdef class DatagramReceiver:
                 offered_bytes += view.length
             self.rearm(index)
         if offered:
+            # Before the ring lock's release makes the batch visible (see snapshot()).
+            self.counters.add(COUNT_PUBLISHES_STARTED, 1)
             published = self.ring.offer_messages(self.views, offered, 0, &published_bytes,
                                                  wake)
         elif wake:
@@ -316,6 +329,8 @@ cdef class DatagramReceiver:
             self.counters.add(COUNT_DROPPED_QUEUE_FULL_BYTES, offered_bytes - published_bytes)
         if truncated:
             self.counters.add(COUNT_TRUNCATED, truncated)
+        if offered:
+            fastsock_counter_add_release(&self.counters.values[<int>COUNT_PUBLISHES_COUNTED], 1)
         return END_RING_CLOSED if closed else END_RECEIVING
 
     cdef DatagramEnd check_in(self) noexcept nogil:

@@ -17,6 +17,8 @@ cdef extern from "fastsock_atomic.h" nogil:
     void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept
     uint64_t fastsock_counter_add_fetch(uint64_t* counter, uint64_t amount) noexcept
     uint64_t fastsock_counter_load(const uint64_t* counter) noexcept
+    void fastsock_counter_add_release(uint64_t* counter, uint64_t amount) noexcept
+    uint64_t fastsock_counter_load_acquire(const uint64_t* counter) noexcept
     void fastsock_counter_store(uint64_t* counter, uint64_t value) noexcept
     void fastsock_word_add(uint32_t* word, uint32_t amount) noexcept
     void fastsock_word_sub(uint32_t* word, uint32_t amount) noexcept

@@ -189,6 +189,12 @@ after a busy batch: a sleeping receiver makes each sender pay to wake it, which 
 a tenth of the delivered rate at 1 M datagrams/s on loopback; the spin costs at most this
 much CPU per burst, and nothing under light traffic (small batches)."""
 
+DATAGRAM_COUNT_WAIT = 0.1
+"""Seconds a datagram server's stats() may wait for the loops to count the batches they have
+published, so that a consumer never sees counters lag what it took: the counts follow each
+publish within microseconds, unless the scheduler takes the loop's core away in between (a
+time slice); bounded, for a prefork worker killed in between."""
+
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""
