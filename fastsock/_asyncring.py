@@ -17,6 +17,7 @@ import os
 import queue
 import time
 
+from fastsock import _timeouts
 from fastsock.constants import RING_ASYNC_RECHECK
 from fastsock.errors import QueueClosed
 
@@ -81,17 +82,8 @@ async def wait_for_data(ring, deadline):
         ring._remove_async_waiter()
 
 
-def _deadline(timeout):
-    if timeout is None:
-        return float("inf")
-    seconds = float(timeout)
-    if not seconds >= 0.0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return time.monotonic() + seconds
-
-
 async def _when_ready(ring, take, timeout):
-    deadline = _deadline(timeout)
+    deadline = _timeouts.deadline(True, timeout)
     while True:
         try:
             return take()

@@ -107,8 +107,9 @@ log rotation (SIGHUP):
   with --output FILE, SIGHUP makes fastsock serve reopen FILE between two batches of
   messages: logrotate can rename the file and send SIGHUP (postrotate kill -HUP PID), and
   every message before the reopen is in the renamed file, every one after in the new FILE,
-  none lost or written twice. Writing to stdout, SIGHUP is ignored (a line on stderr says
-  so). Prefork workers ignore SIGHUP; only this process writes.
+  none lost or written twice. A SIGHUP while the server starts is kept, and acted on once
+  it serves. Writing to stdout, SIGHUP is ignored (a line on stderr says so). Prefork
+  workers ignore SIGHUP; only this process writes.
 
 sinks (--sink URL):
   the messages go to the sink in batches; a batch leaves the queue only once the sink has
@@ -736,25 +737,25 @@ _stderr_lines = StderrLines()
 
 
 def run_serve(options):
-    endpoint = parse_endpoint(options.url, options.allow_remote)
-    check_serve_options(options, endpoint)
-    # From here on a signal is only noted: one that comes while the server starts stops it
-    # as soon as it is up, with its counters printed, instead of killing it half-made.
-    stop = StopRequest()
-    previous_handlers = {
-        signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    # Ignored until the server runs: prefork workers, forked meanwhile, keep ignoring it (only
-    # this process writes), and the writer's handler is set once there is a writer.
-    previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # First of all: a SIGHUP from here on is noted, never fatal, and the file is reopened
+    # once serving starts (logrotate may rename it while the server starts).
+    reopen = ReopenRequest()
+    previous_handlers = {signal.SIGHUP: signal.signal(signal.SIGHUP, reopen)}
     try:
-        return start_and_serve(options, endpoint, stop)
+        endpoint = parse_endpoint(options.url, options.allow_remote)
+        check_serve_options(options, endpoint)
+        # From here on a signal is only noted: one that comes while the server starts stops
+        # it as soon as it is up, with its counters printed, instead of killing it half-made.
+        stop = StopRequest()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[signum] = signal.signal(signum, stop)
+        return start_and_serve(options, endpoint, stop, reopen)
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 
 
-def start_and_serve(options, endpoint, stop):
+def start_and_serve(options, endpoint, stop, reopen):
     limits = receive_options(options, endpoint)
     largest = limits.max_datagram if endpoint.datagram else limits.largest_message
     ring = fastsock.RingQueue(max_bytes=max(constants.RING_MAX_BYTES, largest))
@@ -777,7 +778,7 @@ def start_and_serve(options, endpoint, stop):
     # Taken while the server is live, when the file at the path can only be its own.
     bound_file = os.lstat(endpoint.address) if endpoint.family == socket.AF_UNIX else None
     try:
-        return Session(options, endpoint, ring, receiver, sink, stop).run()
+        return Session(options, endpoint, ring, receiver, sink, stop, reopen).run()
     finally:
         if bound_file is not None:
             _unlink_own_socket_file(endpoint.address, bound_file)
@@ -798,7 +799,7 @@ class Session:
     """A running ``fastsock serve``: deliver, report, and stop on a signal.  The pipeline
     owns the sink: it closes it when it finishes or aborts."""
 
-    def __init__(self, options, endpoint, ring, receiver, sink, stop):
+    def __init__(self, options, endpoint, ring, receiver, sink, stop, reopen):
         self.options = options
         self.endpoint = endpoint
         self.ring = ring
@@ -824,7 +825,7 @@ class Session:
         stop.then = self.stop_requested
         if stop.signal_name is not None:
             self.stop_requested()
-        self.reopen = ReopenRequest()
+        self.reopen = reopen
         self.exporter = None
         interval = options.stats_interval
         self.previous, self.previous_at = None, time.monotonic()
@@ -873,8 +874,14 @@ class Session:
 
     def run(self):
         try:
-            self.receiver.start()
-            signal.signal(signal.SIGHUP, self.reopen)
+            # The threads and prefork workers started here inherit SIGHUP blocked, so that
+            # only this thread takes it (the workers never: only this process writes); one
+            # sent meanwhile waits, and is noted when it is unblocked.
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                self.receiver.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             self.start_metrics()
             self.announce()
             self.previous = self.receiver.stats()

@@ -20,6 +20,10 @@ cdef enum DatagramCounter:
     COUNT_KERNEL_DROPS
     COUNT_RECEIVE_CALLS
     COUNT_DATAGRAMS_UNREAD
+    # Not exported: publishes to the ring begun, and those whose counts are all added, so
+    # that a snapshot can wait for the counts of what a consumer may already have taken.
+    COUNT_PUBLISHES_STARTED
+    COUNT_PUBLISHES_COUNTED
     DATAGRAM_COUNTER_SLOTS
 
 

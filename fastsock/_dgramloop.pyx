@@ -23,7 +23,9 @@ from fastsock._native cimport (
     SOCK_DGRAM,
     SOL_SOCKET,
     fastsock_counter_add,
+    fastsock_counter_add_release,
     fastsock_counter_load,
+    fastsock_counter_load_acquire,
     fastsock_read_drops,
     fastsock_receive_datagrams,
     getsockopt,
@@ -43,6 +45,7 @@ from fastsock.constants import (
     DATAGRAM_ANNOUNCE_AFTER,
     DATAGRAM_BATCH,
     DATAGRAM_BUSY_POLL,
+    DATAGRAM_COUNT_WAIT,
     DATAGRAM_MAX_SIZE,
     RECEIVE_CHECK_INTERVAL,
 )
@@ -67,20 +70,20 @@ cdef int socket_option(int fd, int name) except? -1:
     cdef int value = 0
     cdef socklen_t length = sizeof(value)
     if getsockopt(fd, SOL_SOCKET, name, &value, &length) != 0:
-        raise_errno(errno)
+        raise_errno(errno, "getsockopt")
     return value
 
 
 cdef int set_socket_option(int fd, int name, const void* value, socklen_t length) except -1:
     if setsockopt(fd, SOL_SOCKET, name, value, length) != 0:
-        raise_errno(errno)
+        raise_errno(errno, "setsockopt")
     return 0
 
 
 cdef int require_blocking_datagram_socket(int fd) except -1:
     cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
-        raise_errno(errno)
+        raise_errno(errno, "fcntl")
     if socket_option(fd, SO_TYPE) != SOCK_DGRAM:
         raise ValueError(f"fd {fd} is not a datagram socket")
     if flags & O_NONBLOCK:
@@ -94,7 +97,7 @@ cdef class DatagramCounters:
         cdef void* mapping = mmap(NULL, DATAGRAM_COUNTER_SLOTS * sizeof(uint64_t),
                                   PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if mapping == MAP_FAILED:
-            raise_errno(errno)
+            raise_errno(errno, "mmap")
         self.values = <uint64_t*>mapping
 
     def __dealloc__(self):
@@ -107,6 +110,14 @@ cdef class DatagramCounters:
     def snapshot(self):
         cdef uint64_t[DATAGRAM_COUNTER_SLOTS] values
         cdef int slot
+        cdef uint64_t started = fastsock_counter_load(&self.values[<int>COUNT_PUBLISHES_STARTED])
+        cdef uint64_t give_up_at = monotonic_ns() + seconds_to_ns(DATAGRAM_COUNT_WAIT)
+        with nogil:
+            # A datagram a consumer took may be in a batch whose counts are still being
+            # added: wait for those (acquire: then their counts are seen whole).
+            while (fastsock_counter_load_acquire(&self.values[<int>COUNT_PUBLISHES_COUNTED])
+                   < started and monotonic_ns() < give_up_at):
+                sched_yield()
         for slot in range(<int>DATAGRAM_COUNTER_SLOTS):
             values[slot] = fastsock_counter_load(&self.values[slot])
         return DatagramStats(
@@ -299,6 +310,8 @@ cdef class DatagramReceiver:
                 offered_bytes += view.length
             self.rearm(index)
         if offered:
+            # Before the ring lock's release makes the batch visible (see snapshot()).
+            self.counters.add(COUNT_PUBLISHES_STARTED, 1)
             published = self.ring.offer_messages(self.views, offered, 0, &published_bytes,
                                                  wake)
         elif wake:
@@ -316,6 +329,8 @@ cdef class DatagramReceiver:
             self.counters.add(COUNT_DROPPED_QUEUE_FULL_BYTES, offered_bytes - published_bytes)
         if truncated:
             self.counters.add(COUNT_TRUNCATED, truncated)
+        if offered:
+            fastsock_counter_add_release(&self.counters.values[<int>COUNT_PUBLISHES_COUNTED], 1)
         return END_RING_CLOSED if closed else END_RECEIVING
 
     cdef DatagramEnd check_in(self) noexcept nogil:

@@ -74,6 +74,7 @@ from fastsock._native cimport (
     pthread_mutex_init,
     pthread_mutex_lock,
     pthread_mutex_unlock,
+    raise_errno,
     recv,
     seconds_to_ns,
     shutdown,
@@ -624,14 +625,14 @@ cdef class StreamEngine:
 
         self.epoll_fd = epoll_create1(EPOLL_CLOEXEC)
         if self.epoll_fd < 0:
-            raise OSError(errno, "epoll_create1")
+            raise_errno(errno, "epoll_create1")
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.wake_fd < 0:
-            raise OSError(errno, "eventfd")
+            raise_errno(errno, "eventfd")
         registration.events = EPOLLIN
         registration.data.u64 = WAKE_TAG
         if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.wake_fd, &registration) != 0:
-            raise OSError(errno, "epoll_ctl")
+            raise_errno(errno, "epoll_ctl")
 
         listener_list = [int(fd) for fd in listeners]
         self.listeners = <int*>PyMem_RawMalloc(max(len(listener_list), 1) * sizeof(int))
@@ -643,7 +644,7 @@ cdef class StreamEngine:
             # connection that woke this one.
             flags = fcntl(self.listeners[index], F_GETFL)
             if flags < 0 or fcntl(self.listeners[index], F_SETFL, flags | O_NONBLOCK) != 0:
-                raise OSError(errno, f"listener {self.listeners[index]}")
+                raise_errno(errno, f"listener {self.listeners[index]}")
         self.listener_count = len(listener_list)
         self.shared_listeners = shared_listeners
         self.accepting_wanted = True
@@ -676,10 +677,10 @@ cdef class StreamEngine:
             raise ConnectionRefusedError("the engine is stopped")
         address.length = ADDRESS_ROOM
         if getpeername(fd, <sockaddr*>address.bytes, &address.length) != 0:
-            raise OSError(errno, "getpeername")
+            raise_errno(errno, "getpeername")
         flags = fcntl(fd, F_GETFL)
         if flags < 0 or fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0:
-            raise OSError(errno, "fcntl")
+            raise_errno(errno, "fcntl")
         result = self.adopt(fd, &address, monotonic_ns())
         if result == UNTRUSTED:
             raise ConnectionRefusedError("the peer is not in proxy_trusted")

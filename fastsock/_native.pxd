@@ -17,6 +17,8 @@ cdef extern from "fastsock_atomic.h" nogil:
     void fastsock_counter_add(uint64_t* counter, uint64_t amount) noexcept
     uint64_t fastsock_counter_add_fetch(uint64_t* counter, uint64_t amount) noexcept
     uint64_t fastsock_counter_load(const uint64_t* counter) noexcept
+    void fastsock_counter_add_release(uint64_t* counter, uint64_t amount) noexcept
+    uint64_t fastsock_counter_load_acquire(const uint64_t* counter) noexcept
     void fastsock_counter_store(uint64_t* counter, uint64_t value) noexcept
     void fastsock_word_add(uint32_t* word, uint32_t amount) noexcept
     void fastsock_word_sub(uint32_t* word, uint32_t amount) noexcept
@@ -262,6 +264,10 @@ cdef inline timeval seconds_to_timeval(double seconds) noexcept nogil:
 # -- Errors: C reports, the Python boundary raises ----------------------------------------
 
 # Raises the OSError subclass the stdlib raises for code (ECONNRESET: ConnectionResetError,
-# ...), with strerror's text.
-cdef inline int raise_errno(int code) except -1:
-    raise OSError(code, strerror(code).decode("utf-8", "replace"))
+# ...), with strerror's text, and what failed (the system call) where the stdlib puts the
+# file name: "[Errno 24] Too many open files: 'accept4'".
+cdef inline int raise_errno(int code, object what=None) except -1:
+    text = strerror(code).decode("utf-8", "replace")
+    if what is None:
+        raise OSError(code, text)
+    raise OSError(code, text, what)

@@ -189,6 +189,12 @@ after a busy batch: a sleeping receiver makes each sender pay to wake it, which 
 a tenth of the delivered rate at 1 M datagrams/s on loopback; the spin costs at most this
 much CPU per burst, and nothing under light traffic (small batches)."""
 
+DATAGRAM_COUNT_WAIT = 0.1
+"""Seconds a datagram server's stats() may wait for the loops to count the batches they have
+published, so that a consumer never sees counters lag what it took: the counts follow each
+publish within microseconds, unless the scheduler takes the loop's core away in between (a
+time slice); bounded, for a prefork worker killed in between."""
+
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the
 buffers (64 times DATAGRAM_MAX_SIZE) are touched only as far as the datagrams fill them."""
@@ -256,6 +262,11 @@ a message possibly already written, which the sink would then produce again as a
 METRICS_DEFAULT_HOST = "127.0.0.1"
 """Where the metrics server listens when only a port is given: counters tell an outsider how
 busy the server is, so they are served to other hosts only when asked."""
+
+METRICS_MAX_SCRAPES = 8
+"""Scrapes answered at once, each in a thread: Prometheus scrapes a target once an interval,
+so a few cover several scrapers, and connections beyond are closed at once, so that stuck
+or hostile ones cannot make threads without bound."""
 
 METRICS_REQUEST_TIMEOUT = 5.0
 """Seconds a scrape may take to send its request and read the answer: Prometheus answers

@@ -35,6 +35,8 @@ from collections import namedtuple
 
 from . import constants
 from ._protocol_errors import PROTOCOL_ERRORS
+from ._ratelimit import RateLimitedLogger
+from .addresses import format_address
 from .stats import DatagramStats, PipelineStats, ReceiveStats, RingStats
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "DATAGRAM_METRICS",
     "PIPELINE_METRICS",
     "RING_METRICS",
+    "SCRAPES_REFUSED",
     "STREAM_METRICS",
     "Collector",
     "Metric",
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("fastsock")
+_refusals = RateLimitedLogger(_log, constants.ERROR_LOG_INTERVAL)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The Content-Type of the text exposition format, as Prometheus asks for it."""
@@ -153,6 +157,13 @@ PIPELINE_METRICS = (
 )
 """The metrics of a pipeline (``PipelineStats``)."""
 
+SCRAPES_REFUSED = _counter(
+    "metrics_scrapes_refused",
+    "scrapes_refused",
+    "Metrics connections closed unanswered: max_scrapes were being answered.",
+)
+"""The metrics server's own metric, in each of its answers (``MetricsHTTPServer``)."""
+
 
 def samples(server=None, ring=None, pipeline=None):
     """``(Metric, value)`` for every metric of ``server``, ``ring`` and ``pipeline`` (any
@@ -175,8 +186,12 @@ def samples(server=None, ring=None, pipeline=None):
 def prometheus_text(server=None, ring=None, pipeline=None):
     """The metrics of ``server``, ``ring`` and ``pipeline`` in the text exposition format
     0.0.4 (serve it as ``CONTENT_TYPE``): a HELP line, a TYPE line and the sample of each."""
+    return _exposition(samples(server, ring, pipeline))
+
+
+def _exposition(found):
     lines = []
-    for metric, value in samples(server, ring, pipeline):
+    for metric, value in found:
         help_text = metric.help.replace("\\", "\\\\").replace("\n", "\\n")
         lines += [
             f"# HELP {metric.name} {help_text}",
@@ -212,7 +227,9 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
     address, its port chosen when 0 was asked.  A scrape may take ``request_timeout``
     seconds to send its request and read the answer, and send ``max_request_bytes`` of
     request (request line and headers; 431 beyond): a slow or hostile scraper holds only its
-    own thread, and that for a bounded time.
+    own thread, and that for a bounded time.  At most ``max_scrapes`` are answered at once;
+    a connection beyond is closed at once, counted in ``scrapes_refused`` (exported as
+    ``fastsock_metrics_scrapes_refused_total``) and logged, rate-limited.
     """
 
     daemon_threads = True
@@ -226,12 +243,17 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         pipeline=None,
         request_timeout=constants.METRICS_REQUEST_TIMEOUT,
         max_request_bytes=constants.METRICS_MAX_REQUEST_BYTES,
+        max_scrapes=constants.METRICS_MAX_SCRAPES,
     ):
         self.source = server
         self.ring = ring
         self.pipeline = pipeline
         self.request_timeout = request_timeout
         self.max_request_bytes = max_request_bytes
+        self.max_scrapes = max_scrapes
+        self.scrapes_refused = 0
+        """Connections closed unanswered, ``max_scrapes`` being answered already."""
+        self._scrape_slots = threading.BoundedSemaphore(max_scrapes)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._thread = None
@@ -243,6 +265,31 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/metrics"
+
+    def process_request(self, request, client_address):
+        # In the serving thread, one connection at a time: the slot is taken here, and
+        # given back by the scrape's thread when it is done.
+        if not self._scrape_slots.acquire(blocking=False):
+            self.scrapes_refused += 1
+            _refusals.warning(
+                "scrapes",
+                "metrics: %d scrapes are being answered; closed the connection from %s",
+                self.max_scrapes,
+                format_address(client_address),
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._scrape_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._scrape_slots.release()
 
     def start(self):
         """Serve in a daemon thread until ``close()``."""
@@ -330,9 +377,10 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, "metrics are at /metrics")
             return
         try:
-            text = prometheus_text(
-                self.server.source, self.server.ring, self.server.pipeline
-            ).encode()
+            exporter = self.server
+            found = samples(exporter.source, exporter.ring, exporter.pipeline)
+            found.append((SCRAPES_REFUSED, exporter.scrapes_refused))
+            text = _exposition(found).encode()
         except Exception as exc:
             _log.warning("metrics: reading the counters failed: %s", exc)
             self.send_error(500)

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import socket
+import stat
 import sys
 import threading
 import time
@@ -159,7 +160,11 @@ class FileSink:
     ``StreamPath.peer_subject``) is given.  A write is confirmed once the kernel has every
     byte.  A full disk or quota, or an I/O error, raises SinkUnavailable, and the
     retried batch resumes where the write stopped; any other error (a closed pipe) is
-    fatal.  The file is opened at once: OSError if it cannot be.
+    fatal.  A batch given up part-written (at ``close()``, at a ``reopen()``, when another
+    batch is written instead, or on a fatal error) is cut off a regular file again, so a
+    reader finds each batch whole or not at all, and a pipeline's ``undelivered`` counts
+    exactly the messages missing; a pipe or terminal cannot be cut, and keeps the part
+    written.  The file is opened at once: OSError if it cannot be.
     """
 
     def __init__(
@@ -178,10 +183,12 @@ class FileSink:
         self.separator = bytes(separator)
         self.subject_of = subject_of
         self._fd = sys.stdout.fileno() if self.path is None else self._open()
-        # The batch a retryable error interrupted, and its bytes not yet written: written
-        # again, the same batch resumes there, so no byte is written twice.
+        # The batch a retryable error interrupted, its bytes not yet written, and how many
+        # it wrote: written again, the same batch resumes there, so no byte is written
+        # twice; given up, its written bytes are cut off again (_give_up_pending).
         self._pending_batch = None
         self._pending = b""
+        self._pending_written = 0
 
     @property
     def is_stdout(self) -> bool:
@@ -201,9 +208,10 @@ class FileSink:
 
     def write(self, messages: list[Message]) -> None:
         if messages is self._pending_batch:
-            data = self._pending
+            data, written = self._pending, self._pending_written
         else:
-            data = self.encode(messages)
+            self._give_up_pending()
+            data, written = self.encode(messages), 0
         self._pending_batch = None
         view = memoryview(data)
         # os.write() until all is written, not a buffered stream's write(): when a signal
@@ -211,12 +219,30 @@ class FileSink:
         # loses part of the data without an error.
         while view:
             try:
-                view = view[os.write(self._fd, view) :]
+                done = os.write(self._fd, view)
             except OSError as exc:
-                if exc.errno not in _RETRYABLE_WRITE_ERRORS:
-                    raise
                 self._pending_batch, self._pending = messages, bytes(view)
+                self._pending_written = written
+                if exc.errno not in _RETRYABLE_WRITE_ERRORS:
+                    self._give_up_pending()
+                    raise
                 raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
+            view = view[done:]
+            written += done
+
+    def _give_up_pending(self):
+        """Cut the part of the interrupted batch that was written off the file again: a
+        record torn at the end of the file, or whole ones of a batch counted undelivered,
+        would mislead its reader.  Not possible on a pipe or terminal, whose reader may
+        have the bytes already."""
+        written, self._pending_written = self._pending_written, 0
+        self._pending_batch, self._pending = None, b""
+        if written and stat.S_ISREG(os.fstat(self._fd).st_mode):
+            # Where this process's writes ended, also when the descriptor lacks O_APPEND
+            # (stdout redirected with >); seeking back there, the next write follows on.
+            end = os.lseek(self._fd, 0, os.SEEK_CUR) - written
+            os.ftruncate(self._fd, end)
+            os.lseek(self._fd, end, os.SEEK_SET)
 
     def flush(self, timeout: float) -> None:
         """Nothing to do: write() hands every byte to the kernel before it returns."""
@@ -228,12 +254,22 @@ class FileSink:
         if self.is_stdout:
             raise ValueError("stdout cannot be reopened")
         new = self._open()
+        # A batch retried across the reopen is written whole to the new file.
+        batch = self._pending_batch
+        self._give_up_pending()
+        if batch is not None:
+            self._pending_batch, self._pending = batch, self.encode(batch)
         old, self._fd = self._fd, new
         os.close(old)
 
     def close(self) -> None:
-        if not self.is_stdout and self._fd >= 0:
-            os.close(self._fd)
+        if self._fd < 0:
+            return
+        try:
+            self._give_up_pending()
+        finally:
+            if not self.is_stdout:
+                os.close(self._fd)
             self._fd = -1
 
 

@@ -232,6 +232,38 @@ def _collect_sequence_numbers(ring, numbers):
     return numbers
 
 
+def test_a_consumer_never_takes_a_datagram_the_counters_have_not_counted(impl):
+    # The loop publishes a batch, then counts it: a consumer taking it at once and reading
+    # the counters must find it counted (and a drop likewise), never a count that lags.
+    server, client = _udp_pair()
+    receiver, ring, counters = _receiver(impl, server, ring=impl[0](max_messages=256))
+    sending = threading.Event()
+
+    def send():
+        for number in range(200_000):
+            if not sending.is_set():
+                return
+            with contextlib.suppress(OSError):
+                client.send(SEQUENCE.pack(number))
+
+    sender = threading.Thread(target=send, daemon=True)
+    taken = checks = lagging = 0
+    with server, client, _running(receiver):
+        sending.set()
+        sender.start()
+        deadline = time.monotonic() + 5.0
+        while sender.is_alive() and checks < 20_000 and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                taken += len(ring.get_many(64, timeout=0.05))
+                stats = counters.snapshot()
+                checks += 1
+                lagging += stats.datagrams_received < taken
+        sending.clear()
+        sender.join(GENEROUS)
+    assert checks > 100, "the consumer took too few batches to tell"
+    assert lagging == 0, f"{lagging} of {checks} snapshots counted less than was taken"
+
+
 def test_kernel_drops_after_the_last_datagram_show_within_a_check_interval(impl):
     # The socket's queue fills within the first few datagrams of the burst and the kernel
     # drops the rest: no later datagram reports those drops, so the loop must read the

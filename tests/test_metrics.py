@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fastsock
 from fastsock import metrics
+from tests.fault_helpers import wait_until
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, serving
 from tests.test_cli import PipedServeProcess, fastsock_command, started_by
 
@@ -54,6 +55,7 @@ TABLES = (
     metrics.DATAGRAM_METRICS,
     metrics.RING_METRICS,
     metrics.PIPELINE_METRICS,
+    (metrics.SCRAPES_REFUSED,),
 )
 
 
@@ -190,6 +192,37 @@ def test_a_silent_or_oversized_scrape_is_bounded_and_holds_up_no_other(exporter)
         while chunk := oversized.recv(4096):
             answer += chunk
         assert answer.startswith(b"HTTP/1.0 431"), answer[:100]
+
+
+def test_stuck_scrapers_beyond_the_cap_are_closed_at_once_and_counted(exporter):
+    server = exporter(fastsock.ReceiveStats.zero(), request_timeout=3.0, max_scrapes=4)
+    threads_before = threading.active_count()
+    stuck = []
+    try:
+        # Connected, never sending: the first 4 hold a thread each...
+        for _ in range(4):
+            stuck.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
+        wait_until(
+            lambda: threading.active_count() == threads_before + 4, NETWORK_TIMEOUT, what="4"
+        )
+        # ...and each one beyond is closed unanswered, without a thread (one at a time, so
+        # that the listening socket's backlog does not hold any back).
+        for refused in range(1, 37):
+            stuck.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
+            stuck[-1].settimeout(NETWORK_TIMEOUT)
+            assert stuck[-1].recv(1024) == b""
+            assert server.scrapes_refused == refused
+        assert threading.active_count() == threads_before + 4
+        # The 4 that hold a thread are closed once their request time is up.
+        for sock in stuck[:4]:
+            sock.settimeout(NETWORK_TIMEOUT)
+            assert sock.recv(1024) == b""
+        # Then a good scrape is answered, and says how many were refused.
+        found = parse(scrape(server.url))
+        assert found["fastsock_metrics_scrapes_refused_total"] == ("counter", 36)
+    finally:
+        for sock in stuck:
+            sock.close()
 
 
 def test_a_scrape_answers_while_the_ring_is_full(exporter):

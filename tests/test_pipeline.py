@@ -8,7 +8,9 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,7 +28,7 @@ from fastsock.pipeline import (
     open_sink,
 )
 from tests.fault_helpers import wait_until
-from tests.support import NETWORK_TIMEOUT, serving, start_thread
+from tests.support import NETWORK_TIMEOUT, require_program, serving, start_thread
 from tests.test_cli import PipedServeProcess, started_by
 
 LINE = b"%02d-%010d" + b"." * 60 + b"\n"
@@ -143,6 +145,69 @@ def test_the_stop_deadline_counts_what_a_full_disk_kept_from_delivery():
     assert stats.sink_errors >= 1 and stats.retries >= 1
     assert "No space left" in str(pipeline.last_error)
     assert ring.closed
+
+
+# Run in a mount namespace of its own (unshare -Urm: also without root), on a tmpfs of
+# TMPFS_BYTES: the first batch fits, the second fills the disk part way through a record.
+FULL_DISK_PIPELINE = """
+import dataclasses, json, sys
+import fastsock
+from fastsock.pipeline import FileSink, Pipeline
+
+report, output, total, batch, format = sys.argv[1:]
+total, batch = int(total), int(batch)
+ring = fastsock.RingQueue()
+for n in range(total):
+    ring.put(b"%06d" % n + b"." * 90, source_id=n % 3)
+pipeline = Pipeline(ring, FileSink(output, format=format), max_batch=batch)
+pipeline.stop(0.3)
+stats = pipeline.run()
+with open(output, "rb") as written, open(report, "w") as out:
+    json.dump({"stats": dataclasses.asdict(stats), "file": written.read().decode("latin-1")}, out)
+"""
+TMPFS_BYTES = 64 * 1024
+
+
+def run_on_a_small_disk(tmp_path, *arguments):
+    """FULL_DISK_PIPELINE's report, run on a TMPFS_BYTES disk: a real ENOSPC part way."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script, report = tmp_path / "full_disk.py", tmp_path / "report.json"
+    script.write_text(FULL_DISK_PIPELINE)
+    command = (
+        f"mount -t tmpfs -o size={TMPFS_BYTES} tmpfs {disk} && exec {sys.executable} {script} "
+        f"{report} {disk / 'out'} {' '.join(map(str, arguments))}"
+    )
+    unshare = require_program(
+        shutil.which("unshare"), "unshare", "util-linux", "the full-disk file sink tests"
+    )
+    done = subprocess.run(
+        [unshare, "-Urm", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=NETWORK_TIMEOUT,
+    )
+    if done.returncode != 0 and "mount" in done.stderr and not report.exists():
+        require_program(None, "a mount namespace (unshare -Urm)", "util-linux", done.stderr)
+    assert done.returncode == 0, done.stderr
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("format", ["raw", "jsonl"])
+def test_a_batch_given_up_part_written_leaves_no_torn_record(tmp_path, format):
+    total, batch = 1500, 200
+    report = run_on_a_small_disk(tmp_path, total, batch, format)
+    stats, lines = report["stats"], report["file"].split("\n")
+    assert lines.pop() == "", "the file ends with a whole record"
+    if format == "jsonl":
+        payloads = [json.loads(line)["text"] for line in lines]
+    else:
+        payloads = lines
+    assert payloads == [f"{n:06d}" + "." * 90 for n in range(len(payloads))]
+    assert 0 < len(payloads) < total, "the disk took some batches, not all"
+    assert stats["messages_delivered"] == len(payloads)
+    assert stats["undelivered"] == total - len(payloads)
+    assert stats["sink_errors"] >= 1
 
 
 def test_a_fatal_sink_error_stops_the_pipeline_and_counts_what_is_left():

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,9 @@ class PacedClient(threading.Thread):
 
 
 @pytest.fixture
-def serve(tmp_path):
+def serve(tmp_path, monkeypatch):
+    # Where the tests' own sinks are (hangup_file_sink.py), for the server's python:// URLs.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
     yield from started_by(PipedServeProcess, tmp_path)
 
 
@@ -132,6 +135,24 @@ def test_a_file_that_cannot_be_reopened_keeps_the_old_one(serve, tmp_path):
     status, _ = server.stop()
     assert status == 0, server.stderr
     assert (tmp_path / "moved.log").read_bytes() == b"one\ntwo\n"
+
+
+@pytest.mark.parametrize("mode", ["threaded", "prefork"])
+def test_a_sighup_while_the_server_starts_reopens_once_it_serves(serve, tmp_path, mode):
+    output = tmp_path / "received.log"
+    server = serve(
+        "tcp://127.0.0.1:0",
+        *("--sink", f"python://hangup_file_sink:HangupFileSink?path={output}"),
+        *("--mode", mode, "--stats-interval", "0"),
+    )
+    assert f"SIGHUP: reopened {output}" in server.line_matching("SIGHUP")
+    with socket.create_connection(server.address, NETWORK_TIMEOUT) as client:
+        client.sendall(b"after the reopen\n")
+    wait_for_size(output, len(b"after the reopen\n"))
+    status, _ = server.stop()
+    assert status == 0, server.stderr
+    assert output.read_bytes() == b"after the reopen\n"
+    assert "every prefork worker exited" not in "".join(server.stderr)
 
 
 def test_help_says_sighup_reopens_the_output(capsys):

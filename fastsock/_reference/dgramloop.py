@@ -50,6 +50,22 @@ class DatagramCounters:
         with self._lock:
             return DatagramStats(**self._values)
 
+    def offer_counted(self, ring, data, source):
+        """``ring.offer()`` and its count in one step, so that a snapshot never lags what a
+        consumer may have taken already; False if the ring is full or closed."""
+        with self._lock:
+            try:
+                published = ring.offer(data, source=source)
+            except QueueClosed:
+                published = False
+            if published:
+                self._values["datagrams_received"] += 1
+                self._values["bytes_received"] += len(data)
+            else:
+                self._values["dropped_queue_full"] += 1
+                self._values["dropped_queue_full_bytes"] += len(data)
+        return published
+
 
 class DatagramReceiver:
     """Receives one datagram socket and publishes each datagram to a ring."""
@@ -203,16 +219,7 @@ class DatagramReceiver:
             self._counters.add("truncated", 1)
             return
         source = sockaddr_from_address(address, view.family) or None
-        try:
-            published = self._ring.offer(data, source=source)
-        except QueueClosed:
-            published = False
-        if published:
-            self._counters.add("datagrams_received", 1)
-            self._counters.add("bytes_received", len(data))
-        else:
-            self._counters.add("dropped_queue_full", 1)
-            self._counters.add("dropped_queue_full_bytes", len(data))
+        self._counters.offer_counted(self._ring, data, source)
 
     def _observe_drops(self, drops):
         # The kernel's counter is 32 bits wide and wraps; it never gains 2**31 between two

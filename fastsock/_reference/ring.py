@@ -14,6 +14,7 @@ import weakref
 from array import array
 from collections import deque
 
+from fastsock import _timeouts
 from fastsock.constants import (
     GET_MANY_DEFAULT,
     RING_MAX_BYTES,
@@ -43,17 +44,6 @@ def _check_max_items(max_items):
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items}")
     return max_items
-
-
-def _deadline(block, timeout):
-    if not block:
-        return -float("inf")
-    if timeout is None:
-        return float("inf")
-    seconds = float(timeout)
-    if not seconds >= 0.0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return time.monotonic() + seconds
 
 
 def _wait(condition, deadline):
@@ -178,7 +168,7 @@ class RingQueue:
 
     def put(self, data, block=True, timeout=None, *, source_id=0, source=None):
         source_id = self._check_source_id(source_id)
-        deadline = _deadline(block, timeout)
+        deadline = _timeouts.deadline(block, timeout)
         payload = _as_bytes(data)
         source = None if source is None else _as_bytes(source)
         self._check_message(payload, source)
@@ -258,7 +248,7 @@ class RingQueue:
         return records
 
     def get(self, block=True, timeout=None):
-        deadline = _deadline(block, timeout)
+        deadline = _timeouts.deadline(block, timeout)
         with self._lock:
             self._wait_for_data(deadline)
             return self._take(1)[0][2]
@@ -268,7 +258,7 @@ class RingQueue:
 
     def get_many(self, max_items=GET_MANY_DEFAULT, timeout=None, *, block=True, with_source=False):
         max_items = _check_max_items(max_items)
-        deadline = _deadline(block, timeout)
+        deadline = _timeouts.deadline(block, timeout)
         with self._lock:
             self._wait_for_data(deadline)
             records = self._take(min(max_items, len(self._records)))
@@ -282,7 +272,7 @@ class RingQueue:
             max_bytes = operator.index(max_bytes)
             if max_bytes < 1:
                 raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
-        deadline = _deadline(block, timeout)
+        deadline = _timeouts.deadline(block, timeout)
         with self._lock:
             self._wait_for_data(deadline)
             count = payload = 0

@@ -2,8 +2,9 @@
  *
  * Counters and flags live in shared memory that several threads and forked processes
  * update at once.  Their readers need each value whole, not an order between values, so
- * almost everything is relaxed: a plain locked add, no fence.  The one exception is the
- * ring's release store, which publishes a state written just before it. */
+ * almost everything is relaxed: a plain locked add, no fence.  The exceptions are the
+ * ring's release store, which publishes a state written just before it, and the datagram
+ * loop's count of finished publishes (fastsock_counter_add_release). */
 #ifndef FASTSOCK_ATOMIC_H
 #define FASTSOCK_ATOMIC_H
 
@@ -20,6 +21,16 @@ static inline uint64_t fastsock_counter_add_fetch(uint64_t *counter, uint64_t am
 
 static inline uint64_t fastsock_counter_load(const uint64_t *counter) {
     return __atomic_load_n(counter, __ATOMIC_RELAXED);
+}
+
+/* A count that says the counters written before it are complete (release), and its read,
+ * after which they are seen complete (acquire): the datagram loop's publishes_counted. */
+static inline void fastsock_counter_add_release(uint64_t *counter, uint64_t amount) {
+    __atomic_fetch_add(counter, amount, __ATOMIC_RELEASE);
+}
+
+static inline uint64_t fastsock_counter_load_acquire(const uint64_t *counter) {
+    return __atomic_load_n(counter, __ATOMIC_ACQUIRE);
 }
 
 static inline void fastsock_counter_store(uint64_t *counter, uint64_t value) {
