@@ -260,6 +260,8 @@ def run_once(workload, server_process, settings, seconds):
         sending = generator.receive(deadline)
         receiver.send({"expected": sending["sent_units"]})
         counted = receiver.receive(deadline)
+        if workload.pattern == "silent":
+            generator.send({"close": True})
     finally:
         generator.close()
     return run_record(workload, held, sending, counted)

@@ -9,7 +9,8 @@ system-wide monotonic clock that the server process reads too, ``C`` the CPU it 
 idle and silent-live it first reports ``{"opened": N, "start": T, "seconds": S}`` (when it
 began opening them, and how long that took it) and waits for ``{"release": true}`` before
 sending.  silent-live streams over its live connection alone first, reports that as above
-and waits for ``{"continue": true}``.
+and waits for ``{"continue": true}``; after its second stream's report it waits for
+``{"close": true}`` before it closes the silent connections.
 """
 
 import json
@@ -195,16 +196,31 @@ def hold_idle(workload, address, config):
 def silent_live(workload, address, config):
     """One connection streams lines for --seconds alone; then silent connections are held
     after one line each and, once released, another streams for --seconds while they stay
-    silent."""
+    silent.  Reports the second stream itself and closes the silent connections only when
+    told to, once the server has counted it: their ends, queued in the server before the
+    live stream's last lines, would otherwise be timed as the live connection's."""
     start, sent, seconds = send_stream(workload, address, config)
     emit({"start": start, "sent_units": sent, "seconds": seconds})
     receive_command()
     descriptors = open_held(address, config, LINE)
     try:
         start, sent, seconds = send_stream(workload, address, config)
+        report(config, start, sent, seconds)
+        receive_command()
     finally:
         close_all(descriptors)
-    return start, sent, seconds
+
+
+def report(config, start, units, seconds):
+    """The run's last report: what was sent, and the CPU used since sending began."""
+    emit(
+        {
+            "start": start,
+            "sent_units": units,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - config["cpu_at_start"],
+        }
+    )
 
 
 def main(config):
@@ -221,16 +237,10 @@ def main(config):
         send = patterns.get(workload.pattern, send_stream)
         if workload.transport == "tls":
             send = send_tls_stream
-    cpu = time.process_time()
-    start, units, seconds = send(workload, address, config)
-    emit(
-        {
-            "start": start,
-            "sent_units": units,
-            "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu,
-        }
-    )
+    config["cpu_at_start"] = time.process_time()
+    sent = send(workload, address, config)
+    if sent is not None:
+        report(config, *sent)
 
 
 if __name__ == "__main__":
