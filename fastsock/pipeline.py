@@ -13,7 +13,7 @@ returned.  ``SinkUnavailable`` from the sink is retried with the same batch, wit
 exponential back-off, taking nothing more from the ring meanwhile: the ring fills and the
 receive loops stop reading, so stream senders are held back by TCP's flow control and
 nothing received is lost while the process lives.  Any other exception is fatal.  The
-docstrings below (this module carries its types inline, no separate stub) and the README's
+docstrings below (this module carries its types inline, with no .pyi beside it) and the README's
 "Pipelines and sinks" say the exact semantics.
 """
 
@@ -212,7 +212,7 @@ class FileSink:
         else:
             self._give_up_pending()
             data, written = self.encode(messages), 0
-        self._pending_batch = None
+        self._pending_batch, self._pending, self._pending_written = None, b"", 0
         view = memoryview(data)
         # os.write() until all is written, not a buffered stream's write(): when a signal
         # interrupts a large write to a pipe part way, CPython's BufferedWriter (3.10-3.13)

@@ -168,12 +168,46 @@ with open(output, "rb") as written, open(report, "w") as out:
 TMPFS_BYTES = 64 * 1024
 
 
-def run_on_a_small_disk(tmp_path, *arguments):
-    """FULL_DISK_PIPELINE's report, run on a TMPFS_BYTES disk: a real ENOSPC part way."""
+# The same disk, filled by another file but for one page: a batch stops part way (ENOSPC);
+# once the other file is removed, the batch is retried, and the next batch follows it.
+FULL_DISK_RETRY = """
+import json, os, sys
+from fastsock.pipeline import FileSink, Message, SinkUnavailable
+
+report, output = sys.argv[1:]
+sink = FileSink(output)
+batches = [
+    [Message(None, None, b"%d-%05d" % (b, n) + b"." * 90) for n in range(100)] for b in (1, 2)
+]
+filler_path = os.path.join(os.path.dirname(output), "filler")
+filler = os.open(filler_path, os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(filler, bytes(4096))
+except OSError:
+    pass
+os.ftruncate(filler, os.fstat(filler).st_size - 4096)
+refused = 0
+try:
+    sink.write(batches[0])
+except SinkUnavailable:
+    refused += 1
+os.close(filler)
+os.unlink(filler_path)
+sink.write(batches[0])
+sink.write(batches[1])
+sink.close()
+with open(output, "rb") as written, open(report, "w") as out:
+    json.dump({"refused": refused, "file": written.read().decode()}, out)
+"""
+
+
+def run_on_a_small_disk(tmp_path, program, *arguments):
+    """The report of ``program``, run on a TMPFS_BYTES disk: a real ENOSPC part way."""
     disk = tmp_path / "disk"
     disk.mkdir()
     script, report = tmp_path / "full_disk.py", tmp_path / "report.json"
-    script.write_text(FULL_DISK_PIPELINE)
+    script.write_text(program)
     command = (
         f"mount -t tmpfs -o size={TMPFS_BYTES} tmpfs {disk} && exec {sys.executable} {script} "
         f"{report} {disk / 'out'} {' '.join(map(str, arguments))}"
@@ -196,7 +230,7 @@ def run_on_a_small_disk(tmp_path, *arguments):
 @pytest.mark.parametrize("format", ["raw", "jsonl"])
 def test_a_batch_given_up_part_written_leaves_no_torn_record(tmp_path, format):
     total, batch = 1500, 200
-    report = run_on_a_small_disk(tmp_path, total, batch, format)
+    report = run_on_a_small_disk(tmp_path, FULL_DISK_PIPELINE, total, batch, format)
     stats, lines = report["stats"], report["file"].split("\n")
     assert lines.pop() == "", "the file ends with a whole record"
     if format == "jsonl":
@@ -208,6 +242,13 @@ def test_a_batch_given_up_part_written_leaves_no_torn_record(tmp_path, format):
     assert stats["messages_delivered"] == len(payloads)
     assert stats["undelivered"] == total - len(payloads)
     assert stats["sink_errors"] >= 1
+
+
+def test_a_batch_retried_after_a_full_disk_is_kept_whole_when_the_next_follows(tmp_path):
+    report = run_on_a_small_disk(tmp_path, FULL_DISK_RETRY)
+    assert report["refused"] == 1
+    expected = "".join(f"{b}-{n:05d}" + "." * 90 + "\n" for b in (1, 2) for n in range(100))
+    assert report["file"] == expected
 
 
 def test_a_fatal_sink_error_stops_the_pipeline_and_counts_what_is_left():
