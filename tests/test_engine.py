@@ -145,6 +145,8 @@ def running(engine, take_events=True):
         engine.stop()
         runner.join(GENEROUS)
         if not runner.is_alive():
+            # Events the engine recorded after the runner's last take_events().
+            runner.events.extend(engine.take_events())
             engine.close()
     assert not runner.is_alive(), "run() did not return after stop()"
     assert runner.error is None, runner.error
