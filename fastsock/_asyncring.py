@@ -9,12 +9,16 @@ and takes the messages without blocking.  Taking never awaits, so a cancelled wa
 message, and its ``finally`` leaves no waiter counted.
 
 asyncio allows one reader callback per file descriptor and loop, so the futures of one loop
-waiting on one eventfd share a ``_Readiness`` that wakes them all.
+waiting on one eventfd share a ``_Readiness`` that wakes them all.  Reading the eventfd
+resets it, so the first loop to read a wake-up may leave the readers of other loops (in
+other threads) nothing to see: the loop that read it passes it on to every other loop
+waiting on the same eventfd.
 """
 
 import asyncio
 import os
 import queue
+import threading
 import time
 
 from fastsock import _timeouts
@@ -23,8 +27,10 @@ from fastsock.errors import QueueClosed
 
 __all__ = ["batches", "get_batch_async", "get_many_async"]
 
-# (loop, eventfd) -> _Readiness, while a future waits: the last one out removes it.
+# (loop, eventfd) -> _Readiness, while a future waits: the last one out removes it.  Loops
+# in several threads look at each other's entries, under the lock.
 _readiness = {}
+_readiness_lock = threading.Lock()
 
 
 class _Readiness:
@@ -40,8 +46,23 @@ class _Readiness:
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:
-            # Another loop's reader reset it first: the wake-up is still ours.
+            # Another loop's reader reset it first, and passes the wake-up on to this one.
             pass
+        with _readiness_lock:
+            others = [
+                readiness
+                for (loop, fd), readiness in _readiness.items()
+                if fd == self.fd and loop is not self.loop
+            ]
+        for other in others:
+            try:
+                other.loop.call_soon_threadsafe(other.wake)
+            except RuntimeError:
+                # Closed since: nothing waits there any more.
+                pass
+        self.wake()
+
+    def wake(self):
         for future in self.futures:
             if not future.done():
                 future.set_result(None)
@@ -50,7 +71,8 @@ class _Readiness:
         self.futures.discard(future)
         if not self.futures:
             self.loop.remove_reader(self.fd)
-            del _readiness[self.loop, self.fd]
+            with _readiness_lock:
+                del _readiness[self.loop, self.fd]
 
 
 def _wake(future):
@@ -60,26 +82,32 @@ def _wake(future):
 
 async def wait_for_data(ring, deadline):
     """Return once the ring may hold a message, be closed, or ``deadline`` has come."""
-    if not ring._add_async_waiter():
-        return
+    loop = asyncio.get_running_loop()
+    fd = ring._wake_fd
+    # Listed before it counts itself a waiter: a producer signals only counted waiters, so
+    # the loop that reads that signal already sees this one to pass it on to.
+    readiness = _readiness.get((loop, fd))
+    if readiness is None:
+        readiness = _Readiness(loop, fd)
+        with _readiness_lock:
+            _readiness[loop, fd] = readiness
+    future = loop.create_future()
+    readiness.futures.add(future)
     try:
-        loop = asyncio.get_running_loop()
-        fd = ring._wake_fd
-        readiness = _readiness.get((loop, fd))
-        if readiness is None:
-            readiness = _readiness[loop, fd] = _Readiness(loop, fd)
-        future = loop.create_future()
-        readiness.futures.add(future)
-        timer = loop.call_later(
-            max(0.0, min(RING_ASYNC_RECHECK, deadline - time.monotonic())), _wake, future
-        )
+        if not ring._add_async_waiter():
+            return
         try:
-            await future
+            timer = loop.call_later(
+                max(0.0, min(RING_ASYNC_RECHECK, deadline - time.monotonic())), _wake, future
+            )
+            try:
+                await future
+            finally:
+                timer.cancel()
         finally:
-            timer.cancel()
-            readiness.discard(future)
+            ring._remove_async_waiter()
     finally:
-        ring._remove_async_waiter()
+        readiness.discard(future)
 
 
 async def _when_ready(ring, take, timeout):

@@ -9,6 +9,8 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -169,6 +171,50 @@ def test_several_waiters_on_one_loop_share_the_eventfd(ring_class, run):
         return sorted(sum(await asyncio.gather(*waiters), []))
 
     assert run(consume()) == [b"0", b"1", b"2", b"3"]
+    assert no_waiter_left(ring)
+
+
+@pytest.mark.parametrize("kind", list(LOOPS))
+def test_loops_in_several_threads_each_wake_on_one_ring(ring_class, kind):
+    """A wake-up read off the ring's eventfd by one loop's reader must still reach the
+    waiters of every other loop waiting on the ring.  Each round both consumers wait, two
+    messages arrive, and each consumer takes exactly one; a consumer left asleep would
+    keep the other at the barrier until it breaks."""
+    ring = ring_class()
+    rounds = 200
+    barrier = threading.Barrier(3, timeout=NETWORK_TIMEOUT)
+    taken = [[], []]
+    errors = []
+
+    async def consume(mine):
+        for _ in range(rounds):
+            mine += await ring.get_many_async(1, timeout=NETWORK_TIMEOUT)
+            barrier.wait()
+
+    def consumer(mine):
+        loop = LOOPS[kind]()
+        try:
+            loop.run_until_complete(consume(mine))
+        except BaseException as exc:  # noqa: B036 - handed to the test
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            loop.close()
+
+    threads = [start_thread(consumer, mine) for mine in taken]
+    for n in range(rounds):
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        while ring._async_waiters < 2 and not errors:
+            assert time.monotonic() < deadline, "the consumers never waited"
+            time.sleep(0.0005)
+        ring.put(b"%d" % (2 * n))
+        ring.put(b"%d" % (2 * n + 1))
+        barrier.wait()
+    for thread in threads:
+        thread.join(NETWORK_TIMEOUT)
+    assert errors == []
+    assert all(len(mine) == rounds for mine in taken)
+    assert sorted(taken[0] + taken[1], key=int) == [b"%d" % n for n in range(2 * rounds)]
     assert no_waiter_left(ring)
 
 
