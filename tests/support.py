@@ -156,6 +156,26 @@ def open_fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
+def open_fds():
+    """This process's open descriptors, each with the file it refers to (a socket's inode
+    tells two sockets apart even when one got the other's number)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            # Closed since the listing: the listing's own descriptor, or another thread's.
+            pass
+    return found
+
+
+def fds_opened_since(before):
+    """The descriptors open now that were not open, on the same file, at `before`
+    (an `open_fds()`).  Descriptors closed meanwhile do not count: earlier tests' garbage,
+    freed by the collector at any moment, closes its own."""
+    return {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
+
+
 def child_pids():
     """Pids of this process's direct children, running or zombie, whichever thread forked
     them (Linux lists children per thread)."""

@@ -11,7 +11,6 @@ The connection churn soak through ThreadingTCPServer is test_faults_connections.
 """
 
 import dataclasses
-import gc
 import os
 import selectors
 import socket
@@ -28,9 +27,10 @@ from tests.support import (
     call_bounded,
     connect,
     descriptor_limit,
+    fds_opened_since,
     many_clients,
     many_clients_lines,
-    open_fd_count,
+    open_fds,
     serving,
     skip_without_ipv6_loopback,
     slowest_trickle,
@@ -75,10 +75,8 @@ def check_every_line_delivered_or_counted(stats, count, messages, payload_bytes)
 def test_shutdown_and_server_close_with_ten_thousand_connections_open():
     with descriptor_limit(TEN_THOUSAND + 1024):
         ring = fastsock.RingQueue()
-        # Counted with the ring, which holds its eventfd (the asyncio wake-up) for its life,
-        # and without earlier tests' rings, which garbage collection may free meanwhile.
-        gc.collect()
-        fds_before = open_fd_count()
+        # Taken with the ring, which holds its eventfd (the asyncio wake-up) for its life.
+        fds_before = open_fds()
         handler = fastsock.receiver(
             ring,
             framing="lines",
@@ -108,7 +106,7 @@ def test_shutdown_and_server_close_with_ten_thousand_connections_open():
     )
     assert sorted(payloads) == many_clients_lines(TEN_THOUSAND)
     assert len({connection_id for connection_id, _, _ in taken}) == TEN_THOUSAND
-    assert open_fd_count() == fds_before, "descriptors leaked"
+    assert fds_opened_since(fds_before) == {}, "descriptors leaked"
 
 
 @pytest.mark.slow

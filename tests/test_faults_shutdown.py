@@ -7,7 +7,6 @@ The in-process server harness is in tests/fault_servers.py, the blasting clients
 tests/fault_clients.py.
 """
 
-import gc
 import threading
 import time
 
@@ -15,23 +14,21 @@ import pytest
 
 import fastsock
 from tests.fault_clients import _Blasters
-from tests.fault_helpers import GENEROUS, connect, open_fd_count, wait_until
+from tests.fault_helpers import GENEROUS, connect, wait_until
 from tests.fault_servers import (
     _assert_in_order_without_gaps,
     _BlockingConsumers,
     _bounded,
     _recording_server,
 )
-from tests.support import Consumer
+from tests.support import Consumer, fds_opened_since, open_fds
 
 
 def test_shutdown_during_a_burst_loses_nothing_it_counted_and_leaks_nothing():
     threads_before = set(threading.enumerate())
     ring = fastsock.RingQueue()
-    # Counted with the ring, which holds its eventfd (the asyncio wake-up) for its life,
-    # and without earlier tests' rings, which garbage collection may free meanwhile.
-    gc.collect()
-    fds_before = open_fd_count()
+    # Taken with the ring, which holds its eventfd (the asyncio wake-up) for its life.
+    fds_before = open_fds()
     server = _recording_server(fastsock.receiver(ring, framing="lines"), backlog=64)
     loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     loop.start()
@@ -64,7 +61,7 @@ def test_shutdown_during_a_burst_loses_nothing_it_counted_and_leaks_nothing():
     )
     assert server.errors == []
     assert set(threading.enumerate()) == threads_before
-    assert open_fd_count() == fds_before
+    assert fds_opened_since(fds_before) == {}
 
 
 def test_server_close_stops_a_handler_that_starts_receiving_after_it():

@@ -7,7 +7,6 @@ The signal storms and the in-process server harness are in tests/fault_servers.p
 paced and blasting clients in tests/fault_clients.py.
 """
 
-import gc
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 
 import fastsock
 from tests.fault_clients import _Blasters, _paced_sender
-from tests.fault_helpers import GENEROUS, HOST, numbered_message, open_fd_count, wait_until
+from tests.fault_helpers import GENEROUS, HOST, numbered_message, wait_until
 from tests.fault_servers import (
     _assert_in_order_without_gaps,
     _drain,
@@ -26,15 +25,13 @@ from tests.fault_servers import (
     _SignalTargets,
     _timer_signal_storm,
 )
-from tests.support import Consumer
+from tests.support import Consumer, fds_opened_since, open_fds
 
 
 def test_ctrl_c_interrupts_a_loaded_loop_in_the_main_thread_and_the_server_closes_cleanly():
     ring = fastsock.RingQueue()
-    # Counted with the ring, which holds its eventfd (the asyncio wake-up) for its life,
-    # and without earlier tests' rings, which garbage collection may free meanwhile.
-    gc.collect()
-    fds_before = open_fd_count()
+    # Taken with the ring, which holds its eventfd (the asyncio wake-up) for its life.
+    fds_before = open_fds()
     server = fastsock.TCPServer((HOST, 0), fastsock.receiver(ring, framing="lines"))
     consumer = Consumer(ring)
     blasters = _Blasters(server.server_address[1], 1, seconds=8.0)
@@ -67,7 +64,7 @@ def test_ctrl_c_interrupts_a_loaded_loop_in_the_main_thread_and_the_server_close
     assert stats.connections_active == 0
     assert stats.messages_received == len(taken)
     _assert_in_order_without_gaps(taken)
-    assert open_fd_count() == fds_before
+    assert fds_opened_since(fds_before) == {}
 
 
 def test_a_timer_signal_storm_does_not_disturb_a_loop_in_the_main_thread():

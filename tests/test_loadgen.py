@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fastsock.bench import _loadgen
-from tests.support import LOCALHOST
+from tests.support import LOCALHOST, fds_opened_since, open_fds
 
 LINE = b"x" * 63 + b"\n"
 LINES_PER_BLOCK = 16
@@ -373,13 +373,9 @@ def test_sinks_and_datagrams_reject_bad_arguments(sock_dir, datagram_pair):
 SOURCES = ("127.0.0.2", "127.0.0.3")
 
 
-def open_descriptors():
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_churn_completes_every_connection_and_the_sink_counts_each_line(sock_dir, in_background):
     count = 300
-    before = open_descriptors()
+    before = open_fds()
     with listener(socket.AF_INET, sock_dir) as server:
         server.listen(64)
         received = in_background(_loadgen.sink_stream, server.fileno(), count, ord("\n"), GENEROUS)
@@ -389,28 +385,28 @@ def test_churn_completes_every_connection_and_the_sink_counts_each_line(sock_dir
         received_bytes, lines, _ = received.result(timeout=GENEROUS)
     assert made == count and 0 < seconds < GENEROUS
     assert (received_bytes, lines) == (count * len(LINE), count)
-    assert open_descriptors() == before
+    assert fds_opened_since(before) == {}
 
 
 def test_churn_gives_up_on_a_server_that_never_closes(sock_dir):
     with listener(socket.AF_INET, sock_dir) as server:
-        before = open_descriptors()
+        before = open_fds()
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             _loadgen.churn(server.getsockname(), LINE, 4, 0.1, window=4, drain_seconds=0.2)
         assert time.monotonic() - started < GENEROUS
-        assert open_descriptors() == before
+        assert fds_opened_since(before) == {}
 
 
 def test_churn_to_a_closed_port_raises_and_leaks_nothing(sock_dir):
     with listener(socket.AF_INET, sock_dir) as server:
         address = server.getsockname()
-    before = open_descriptors()
+    before = open_fds()
     with pytest.raises(ConnectionRefusedError):
         _loadgen.churn(address, LINE, 10, GENEROUS)
     with pytest.raises(ConnectionRefusedError):
         _loadgen.open_connections(address, b"", 10, GENEROUS)
-    assert open_descriptors() == before
+    assert fds_opened_since(before) == {}
 
 
 @pytest.mark.parametrize("line", [LINE, b""], ids=["one-line", "nothing"])

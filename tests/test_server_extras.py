@@ -2,7 +2,6 @@
 
 import errno
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 import fastsock
 from fastsock.errors import DatagramTruncatedError
+from tests.support import fds_opened_since, open_fds
 
 HOST = "127.0.0.1"
 GENEROUS = 10.0
@@ -272,11 +272,11 @@ def test_failed_bind_with_keywords_closes_the_socket():
     with socket.socket() as taken:
         taken.bind((HOST, 0))
         taken.listen()
-        fds_before = len(os.listdir("/proc/self/fd"))
+        fds_before = open_fds()
         for _ in range(50):
             with pytest.raises(OSError):
                 fastsock.TCPServer(taken.getsockname(), _EchoLine, backlog=32)
-        assert len(os.listdir("/proc/self/fd")) == fds_before
+        assert fds_opened_since(fds_before) == {}
 
 
 class _Blocking(fastsock.BaseRequestHandler):
