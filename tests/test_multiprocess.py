@@ -174,11 +174,27 @@ def _request_children(server_pid):
     return {int(pid) for pid in children.read_text().split()}
 
 
-def _live_request_children(server_pid, earlier):
-    """The server's request processes that still run and are not among ``earlier``: a
-    process of an earlier round, exiting or a zombie, would ignore the kill and leave it
-    uncounted (pids are no age: they wrap at pid_max)."""
-    return sorted(pid for pid in _request_children(server_pid) - earlier if not _gone(pid))
+def _children_serving(server_pid, client_ports):
+    """The server's request processes, still running, that hold the server's end of a
+    connection from one of ``client_ports``.  By pid alone, a process of an earlier round
+    forked late on a loaded machine could be taken for one of this round; it exits by itself
+    once its client is closed, and a kill that finds it gone is never counted."""
+    peer_port_of = {}
+    with open(f"/proc/{server_pid}/net/tcp") as table:
+        for row in table.read().splitlines()[1:]:
+            fields = row.split()
+            peer_port_of[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    serving = []
+    for child in _request_children(server_pid):
+        descriptors = f"/proc/{child}/fd"
+        try:
+            links = [os.readlink(f"{descriptors}/{fd}") for fd in os.listdir(descriptors)]
+        except FileNotFoundError:
+            continue  # exited since the listing
+        inodes = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+        if any(peer_port_of.get(inode) in client_ports for inode in inodes) and not _gone(child):
+            serving.append(child)
+    return sorted(serving)
 
 
 def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, tmp_path):
@@ -193,7 +209,6 @@ def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, 
     last_number = {}
     rounds = 8
     for round_number in range(rounds):
-        earlier = _request_children(pid)
         clients = []
         for index in range(4):
             connection = round_number * 4 + index
@@ -218,7 +233,8 @@ def test_kill_9_of_children_mid_stream_never_tears_or_duplicates(forked_server, 
                 last_number[connection] = number
             if not victims and time.monotonic() > deadline - 0.2:
                 # Under a slow fork (a loaded machine, ASan) not every child may run yet.
-                live = _live_request_children(pid, earlier)
+                ports = {client.getsockname()[1] for _, client, _ in clients}
+                live = _children_serving(pid, ports)
                 victims = live[-2:] if len(live) >= 2 else []
                 for victim in victims:
                     os.kill(victim, signal.SIGKILL)
