@@ -219,6 +219,7 @@ cdef class StreamEngine:
     cdef uint64_t drain_deadline_ns
     cdef bint finished                # stopped and drained: run() returns "stopped"
     cdef bint running
+    cdef bint constructed             # __cinit__ ran: the descriptors hold -1 or our own
     cdef bint closed
 
     cdef object event_detail(self, EngineEventRecord* event)

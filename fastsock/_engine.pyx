@@ -566,6 +566,7 @@ cdef class StreamEngine:
         pthread_mutex_init(&self.lock, NULL)
         self.epoll_fd = -1
         self.wake_fd = -1
+        self.constructed = True
         if not isinstance(options, ReceiveOptions):
             raise TypeError(f"options must be a fastsock.ReceiveOptions, not {options!r}")
         options.check_ring(ring)
@@ -651,6 +652,10 @@ cdef class StreamEngine:
         self.set_accepting(True)
 
     def __dealloc__(self):
+        # Arguments of the wrong type fail before __cinit__ runs, leaving the descriptors at
+        # zero: releasing them would close the process's standard input.
+        if not self.constructed:
+            return
         if not self.closed:
             self.release()
         PyMem_RawFree(self.spans)
