@@ -1053,13 +1053,14 @@ cdef class StreamEngine:
         cdef int failure = 0
         cdef int error = 0
         if self.proxy_protocol and not self.peer_trusted(address):
-            # Never read: whatever it would send cannot be believed.
-            close(fd)
+            # Never read: whatever it would send cannot be believed.  Counted before the
+            # close, so that a peer that sees its connection end sees the count too.
             self.counters.add(COUNT_PROXY_HEADER_ERRORS, 1)
+            close(fd)
             return UNTRUSTED
         if self.connection_count >= self.max_connections and not self.make_room(now):
-            close(fd)
             self.counters.add(COUNT_CONNECTIONS_REFUSED, 1)
+            close(fd)
             return REFUSED
         if fd >= self.by_fd_capacity:
             capacity = max(fd + 1, 2 * self.by_fd_capacity, 64)
