@@ -229,6 +229,7 @@ cdef class StreamEngine:
     cdef EngineEnd loop(self) noexcept nogil
     cdef int wait_timeout(self, uint64_t now) noexcept nogil
     cdef void expire(self, uint64_t now) noexcept nogil
+    cdef uint64_t buffer_release_at(self, Connection* connection) noexcept nogil
     cdef void set_accepting(self, bint accepting) noexcept nogil
     cdef void watch_listener(self, Py_ssize_t index) noexcept nogil
     cdef void accept_turn(self, Py_ssize_t index, uint64_t now) noexcept nogil

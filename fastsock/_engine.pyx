@@ -906,7 +906,7 @@ cdef class StreamEngine:
                     deadline = candidate
             head = self.buffer_list.head
             if head != NULL:
-                candidate = head.last_data_ns + self.buffer_release_ns
+                candidate = self.buffer_release_at(head)
                 if deadline == 0 or candidate < deadline:
                     deadline = candidate
             if self.accept_resume_ns and (deadline == 0 or self.accept_resume_ns < deadline):
@@ -927,6 +927,13 @@ cdef class StreamEngine:
         if deadline <= now:
             return 0
         return <int>min((deadline - now + 999999) // 1000000, <uint64_t>86400000)
+
+    cdef uint64_t buffer_release_at(self, Connection* connection) noexcept nogil:
+        # Rounded up to a whole number of intervals, so that the buffers of connections that
+        # fell silent together are released at one wake-up, not one each.
+        cdef uint64_t interval = self.buffer_release_ns
+        cdef uint64_t due = connection.last_data_ns + interval
+        return due + (interval - due % interval) % interval
 
     cdef void expire(self, uint64_t now) noexcept nogil:
         # The lists are ordered by their clocks, so only their heads can be due.
@@ -949,7 +956,7 @@ cdef class StreamEngine:
             self.end_connection(head)
         while self.buffer_list.head != NULL:
             head = self.buffer_list.head
-            if now - head.last_data_ns < self.buffer_release_ns:
+            if now < self.buffer_release_at(head):
                 break
             # Silent for a while: a connection with no partial message gives its buffer
             # back (the next read allocates again); one with a partial keeps it.
