@@ -45,6 +45,8 @@ cdef struct DatagramSlot:
 
 cdef class DatagramCounters:
     cdef uint64_t* values  # DATAGRAM_COUNTER_SLOTS words in an anonymous shared mapping
+    # Publishes begun that this object's snapshots stopped waiting for (see snapshot()).
+    cdef readonly uint64_t publishes_given_up
 
     cdef void add(self, DatagramCounter counter, uint64_t amount) noexcept nogil
 

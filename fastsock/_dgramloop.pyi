@@ -28,9 +28,18 @@ class DatagramCounters:
     on different sockets may share one ``DatagramCounters``.
     """
 
+    publishes_given_up: int
+    """Batches a loop began to publish whose counts this object's snapshots stopped waiting
+    for: their process died in between (a prefork worker killed).  Later snapshots wait only
+    for publishes beyond these, so a dead worker costs one ``DATAGRAM_COUNT_WAIT``, not one
+    per snapshot."""
+
     def __init__(self) -> None: ...
     def snapshot(self) -> DatagramStats:
-        """Every counter, read at one instant (each one whole; not a single transaction)."""
+        """Every counter, read at one instant (each one whole; not a single transaction).
+
+        Waits, at most ``DATAGRAM_COUNT_WAIT`` seconds, for the counts of the batches the
+        loops have published, so that they never lag what a consumer took."""
 
 class DatagramReceiver:
     """Receives one datagram socket and publishes every datagram to a ring.

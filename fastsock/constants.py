@@ -193,7 +193,8 @@ DATAGRAM_COUNT_WAIT = 0.1
 """Seconds a datagram server's stats() may wait for the loops to count the batches they have
 published, so that a consumer never sees counters lag what it took: the counts follow each
 publish within microseconds, unless the scheduler takes the loop's core away in between (a
-time slice); bounded, for a prefork worker killed in between."""
+time slice); bounded, for a prefork worker killed in between, and paid once for such a worker
+(the counters remember the publishes they gave up on)."""
 
 DATAGRAM_BATCH = 64
 """Datagrams one recvmmsg() call may take: amortises the system call over a burst, while the

@@ -552,6 +552,55 @@ def test_compiled_counters_and_ring_are_shared_with_a_forked_receiver(reap_child
     assert [payload for _, _, payload in got] == [b"%d" % n for n in range(10)]
 
 
+def _start_publish_in_a_killed_child(counters):
+    """A publish begun by a process killed before it counted it, as a prefork worker killed
+    with kill -9 mid-batch leaves it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            counters._start_publish()
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_publish_whose_process_died_is_waited_for_by_one_snapshot_only(reap_children):
+    counters = _dgramloop.DatagramCounters()
+    _start_publish_in_a_killed_child(counters)
+    assert counters.publishes_given_up == 0
+    counters.snapshot()
+    assert counters.publishes_given_up == 1
+    # Before, every snapshot waited DATAGRAM_COUNT_WAIT for it and gave up again.
+    for _ in range(20):
+        counters.snapshot()
+        assert counters.publishes_given_up == 1
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_publishes_beyond_those_given_up_on_are_still_waited_for(reap_children):
+    counters = _dgramloop.DatagramCounters()
+    _start_publish_in_a_killed_child(counters)
+    counters.snapshot()
+    counters._start_publish()
+    counters._finish_publish()
+    counters.snapshot()
+    assert counters.publishes_given_up == 1, "a live publish that was counted: no wait"
+    counters._start_publish()
+    counters.snapshot()
+    assert counters.publishes_given_up == 2, "an uncounted publish beyond the dead one"
+    # Both were slow, not dead: once counted, later publishes are waited for from zero.
+    counters._finish_publish()
+    counters._finish_publish()
+    counters.snapshot()
+    assert counters.publishes_given_up == 0
+    counters._start_publish()
+    counters.snapshot()
+    assert counters.publishes_given_up == 1
+
+
 # -- sender addresses -----------------------------------------------------------------------
 
 
