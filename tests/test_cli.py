@@ -30,6 +30,8 @@ from tests.support import (
     NUMBERED_LINE,
     NUMBERED_LINE_SIZE,
     StreamingClient,
+    fds_opened_since,
+    open_fds,
 )
 
 PACKAGE_ROOT = str(Path(fastsock.__file__).resolve().parent.parent)
@@ -417,6 +419,19 @@ def test_forking_and_prefork_rows_count_every_line(tmp_path):
         assert row["summary"]["lost"] == 0 and row["runs"][0]["complete"]
         # Request processes and workers are counted with the process that serves the row.
         assert row["summary"]["cpu_seconds"] > 0
+
+
+def test_a_closed_child_process_leaves_no_descriptor_open():
+    settings = coordinator.Settings(workloads=["lines-1"], servers=["fastsock-compiled"])
+    before = open_fds()
+    server_process = coordinator.ServerProcess(
+        catalogue.WORKLOADS["lines-1"], "fastsock-compiled", settings, runs=1
+    )
+    assert server_process.child.process.poll() is None, "closed while it waits for a run"
+    server_process.close()
+    # Its stdin and stdout pipes stayed open for as long as the Child was referenced.
+    assert fds_opened_since(before) == {}
+    assert server_process.child.process.returncode is not None
 
 
 HELD_BENCH_SECONDS = 60

@@ -9,6 +9,7 @@ JSON and the plot.  ``bench/README.md`` explains every row and column,
 ``docs/benchmark-json.md`` the JSON.
 """
 
+import contextlib
 import json
 import os
 import select
@@ -63,16 +64,20 @@ class Child:
 
     def __init__(self, module, label, config):
         self.stderr = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module, json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            cwd=package_root(),
-            # A session of its own: close() ends it with whatever it forked, and Ctrl-C
-            # reaches only the coordinator, which then closes it.
-            start_new_session=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, json.dumps(config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                cwd=package_root(),
+                # A session of its own: close() ends it with whatever it forked, and Ctrl-C
+                # reaches only the coordinator, which then closes it.
+                start_new_session=True,
+            )
+        except BaseException:
+            self.stderr.close()
+            raise
         self.label = label
         self.pending = b""
 
@@ -102,7 +107,11 @@ class Child:
 
     def close(self):
         """Let the child exit by itself, then end its process group: a server process that
-        failed or timed out may leave prefork workers behind."""
+        failed or timed out may leave prefork workers behind.  Closes the pipes and the
+        stderr file too."""
+        # The end of its input tells a child still waiting for a command to exit now.
+        with contextlib.suppress(BrokenPipeError):  # a child gone with a command unread
+            self.process.stdin.close()
         try:
             self.process.wait(CHILD_EXIT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -112,6 +121,7 @@ class Child:
         except ProcessLookupError:
             pass
         self.process.wait()
+        self.process.stdout.close()
         self.stderr.close()
 
 
