@@ -89,14 +89,6 @@ def proc_status(pid="self"):
     return fields
 
 
-def cpu_seconds(pid):
-    """User plus system CPU time the process has used so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name may hold spaces: the fields that follow it are fixed.
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class ServerProcess:
     """A server in a child process, driven by one-line commands; a context manager.
 
@@ -168,9 +160,6 @@ class ServerProcess:
 
     def status(self):
         return proc_status(self.pid)
-
-    def cpu_seconds(self):
-        return cpu_seconds(self.pid)
 
     def fd_count(self):
         return open_fd_count(self.pid)
@@ -366,6 +355,8 @@ def _report(server, tally, errors, **fields):
         active=None if stats is None else stats.connections_active,
         consumed=tally.snapshot(),
         errors=list(errors),
+        # Each thread's id in /proc/PID/task, for tests that watch one thread.
+        threads={thread.name: thread.native_id for thread in threading.enumerate()},
         **fields,
     )
 
@@ -431,7 +422,9 @@ def _child_main(config):
         _reply(pid=os.getpid(), port=server.server_address[1], fds_at_start=fds_at_start)
         _serve_until_interrupted(server, tally, errors, resumed)
     else:
-        serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5})
+        serving = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="serving"
+        )
         serving.start()
         _reply(pid=os.getpid(), port=server.server_address[1], fds_at_start=fds_at_start)
         _answer_commands(server, tally, errors, resumed, serving)
