@@ -265,9 +265,15 @@ METRICS_DEFAULT_HOST = "127.0.0.1"
 busy the server is, so they are served to other hosts only when asked."""
 
 METRICS_MAX_SCRAPES = 8
-"""Scrapes answered at once, each in a thread: Prometheus scrapes a target once an interval,
-so a few cover several scrapers, and connections beyond are closed at once, so that stuck
-or hostile ones cannot make threads without bound."""
+"""Scrapes answered at once, each in a thread once its request has arrived: Prometheus
+scrapes a target once an interval, so a few cover several scrapers, and threads stay
+bounded whatever connects."""
+
+METRICS_MAX_WAITING = 64
+"""Connections the metrics server holds (a descriptor each, no thread) while their requests
+arrive or wait for a scrape slot: a scraper's request arrives within milliseconds, so the
+one waiting longest without a request is closed for a newcomer, and silent connections
+cannot shut a scraper out unless they keep coming faster than its request."""
 
 METRICS_REQUEST_TIMEOUT = 5.0
 """Seconds a scrape may take to send its request and read the answer: Prometheus answers

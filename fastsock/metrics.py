@@ -28,6 +28,7 @@ when it is collected, which only its users do.
 
 import http.server
 import logging
+import selectors
 import socket
 import threading
 import time
@@ -160,7 +161,8 @@ PIPELINE_METRICS = (
 SCRAPES_REFUSED = _counter(
     "metrics_scrapes_refused",
     "scrapes_refused",
-    "Metrics connections closed unanswered: max_scrapes were being answered.",
+    "Metrics connections closed unanswered for want of room: max_waiting were waiting, "
+    "or their request found no free scrape slot in time.",
 )
 """The metrics server's own metric, in each of its answers (``MetricsHTTPServer``)."""
 
@@ -224,12 +226,21 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
     elsewhere), from a thread of its own (``start()``) and a thread per scrape.
 
     Binds at construction (``OSError`` if it cannot); ``server_address`` is then the bound
-    address, its port chosen when 0 was asked.  A scrape may take ``request_timeout``
-    seconds to send its request and read the answer, and send ``max_request_bytes`` of
-    request (request line and headers; 431 beyond): a slow or hostile scraper holds only its
-    own thread, and that for a bounded time.  At most ``max_scrapes`` are answered at once;
-    a connection beyond is closed at once, counted in ``scrapes_refused`` (exported as
-    ``fastsock_metrics_scrapes_refused_total``) and logged, rate-limited.
+    address, its port chosen when 0 was asked.
+
+    A connection first waits, without a thread, in a waiting room (one more thread watches
+    it) until its request has fully arrived: ``max_request_bytes`` of request line and
+    headers at most (431 beyond), within ``request_timeout`` seconds of its accept, after
+    which it is closed.  Only then does it take one of ``max_scrapes`` scrape slots, each a
+    thread that answers it (again within ``request_timeout``).  So connections that stay
+    silent or send slowly hold no slot, and cannot keep a real scrape from being answered.
+    A request that finds every slot taken waits in the room for one, until its
+    ``request_timeout`` is up.  The room holds ``max_waiting`` connections; a connection
+    beyond closes the one that has waited longest without a complete request (or, if every
+    one waiting has sent a request, is closed itself).  Connections closed for want of room
+    (evicted, refused, or their request not given a slot in time) are counted in
+    ``scrapes_refused``, exported as ``fastsock_metrics_scrapes_refused_total``, and logged,
+    rate-limited.  Threads: the serving one, the room's and at most ``max_scrapes``.
     """
 
     daemon_threads = True
@@ -244,6 +255,7 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         request_timeout=constants.METRICS_REQUEST_TIMEOUT,
         max_request_bytes=constants.METRICS_MAX_REQUEST_BYTES,
         max_scrapes=constants.METRICS_MAX_SCRAPES,
+        max_waiting=constants.METRICS_MAX_WAITING,
     ):
         self.source = server
         self.ring = ring
@@ -251,12 +263,17 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         self.request_timeout = request_timeout
         self.max_request_bytes = max_request_bytes
         self.max_scrapes = max_scrapes
+        self.max_waiting = max_waiting
         self.scrapes_refused = 0
-        """Connections closed unanswered, ``max_scrapes`` being answered already."""
+        """Connections closed unanswered for want of room (see the class)."""
         self._scrape_slots = threading.BoundedSemaphore(max_scrapes)
+        # What the waiting room read of each request it handed to a scrape thread.
+        self._arrived_requests = {}
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._thread = None
+        # Before binding: a failed bind calls server_close(), which closes it.
+        self._waiting_room = _WaitingRoom(self)
         super().__init__(address, _MetricsHandler)
 
     @property
@@ -267,21 +284,17 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         return f"http://{host}:{port}/metrics"
 
     def process_request(self, request, client_address):
-        # In the serving thread, one connection at a time: the slot is taken here, and
-        # given back by the scrape's thread when it is done.
-        if not self._scrape_slots.acquire(blocking=False):
-            self.scrapes_refused += 1
-            _refusals.warning(
-                "scrapes",
-                "metrics: %d scrapes are being answered; closed the connection from %s",
-                self.max_scrapes,
-                format_address(client_address),
-            )
-            self.shutdown_request(request)
-            return
+        # In the serving thread: the waiting room takes the connection until its request
+        # has arrived (see _WaitingRoom.dispatch()).
+        self._waiting_room.admit(request, client_address)
+
+    def answer_arrived(self, request, client_address, arrived):
+        """A scrape slot is taken: answer the request in a thread of its own."""
+        self._arrived_requests[request] = arrived
         try:
             super().process_request(request, client_address)
         except BaseException:
+            del self._arrived_requests[request]
             self._scrape_slots.release()
             raise
 
@@ -290,6 +303,18 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._scrape_slots.release()
+            # A request may wait in the room for this slot.
+            self._waiting_room.wake()
+
+    def refuse(self, request, client_address, reason):
+        self.scrapes_refused += 1
+        _refusals.warning(
+            "scrapes",
+            "metrics: %s; closed the connection from %s unanswered",
+            reason,
+            format_address(client_address),
+        )
+        self.shutdown_request(request)
 
     def start(self):
         """Serve in a daemon thread until ``close()``."""
@@ -300,6 +325,10 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
             daemon=True,
         )
         self._thread.start()
+
+    def server_close(self):
+        self._waiting_room.close()
+        super().server_close()
 
     def close(self):
         """Stop serving and close the listening socket.  Idempotent."""
@@ -313,15 +342,189 @@ class MetricsHTTPServer(http.server.ThreadingHTTPServer):
         self.close()
 
 
-class _RequestReader:
-    """A scrape's request as its handler reads it: at most ``limit`` bytes, all within
-    ``timeout`` seconds; past either, the end of input (``exhausted`` says which)."""
+class _Visitor:
+    """A connection in the waiting room: what it sent so far, and until when it may wait."""
 
-    def __init__(self, sock, limit, timeout):
+    def __init__(self, request, client_address, deadline):
+        self.request = request
+        self.client_address = client_address
+        self.deadline = deadline
+        self.received = b""
+        self.arrived = False
+
+
+def _request_arrived(received, limit):
+    """Whether ``received`` holds a whole request for the handler (headers and their blank
+    line; a request line without a version has none), or as much as it may read."""
+    if len(received) >= limit:
+        return True
+    line, newline, _ = received.partition(b"\n")
+    if newline and len(line.split()) < 3:
+        return True
+    return b"\n\n" in received or b"\n\r\n" in received
+
+
+class _WaitingRoom:
+    """The connections of a MetricsHTTPServer whose request has not all arrived, or waits
+    for a scrape slot, watched by one thread (started with the first connection)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.lock = threading.Lock()
+        self.admitted = []  # handed over by the serving thread, not yet seen by the room's
+        self.visitors = {}  # request -> _Visitor, the longest waiting first
+        self.thread = None
+        self.closing = False
+
+    def admit(self, request, client_address):
+        with self.lock:
+            if self.closing:
+                self.server.shutdown_request(request)
+                return
+            deadline = time.monotonic() + self.server.request_timeout
+            self.admitted.append(_Visitor(request, client_address, deadline))
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.run, name="fastsock-metrics-requests", daemon=True
+                )
+                self.thread.start()
+        self.wake()
+
+    def wake(self):
+        try:
+            self.wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed
+
+    def run(self):
+        while not self.closing:
+            waits = [visitor.deadline for visitor in self.visitors.values()]
+            timeout = max(0.0, min(waits) - time.monotonic()) if waits else None
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.wake_reader:
+                    self.drain_wake_ups()
+                else:
+                    self.read(key.data)
+            with self.lock:
+                admitted, self.admitted = self.admitted, []
+            for visitor in admitted:
+                self.seat(visitor)
+            self.dispatch()
+            self.expire()
+
+    def drain_wake_ups(self):
+        try:
+            while self.wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def seat(self, visitor):
+        if len(self.visitors) >= self.server.max_waiting:
+            silent = next((other for other in self.visitors.values() if not other.arrived), None)
+            if silent is None:
+                self.server.refuse(
+                    visitor.request,
+                    visitor.client_address,
+                    f"{len(self.visitors)} requests wait for a scrape slot",
+                )
+                return
+            self.leave(silent)
+            self.server.refuse(
+                silent.request,
+                silent.client_address,
+                f"{self.server.max_waiting} connections were waiting, this one the longest "
+                "without a request",
+            )
+        visitor.request.setblocking(False)
+        self.visitors[visitor.request] = visitor
+        self.selector.register(visitor.request, selectors.EVENT_READ, visitor)
+
+    def read(self, visitor):
+        left = self.server.max_request_bytes - len(visitor.received)
+        try:
+            chunk = visitor.request.recv(min(left, 4096))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            # Gone before its request was whole: nobody is left to answer.
+            self.leave(visitor)
+            self.server.shutdown_request(visitor.request)
+            return
+        visitor.received += chunk
+        if _request_arrived(visitor.received, self.server.max_request_bytes):
+            visitor.arrived = True
+            self.selector.unregister(visitor.request)
+
+    def dispatch(self):
+        for visitor in [visitor for visitor in self.visitors.values() if visitor.arrived]:
+            if not self.server._scrape_slots.acquire(blocking=False):
+                return
+            del self.visitors[visitor.request]
+            visitor.request.setblocking(True)
+            try:
+                self.server.answer_arrived(
+                    visitor.request, visitor.client_address, visitor.received
+                )
+            except Exception:
+                self.server.handle_error(visitor.request, visitor.client_address)
+                self.server.shutdown_request(visitor.request)
+
+    def expire(self):
+        now = time.monotonic()
+        for visitor in [visitor for visitor in self.visitors.values() if visitor.deadline <= now]:
+            self.leave(visitor)
+            if visitor.arrived:
+                self.server.refuse(
+                    visitor.request,
+                    visitor.client_address,
+                    f"{self.server.max_scrapes} scrapes were being answered",
+                )
+            else:
+                # Silent or slow past its time: its own doing, not a refusal.
+                self.server.shutdown_request(visitor.request)
+
+    def leave(self, visitor):
+        del self.visitors[visitor.request]
+        if not visitor.arrived:
+            self.selector.unregister(visitor.request)
+
+    def close(self):
+        """Stop the thread; close every connection still waiting.  Idempotent."""
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+            thread = self.thread
+        self.wake()
+        if thread is not None:
+            thread.join()
+        for visitor in [*self.admitted, *self.visitors.values()]:
+            self.server.shutdown_request(visitor.request)
+        self.admitted.clear()
+        self.visitors.clear()
+        self.selector.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+
+
+class _RequestReader:
+    """A scrape's request as its handler reads it: at most ``limit`` bytes (``arrived``, read
+    by the waiting room, among them), all within ``timeout`` seconds; past either, the end
+    of input (``exhausted`` says which)."""
+
+    def __init__(self, sock, limit, timeout, arrived=b""):
         self.sock = sock
-        self.left = limit
+        self.left = limit - len(arrived)
         self.deadline = time.monotonic() + timeout
-        self.buffer = b""
+        self.buffer = arrived
         self.exhausted = False
 
     def readline(self, size=-1):
@@ -359,7 +562,10 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.rfile.close()  # a socket stays open while a file made from it is
         self.rfile = _RequestReader(
-            self.connection, self.server.max_request_bytes, self.server.request_timeout
+            self.connection,
+            self.server.max_request_bytes,
+            self.server.request_timeout,
+            self.server._arrived_requests.pop(self.request, b""),
         )
 
     def do_GET(self):

@@ -194,35 +194,109 @@ def test_a_silent_or_oversized_scrape_is_bounded_and_holds_up_no_other(exporter)
         assert answer.startswith(b"HTTP/1.0 431"), answer[:100]
 
 
-def test_stuck_scrapers_beyond_the_cap_are_closed_at_once_and_counted(exporter):
-    server = exporter(fastsock.ReceiveStats.zero(), request_timeout=3.0, max_scrapes=4)
+def test_silent_connections_hold_no_scrape_slot_and_a_scrape_is_answered(exporter):
+    server = exporter(fastsock.ReceiveStats.zero(), request_timeout=NETWORK_TIMEOUT)
     threads_before = threading.active_count()
-    stuck = []
+    silent = []
     try:
-        # Connected, never sending: the first 4 hold a thread each...
-        for _ in range(4):
-            stuck.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
-        wait_until(
-            lambda: threading.active_count() == threads_before + 4, NETWORK_TIMEOUT, what="4"
-        )
-        # ...and each one beyond is closed unanswered, without a thread (one at a time, so
-        # that the listening socket's backlog does not hold any back).
-        for refused in range(1, 37):
-            stuck.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
-            stuck[-1].settimeout(NETWORK_TIMEOUT)
-            assert stuck[-1].recv(1024) == b""
-            assert server.scrapes_refused == refused
-        assert threading.active_count() == threads_before + 4
-        # The 4 that hold a thread are closed once their request time is up.
-        for sock in stuck[:4]:
-            sock.settimeout(NETWORK_TIMEOUT)
-            assert sock.recv(1024) == b""
-        # Then a good scrape is answered, and says how many were refused.
+        # As many silent connections as there are scrape slots: before, each took a slot
+        # (and a thread) at accept for request_timeout, and the scrape was closed unanswered.
+        for _ in range(server.max_scrapes):
+            silent.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
         found = parse(scrape(server.url))
-        assert found["fastsock_metrics_scrapes_refused_total"] == ("counter", 36)
+        assert found["fastsock_received_bytes_total"] == ("counter", 0)
+        assert found["fastsock_metrics_scrapes_refused_total"] == ("counter", 0)
+        # They wait without a thread: the waiting room's is the one more.
+        wait_until(
+            lambda: threading.active_count() == threads_before + 1,
+            NETWORK_TIMEOUT,
+            what="only the waiting room's thread",
+        )
+        for sock in silent:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)  # still open
     finally:
-        for sock in stuck:
+        for sock in silent:
             sock.close()
+
+
+def test_past_max_waiting_the_longest_silent_connection_is_closed_and_counted(exporter):
+    server = exporter(fastsock.ReceiveStats.zero(), request_timeout=60.0, max_waiting=4)
+    threads_before = threading.active_count()
+    silent = []
+    try:
+        for _ in range(4):
+            silent.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
+        # Each newcomer closes the one that has waited longest, unanswered and counted (one
+        # at a time, so that the listening socket's backlog holds none back).
+        for refused in range(1, 11):
+            silent.append(socket.create_connection(server.server_address, NETWORK_TIMEOUT))
+            oldest = silent[refused - 1]
+            oldest.settimeout(NETWORK_TIMEOUT)
+            assert oldest.recv(1024) == b""
+            assert server.scrapes_refused == refused
+        assert threading.active_count() == threads_before + 1
+        # A scrape, its request whole at once, closes one more silent connection and is
+        # answered: the count is read after it was seated.
+        found = parse(scrape(server.url))
+        assert found["fastsock_metrics_scrapes_refused_total"] == ("counter", 11)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+class _HeldStats:
+    """A server whose stats() waits until released: its scrape holds its slot meanwhile."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def stats(self):
+        self.entered.set()
+        self.released.wait(NETWORK_TIMEOUT)
+        return fastsock.ReceiveStats.zero()
+
+
+def _scrape_in_thread(url):
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(parse(scrape(url))))
+    thread.start()
+    return thread, answers
+
+
+def _request_waits_for_a_slot(server):
+    return any(visitor.arrived for visitor in list(server._waiting_room.visitors.values()))
+
+
+def test_a_request_that_finds_every_slot_taken_waits_for_one(exporter):
+    held = _HeldStats()
+    server = exporter(held, request_timeout=NETWORK_TIMEOUT, max_scrapes=1)
+    first, first_answers = _scrape_in_thread(server.url)
+    held.entered.wait(NETWORK_TIMEOUT)
+    second, second_answers = _scrape_in_thread(server.url)
+    wait_until(lambda: _request_waits_for_a_slot(server), what="the second request waiting")
+    held.released.set()
+    first.join(NETWORK_TIMEOUT)
+    second.join(NETWORK_TIMEOUT)
+    assert len(first_answers) == len(second_answers) == 1
+    assert second_answers[0]["fastsock_metrics_scrapes_refused_total"] == ("counter", 0)
+
+
+def test_a_request_given_no_slot_within_request_timeout_is_refused_and_counted(exporter):
+    held = _HeldStats()
+    server = exporter(held, request_timeout=0.5, max_scrapes=1)
+    first, first_answers = _scrape_in_thread(server.url)
+    held.entered.wait(NETWORK_TIMEOUT)
+    with socket.create_connection(server.server_address, NETWORK_TIMEOUT) as waiting:
+        waiting.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        waiting.settimeout(NETWORK_TIMEOUT)
+        assert waiting.recv(1024) == b"", "closed unanswered once its request_timeout is up"
+    assert server.scrapes_refused == 1
+    held.released.set()
+    first.join(NETWORK_TIMEOUT)
+    assert first_answers[0]["fastsock_metrics_scrapes_refused_total"] == ("counter", 1)
 
 
 def test_a_scrape_answers_while_the_ring_is_full(exporter):
