@@ -434,6 +434,26 @@ def test_a_closed_child_process_leaves_no_descriptor_open():
     assert server_process.child.process.returncode is not None
 
 
+def test_a_count_cut_short_by_the_run_timeout_is_still_reported_in_time():
+    # More lines expected than anyone sends: the server process waits for them until the
+    # run's deadline.  Before, its deadline began when it heard "begin", after the
+    # coordinator's, and it read /proc after it: the coordinator always gave up first
+    # ("over --timeout, still waiting for the server process") and its count was lost.
+    workload = catalogue.WORKLOADS["lines-1"]
+    settings = coordinator.Settings(
+        workloads=["lines-1"], servers=["fastsock-compiled"], timeout=4.0
+    )
+    server_process = coordinator.ServerProcess(workload, "fastsock-compiled", settings, runs=1)
+    try:
+        deadline = time.monotonic() + settings.run_timeout(workload)
+        server_process.begin_run(deadline)
+        server_process.child.send({"expected": 10**9})
+        counted = server_process.child.receive(deadline)
+    finally:
+        server_process.close()
+    assert counted["received"] == 0 and counted["complete"] is False
+
+
 HELD_BENCH_SECONDS = 60
 """A held-connections bench runs a fresh server per row and watches each for a silent
 second: longer than the other short benches, however fast the machine."""

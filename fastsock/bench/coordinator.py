@@ -224,6 +224,12 @@ class ServerProcess:
             self.child.close()
             raise
 
+    def begin_run(self, deadline):
+        """Tell the server process a run begins, and that it must report by ``deadline`` (a
+        time.monotonic() instant: the clock is the same in every process of the machine)."""
+        self.child.send({"begin": True, "report_by": deadline})
+        self.child.receive(deadline)
+
     def close(self):
         self.child.close()
 
@@ -232,9 +238,8 @@ def run_once(workload, server_process, settings, seconds):
     """One run sending for ``seconds``: a fresh load generator against the row's server
     process; a run record."""
     deadline = time.monotonic() + settings.run_timeout(workload)
+    server_process.begin_run(deadline)
     receiver = server_process.child
-    receiver.send({"begin": True})
-    receiver.receive(deadline)
     generator = Child(
         "fastsock.bench.load",
         "load generator",

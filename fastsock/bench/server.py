@@ -5,6 +5,8 @@ coordinator in JSON lines on stdin and stdout:
 
     -> {"address": ...}                     the server is ready
     then for each of the row's runs (config "runs"):
+    <- {"begin": true, "report_by": T}      every answer of the run is due by T (monotonic)
+    -> {"ready": true}
     <- {"expected": UNITS, "before_hold": true}  silent-live only: the live connection alone
     -> {"received": ..., "end": ..., ...}
     <- {"hold": N, "quiet_seconds": Q}      idle and silent-live: wait for N open connections
@@ -56,6 +58,12 @@ every handler has reached its blocking read."""
 PREFORK_WORKERS = 2
 UNLIMITED_CONNECTIONS = 2**31 - 1
 """max_connections when file descriptors are unlimited: no cap at all, as the stdlib's."""
+REPORT_SECONDS = 1.0
+"""What the server process keeps, of the time the coordinator gives a run, for what it does
+after a wait (reading /proc for its CPU, RSS, threads and listen overflows, its counters)
+and for its answer to travel: milliseconds on a quiet machine, but a wait that runs to the
+coordinator's own deadline leaves the answer late, and the coordinator then reports only
+that it was still waiting, not what the server counted."""
 SINK_CHURN_MARGIN_SECONDS = 1.0
 """How long past --seconds the C sink waits for churn connections that never come (the
 generator stops at --seconds even if it made fewer than it announced)."""
@@ -689,12 +697,13 @@ def start(server, workload, tally, address, config):
 def hold(under_test, count, quiet_seconds, deadline, overflows_before, rss_before):
     """Wait for ``count`` open connections and, for silent-live, the line each sent; then
     what holding them costs, and from then on count only what comes next (the live
-    connection's lines)."""
+    connection's lines).  Done by ``deadline``, the settling and quiet seconds included."""
     lines = count if under_test.workload.pattern == "silent" else 0
+    wait_until = deadline - HOLD_SETTLE_SECONDS - (quiet_seconds or 0)
     while (
         under_test.connections_active() < count
         or under_test.tally.units - under_test.base_units < lines
-    ) and time.monotonic() < deadline:
+    ) and time.monotonic() < wait_until:
         time.sleep(WAIT_POLL_SECONDS)
     held_at = time.monotonic()
     overflows = listen_overflows() - overflows_before
@@ -727,17 +736,18 @@ def counts(under_test, expected, deadline):
     return {"received": units, "end": end, "active_seconds": active_seconds, "complete": complete}
 
 
-def measure_run(under_test, timeout):
+def measure_run(under_test):
     """One run, from the coordinator's "begin" (rows take their runs in turns, so the
     server may wait long for it): wait for the sent total (and, for idle and silent-live,
-    hold the connections first); what the server counted and what it cost."""
-    receive_command()
+    hold the connections first); what the server counted and what it cost, each answer
+    within the coordinator's deadline, so that a wait cut short still reports its count."""
+    command = receive_command()
+    deadline = command["report_by"] - REPORT_SECONDS
     cpu_at_start = under_test.cpu_seconds()
     overflows_before = listen_overflows()
     rss_before = rss_kib(under_test)
     under_test.begin_run()
     emit({"ready": True})
-    deadline = time.monotonic() + timeout
     command = receive_command()
     if command.get("before_hold"):
         alone = counts(under_test, command["expected"], deadline)
@@ -773,7 +783,7 @@ def serve(config, directory):
     try:
         emit({"address": under_test.address})
         for _ in range(config["runs"]):
-            emit(measure_run(under_test, config["timeout"]))
+            emit(measure_run(under_test))
     finally:
         under_test.close()
 
