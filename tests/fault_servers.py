@@ -15,30 +15,17 @@ import time
 import fastsock
 from tests.fault_clients import MiB
 from tests.fault_helpers import GENEROUS, HOST, wait_until
-
-STATE_SAMPLES = 60
-STATE_SAMPLE_INTERVAL = 0.02
+from tests.support import runnable_share
 
 
 def _running_share(server, thread_prefix):
-    """The share of STATE_SAMPLES samples of /proc/PID/task/TID/stat in which a thread of
-    the server process whose name starts with `thread_prefix` was running or runnable
-    ('R').  Unlike its CPU time, this does not shrink when the machine is busy: a thread
-    that spins is runnable whether or not it has a core, one that waits is asleep."""
+    """runnable_share() of the threads of the server process whose name starts with
+    `thread_prefix`."""
     tids = [
         tid for name, tid in server.stats()["threads"].items() if name.startswith(thread_prefix)
     ]
     assert tids, f"no thread {thread_prefix}* in the server process"
-    running = 0
-    for _ in range(STATE_SAMPLES):
-        states = []
-        for tid in tids:
-            with open(f"/proc/{server.pid}/task/{tid}/stat") as stat:
-                # The name may hold spaces: the state is the first field after it.
-                states.append(stat.read().rpartition(")")[2].split()[0])
-        running += "R" in states
-        time.sleep(STATE_SAMPLE_INTERVAL)
-    return running / STATE_SAMPLES
+    return runnable_share(server.pid, tids)
 
 
 def _settled(server, messages=None, errors=0):

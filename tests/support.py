@@ -176,6 +176,23 @@ def fds_opened_since(before):
     return {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
 
 
+def runnable_share(pid, tids, samples=60, interval=0.02):
+    """The share of `samples` looks at /proc/PID/task/TID/stat, `interval` seconds apart, in
+    which any of the threads `tids` of process `pid` was running or runnable ('R').  Unlike
+    its CPU time, this does not shrink when the machine is busy: a thread that spins is
+    runnable whether or not it has a core, one that waits is asleep."""
+    running = 0
+    for _ in range(samples):
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                # The name may hold spaces: the state is the first field after it.
+                states.append(stat.read().rpartition(")")[2].split()[0])
+        running += "R" in states
+        time.sleep(interval)
+    return running / samples
+
+
 def child_pids():
     """Pids of this process's direct children, running or zombie, whichever thread forked
     them (Linux lists children per thread)."""
