@@ -1,11 +1,12 @@
 """The compiled datagram receive loop: UDP (IPv4, IPv6) and Unix datagram sockets.
 
 A ``DatagramReceiver`` drains one datagram socket with the GIL released, up to ``batch``
-datagrams per ``recvmmsg()`` call (one ``recvmsg()`` per call where the platform has no
-``recvmmsg()``), and publishes each datagram as one ring message: the payload, with
-``source_id`` 0 and the sender's raw sockaddr as ``source`` (``None`` for a sender without
-an address, such as an unbound Unix datagram socket).  ``fastsock.addresses`` turns a
-source into the address ``socket.recvfrom()`` would have returned.
+datagrams per ``recvmmsg()`` call (where the platform has no ``recvmmsg()``, a
+``recvmsg()`` per datagram, as many as are queued, up to ``batch``), and publishes each
+datagram as one ring message: the payload, with ``source_id`` 0 and the sender's raw
+sockaddr as ``source`` (``None`` for a sender without an address, such as an unbound Unix
+datagram socket).  ``fastsock.addresses`` turns a source into the address
+``socket.recvfrom()`` would have returned.
 
 Datagrams have no back-pressure: a receiver that stopped reading would only move the loss
 into the kernel's receive queue.  So a datagram the ring cannot take is dropped at once and

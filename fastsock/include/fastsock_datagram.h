@@ -12,8 +12,9 @@
 #endif
 
 /* MSG_WAITFORONE comes with recvmmsg() and struct mmsghdr wherever they exist.  Where they
- * do not, a batch is one recvmsg() into the first slot.  FASTSOCK_NO_RECVMMSG builds that
- * fallback on Linux too, so that it is tested. */
+ * do not, a batch is a recvmsg() per slot with the same rule: the first may wait, the rest
+ * take only what is queued.  FASTSOCK_NO_RECVMMSG builds that fallback on Linux too, so
+ * that it is tested. */
 #ifndef MSG_WAITFORONE
 struct mmsghdr {
     struct msghdr msg_hdr;
@@ -28,12 +29,18 @@ static inline int fastsock_receive_datagrams(int fd, struct mmsghdr *messages,
      * without wait, fail with EAGAIN at once if nothing is. */
     return recvmmsg(fd, messages, count, wait ? MSG_WAITFORONE : MSG_DONTWAIT, NULL);
 #else
-    ssize_t received = recvmsg(fd, &messages[0].msg_hdr, wait ? 0 : MSG_DONTWAIT);
-    (void)count;
-    if (received < 0)
-        return -1;
-    messages[0].msg_len = (unsigned int)received;
-    return 1;
+    unsigned int taken = 0;
+    while (taken < count) {
+        ssize_t received = recvmsg(fd, &messages[taken].msg_hdr,
+                                   taken == 0 && wait ? 0 : MSG_DONTWAIT);
+        if (received < 0)
+            /* After the first, an error (EAGAIN: the queue is empty) ends the batch, as it
+             * does recvmmsg()'s; a real one comes back at the next call. */
+            return taken ? (int)taken : -1;
+        messages[taken].msg_len = (unsigned int)received;
+        taken++;
+    }
+    return (int)taken;
 #endif
 }
 
