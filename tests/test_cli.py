@@ -454,6 +454,34 @@ def test_a_count_cut_short_by_the_run_timeout_is_still_reported_in_time():
     assert counted["received"] == 0 and counted["complete"] is False
 
 
+def test_a_load_generator_that_cannot_open_its_connections_says_so_in_time():
+    # A listener that never accepts, its backlog soon full: the generator's connections
+    # stop completing.  Its opening must give up early enough for its own error to reach
+    # the coordinator before the run's deadline, which started before the generator did,
+    # not "over --timeout, still waiting for the load generator".
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        deadline = time.monotonic() + 4.0
+        generator = coordinator.Child(
+            "fastsock.bench.load",
+            "load generator",
+            {
+                "workload": "idle",
+                "address": listener.getsockname(),
+                "cpus": None,
+                "seconds": 1.0,
+                "total_bytes": 0,
+                "churn_connections": 0,
+                "held_connections": 500,
+                "report_by": deadline,
+            },
+        )
+        try:
+            with pytest.raises(coordinator.RunFailed, match="load generator failed: TimeoutError"):
+                generator.receive(deadline)
+        finally:
+            generator.close()
+
+
 HELD_BENCH_SECONDS = 60
 """A held-connections bench runs a fresh server per row and watches each for a silent
 second: longer than the other short benches, however fast the machine."""

@@ -251,7 +251,7 @@ def run_once(workload, server_process, settings, seconds):
             "total_bytes": settings.bytes,
             "churn_connections": settings.churn_connections,
             "held_connections": settings.held_connections(workload),
-            "timeout": settings.run_timeout(workload),
+            "report_by": deadline,
         },
     )
     try:

@@ -11,6 +11,14 @@ DESCRIPTOR_MARGIN = 256
 interpreter's files, epoll and event descriptors, pipes."""
 
 
+REPORT_SECONDS = 1.0
+"""What a child process keeps, of the time the coordinator gives a run, for what it does
+after a wait (the server reads /proc for its CPU, RSS, threads and listen overflows, and its
+counters) and for its answer to travel: milliseconds on a quiet machine, but a wait that
+runs to the coordinator's own deadline leaves the answer late, and the coordinator then
+reports only that it was still waiting, not what the child counted or why it stopped."""
+
+
 def emit(message):
     """Send one JSON line to the coordinator."""
     sys.stdout.write(json.dumps(message) + "\n")

@@ -47,7 +47,13 @@ from fastsock.bench.catalogue import (
     STREAM_STALL_SECONDS,
     WORKLOADS,
 )
-from fastsock.bench.process import emit, pin, raise_open_file_limit, receive_command
+from fastsock.bench.process import (
+    REPORT_SECONDS,
+    emit,
+    pin,
+    raise_open_file_limit,
+    receive_command,
+)
 
 RECV_BYTES = 65536
 """What the stdlib recv-queue handler asks of each recv(), as the pattern it stands for."""
@@ -58,12 +64,6 @@ every handler has reached its blocking read."""
 PREFORK_WORKERS = 2
 UNLIMITED_CONNECTIONS = 2**31 - 1
 """max_connections when file descriptors are unlimited: no cap at all, as the stdlib's."""
-REPORT_SECONDS = 1.0
-"""What the server process keeps, of the time the coordinator gives a run, for what it does
-after a wait (reading /proc for its CPU, RSS, threads and listen overflows, its counters)
-and for its answer to travel: milliseconds on a quiet machine, but a wait that runs to the
-coordinator's own deadline leaves the answer late, and the coordinator then reports only
-that it was still waiting, not what the server counted."""
 SINK_CHURN_MARGIN_SECONDS = 1.0
 """How long past --seconds the C sink waits for churn connections that never come (the
 generator stops at --seconds even if it made fewer than it announced)."""
