@@ -10,7 +10,8 @@ JetStream publish per message, confluent-kafka's produce and flush: the issue's 
 
 Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
 sink has confirmed them all; the load generator and the broker (redis-server, nats-server, or
-librdkafka's mock cluster in this coordinating process) are pinned to CPU 1.  The rows of a
+librdkafka's mock cluster in a process of its own: ``python -m fastsock.bench.kafka_mock``)
+are pinned to CPU 1.  The rows of a
 sink take their runs in turns.  A row's rate is MESSAGES over the time from the generator's
 first byte to the sink's last confirmation.  Beside them, where the time goes: the same sink
 fed pre-built batches with no receiving at all ("sink alone": client library and broker), the
@@ -371,18 +372,26 @@ def wait_listening(port, process):
 
 
 @contextlib.contextmanager
-def broker_process(command, port):
+def broker_process(command, port=None, stdin=None, stdout=subprocess.DEVNULL):
+    """The broker's process on the broker CPU; with port, once it listens there.  A broker
+    given stdin=PIPE lives until its standard input closes, the others until SIGTERM."""
     process = subprocess.Popen(
         command,
-        stdout=subprocess.DEVNULL,
+        stdin=stdin,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
+        text=True,
         preexec_fn=lambda: pin(OTHER_CPU),
     )
     try:
-        wait_listening(port, process)
+        if port is not None:
+            wait_listening(port, process)
         yield process
     finally:
-        process.terminate()
+        if process.stdin is None:
+            process.terminate()
+        else:
+            process.stdin.close()
         process.wait()
 
 
@@ -411,14 +420,17 @@ def broker(name, directory):
                 (lambda: process_cpu(process.pid)),
             )
     elif name == "kafka":
-        import confluent_kafka
-
-        pin(OTHER_CPU)
-        holder = confluent_kafka.Producer({"test.mock.num.brokers": 1, "log_level": 3})
-        brokers = holder.list_topics(timeout=10).brokers.values()
-        bootstrap = ",".join(f"{entry.host}:{entry.port}" for entry in brokers)
-        names = iter(range(1 << 30))
-        yield (lambda: f"kafka://{bootstrap}/bench{next(names)}?log_level=3"), cpu_seconds
+        # -P: the installed fastsock, as the rows import it, not a source tree in the cwd.
+        command = [sys.executable, "-P", "-m", "fastsock.bench.kafka_mock"]
+        with broker_process(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+            bootstrap = process.stdout.readline().strip()
+            if not bootstrap:
+                raise SystemExit("the Kafka mock cluster did not start")
+            names = iter(range(1 << 30))
+            yield (
+                (lambda: f"kafka://{bootstrap}/bench{next(names)}?log_level=3"),
+                (lambda: process_cpu(process.pid)),
+            )
     else:
         raise SystemExit(f"unknown sink {name!r}: redis, nats or kafka")
 

@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 
+from fastsock.bench.kafka_mock import KafkaMockCluster
 from fastsock.pipeline import Message, SinkUnavailable, open_sink
 from tests.broker_servers import (
     add_nats_stream,
@@ -21,7 +22,6 @@ from tests.broker_servers import (
     redis_server,
     redis_stream_entries,
 )
-from tests.kafka_mock import KafkaMockCluster
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, free_port
 
 BATCHES = 5
