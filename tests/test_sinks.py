@@ -477,6 +477,19 @@ def test_kafka_broker_slower_than_the_write_timeout_gets_each_message_once():
         assert kafka_payloads(broker) == sorted(expected_payloads([first, second]))
 
 
+def test_kafka_batch_is_confirmed_without_waiting_out_the_linger():
+    """A write sends what linger.ms still holds as soon as the batch is produced: with a
+    linger longer than the write timeout, the batch is confirmed all the same."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(
+            broker, NETWORK_TIMEOUT, **{"linger.ms": int(2 * NETWORK_TIMEOUT * 1000)}
+        )
+        batch = numbered_batch(0)
+        sink.write(batch)
+        sink.close()
+        check_kafka_messages(kafka_messages(broker), batch)
+
+
 def test_kafka_message_timed_out_after_it_was_sent_is_written_twice():
     """The one way the sink itself duplicates: a message.timeout.ms that runs out while the
     broker holds the message and its reply is still on the way; the retry produces the

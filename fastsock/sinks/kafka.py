@@ -33,7 +33,8 @@ DEFAULT_PORT = 9092
 CONNECTION_HEADER = "fastsock-" + SOURCE_CONNECTION
 PEER_HEADER = "fastsock-" + SOURCE_PEER
 POLL_SLICE = 0.1
-"""Seconds of each wait for delivery reports, so a write's own deadline is kept."""
+"""Seconds of each wait for room in librdkafka's full queue, so a write's own deadline is
+kept."""
 
 # What the sink's guarantees rest on: the configuration cannot weaken them.  Reports of
 # failures only: a message leaves librdkafka's count (len(producer)) when the broker acks it
@@ -137,15 +138,14 @@ class KafkaSink:
             self._failed.clear()
         deadline = time.monotonic() + self._write_timeout
         self._produce(outgoing, deadline)
-        producer = self._producer
-        while unconfirmed := len(producer):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SinkUnavailable(
-                    f"kafka {self.bootstrap_servers} {self.topic}: {unconfirmed} of "
-                    f"{len(messages)} messages not confirmed within {self._write_timeout} s"
-                )
-            producer.poll(min(remaining, POLL_SLICE))
+        # flush(), unlike poll(), sends what linger.ms still holds at once: the batch is all
+        # produced, so waiting out the linger would only delay its acks.
+        unconfirmed = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        if unconfirmed:
+            raise SinkUnavailable(
+                f"kafka {self.bootstrap_servers} {self.topic}: {unconfirmed} of "
+                f"{len(messages)} messages not confirmed within {self._write_timeout} s"
+            )
         if self._failed:
             errors = [error for error, *_ in self._failed]
             fatal = [error for error in errors if not _retryable(error)]
