@@ -10,7 +10,8 @@ JetStream publish per message, confluent-kafka's produce and flush: the issue's 
 
 Each row is a server process pinned to CPU 0 that receives MESSAGES lines and exits once the
 sink has confirmed them all; the load generator and the broker (redis-server, nats-server, or
-librdkafka's mock cluster in this coordinating process) are pinned to CPU 1.  The rows of a
+librdkafka's mock cluster in a process of its own: ``python -m fastsock.bench.kafka_mock``)
+are pinned to CPU 1.  The rows of a
 sink take their runs in turns.  A row's rate is MESSAGES over the time from the generator's
 first byte to the sink's last confirmation.  Beside them, where the time goes: the same sink
 fed pre-built batches with no receiving at all ("sink alone": client library and broker), the
@@ -79,6 +80,15 @@ def open_bench_sink(url):
     return NullSink() if url == "null" else open_sink(url)
 
 
+def warm_up_batch():
+    """What each row's client writes before the row starts, so that no rate includes the
+    client's start: a Kafka producer's first write waits about 0.5 s when it comes before
+    the producer has the topic's metadata."""
+    from fastsock.pipeline import Message
+
+    return [Message(0, f"{HOST}:0", b"warm-up")]
+
+
 def serve_fastsock(url, messages, ready):
     import fastsock
     from fastsock.pipeline import AsyncPipeline, Pipeline, is_async_sink
@@ -87,16 +97,19 @@ def serve_fastsock(url, messages, ready):
     server = fastsock.ThreadingTCPServer((HOST, 0), fastsock.receiver(ring, framing="lines"))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     sink = open_bench_sink(url)
-    ready(server.server_address[1])
     if is_async_sink(sink):
         pipeline = AsyncPipeline(ring, sink, server=server)
 
         async def deliver_all():
+            await sink.write(warm_up_batch())
+            ready(server.server_address[1])
             while pipeline.stats.messages_delivered < messages:
                 await pipeline.deliver(0.1)
 
         asyncio.run(deliver_all())
     else:
+        sink.write(warm_up_batch())
+        ready(server.server_address[1])
         pipeline = Pipeline(ring, sink, server=server)
         while pipeline.stats.messages_delivered < messages:
             pipeline.deliver(0.1)
@@ -137,9 +150,10 @@ def serve_asyncio(url, messages, ready, plain=False):
                     arrived.set()
             writer.close()
 
+        loop = asyncio.get_running_loop()
+        await write(warm_up_batch())
         server = await asyncio.start_server(receive, HOST, 0, backlog=CONNECTIONS)
         ready(server.sockets[0].getsockname()[1])
-        loop = asyncio.get_running_loop()
         delivered = 0
         while delivered < messages:
             if not pending:
@@ -203,9 +217,11 @@ async def plain_writer(url):
     elif parts.scheme == "kafka":
         import confluent_kafka
 
+        from fastsock.constants import KAFKA_LINGER_MS
+
         producer = confluent_kafka.Producer(
             {"bootstrap.servers": parts.netloc, "acks": "all", "enable.idempotence": True,
-             "linger.ms": 5, "log_level": 3}
+             "linger.ms": KAFKA_LINGER_MS, "log_level": 3}
         )  # fmt: skip
         loop = asyncio.get_running_loop()
 
@@ -243,30 +259,40 @@ def serve_child(kind, url, messages):
 
 
 def sink_alone_child(url, messages):
-    """The sink fed pre-built batches: the client library and the broker, no receiving."""
+    """The sink fed pre-built batches: the client library and the broker, no receiving.  A
+    batch holds each connection's lines in runs of a block, as the receive path hands them
+    over (a run of one connection's lines per read: 1,495 lines on average in this bench)."""
     from fastsock.constants import GET_MANY_DEFAULT
     from fastsock.pipeline import Message, is_async_sink
 
     pin(SERVER_CPU)
     sink = open_bench_sink(url)
+    sources = [
+        (1 + connection, f"{HOST}:{40000 + connection}") for connection in range(CONNECTIONS)
+    ]
     batches = []
     for first in range(0, messages, GET_MANY_DEFAULT):
         count = min(GET_MANY_DEFAULT, messages - first)
         batches.append(
             [
-                Message(1 + index % CONNECTIONS, f"{HOST}:{40000 + index % CONNECTIONS}", b"x" * 63)
-                for index in range(count)
+                Message(*sources[index // LINES_PER_BLOCK % CONNECTIONS], b"x" * (LINE_BYTES - 1))
+                for index in range(first, first + count)
             ]
         )
-    started, cpu = time.monotonic(), cpu_seconds()
     if is_async_sink(sink):
 
         async def write_all():
+            await sink.write(warm_up_batch())
+            started = time.monotonic()
             for batch in batches:
                 await sink.write(batch)
+            return started
 
-        asyncio.run(write_all())
+        cpu = cpu_seconds()
+        started = asyncio.run(write_all())
     else:
+        sink.write(warm_up_batch())
+        started, cpu = time.monotonic(), cpu_seconds()
         for batch in batches:
             sink.write(batch)
     seconds = time.monotonic() - started
@@ -371,18 +397,26 @@ def wait_listening(port, process):
 
 
 @contextlib.contextmanager
-def broker_process(command, port):
+def broker_process(command, port=None, stdin=None, stdout=subprocess.DEVNULL):
+    """The broker's process on the broker CPU; with port, once it listens there.  A broker
+    given stdin=PIPE lives until its standard input closes, the others until SIGTERM."""
     process = subprocess.Popen(
         command,
-        stdout=subprocess.DEVNULL,
+        stdin=stdin,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
+        text=True,
         preexec_fn=lambda: pin(OTHER_CPU),
     )
     try:
-        wait_listening(port, process)
+        if port is not None:
+            wait_listening(port, process)
         yield process
     finally:
-        process.terminate()
+        if process.stdin is None:
+            process.terminate()
+        else:
+            process.stdin.close()
         process.wait()
 
 
@@ -411,14 +445,17 @@ def broker(name, directory):
                 (lambda: process_cpu(process.pid)),
             )
     elif name == "kafka":
-        import confluent_kafka
-
-        pin(OTHER_CPU)
-        holder = confluent_kafka.Producer({"test.mock.num.brokers": 1, "log_level": 3})
-        brokers = holder.list_topics(timeout=10).brokers.values()
-        bootstrap = ",".join(f"{entry.host}:{entry.port}" for entry in brokers)
-        names = iter(range(1 << 30))
-        yield (lambda: f"kafka://{bootstrap}/bench{next(names)}?log_level=3"), cpu_seconds
+        # -P: the installed fastsock, as the rows import it, not a source tree in the cwd.
+        command = [sys.executable, "-P", "-m", "fastsock.bench.kafka_mock"]
+        with broker_process(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+            bootstrap = process.stdout.readline().strip()
+            if not bootstrap:
+                raise SystemExit("the Kafka mock cluster did not start")
+            names = iter(range(1 << 30))
+            yield (
+                (lambda: f"kafka://{bootstrap}/bench{next(names)}?log_level=3"),
+                (lambda: process_cpu(process.pid)),
+            )
     else:
         raise SystemExit(f"unknown sink {name!r}: redis, nats or kafka")
 

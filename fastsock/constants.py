@@ -249,7 +249,8 @@ server is written to again within half a second, at two connection attempts a se
 
 KAFKA_LINGER_MS = 5
 """librdkafka's linger.ms: a batch handed to the Kafka sink is produced all at once, so a
-short linger fills the broker's batches without delaying the acks the pipeline waits for."""
+short linger fills the broker's requests meanwhile; the sink's flush() then sends the rest
+without waiting it out."""
 
 KAFKA_MESSAGE_TIMEOUT_MS = 0
 """librdkafka's message.timeout.ms, 0 for none: librdkafka retries a produced message itself

@@ -78,6 +78,11 @@ class Message(typing.NamedTuple):
     payload: bytes
 
 
+# Message(...) runs the named tuple's __new__, a Python function, for every message of every
+# batch; tuple.__new__ makes the same Message without it, in half the time.
+_new_tuple = tuple.__new__
+
+
 class SinkUnavailable(Exception):
     """Retryable: the destination is down, too slow, or refused the batch.
 
@@ -410,15 +415,20 @@ class _Deliveries:
                 peer = peers.get(source, peers)
                 if peer is peers:
                     peer = peers[source] = format_address(address_from_sockaddr(source))
-                batch.append(Message(None, peer, payload))
+                batch.append(_new_tuple(Message, (None, peer, payload)))
             return batch
         server = self.server
+        # A take holds a connection's lines in runs (one run per read): its peer is looked
+        # up where the connection changes.
+        run_id, peer = object(), None
         for connection_id, _, payload in records:
-            peer = peers.get(connection_id, peers)
-            if peer is peers:
-                address = None if server is None else server.connection_address(connection_id)
-                peer = peers[connection_id] = format_address(address)
-            batch.append(Message(connection_id, peer, payload))
+            if connection_id != run_id:
+                run_id = connection_id
+                peer = peers.get(connection_id, peers)
+                if peer is peers:
+                    address = None if server is None else server.connection_address(connection_id)
+                    peer = peers[connection_id] = format_address(address)
+            batch.append(_new_tuple(Message, (connection_id, peer, payload)))
         return batch
 
     def _confirmed(self, batch, seconds):

@@ -1,9 +1,9 @@
 """Real brokers for the sink tests, started on free loopback ports and stopped by the tests:
 Debian's redis-server (AOF with ``appendfsync always``, so a restart keeps every entry it
 acknowledged) and nats-server (JetStream on, its store in a temporary directory), both
-installed by ``.ci/run``; and Kafka as librdkafka's mock cluster (``tests.kafka_mock``), which
-listens on a real loopback port, so the sink under test and the reader are ordinary clients
-of it."""
+installed by ``.ci/run``; and Kafka as librdkafka's mock cluster
+(``fastsock.bench.kafka_mock``), which listens on a real loopback port, so the sink under
+test and the reader are ordinary clients of it."""
 
 import asyncio
 import contextlib
@@ -145,7 +145,7 @@ def redis_stream_entries(port, stream):
 def kafka_mock_cluster():
     """librdkafka's mock cluster (one broker); yields its bootstrap servers
     ("127.0.0.1:port")."""
-    from tests.kafka_mock import KafkaMockCluster
+    from fastsock.bench.kafka_mock import KafkaMockCluster
 
     with KafkaMockCluster() as cluster:
         yield cluster.bootstrap_servers

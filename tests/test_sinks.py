@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 
+from fastsock.bench.kafka_mock import KafkaMockCluster
 from fastsock.pipeline import Message, SinkUnavailable, open_sink
 from tests.broker_servers import (
     add_nats_stream,
@@ -21,7 +22,6 @@ from tests.broker_servers import (
     redis_server,
     redis_stream_entries,
 )
-from tests.kafka_mock import KafkaMockCluster
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, free_port
 
 BATCHES = 5
@@ -475,6 +475,19 @@ def test_kafka_broker_slower_than_the_write_timeout_gets_each_message_once():
         broker.delay_replies(0)
         sink.close()
         assert kafka_payloads(broker) == sorted(expected_payloads([first, second]))
+
+
+def test_kafka_batch_is_confirmed_without_waiting_out_the_linger():
+    """A write sends what linger.ms still holds as soon as the batch is produced: with a
+    linger longer than the write timeout, the batch is confirmed all the same."""
+    with KafkaMockCluster() as broker:
+        sink = kafka_sink_for(
+            broker, NETWORK_TIMEOUT, **{"linger.ms": int(2 * NETWORK_TIMEOUT * 1000)}
+        )
+        batch = numbered_batch(0)
+        sink.write(batch)
+        sink.close()
+        check_kafka_messages(kafka_messages(broker), batch)
 
 
 def test_kafka_message_timed_out_after_it_was_sent_is_written_twice():

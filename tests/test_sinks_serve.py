@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from fastsock.bench.kafka_mock import KafkaMockCluster
 from tests.broker_servers import (
     kafka_topic_messages,
     kafka_topic_size,
@@ -22,7 +23,6 @@ from tests.broker_servers import (
     redis_server,
     redis_stream_entries,
 )
-from tests.kafka_mock import KafkaMockCluster
 from tests.support import LOCALHOST, NETWORK_TIMEOUT, start_thread
 from tests.test_cli import PipedServeProcess
 

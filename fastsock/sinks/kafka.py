@@ -33,7 +33,8 @@ DEFAULT_PORT = 9092
 CONNECTION_HEADER = "fastsock-" + SOURCE_CONNECTION
 PEER_HEADER = "fastsock-" + SOURCE_PEER
 POLL_SLICE = 0.1
-"""Seconds of each wait for delivery reports, so a write's own deadline is kept."""
+"""Seconds of each wait for room in librdkafka's full queue, so a write's own deadline is
+kept."""
 
 # What the sink's guarantees rest on: the configuration cannot weaken them.  Reports of
 # failures only: a message leaves librdkafka's count (len(producer)) when the broker acks it
@@ -45,6 +46,8 @@ _FIXED_CONFIG = {"acks": "all", "enable.idempotence": True, "delivery.report.onl
 # delivery callback, its alias on_delivery (None), the timestamp (0: now), the headers.
 _ANY_PARTITION = -1
 _NOW = 0
+# The source before a batch's first message: unequal to any, so that one looks its own up.
+_NO_SOURCE = object()
 _KafkaError = confluent_kafka.KafkaError
 # Failed deliveries that a wait cures, beyond those librdkafka itself calls retriable: a
 # message that timed out while the broker was away, brokers down, a full local queue.
@@ -101,9 +104,9 @@ class KafkaSink:
             }
         )
         self._unconfirmed: list[Message] | None = None
-        # The failures librdkafka reported, as (error, payload, key, headers, report), in
-        # report order (a partition's in produce order): what the retry of the batch produces
-        # again.  One list for the sink's life: the callbacks of the batch's sources hold it.
+        # The failures librdkafka reported, as (error, message), in report order (a
+        # partition's in produce order): what the retry of the batch produces again.  One
+        # list for the sink's life: the callbacks of the batch's sources hold it.
         self._failed: list[tuple] = []
 
     @classmethod
@@ -130,24 +133,22 @@ class KafkaSink:
             return
         if self._unconfirmed is None or self._unconfirmed != messages:
             self._unconfirmed = list(messages)
-            self._failed.clear()
-            outgoing = _outgoing(messages, self._failed)
+            outgoing = messages
         else:
-            outgoing = [failure[1:] for failure in self._failed]
-            self._failed.clear()
+            outgoing = [message for _, message in self._failed]
+        self._failed.clear()
         deadline = time.monotonic() + self._write_timeout
         self._produce(outgoing, deadline)
-        producer = self._producer
-        while unconfirmed := len(producer):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SinkUnavailable(
-                    f"kafka {self.bootstrap_servers} {self.topic}: {unconfirmed} of "
-                    f"{len(messages)} messages not confirmed within {self._write_timeout} s"
-                )
-            producer.poll(min(remaining, POLL_SLICE))
+        # flush(), unlike poll(), sends what linger.ms still holds at once: the batch is all
+        # produced, so waiting out the linger would only delay its acks.
+        unconfirmed = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        if unconfirmed:
+            raise SinkUnavailable(
+                f"kafka {self.bootstrap_servers} {self.topic}: {unconfirmed} of "
+                f"{len(messages)} messages not confirmed within {self._write_timeout} s"
+            )
         if self._failed:
-            errors = [error for error, *_ in self._failed]
+            errors = [error for error, _ in self._failed]
             fatal = [error for error in errors if not _retryable(error)]
             if fatal:
                 self._unconfirmed = None
@@ -162,12 +163,24 @@ class KafkaSink:
             )
         self._unconfirmed = None
 
-    def _produce(self, outgoing, deadline: float) -> None:
-        """Hands librdkafka each (payload, key, headers, report) of outgoing."""
+    def _produce(self, outgoing: list[Message], deadline: float) -> None:
+        """Hands librdkafka each message of outgoing with its source's key, headers and
+        report.  This loop runs once a message: a source is looked up only where it changes
+        (the ring holds a connection's lines in runs), and nothing is made per message."""
         produce = self._producer.produce
         topic = self.topic
+        sources = {}
+        source_id = source_peer = _NO_SOURCE
         outgoing = iter(outgoing)
-        for payload, key, headers, report in outgoing:
+        for connection_id, peer, payload in outgoing:
+            if connection_id != source_id or peer != source_peer:
+                source_id, source_peer = connection_id, peer
+                produced_as = sources.get((connection_id, peer))
+                if produced_as is None:
+                    source = _Source(connection_id, peer, self._failed)
+                    produced_as = (source.key, source.headers, source.report)
+                    sources[connection_id, peer] = produced_as
+                key, headers, report = produced_as
             try:
                 produce(topic, payload, key, _ANY_PARTITION, report, None, _NOW, headers)
             except BufferError:
@@ -175,8 +188,8 @@ class KafkaSink:
                     # Refused as one, this message and all after it: a connection's order
                     # holds on the retry.
                     error = _KafkaError(_KafkaError._QUEUE_FULL)
-                    self._failed.append((error, payload, key, headers, report))
-                    self._failed.extend((error, *rest) for rest in outgoing)
+                    self._failed.append((error, Message(connection_id, peer, payload)))
+                    self._failed.extend((error, message) for message in outgoing)
                     return
 
     def _produce_when_room(self, payload, key, headers, report, deadline: float) -> bool:
@@ -204,12 +217,13 @@ class KafkaSink:
 class _Source:
     """A source's (a connection's, a datagram sender's) key and headers in one batch, and
     the delivery callback of its messages.  librdkafka reports failures only, and a report
-    carries the payload and the key but not the headers: the callback records the failure
-    with what producing the message again takes."""
+    carries the payload but not the headers: the callback records the failure with the
+    message to produce again."""
 
-    __slots__ = ("key", "headers", "_failed")
+    __slots__ = ("connection_id", "peer", "key", "headers", "_failed")
 
     def __init__(self, connection_id: int | None, peer: str | None, failed: list):
+        self.connection_id, self.peer = connection_id, peer
         # The key picks the partition, so it must not change within a connection: its id is
         # there for every message, its peer address may be unknown for some.
         headers = [] if peer is None else [(PEER_HEADER, peer)]
@@ -222,18 +236,7 @@ class _Source:
         self._failed = failed
 
     def report(self, error, message) -> None:
-        self._failed.append((error, message.value(), self.key, self.headers, self.report))
-
-
-def _outgoing(messages: list[Message], failed: list):
-    """Each message as (payload, key, headers, report), one _Source per source."""
-    sources = {}
-    for connection_id, peer, payload in messages:
-        produced_as = sources.get((connection_id, peer))
-        if produced_as is None:
-            source = _Source(connection_id, peer, failed)
-            produced_as = sources[connection_id, peer] = (source.key, source.headers, source.report)
-        yield payload, *produced_as
+        self._failed.append((error, Message(self.connection_id, self.peer, message.value())))
 
 
 def _retryable(error) -> bool:

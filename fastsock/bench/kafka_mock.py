@@ -1,16 +1,22 @@
-"""librdkafka's mock cluster as a broker the tests can stop and start: made through its C API
-(``rdkafka_mock.h``, loaded with ctypes from the librdkafka that confluent-kafka ships), so
-that it belongs to no producer of the test.  It listens on loopback ports, where the sink
-under test (in this process or in a ``fastsock serve`` child) and the reader connect to it as
-to any Kafka broker; ``stop`` closes every connection and refuses new ones, ``start`` accepts
-them again on the same ports, and the partitions keep what they held.  Unlike a real broker,
-the mock checks producer sequence numbers for transactional producers only: it appends again
-what an idempotent producer retries after a lost reply, so a test that wants no duplicate
-takes the brokers down while no reply is outstanding."""
+"""librdkafka's mock cluster as a broker of its own, for the tests and ``bench/sinks.py``: made
+through its C API (``rdkafka_mock.h``, loaded with ctypes from the librdkafka that
+confluent-kafka ships), so that it belongs to no producer.  The tests stop and start it in
+their own process; ``python -m fastsock.bench.kafka_mock`` runs it as a broker process (it
+prints its bootstrap servers and lives until its standard input closes), so that the bench
+can pin it to the broker's CPU and count its CPU apart, like redis-server's.  It listens on
+loopback ports, where the sink under test (in this process or in a ``fastsock serve`` child)
+and the reader connect to it as to any Kafka broker; ``stop`` closes every connection and
+refuses new ones, ``start`` accepts them again on the same ports, and the partitions keep
+what they held.  Unlike a real broker, the mock checks producer sequence numbers for
+transactional producers only: it appends again what an idempotent producer retries after a
+lost reply, so a test that wants no duplicate takes the brokers down while no reply is
+outstanding."""
 
+import argparse
 import ctypes
 import ctypes.util
 import pathlib
+import sys
 
 import confluent_kafka
 
@@ -103,3 +109,18 @@ class KafkaMockCluster:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="librdkafka's mock Kafka cluster on loopback until standard input closes"
+    )
+    parser.add_argument("--brokers", type=int, default=1)
+    options = parser.parse_args()
+    with KafkaMockCluster(options.brokers) as cluster:
+        print(cluster.bootstrap_servers, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
