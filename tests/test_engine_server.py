@@ -382,23 +382,38 @@ def test_connections_one_at_a_time_alternate_between_two_engines():
     assert max(held) <= count * 3 // 4, f"connections per engine: {held}"
 
 
+def burst_over_two_engines(count):
+    """Connections per engine after `count` clients connect at once and send a line each
+    to two engines sharing a listener; every line must have been served."""
+    ring = fastsock.RingQueue()
+    handler = fastsock.receiver(ring, framing="lines", engine_threads=2, max_connections=count)
+    with serving(fastsock.ThreadingTCPServer((HOST, 0), handler)) as server:
+        consumer = Consumer(ring)
+        with many_clients(server.server_address, count):
+            wait_until(lambda: len(consumer.taken) == count, GENEROUS, what="a line from each")
+            held = server.receive_path.engine_connections()
+        taken = consumer.stop()
+    assert sum(held) == count
+    assert sorted(payload for _, _, payload in taken) == many_clients_lines(count)
+    return held
+
+
 def test_a_burst_of_connections_spreads_over_two_engines():
     # The engines share one listening socket and take a few connections per turn each, so
     # that neither takes the whole burst; every connection is still accepted and served:
-    # none is left in the backlog.
+    # none is left in the backlog.  A burst lasts about a second, and an engine thread that
+    # a busy machine does not run for part of it cannot take its share: the other one
+    # rightly takes the connections rather than leave them waiting (once, in CI, 1596 of
+    # 2000).  So every burst must be served in full, and one of three must spread; engines
+    # that do not spread a burst (the first to wake took 85-97% before) fail all three.
     count = 2000
+    spreads = []
     with descriptor_limit(count + 1024):
-        ring = fastsock.RingQueue()
-        handler = fastsock.receiver(ring, framing="lines", engine_threads=2, max_connections=count)
-        with serving(fastsock.ThreadingTCPServer((HOST, 0), handler)) as server:
-            consumer = Consumer(ring)
-            with many_clients(server.server_address, count):
-                wait_until(lambda: len(consumer.taken) == count, GENEROUS, what="a line from each")
-                held = server.receive_path.engine_connections()
-            taken = consumer.stop()
-    assert sum(held) == count
-    assert max(held) <= count * 3 // 4, f"connections per engine: {held}"
-    assert sorted(payload for _, _, payload in taken) == many_clients_lines(count)
+        for _ in range(3):
+            spreads.append(burst_over_two_engines(count))
+            if max(spreads[-1]) <= count * 3 // 4:
+                return
+    pytest.fail(f"no burst spread over both engines; connections per engine: {spreads}")
 
 
 @pytest.mark.parametrize("kind", sorted(SERVERS))
