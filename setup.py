@@ -28,6 +28,8 @@ directives = {
     "embedsignature": True,
 }
 macros = [] if DEBUG else [("NDEBUG", "1")]
+# Python's own CFLAGS define NDEBUG, which would keep asserts off in a debug build too.
+undefined_macros = ["NDEBUG"] if DEBUG else []
 extra_compile_args = ["-Wall", "-Wextra"] + (["-O0", "-g"] if DEBUG else ["-O3"])
 
 extensions = [
@@ -37,6 +39,7 @@ extensions = [
         include_dirs=[str(INCLUDE)],
         depends=HEADERS,
         define_macros=macros,
+        undef_macros=undefined_macros,
         extra_compile_args=extra_compile_args,
     )
     for pyx in sorted((HERE / "fastsock").rglob("*.pyx"))
